@@ -1,0 +1,3 @@
+from fedctl.cli import main
+
+main()

@@ -1,0 +1,315 @@
+"""`fedctl`: the operator CLI. Every command has --help; every report takes --json."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+
+from fedctl.client import AdminClient, Target, call, operator_identity
+from fedctl.output import emit_json, fail, run, stderr, stdout
+from fedctl.render import print_summary, session_line
+from protocol import spec as specmod
+from protocol.errors import FednodeError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Drive and watch fednode sessions.")
+session_app = typer.Typer(no_args_is_help=True, help="Create and run training sessions.")
+participants_app = typer.Typer(no_args_is_help=True, help="Participants seen by the coordinator.")
+model_app = typer.Typer(no_args_is_help=True, help="Global model versions, by CID.")
+ledger_app = typer.Typer(no_args_is_help=True, help="A node's SQLite ledger (offline).")
+app.add_typer(session_app, name="session")
+app.add_typer(participants_app, name="participants")
+app.add_typer(model_app, name="model")
+app.add_typer(ledger_app, name="ledger")
+
+Json = Annotated[bool, typer.Option("--json", help="print one JSON object on stdout")]
+
+
+class Globals:
+    json = False
+    target = Target("", "", None)
+
+
+G = Globals()
+
+
+@app.callback()
+def main_options(
+    coordinator: Annotated[str, typer.Option(
+        envvar="FEDCTL_COORDINATOR", help="the coordinator's ws://HOST:PORT")] = "",
+    coordinator_id: Annotated[str, typer.Option(
+        envvar="FEDCTL_COORDINATOR_ID", help="the coordinator's peer ID")] = "",
+    key: Annotated[Path | None, typer.Option(
+        envvar="FEDCTL_KEY", help="operator key (default ~/.fedctl/operator.key)")] = None,
+    as_json: Json = False,
+) -> None:
+    G.json = as_json
+    G.target = Target(coordinator, coordinator_id, key)
+
+
+def _json(flag: bool) -> bool:
+    return flag or G.json
+
+
+@app.command()
+def whoami(as_json: Json = False) -> None:
+    """The operator's peer ID (the key is created on first use, mode 0600)."""
+    run(_json(as_json), lambda: {"peer_id": operator_identity(G.target.key).peer_id},
+        lambda r: stdout.print(r["peer_id"]))
+
+
+@app.command()
+def demo(
+    participants: Annotated[int, typer.Option(min=1, max=32)] = 3,
+    rounds: Annotated[int, typer.Option(min=1, max=1000)] = 10,
+    spec: Annotated[Path | None, typer.Option(help="a session spec to run instead of the "
+                                              "defaults")] = None,
+    secure_aggregation: Annotated[bool, typer.Option("--secure-aggregation")] = False,
+    drop: Annotated[int, typer.Option(help="kill this many participants after round 1")] = 0,
+    workdir: Annotated[Path | None, typer.Option(
+        help="where the nodes keep their data (default $FEDNODE_HOME/demo, wiped first)")
+    ] = None,
+    as_json: Json = False,
+) -> None:
+    """Run a coordinator and N participants as local processes, one session, the summary."""
+    from fedctl.demo import DemoOptions, run_demo
+
+    opts = DemoOptions(participants=participants, rounds=rounds, spec_path=spec,
+                       secure=secure_aggregation, drop=drop, workdir=workdir,
+                       key=G.target.key, as_json=_json(as_json))
+    run(opts.as_json, lambda: run_demo(opts), print_summary)
+
+
+# --- sessions ------------------------------------------------------------------------
+
+
+@session_app.command("init")
+def session_init(
+    file: Annotated[Path | None, typer.Argument(help="where to write; stdout if omitted")] = None,
+    force: Annotated[bool, typer.Option(help="overwrite an existing file")] = False,
+    as_json: Json = False,
+) -> None:
+    """Write a complete, commented session spec (every field, its default, its range)."""
+    text = specmod.template()
+
+    def go() -> dict[str, Any]:
+        if file is None:
+            return {"spec": text}
+        if file.exists() and not force:
+            raise FednodeError(f"{file} exists", code="USAGE", hint="pass --force to overwrite")
+        file.write_text(text)
+        return {"path": str(file)}
+
+    def human(r: dict[str, Any]) -> None:
+        if file is None:
+            sys.stdout.write(text)
+        else:
+            stderr.print(f"wrote {file}")
+
+    run(_json(as_json), go, human)
+
+
+@session_app.command("create")
+def session_create(spec: Path, as_json: Json = False) -> None:
+    """Validate a spec (TOML or JSON) and create the session; prints its session_id."""
+
+    def go() -> dict[str, Any]:
+        checked = specmod.load(spec)  # refuse bad specs before dialling anyone
+        return call(G.target, "session.create", spec=checked)
+
+    run(_json(as_json), go, lambda r: stdout.print(r["session_id"]))
+
+
+def _action(action: str, session_id: str, as_json: bool) -> None:
+    run(_json(as_json), lambda: call(G.target, f"session.{action}", session_id=session_id),
+        lambda r: stdout.print(f"{r['session_id']}: {r['status']}"))
+
+
+@session_app.command("start")
+def session_start(session_id: str, as_json: Json = False) -> None:
+    """Start a created session."""
+    _action("start", session_id, as_json)
+
+
+@session_app.command("stop")
+def session_stop(session_id: str, as_json: Json = False) -> None:
+    """Stop a session; the round in flight is recorded as aborted."""
+    _action("stop", session_id, as_json)
+
+
+@session_app.command("pause")
+def session_pause(session_id: str, as_json: Json = False) -> None:
+    """Pause after the round in flight."""
+    _action("pause", session_id, as_json)
+
+
+@session_app.command("resume")
+def session_resume(session_id: str, as_json: Json = False) -> None:
+    """Resume a paused session."""
+    _action("resume", session_id, as_json)
+
+
+@session_app.command("status")
+def session_status(session_id: str, as_json: Json = False) -> None:
+    """State, rounds, participants, accuracy and the per-round history."""
+    run(_json(as_json), lambda: call(G.target, "session.status", session_id=session_id),
+        print_summary)
+
+
+@session_app.command("list")
+def session_list(as_json: Json = False) -> None:
+    """Every session the coordinator knows."""
+
+    def human(r: dict[str, Any]) -> None:
+        t = Table("session", "name", "status", "round", "participants", "accuracy")
+        for s in r["sessions"]:
+            acc = "" if s["accuracy"] is None else f"{s['accuracy']:.4f}"
+            t.add_row(s["session_id"], s["name"], s["status"], f"{s['round']}/{s['rounds']}",
+                      str(s["participants"]), acc)
+        stdout.print(t)
+
+    run(_json(as_json), lambda: call(G.target, "session.list"), human)
+
+
+@session_app.command("watch")
+def session_watch(session_id: str, as_json: Json = False) -> None:
+    """Live progress until the session ends (JSON lines with --json)."""
+    as_json = _json(as_json)
+
+    async def go() -> dict[str, Any]:
+        async with AdminClient(G.target) as client:
+            snap = (await client.call("subscribe", session_id=session_id))["snapshot"]
+            status = snap["session"]["status"]
+            if as_json:
+                emit_json({"kind": "snapshot", "session_id": session_id, "data": snap})
+            else:
+                stderr.print(f"watching {session_id}: {status}, round "
+                             f"{snap['session']['rounds_completed']}/{snap['session']['rounds']}")
+            if status in ("completed", "failed", "stopped"):
+                return snap["session"]
+            async for ev in client.stream():
+                if as_json:
+                    emit_json({"kind": ev.kind, "session_id": session_id, "ts": ev.ts,
+                               "data": ev.data})
+                else:
+                    line = session_line(ev.kind, ev.data, snap["session"]["rounds"])
+                    if line:
+                        stdout.print(line)
+                if ev.kind == "session" and ev.data.get("status") in (
+                        "completed", "failed", "stopped"):
+                    return await client.call("session.status", session_id=session_id)
+            raise FednodeError("the coordinator went away", code="DISCONNECTED")
+
+    def wrapped() -> dict[str, Any]:
+        return asyncio.run(go())
+
+    if as_json:  # streaming: lines were printed already; only errors remain
+        try:
+            wrapped()
+        except FednodeError as err:
+            fail(err, True)
+        return
+    run(False, wrapped, print_summary)
+
+
+# --- participants, models, ledger -------------------------------------------------------
+
+
+@participants_app.command("list")
+def participants_list(as_json: Json = False) -> None:
+    """Peers seen: online or not, quality score, latency, last seen."""
+
+    def human(r: dict[str, Any]) -> None:
+        from datetime import UTC, datetime
+
+        t = Table("peer", "online", "status", "dataset", "examples", "rounds", "last seen")
+        for p in r["participants"]:
+            seen = datetime.fromtimestamp(p["last_seen"], UTC).strftime("%H:%M:%S") \
+                if p["last_seen"] else ""
+            t.add_row(p["peer_id"], "[green]yes[/]" if p["online"] else "[red]no[/]",
+                      p["status"], p.get("dataset") or "", str(p.get("num_examples") or ""),
+                      str(p.get("rounds_completed") or 0), seen)
+        stdout.print(t)
+
+    run(_json(as_json), lambda: call(G.target, "participants.list"), human)
+
+
+@model_app.command("list")
+def model_list(session_id: str, as_json: Json = False) -> None:
+    """Every round's global model of a session: round, CID, accuracy, size."""
+
+    def human(r: dict[str, Any]) -> None:
+        t = Table("round", "cid", "accuracy", "size")
+        for m in r["models"]:
+            acc = "" if m["accuracy"] is None else f"{m['accuracy']:.4f}"
+            t.add_row(str(m["round"]), m["cid"], acc, f"{m['size']:,}")
+        stdout.print(t)
+
+    run(_json(as_json), lambda: call(G.target, "model.list", session_id=session_id), human)
+
+
+@model_app.command("get")
+def model_get(
+    cid: str,
+    output: Annotated[Path, typer.Option("-o", "--output", help="file to write")],
+    data_dir: Annotated[Path | None, typer.Option(
+        help="read from this node's store offline instead of asking the coordinator")] = None,
+    as_json: Json = False,
+) -> None:
+    """Fetch a model by CID, verify its hash, and write it (safetensors)."""
+    from protocol.cid import file_cid
+    from protocol.errors import CIDError
+
+    def go() -> dict[str, Any]:
+        if data_dir is not None:
+            from fednode.home import NodeHome
+            from fednode.store import BlockStore
+
+            data = BlockStore(NodeHome(data_dir).store_root).get(cid)
+        else:
+            data = call(G.target, "model.get", cid=cid)["data"]
+        if file_cid(data) != cid:
+            raise CIDError(f"the bytes received do not hash to {cid}")
+        output.write_bytes(data)
+        return {"cid": cid, "path": str(output), "size": len(data)}
+
+    run(_json(as_json), go, lambda r: stderr.print(f"wrote {r['size']:,} bytes to {r['path']}"))
+
+
+@ledger_app.command("verify")
+def ledger_verify(
+    data_dir: Annotated[Path | None, typer.Option(help="the node's directory")] = None,
+    as_json: Json = False,
+) -> None:
+    """Check the ledger's event hash chain (offline, on the node's data dir)."""
+    from fednode.home import NodeHome
+    from fednode.ledger import Ledger
+
+    def go() -> dict[str, Any]:
+        path = NodeHome(data_dir).ledger_path
+        if not path.exists():
+            raise FednodeError(f"no ledger at {path}", code="NOT_FOUND")
+        with Ledger(path) as ledger:
+            ok, bad = ledger.verify_chain()
+            count = ledger.db["events"].count
+        if not ok:
+            raise FednodeError(f"the ledger's hash chain breaks at event {bad}",
+                               code="LEDGER_TAMPERED",
+                               hint="the ledger was edited outside fednode; keep a copy")
+        return {"ledger": str(path), "events": count, "intact": True}
+
+    run(_json(as_json), go,
+        lambda r: stdout.print(f"[green]intact[/]: {r['events']} events in {r['ledger']}"))
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,241 @@
+"""`fedctl demo`: a real federation on this machine.
+
+A coordinator and N participants run as separate `fednode` processes on 127.0.0.1, each
+with its own data directory, key and ledger; fedctl drives them over the admin channel as
+an operator, exactly as across machines. Every process started here is stopped on the way
+out (normal end, error or Ctrl-C), and, on Linux, also if fedctl itself is killed: the
+children ask the kernel for SIGTERM when their parent dies.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from fedctl.client import AdminClient, Target, operator_identity
+from fedctl.output import stderr, stdout
+from fedctl.render import session_line
+from fednode.home import NodeHome, default_home
+from protocol import spec as specmod
+from protocol.errors import FednodeError
+
+READY_TIMEOUT_S = 60.0
+JOIN_TIMEOUT_S = 120.0
+_MARKER = ".fednode-demo"
+# Participants that --drop will kill are slowed by this much, so the kill lands while the
+# round they were selected for is still waiting on them.
+DROP_DELAY_S = 2.0
+
+
+@dataclass
+class DemoOptions:
+    participants: int = 3
+    rounds: int = 10
+    spec_path: Path | None = None
+    secure: bool = False
+    drop: int = 0
+    workdir: Path | None = None
+    key: Path | None = None
+    as_json: bool = False
+
+
+def _die_with_parent() -> None:  # runs in the child between fork and exec
+    with contextlib.suppress(Exception):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+@dataclass
+class Processes:
+    """Every child process the demo started; ``stop_all`` ends them all."""
+
+    log_dir: Path
+    procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    logs: list[IO[bytes]] = field(default_factory=list)
+    killed: set[str] = field(default_factory=set)
+
+    def start(self, name: str, args: list[str], *, pipe_stdout: bool = False
+              ) -> subprocess.Popen[bytes]:
+        fh = open(self.log_dir / f"{name}.log", "wb")  # noqa: SIM115 - closed in stop_all
+        self.logs.append(fh)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "fednode", *args], stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE if pipe_stdout else fh, stderr=fh,
+            preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
+        self.procs[name] = proc
+        return proc
+
+    def kill(self, name: str) -> None:
+        self.killed.add(name)
+        self.procs[name].kill()
+
+    def stop_all(self, grace_s: float = 5.0) -> None:
+        self.killed.update(self.procs)
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in self.procs.values():
+            try:
+                proc.wait(grace_s)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            if proc.stdout is not None:
+                proc.stdout.close()
+        for fh in self.logs:
+            fh.close()
+
+
+def read_ready_line(proc: subprocess.Popen[bytes], name: str, log: Path) -> dict[str, Any]:
+    """The JSON line a node prints on stdout once it listens; fails with its log if it dies."""
+    box: list[bytes] = []
+    assert proc.stdout is not None
+    reader = threading.Thread(target=lambda: box.append(proc.stdout.readline()), daemon=True)
+    reader.start()
+    reader.join(READY_TIMEOUT_S)
+    line = box[0] if box else b""
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError:
+        tail = log.read_text(errors="replace")[-1500:] if log.exists() else ""
+        raise FednodeError(f"{name} did not start (exit code {proc.poll()}):\n{tail}",
+                           code="NODE_START_FAILED", hint=f"see {log}") from None
+
+
+def _prepare_workdir(workdir: Path | None) -> Path:
+    root = workdir or default_home() / "demo"
+    if root.exists() and any(root.iterdir()):
+        if not (root / _MARKER).exists():
+            raise FednodeError(f"{root} is not empty and not a demo directory",
+                               code="USAGE", hint="choose another --workdir")
+        shutil.rmtree(root)
+    root.mkdir(parents=True)
+    (root / _MARKER).write_text("made by fedctl demo; wiped by the next demo\n")
+    (root / "logs").mkdir()
+    return root
+
+
+def build_spec(opts: DemoOptions) -> dict[str, Any]:
+    if opts.spec_path is not None:
+        return specmod.load(opts.spec_path)
+    raw = specmod.defaults()
+    raw["rounds"] = opts.rounds
+    raw["min_participants"] = opts.participants - opts.drop
+    raw["name"] = "demo"
+    if opts.secure:
+        raw["aggregation"]["secure"] = True
+    return specmod.validate(raw)
+
+
+def run_demo(opts: DemoOptions) -> dict[str, Any]:
+    if opts.drop >= opts.participants:
+        raise FednodeError(f"--drop {opts.drop} leaves no participant of {opts.participants}",
+                           code="USAGE", hint="drop fewer than --participants")
+    spec = build_spec(opts)  # a bad spec fails here, before any process starts
+    root = _prepare_workdir(opts.workdir)
+    operator = operator_identity(opts.key)
+    procs = Processes(root / "logs")
+    try:
+        coord_home = NodeHome(root / "coordinator")
+        coord_id, _ = coord_home.init()
+        log = root / "logs" / "coordinator.log"
+        proc = procs.start("coordinator", [
+            "run", "--role", "coordinator", "--listen", "127.0.0.1:0",
+            "--data-dir", str(coord_home.root), "--operator", operator.peer_id],
+            pipe_stdout=True)
+        ready = read_ready_line(proc, "the coordinator", log)
+        target = Target(ready["url"], coord_id.peer_id, opts.key)
+        names = []
+        for k in range(opts.participants):
+            home = NodeHome(root / f"participant-{k}")
+            home.init()
+            name = f"participant-{k}"
+            args = ["run", "--role", "participant", "--coordinator", ready["url"],
+                    "--coordinator-id", coord_id.peer_id, "--data-dir", str(home.root),
+                    "--dataset", f"digits:{k}/{opts.participants}"]
+            if k >= opts.participants - opts.drop:
+                args += ["--train-delay", str(DROP_DELAY_S)]
+            procs.start(name, args)
+            names.append(name)
+        out = stderr if opts.as_json else stdout
+        out.print(f"coordinator {coord_id.peer_id} at {ready['url']}; "
+                  f"{opts.participants} participants; nodes in {root}")
+        return asyncio.run(_drive(target, spec, opts, procs, names[len(names) - opts.drop:]))
+    finally:
+        procs.stop_all()
+
+
+async def _drive(target: Target, spec: dict[str, Any], opts: DemoOptions, procs: Processes,
+                 to_drop: list[str]) -> dict[str, Any]:
+    """Run the session; fail at once if a node process dies that the demo did not kill."""
+    main = asyncio.create_task(_session(target, spec, opts, procs, to_drop))
+    try:
+        while True:
+            # A watchdog, not synchronisation: it only turns a crashed child into an error.
+            done, _ = await asyncio.wait({main}, timeout=0.25)
+            if done:
+                return main.result()
+            for name, proc in procs.procs.items():
+                if name not in procs.killed and proc.poll() is not None:
+                    raise FednodeError(
+                        f"{name} exited with code {proc.returncode} during the demo",
+                        code="NODE_DIED", hint=f"see {procs.log_dir / (name + '.log')}")
+    finally:
+        main.cancel()
+        with contextlib.suppress(BaseException):
+            await main
+
+
+async def _session(target: Target, spec: dict[str, Any], opts: DemoOptions, procs: Processes,
+                   to_drop: list[str]) -> dict[str, Any]:
+    out = stderr if opts.as_json else stdout
+    async with AdminClient(target) as client:
+        snap = (await client.call("subscribe"))["snapshot"]
+        online = {p["peer_id"] for p in snap["participants"] if p["online"]}
+        try:
+            async with asyncio.timeout(JOIN_TIMEOUT_S):
+                while len(online) < opts.participants:
+                    ev = await client.events.get()
+                    if ev is None:
+                        raise FednodeError("the coordinator went away", code="DISCONNECTED")
+                    if ev.kind == "participant":
+                        pid = ev.data["peer_id"]
+                        (online.add if ev.data["online"] else online.discard)(pid)
+        except TimeoutError:
+            raise FednodeError(f"only {len(online)} of {opts.participants} participants "
+                               f"joined within {JOIN_TIMEOUT_S:.0f} s", code="JOIN_TIMEOUT",
+                               hint="see the participant logs in the demo directory") from None
+        sid = (await client.call("session.create", spec=spec))["session_id"]
+        await client.call("session.start", session_id=sid)
+        rounds = spec["rounds"]
+        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                      TimeElapsedColumn(), console=out, transient=True) as bar:
+            task = bar.add_task("rounds", total=rounds)
+            async for ev in client.stream():
+                if ev.session_id not in ("", sid):
+                    continue
+                line = session_line(ev.kind, ev.data, rounds)
+                if line:
+                    bar.console.print(line)
+                if ev.kind == "round_started" and ev.data["round"] == 2 and to_drop:
+                    for name in to_drop:
+                        procs.kill(name)
+                        bar.console.print(f"[yellow]killed {name} during round 2[/]")
+                    to_drop = []
+                if ev.kind == "round_completed":
+                    bar.update(task, completed=ev.data["round"])
+                if ev.kind == "session" and ev.data["status"] in ("completed", "failed",
+                                                                   "stopped"):
+                    break
+        return await client.call("session.status", session_id=sid)

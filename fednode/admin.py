@@ -1,0 +1,180 @@
+"""The coordinator's admin channel: operations for fedctl and the dashboard.
+
+Operators and viewers speak the same authenticated protocol as participants; an ``admin``
+message names an operation and its arguments, the reply carries the result or a typed
+error. Viewers may only call read operations. ``subscribe`` answers at once with a snapshot
+and then streams ``event`` messages until the connection closes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+from websockets.exceptions import ConnectionClosed
+
+from protocol import messages, spec
+from protocol.errors import FednodeError, NotAuthorized, ValidationError
+
+if TYPE_CHECKING:
+    from fednode.coordinator import Coordinator
+    from fednode.transport import Connection
+
+log = logging.getLogger("fednode.admin")
+
+Handler = Callable[[dict[str, Any]], Awaitable[dict[str, Any]] | dict[str, Any]]
+READ_OPS = {"session.status", "session.list", "participants.list", "model.list", "model.get",
+            "subscribe", "node.info"}
+
+
+def _arg(args: dict[str, Any], name: str, kind: type = str) -> Any:
+    value = args.get(name)
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise ValidationError(f"admin argument {name!r} must be a {kind.__name__}")
+    return value
+
+
+class AdminAPI:
+    def __init__(self, coord: Coordinator):
+        self.coord = coord
+        self.ops: dict[str, Handler] = {
+            "node.info": self.node_info,
+            "session.create": self.session_create,
+            "session.start": lambda a: self.session_action("start", a),
+            "session.stop": lambda a: self.session_action("stop", a),
+            "session.pause": lambda a: self.session_action("pause", a),
+            "session.resume": lambda a: self.session_action("resume", a),
+            "session.status": self.session_status,
+            "session.list": self.session_list,
+            "participants.list": self.participants_list,
+            "model.list": self.model_list,
+            "model.get": self.model_get,
+        }
+
+    async def serve(self, conn: Connection, role: str) -> None:
+        forwarders: list[asyncio.Task[None]] = []
+        try:
+            async for _env, msg in conn.messages(self.coord._refused):
+                if not isinstance(msg, messages.Admin):
+                    await conn.send_error(ValidationError(
+                        f"operators send 'admin' messages, not {msg.TYPE!r}",
+                        code="UNEXPECTED_MESSAGE"))
+                    continue
+                reply = await self._call(conn, role, msg, forwarders)
+                await conn.send(reply)
+        except ConnectionClosed:
+            pass
+        finally:
+            for task in forwarders:
+                task.cancel()
+
+    async def _call(self, conn: Connection, role: str, msg: messages.Admin,
+                    forwarders: list[asyncio.Task[None]]) -> messages.AdminReply:
+        try:
+            if role != "operator" and msg.op not in READ_OPS:
+                raise NotAuthorized(f"{conn.peer_id} is a viewer and may not call {msg.op!r}",
+                                    hint="ask for an operator key (--operator on the "
+                                    "coordinator)")
+            if msg.op == "subscribe":
+                result = self.subscribe(conn, msg.args, forwarders)
+            else:
+                handler = self.ops.get(msg.op)
+                if handler is None:
+                    raise ValidationError(f"unknown admin operation {msg.op!r}",
+                                          hint="known: " + ", ".join(sorted(self.ops)),
+                                          code="UNKNOWN_OP")
+                result = handler(msg.args)
+                if asyncio.iscoroutine(result):
+                    result = await result
+            return messages.AdminReply(id=msg.id, ok=True, result=result, error={})
+        except FednodeError as err:
+            return messages.AdminReply(id=msg.id, ok=False, result={}, error=err.to_dict())
+
+    # --- operations --------------------------------------------------------------------
+
+    def node_info(self, args: dict[str, Any]) -> dict[str, Any]:
+        c = self.coord
+        return {"peer_id": c.identity.peer_id, "ledger": str(c.ledger.path),
+                "participants_online": len(c.peers), "sessions": len(c.sessions),
+                "started_at": c.started_at}
+
+    def session_create(self, args: dict[str, Any]) -> dict[str, Any]:
+        checked = spec.validate(args.get("spec"))
+        return {"session_id": self.coord.create_session(checked)}
+
+    def session_action(self, action: str, args: dict[str, Any]) -> dict[str, Any]:
+        run = self.coord.session(_arg(args, "session_id"))
+        state = run.act(action)
+        return {"session_id": run.session_id, "status": state.value}
+
+    def session_status(self, args: dict[str, Any]) -> dict[str, Any]:
+        run = self.coord.session(_arg(args, "session_id"))
+        summary = self.coord.ledger.summary(run.session_id)
+        rnd = run.round
+        summary["current_round"] = None if rnd is None else {
+            "round": rnd.number, "phase": rnd.phase.value, "selected": rnd.selected,
+            "received": sorted(rnd.received), "failed": rnd.failed}
+        summary["rounds"] = run.spec["rounds"]
+        summary["name"] = run.spec["name"]
+        return summary
+
+    def session_list(self, args: dict[str, Any]) -> dict[str, Any]:
+        out = []
+        for row in self.coord.ledger.list_sessions():
+            out.append({"session_id": row["session_id"], "name": row["name"],
+                        "status": row["status"], "round": row["rounds_completed"] or 0,
+                        "rounds": row["rounds"],
+                        "participants": self.coord.ledger.summary(
+                            row["session_id"])["participants"],
+                        "accuracy": row["final_accuracy"]})
+        return {"sessions": out}
+
+    def participants_list(self, args: dict[str, Any]) -> dict[str, Any]:
+        out = []
+        for row in self.coord.ledger.participants():
+            online = row["peer_id"] in self.coord.peers
+            out.append({"peer_id": row["peer_id"], "online": online,
+                        "quality_score": row.get("quality_score"),
+                        "latency_ms": row.get("latency_ms"),
+                        "last_seen": row["last_seen"],
+                        "status": row.get("status") or "active",
+                        "address": row.get("address"), "dataset": row.get("dataset"),
+                        "num_examples": row.get("num_examples"),
+                        "rounds_completed": row.get("rounds_completed")})
+        return {"participants": out}
+
+    def model_list(self, args: dict[str, Any]) -> dict[str, Any]:
+        run = self.coord.session(_arg(args, "session_id"))
+        return {"models": [{"round": m["round"], "cid": m["cid"], "accuracy": m["accuracy"],
+                            "loss": m["loss"], "size": m["size"],
+                            "parent_cid": m["parent_cid"]}
+                           for m in self.coord.ledger.models(run.session_id)]}
+
+    def model_get(self, args: dict[str, Any]) -> dict[str, Any]:
+        cid = _arg(args, "cid")
+        return {"cid": cid, "data": self.coord.store.get(cid)}
+
+    def subscribe(self, conn: Connection, args: dict[str, Any],
+                  forwarders: list[asyncio.Task[None]]) -> dict[str, Any]:
+        session_id = args.get("session_id") or ""
+        snapshot: dict[str, Any] = {"participants": self.participants_list({})["participants"],
+                                    "sessions": self.session_list({})["sessions"]}
+        if session_id:
+            snapshot["session"] = self.session_status({"session_id": session_id})
+        sub = self.coord.events.subscribe(session_id)
+
+        async def forward() -> None:
+            try:
+                while True:
+                    event = await sub.queue.get()
+                    await conn.send(messages.Event(kind=event["kind"], data=event["data"],
+                                                   ts=event["ts"]), event["session_id"])
+            except ConnectionClosed:
+                pass
+            finally:
+                self.coord.events.unsubscribe(sub)
+
+        forwarders.append(asyncio.create_task(forward()))
+        return {"snapshot": snapshot}

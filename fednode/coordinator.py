@@ -1,0 +1,217 @@
+"""The coordinator node: who is connected, which sessions run, and the admin channel.
+
+Every connection starts with the mutual handshake (fednode.transport). Then the peer's
+role follows from its authenticated peer ID: one of ``--operator`` (may drive sessions),
+one of ``--viewer`` (may only read), anyone else is a participant, which must register
+first. Session logic lives in fednode.session; admin operations in fednode.admin.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from websockets.asyncio.server import ServerConnection, serve
+from websockets.exceptions import ConnectionClosed
+
+from fednode import __version__
+from fednode.admin import AdminAPI
+from fednode.events import EventBus
+from fednode.ledger import Ledger
+from fednode.session import TERMINAL, SessionRun, SessionState
+from fednode.store import BlockStore
+from fednode.transport import Connection, accept, ws_options
+from protocol import messages
+from protocol.errors import FednodeError, NotAuthorized, NotFound, ValidationError
+from protocol.identity import Identity
+
+log = logging.getLogger("fednode.coordinator")
+HEARTBEAT_S = 5.0
+REGISTER_TIMEOUT_S = 10.0
+
+
+@dataclass
+class Peer:
+    conn: Connection
+    dataset: str
+    num_examples: int
+    connected_at: float
+    last_seen: float
+
+
+class Coordinator:
+    def __init__(self, identity: Identity, ledger: Ledger, store: BlockStore, *,
+                 operators: set[str], viewers: set[str] | None = None):
+        self.identity = identity
+        self.ledger = ledger
+        self.store = store
+        self.operators = set(operators)
+        self.viewers = set(viewers or ())
+        self.peers: dict[str, Peer] = {}
+        self.sessions: dict[str, SessionRun] = {}
+        self.events = EventBus()
+        self.admin = AdminAPI(self)
+        self.started_at = time.time()
+        self._recover()
+
+    def _recover(self) -> None:
+        """A restarted coordinator cannot continue rounds it lost track of: say so."""
+        self.ledger.mark_all_offline()
+        for row in self.ledger.list_sessions():
+            state = SessionState(row["status"])
+            if state in (SessionState.RUNNING, SessionState.PAUSED):
+                self.ledger.update_session(
+                    row["session_id"], status=SessionState.FAILED.value, ended_at=time.time(),
+                    error="coordinator stopped while the session ran")
+                state = SessionState.FAILED
+            self.sessions[row["session_id"]] = SessionRun(
+                self, row["session_id"], row["spec"], state)
+
+    # --- bookkeeping used by sessions and the admin API --------------------------------
+
+    def record(self, kind: str, session_id: str | None, data: dict[str, Any], *,
+               ledger: bool = True, entity_id: str | None = None) -> None:
+        """Push an event to subscribers and (by default) append it to the ledger's chain."""
+        if ledger:
+            self.ledger.append_event(kind, session_id=session_id, entity_id=entity_id,
+                                     data=data)
+        self.events.publish(kind, data, session_id)
+
+    def online_participants(self) -> list[str]:
+        return sorted(self.peers)
+
+    async def send_to(self, peer_id: str, msg: messages.Message, session_id: str = "") -> bool:
+        peer = self.peers.get(peer_id)
+        if peer is None:
+            return False
+        try:
+            await peer.conn.send(msg, session_id)
+        except ConnectionClosed:
+            return False
+        return True
+
+    async def broadcast_session_end(self, run: SessionRun) -> None:
+        end = messages.SessionEnd(status=run.state.value)
+        for peer in list(self.peers):
+            await self.send_to(peer, end, run.session_id)
+
+    def create_session(self, spec: dict[str, Any]) -> str:
+        session_id = "s-" + uuid.uuid4().hex[:12]
+        self.ledger.create_session(
+            session_id, name=spec["name"], spec=spec,
+            strategy=spec["aggregation"]["strategy"],
+            secure_aggregation=spec["aggregation"]["secure"], rounds=spec["rounds"],
+            created_at=time.time())
+        self.sessions[session_id] = SessionRun(self, session_id, spec)
+        self.record("session", session_id, {"status": "created", "name": spec["name"]})
+        return session_id
+
+    def session(self, session_id: str) -> SessionRun:
+        run = self.sessions.get(session_id)
+        if run is None:
+            raise NotFound(f"no session {session_id!r} on this coordinator")
+        return run
+
+    def _wake_sessions(self, peer_id: str | None = None, reason: str = "") -> None:
+        for run in self.sessions.values():
+            if run.state not in TERMINAL:
+                if peer_id:
+                    run.on_peer_lost(peer_id, reason)
+                else:
+                    run.wake()
+
+    # --- connections ---------------------------------------------------------------------
+
+    async def serve(self, host: str, port: int) -> Any:
+        return await serve(self._handle, host, port, **ws_options())
+
+    async def _refused(self, conn: Connection | None, address: str,
+                       err: FednodeError) -> None:
+        self.ledger.append_event("security", entity_id=conn.peer_id if conn else None,
+                                 data={"address": address, "code": err.code,
+                                       "message": err.message})
+
+    async def _handle(self, ws: ServerConnection) -> None:
+        try:
+            conn = await accept(ws, self.identity)
+        except FednodeError as err:
+            addr = ws.remote_address
+            await self._refused(None, f"{addr[0]}:{addr[1]}" if addr else "?", err)
+            return
+        except ConnectionClosed:
+            return
+        if conn.peer_id in self.operators or conn.peer_id in self.viewers:
+            role = "operator" if conn.peer_id in self.operators else "viewer"
+            await conn.send(messages.Welcome(peer_id=self.identity.peer_id, role=role,
+                                             heartbeat_s=HEARTBEAT_S, version=__version__))
+            await self.admin.serve(conn, role)
+            return
+        await conn.send(messages.Welcome(peer_id=self.identity.peer_id, role="participant",
+                                         heartbeat_s=HEARTBEAT_S, version=__version__))
+        try:
+            env, msg = await asyncio.wait_for(conn.recv(), REGISTER_TIMEOUT_S)
+            if not isinstance(msg, messages.Register):
+                raise NotAuthorized(f"a participant must register first, sent {msg.TYPE!r}",
+                                    hint="only operators may send other messages first")
+        except (FednodeError, TimeoutError) as err:
+            if isinstance(err, TimeoutError):
+                err = FednodeError("no register message within "
+                                   f"{REGISTER_TIMEOUT_S:.0f} s", code="REGISTER_TIMEOUT")
+            await self._refused(conn, conn.address, err)
+            await conn.send_error(err)
+            await conn.close(1008, err.code)
+            return
+        except ConnectionClosed:
+            return
+        await self._serve_participant(conn, msg)
+
+    async def _serve_participant(self, conn: Connection, reg: messages.Register) -> None:
+        pid = conn.peer_id
+        old = self.peers.get(pid)
+        if old is not None:  # the same node reconnected: the newer connection wins
+            await old.conn.close(1000, "replaced by a newer connection")
+        now = time.time()
+        self.peers[pid] = Peer(conn, reg.dataset, reg.num_examples, now, now)
+        self.ledger.upsert_participant(pid, address=conn.address, dataset=reg.dataset,
+                                       num_examples=reg.num_examples, online=1, last_seen=now)
+        self.record("participant", None, {"peer_id": pid, "online": True,
+                                          "dataset": reg.dataset}, entity_id=pid)
+        self._wake_sessions()
+        try:
+            async for env, msg in conn.messages(self._refused):
+                self.peers[pid].last_seen = time.time()
+                try:
+                    await self._on_participant_message(conn, env.session, env.size, msg)
+                except FednodeError as err:
+                    await conn.send_error(err)
+        finally:
+            if self.peers.get(pid) is not None and self.peers[pid].conn is conn:
+                del self.peers[pid]
+                self.ledger.upsert_participant(pid, online=0, last_seen=time.time())
+                self.record("participant", None, {"peer_id": pid, "online": False},
+                            entity_id=pid)
+                self._wake_sessions(pid, "disconnected during the round")
+
+    async def _on_participant_message(self, conn: Connection, session_id: str, size: int,
+                                      msg: messages.Message) -> None:
+        if isinstance(msg, messages.Heartbeat):
+            self.ledger.upsert_participant(conn.peer_id, last_seen=time.time())
+        elif isinstance(msg, messages.Fetch):
+            data = self.store.get(msg.cid)
+            sent = await conn.send(messages.Block(cid=msg.cid, data=data), session_id)
+            if session_id in self.sessions:
+                self.sessions[session_id].on_bytes_down(sent)
+        elif isinstance(msg, messages.Update):
+            self.session(session_id).on_update(conn.peer_id, msg, size)
+        elif isinstance(msg, messages.TaskError):
+            log.warning("participant %s failed round %d: %s %s", conn.peer_id, msg.round,
+                        msg.code, msg.message)
+            self.session(session_id).on_peer_lost(conn.peer_id,
+                                                  f"task error {msg.code}: {msg.message}")
+        else:
+            raise ValidationError(f"a participant may not send {msg.TYPE!r}",
+                                  code="UNEXPECTED_MESSAGE")

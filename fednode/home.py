@@ -1,0 +1,77 @@
+"""A node's data directory: where its key, ledger, content store and lock live.
+
+    DIR/identity.key   Ed25519 key (libp2p protobuf), mode 0600
+    DIR/ledger.db      the SQLite quality ledger (WAL: ledger.db-wal, ledger.db-shm)
+    DIR/store/         content-addressed blocks
+    DIR/node.lock      held (flock) while a node runs, so a second one refuses to start
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+from pathlib import Path
+
+from protocol.errors import FednodeError, IdentityError
+from protocol.identity import Identity
+
+
+def default_home() -> Path:
+    env = os.environ.get("FEDNODE_HOME")
+    return Path(env).expanduser() if env else Path.home() / ".fednode"
+
+
+class NodeHome:
+    def __init__(self, root: Path | str | None = None):
+        self.root = Path(root).expanduser() if root else default_home()
+        self._lock_fd: int | None = None
+
+    @property
+    def key_path(self) -> Path:
+        return self.root / "identity.key"
+
+    @property
+    def ledger_path(self) -> Path:
+        return self.root / "ledger.db"
+
+    @property
+    def store_root(self) -> Path:
+        return self.root / "store"
+
+    def init(self) -> tuple[Identity, bool]:
+        """Create the directory and key if missing; returns (identity, created)."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.root, 0o700)
+        if self.key_path.exists():
+            return Identity.load(self.key_path), False
+        ident = Identity.generate()
+        ident.save(self.key_path)
+        return ident, True
+
+    def identity(self) -> Identity:
+        if not self.key_path.exists():
+            raise IdentityError(f"no node identity in {self.root}",
+                                hint=f"run `fednode init --data-dir {self.root}` first")
+        return Identity.load(self.key_path)
+
+    def lock(self) -> None:
+        """Take the node lock or refuse: two nodes on one ledger would corrupt it."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.root / "node.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            other = os.read(fd, 64).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise FednodeError(
+                f"another fednode (pid {other}) is running on {self.root}",
+                code="ALREADY_RUNNING",
+                hint="stop it first, or give this node its own --data-dir") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        self._lock_fd = fd
+
+    def unlock(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None

@@ -1,0 +1,199 @@
+"""The participant node: joins a coordinator, takes training tasks, uploads updates.
+
+Raw data never leaves this process: what goes out is the trained weights (safetensors) and
+a few numbers (examples, loss, time). The global model is fetched by CID and its hash is
+checked before it is parsed; a model whose bytes do not match is refused. The connection is
+kept up with heartbeats and re-dialled with backoff if it drops.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from typing import Any
+
+from websockets.exceptions import ConnectionClosed
+
+from fednode import __version__, training, weights
+from fednode.data import DatasetRef, load_partition
+from fednode.ledger import Ledger
+from fednode.session import model_spec
+from fednode.store import BlockStore
+from fednode.transport import Connection, dial
+from protocol import messages, spec
+from protocol.cid import file_cid
+from protocol.errors import CIDError, FednodeError, HandshakeError
+from protocol.identity import Identity
+
+log = logging.getLogger("fednode.participant")
+FETCH_TIMEOUT_S = 60.0
+MAX_BACKOFF_S = 10.0
+
+
+class Participant:
+    def __init__(self, identity: Identity, ledger: Ledger, store: BlockStore, *,
+                 url: str, coordinator_id: str, dataset: DatasetRef, join_token: str = "",
+                 train_delay_s: float = 0.0):
+        self.identity = identity
+        self.ledger = ledger
+        self.store = store
+        self.url = url
+        self.coordinator_id = coordinator_id
+        self.dataset = dataset
+        self.join_token = join_token
+        self.train_delay_s = train_delay_s  # a test option: a deliberately slow participant
+        self._fetches: dict[str, asyncio.Future[bytes]] = {}
+        self._task: asyncio.Task[None] | None = None
+        self._data_cache: dict[tuple[Any, ...], Any] = {}
+        self.registered = asyncio.Event()
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Stay connected until ``stop`` is set; re-dial with backoff on failures."""
+        # Load the data and warm torch before joining, so round 1 measures training only.
+        await asyncio.to_thread(training.warm_up)
+        self.num_examples = await asyncio.to_thread(self._num_examples)
+        backoff = 0.5
+        while not stop.is_set():
+            try:
+                conn = await dial(self.url, self.identity, self.coordinator_id)
+            except HandshakeError as err:
+                if err.code in ("PEER_MISMATCH", "NOT_AUTHORIZED"):
+                    raise  # retrying cannot fix the wrong coordinator or a refusal
+                log.warning("handshake with %s failed: %s", self.url, err.message)
+            except FednodeError as err:
+                log.warning("%s", err.message)
+            else:
+                backoff = 0.5
+                serve = asyncio.create_task(self._serve(conn))
+                stopper = asyncio.create_task(stop.wait())
+                await asyncio.wait({serve, stopper}, return_when=asyncio.FIRST_COMPLETED)
+                stopper.cancel()
+                if not serve.done():
+                    await conn.close(1001, "participant shutting down")
+                try:
+                    await serve
+                except (asyncio.CancelledError, ConnectionClosed):
+                    pass
+                except Exception:  # a bug must not take the node down; log it, re-dial
+                    log.exception("participant loop crashed; reconnecting")
+                self.registered.clear()
+                if stop.is_set():
+                    return
+                log.warning("lost the coordinator; reconnecting")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), backoff)
+            backoff = min(backoff * 2, MAX_BACKOFF_S)
+
+    def _num_examples(self) -> int:
+        return len(self._load_data({"partition": "iid", "seed": 0, "features": "none",
+                                    "alpha": 0.5, "labels_per_part": 2}))
+
+    def _load_data(self, data_spec: dict[str, Any]) -> Any:
+        key = (data_spec["features"], data_spec["partition"], data_spec["seed"],
+               data_spec["alpha"], data_spec["labels_per_part"])
+        if key not in self._data_cache:
+            self._data_cache[key] = load_partition(
+                self.dataset, features=data_spec["features"],
+                partition=data_spec["partition"], seed=data_spec["seed"],
+                alpha=data_spec["alpha"], labels_per_part=data_spec["labels_per_part"])
+        return self._data_cache[key]
+
+    async def _serve(self, conn: Connection) -> None:
+        await conn.send(messages.Register(dataset=str(self.dataset),
+                                          num_examples=self.num_examples,
+                                          version=__version__, join_token=self.join_token))
+        self.registered.set()
+        assert conn.welcome is not None
+        beat = asyncio.create_task(self._heartbeat(conn, conn.welcome.heartbeat_s))
+        self.ledger.append_event("joined", entity_id=conn.peer_id,
+                                 data={"url": self.url, "dataset": str(self.dataset)})
+        try:
+            async for env, msg in conn.messages():
+                if isinstance(msg, messages.RoundStart):
+                    if self._task is not None and not self._task.done():
+                        await conn.send(messages.TaskError(
+                            round=msg.round, code="BUSY",
+                            message="still training the previous round"), env.session)
+                        continue
+                    self._task = asyncio.create_task(self._do_round(conn, env.session, msg))
+                elif isinstance(msg, messages.Block):
+                    fut = self._fetches.pop(msg.cid, None)
+                    if fut is not None and not fut.done():
+                        fut.set_result(msg.data)
+                elif isinstance(msg, messages.Error):
+                    log.warning("coordinator says %s: %s", msg.code, msg.message)
+                    for fut in self._fetches.values():
+                        if not fut.done():
+                            fut.set_exception(FednodeError(msg.message, code=msg.code))
+                elif isinstance(msg, messages.RoundEnd | messages.SessionEnd):
+                    self.ledger.append_event(msg.TYPE, session_id=env.session,
+                                             data=messages.payload(msg))
+        finally:
+            beat.cancel()
+            if self._task is not None:
+                self._task.cancel()
+
+    async def _heartbeat(self, conn: Connection, every: float) -> None:
+        with contextlib.suppress(ConnectionClosed):
+            while True:
+                await asyncio.sleep(every)
+                busy = self._task is not None and not self._task.done()
+                await conn.send(messages.Heartbeat(status="training" if busy else "idle",
+                                                   ts=time.time()))
+
+    async def _fetch(self, conn: Connection, session: str, cid: str) -> bytes:
+        """The model by CID: from the local store if present, else from the coordinator."""
+        if self.store.has(cid):
+            return self.store.get(cid)  # verified block by block
+        fut: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        self._fetches[cid] = fut
+        await conn.send(messages.Fetch(cid=cid), session)
+        try:
+            data = await asyncio.wait_for(fut, FETCH_TIMEOUT_S)
+        except TimeoutError:
+            raise FednodeError(f"the coordinator sent no block {cid} within "
+                               f"{FETCH_TIMEOUT_S:.0f} s", code="FETCH_TIMEOUT") from None
+        if file_cid(data) != cid:
+            raise CIDError(f"model bytes from the coordinator do not hash to {cid}")
+        self.store.put(data, pin=False)
+        return data
+
+    async def _do_round(self, conn: Connection, session: str,
+                        task: messages.RoundStart) -> None:
+        started = time.time()
+        try:
+            s = spec.validate(task.spec)
+            blob = await self._fetch(conn, session, task.model_cid)
+            mspec = model_spec(s)
+            expect = weights.shapes(training.init_weights(mspec, 0))
+            global_w = weights.from_bytes(blob, expect=expect)
+            data = await asyncio.to_thread(self._load_data, s["data"])
+            t = s["training"]
+            cfg = training.TrainConfig(
+                local_epochs=t["local_epochs"], batch_size=t["batch_size"], lr=t["lr"],
+                optimizer=t["optimizer"], momentum=t["momentum"],
+                weight_decay=t["weight_decay"], seed=s["data"]["seed"] * 1000 + task.round)
+            if self.train_delay_s:
+                await asyncio.sleep(self.train_delay_s)
+            result = await asyncio.to_thread(training.train, mspec, global_w, data, cfg)
+            out = weights.to_bytes(result.weights)
+            sent = await conn.send(messages.Update(
+                round=task.round, base_cid=task.model_cid, num_examples=result.num_examples,
+                loss=result.loss, train_s=result.duration_s, update_cid=file_cid(out),
+                data=out), session)
+            self.ledger.append_event("task_done", session_id=session, data={
+                "round": task.round, "model_cid": task.model_cid, "samples":
+                result.num_examples, "loss": result.loss, "train_s": result.duration_s,
+                "bytes_up": sent, "total_s": time.time() - started})
+        except FednodeError as err:
+            log.error("round %d failed here: %s", task.round, err.message)
+            self.ledger.append_event("task_failed", session_id=session,
+                                     data={"round": task.round, "code": err.code,
+                                           "message": err.message})
+            with contextlib.suppress(ConnectionClosed):
+                await conn.send(messages.TaskError(round=task.round, code=err.code,
+                                                   message=err.message), session)
+        except ConnectionClosed:
+            pass

@@ -1,0 +1,217 @@
+"""The node's embedded content store: UnixFS files as verified blocks on local disk.
+
+Why it is shaped like this: a model published by the coordinator must come back byte for
+byte, or not at all. So every block is addressed by its CID (``protocol.cid``), every read
+re-hashes the block, and every write is atomic (temporary file in the same directory, then
+``os.replace``), which leaves either the old state or the new one after a crash.
+
+Layout under ``root``::
+
+    blocks/<xy>/<cid>   one file per block, named by its canonical CID string
+    pins/<cid>          one empty marker file per pinned root
+
+``<xy>`` is the two characters before the last one of the CID (kubo's flatfs
+"next-to-last/2" scheme). The first characters after the multibase prefix would put
+every block in one folder: all sha2-256 CIDv1 strings start "bafk"/"bafy" and all CIDv0
+start "Qm", while the tail of a CID is spread evenly.
+
+Pins are marker files rather than one JSON list because pinning then needs no
+read-modify-write: two processes pinning at once cannot lose each other's pin, a crash
+cannot leave a half-written list, and listing pins is one ``os.scandir``.
+
+Only CID strings that ``protocol.cid.parse_cid`` accepts (letters and digits, a real
+sha2-256 raw/dag-pb CID) ever reach a path, so "../x" and the like are refused with
+CIDError before the file system sees them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+import time
+from pathlib import Path
+
+from protocol.cid import (
+    build_dag,
+    links,
+    normalize_cid,
+    unixfs_file_data,
+    unixfs_file_size,
+    verify_block,
+)
+from protocol.errors import CIDError, NotFound
+
+_TMP_PREFIX = ".tmp-"
+_STALE_TMP_S = 3600  # a temporary file this old was left by a crash, not by a live writer
+
+
+class BlockStore:
+    """Content-addressed blocks and pins in a directory; safe to share between processes."""
+
+    def __init__(self, root: Path, *, fsync: bool = True) -> None:
+        self.root = Path(root)
+        self._blocks = self.root / "blocks"
+        self._pins = self.root / "pins"
+        self._fsync = fsync
+        self._blocks.mkdir(parents=True, exist_ok=True)
+        self._pins.mkdir(parents=True, exist_ok=True)
+
+    # --- paths ----------------------------------------------------------------------------
+
+    def _block_path(self, cid: str) -> tuple[str, Path]:
+        key = normalize_cid(cid)  # raises CIDError for anything that is not a clean CID
+        return key, self._blocks / key[-3:-1] / key
+
+    def _pin_path(self, cid: str) -> tuple[str, Path]:
+        key = normalize_cid(cid)
+        return key, self._pins / key
+
+    def _write_atomic(self, path: Path, data: bytes) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_TMP_PREFIX)
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(data)
+                if self._fsync:
+                    handle.flush()
+                    os.fsync(handle.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+
+    # --- blocks ---------------------------------------------------------------------------
+
+    def has(self, cid: str) -> bool:
+        """Whether the block named ``cid`` is on disk (the root only, not its children)."""
+        return self._block_path(cid)[1].is_file()
+
+    def put_block(self, cid: str, data: bytes) -> None:
+        """Store one block after checking that ``data`` hashes to ``cid``.
+
+        An existing copy is kept if it still verifies and replaced if it does not, so
+        putting a block again repairs a damaged one.
+        """
+        verify_block(cid, data)
+        key, path = self._block_path(cid)
+        if path.is_file():
+            try:
+                verify_block(key, path.read_bytes())
+                return
+            except (CIDError, OSError):
+                pass
+        self._write_atomic(path, bytes(data))
+
+    def get_block(self, cid: str) -> bytes:
+        """The bytes of one block, re-hashed: CIDError if altered, NotFound if absent."""
+        key, path = self._block_path(cid)
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            raise NotFound(
+                f"block {key} is not in the local store",
+                hint="fetch it from a peer that has it, or publish the file again",
+            ) from None
+        verify_block(key, data)
+        return data
+
+    # --- files ----------------------------------------------------------------------------
+
+    def put(self, data: bytes, *, pin: bool = True, cid_version: int = 1) -> str:
+        """Import ``data`` as a UnixFS file; return its root CID (the one kubo would give)."""
+        root, blocks = build_dag(data, cid_version)
+        for block in blocks:
+            self.put_block(block.cid, block.data)
+        if pin:
+            self.pin(root)
+        return root
+
+    def get(self, cid: str) -> bytes:
+        """Reassemble a file, verifying every block on the way down."""
+        out = bytearray()
+        # Depth-first, left to right; a stack of iterators keeps memory to one path.
+        stack = [iter([cid])]
+        while stack:
+            child = next(stack[-1], None)
+            if child is None:
+                stack.pop()
+                continue
+            block = self.get_block(child)
+            out += unixfs_file_data(child, block)
+            children = links(child, block)
+            if children:
+                stack.append(iter(children))
+        return bytes(out)
+
+    def size(self, cid: str) -> int:
+        """File size recorded in the root block (no need for the rest of the DAG)."""
+        return unixfs_file_size(cid, self.get_block(cid))
+
+    # --- pins and garbage collection ------------------------------------------------------
+
+    def pin(self, cid: str) -> None:
+        """Keep ``cid`` and everything under it through :meth:`gc`."""
+        key, path = self._pin_path(cid)
+        if not self.has(key):
+            raise NotFound(f"cannot pin {key}: it is not in the local store")
+        if not path.exists():
+            self._write_atomic(path, b"")
+
+    def unpin(self, cid: str) -> None:
+        key, path = self._pin_path(cid)
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            raise NotFound(
+                f"{key} is not pinned", hint="list pins with BlockStore.pins()"
+            ) from None
+
+    def pins(self) -> list[str]:
+        return sorted(
+            entry.name
+            for entry in os.scandir(self._pins)
+            if entry.is_file() and not entry.name.startswith(_TMP_PREFIX)
+        )
+
+    def _reachable(self) -> set[str]:
+        """Every block reachable from a pin (missing blocks are skipped, damaged ones raise).
+
+        Damage aborts the collection: deleting on a guess could lose children of a node
+        that is only unreadable for a moment.
+        """
+        seen: set[str] = set()
+        todo = list(self.pins())
+        while todo:
+            key = normalize_cid(todo.pop())
+            if key in seen:
+                continue
+            seen.add(key)
+            try:
+                block = self.get_block(key)
+            except NotFound:
+                continue
+            todo.extend(links(key, block))
+        return seen
+
+    def gc(self) -> int:
+        """Delete every block not reachable from a pin; return how many were removed."""
+        keep = self._reachable()
+        stale_before = time.time() - _STALE_TMP_S
+        removed = 0
+        for shard in os.scandir(self._blocks):
+            if not shard.is_dir():
+                continue
+            for entry in os.scandir(shard.path):
+                if entry.name.startswith(_TMP_PREFIX):
+                    with contextlib.suppress(FileNotFoundError):
+                        if entry.stat().st_mtime < stale_before:
+                            os.unlink(entry.path)
+                    continue
+                if entry.name in keep:
+                    continue
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(entry.path)
+                    removed += 1
+        return removed

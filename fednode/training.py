@@ -1,0 +1,232 @@
+"""Local training and evaluation with torch, on numpy weights in and out.
+
+Weights cross this module's boundary as `dict[str, np.ndarray]` (float32, torch state_dict
+names and order) so that the rest of the node never holds torch objects: strategies,
+secure aggregation and the content store work on plain arrays.
+
+Differential privacy (DP-SGD with Opacus) belongs in `train`, wrapping the model, optimizer
+and batches before the loop; it is not implemented in this version.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from fednode.data import Dataset
+from fednode.weights import Weights
+from protocol.errors import DataError, ValidationError
+
+MODEL_KINDS = ("mlp", "logreg")
+OPTIMIZERS = ("sgd", "adam")
+
+
+def build_model(kind: str, inputs: int, hidden: list[int], classes: int) -> nn.Module:
+    """An nn.Sequential, so that state_dict names are stable ("0.weight", "2.bias", ...)."""
+    if inputs < 1 or classes < 1 or any(h < 1 for h in hidden):
+        raise ValidationError(
+            f"model sizes must be positive: inputs={inputs}, hidden={hidden}, classes={classes}"
+        )
+    if kind == "mlp":
+        layers: list[nn.Module] = []
+        width = inputs
+        for h in hidden:
+            layers += [nn.Linear(width, h), nn.ReLU()]
+            width = h
+        layers.append(nn.Linear(width, classes))
+        return nn.Sequential(*layers)
+    if kind == "logreg":
+        return nn.Sequential(nn.Linear(inputs, classes))
+    raise ValidationError(f"unknown model kind {kind!r}; accepted: {', '.join(MODEL_KINDS)}")
+
+
+def _model_from_spec(model_spec: dict[str, Any]) -> nn.Module:
+    try:
+        kind = model_spec["kind"]
+        inputs = int(model_spec["inputs"])
+        classes = int(model_spec["classes"])
+        hidden = [int(h) for h in model_spec.get("hidden", [])] if kind == "mlp" else []
+    except KeyError as e:
+        raise ValidationError(f"model spec lacks field {e.args[0]!r}") from None
+    except (TypeError, ValueError) as e:
+        raise ValidationError(f"model spec has a bad value ({e})") from None
+    return build_model(kind, inputs, hidden, classes)
+
+
+def get_weights(model: nn.Module) -> Weights:
+    return {
+        k: v.detach().cpu().numpy().astype(np.float32, copy=True)
+        for k, v in model.state_dict().items()
+    }
+
+
+def set_weights(model: nn.Module, weights: Weights) -> None:
+    own = model.state_dict()
+    missing = [k for k in own if k not in weights]
+    extra = [k for k in weights if k not in own]
+    if missing or extra:
+        raise ValidationError(
+            f"weights do not fit the model: missing {missing or 'none'}, unexpected "
+            f"{extra or 'none'}"
+        )
+    state = {}
+    for k, ref in own.items():
+        w = np.asarray(weights[k])
+        if tuple(w.shape) != tuple(ref.shape):
+            raise ValidationError(
+                f"tensor {k!r} has shape {tuple(w.shape)}, the model needs {tuple(ref.shape)}"
+            )
+        state[k] = torch.from_numpy(np.array(w, dtype=np.float32, copy=True))
+    model.load_state_dict(state, strict=True)
+
+
+def init_weights(model_spec: dict[str, Any], seed: int) -> Weights:
+    """The initial global model: the same seed gives the same weights on every machine."""
+    torch.manual_seed(seed)
+    return get_weights(_model_from_spec(model_spec))
+
+
+@dataclass
+class TrainConfig:
+    local_epochs: int
+    batch_size: int
+    lr: float
+    optimizer: str  # "sgd" | "adam"
+    momentum: float
+    weight_decay: float = 0.0
+    proximal_mu: float = 0.0
+    seed: int = 0
+
+    def validate(self) -> None:
+        if self.local_epochs < 1:
+            raise ValidationError(f"local_epochs must be >= 1, got {self.local_epochs}")
+        if self.batch_size < 1:
+            raise ValidationError(f"batch_size must be >= 1, got {self.batch_size}")
+        if not self.lr > 0:
+            raise ValidationError(f"lr must be > 0, got {self.lr}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValidationError(
+                f"unknown optimizer {self.optimizer!r}; accepted: {', '.join(OPTIMIZERS)}"
+            )
+        if self.momentum < 0 or self.weight_decay < 0 or self.proximal_mu < 0:
+            raise ValidationError("momentum, weight_decay and proximal_mu must be >= 0")
+
+
+@dataclass
+class TrainResult:
+    weights: Weights
+    num_examples: int
+    loss: float  # mean training loss over the last epoch
+    duration_s: float
+    steps: int
+
+
+def _tensors(model_spec: dict[str, Any], data: Dataset) -> tuple[torch.Tensor, torch.Tensor]:
+    if len(data) == 0:
+        raise DataError("the dataset is empty")
+    x = np.ascontiguousarray(data.x, dtype=np.float32)
+    if x.ndim != 2 or x.shape[1] != int(model_spec["inputs"]):
+        raise DataError(
+            f"data has {x.shape[1] if x.ndim == 2 else '?'} features per example but the "
+            f"model takes {model_spec['inputs']} inputs",
+            hint="set model.inputs to the number of feature columns",
+        )
+    y = np.asarray(data.y, dtype=np.int64)
+    classes = int(model_spec["classes"])
+    if y.min() < 0 or y.max() >= classes:
+        raise DataError(
+            f"labels range over {int(y.min())}..{int(y.max())} but the model has "
+            f"{classes} classes (0..{classes - 1})",
+            hint="set model.classes to cover every label",
+        )
+    return torch.from_numpy(x), torch.from_numpy(y)
+
+
+def _optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(
+            model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+        )
+    return torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def train(
+    model_spec: dict[str, Any], weights: Weights, data: Dataset, cfg: TrainConfig
+) -> TrainResult:
+    """Train from `weights` on local data; deterministic for a given cfg.seed and threads."""
+    cfg.validate()
+    start = time.perf_counter()
+    x, y = _tensors(model_spec, data)
+    model = _model_from_spec(model_spec)
+    set_weights(model, weights)
+    model.train()
+    opt = _optimizer(model, cfg)
+    loss_fn = nn.CrossEntropyLoss()
+    gen = torch.Generator().manual_seed(int(cfg.seed))
+    anchor = [p.detach().clone() for p in model.parameters()] if cfg.proximal_mu > 0 else None
+    n = x.shape[0]
+    steps = 0
+    epoch_loss = 0.0
+    for _ in range(cfg.local_epochs):
+        perm = torch.randperm(n, generator=gen)
+        total = 0.0
+        for i in range(0, n, cfg.batch_size):
+            idx = perm[i : i + cfg.batch_size]
+            opt.zero_grad(set_to_none=True)
+            loss = loss_fn(model(x[idx]), y[idx])
+            objective = loss
+            if anchor is not None:
+                # FedProx: keep the local model near the global one it started from.
+                prox = sum(
+                    ((p - a) ** 2).sum() for p, a in zip(model.parameters(), anchor, strict=True)
+                )
+                objective = loss + (cfg.proximal_mu / 2.0) * prox
+            objective.backward()
+            opt.step()
+            steps += 1
+            total += float(loss.detach()) * len(idx)
+        epoch_loss = total / n
+    return TrainResult(
+        weights=get_weights(model),
+        num_examples=int(n),
+        loss=float(epoch_loss),
+        duration_s=time.perf_counter() - start,
+        steps=steps,
+    )
+
+
+def evaluate(
+    model_spec: dict[str, Any], weights: Weights, data: Dataset, batch_size: int = 1024
+) -> tuple[float, float]:
+    """(accuracy in 0..1, mean cross-entropy loss) on `data`."""
+    if batch_size < 1:
+        raise ValidationError(f"batch_size must be >= 1, got {batch_size}")
+    x, y = _tensors(model_spec, data)
+    model = _model_from_spec(model_spec)
+    set_weights(model, weights)
+    model.eval()
+    loss_fn = nn.CrossEntropyLoss(reduction="sum")
+    correct = 0
+    total_loss = 0.0
+    with torch.no_grad():
+        for i in range(0, x.shape[0], batch_size):
+            logits = model(x[i : i + batch_size])
+            target = y[i : i + batch_size]
+            total_loss += float(loss_fn(logits, target))
+            correct += int((logits.argmax(dim=1) == target).sum())
+    n = x.shape[0]
+    return correct / n, total_loss / n
+
+
+def warm_up() -> None:
+    """Pay torch's one-time costs at node start, not in the first round's timings.
+
+    The first optimizer a process creates imports torch._dynamo, which takes seconds.
+    """
+    torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
+    torch.optim.Adam([torch.zeros(1, requires_grad=True)], lr=0.1)

@@ -1,0 +1,200 @@
+"""Websocket transport: runs the handshake, then checks every envelope.
+
+This is the only module that touches sockets. It drives protocol.handshake and
+protocol.envelope, and owns the policy for bad input: a frame that cannot be authenticated
+(garbage, bad signature, replay, impostor) gets a signed error frame and the connection is
+closed; a well-authenticated message with invalid fields gets an error frame and the
+connection stays open. Either way the node goes on serving everyone else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.asyncio.server import ServerConnection
+from websockets.exceptions import ConnectionClosed
+
+from protocol import messages
+from protocol.envelope import Envelope, ReplayGuard, open_frame, seal
+from protocol.errors import (
+    DecodeError,
+    FednodeError,
+    HandshakeError,
+    ReplayError,
+    SignatureError,
+    ValidationError,
+)
+from protocol.handshake import (
+    ClientHandshake,
+    HandshakeResult,
+    ServerHandshake,
+    error_frame,
+    raise_if_refusal,
+)
+from protocol.identity import Identity
+
+log = logging.getLogger("fednode.transport")
+
+MAX_FRAME_BYTES = 64 * 1024 * 1024  # a 16M-parameter float32 model fits; larger is refused
+HANDSHAKE_TIMEOUT_S = 10.0
+# Errors after which the peer's stream cannot be trusted any more: close the connection.
+_FATAL = (DecodeError, SignatureError, ReplayError)
+
+Websocket = ServerConnection | ClientConnection
+RefusalHook = Callable[["Connection | None", str, FednodeError], Awaitable[None] | None]
+
+
+def ws_options() -> dict[str, Any]:
+    # Compression off: models are incompressible floats and deflate costs CPU on both ends.
+    return {"max_size": MAX_FRAME_BYTES, "compression": None, "ping_interval": 20,
+            "ping_timeout": 20}
+
+
+def _address(ws: Websocket) -> str:
+    addr = ws.remote_address
+    return f"{addr[0]}:{addr[1]}" if isinstance(addr, tuple) else str(addr)
+
+
+async def _recv_bytes(ws: Websocket, timeout: float, what: str) -> bytes:
+    try:
+        frame = await asyncio.wait_for(ws.recv(), timeout)
+    except TimeoutError:
+        raise HandshakeError(f"peer sent no {what} within {timeout:.0f} s",
+                             code="HANDSHAKE_TIMEOUT") from None
+    if not isinstance(frame, bytes):
+        raise DecodeError(f"{what} must be a binary frame, got text")
+    return frame
+
+
+class Connection:
+    """An authenticated connection: signed envelopes out, verified envelopes in."""
+
+    def __init__(self, ws: Websocket, identity: Identity, result: HandshakeResult,
+                 clock: Callable[[], float] = time.time):
+        self.ws = ws
+        self.identity = identity
+        self.peer_id = result.peer_id
+        self.public_key = result.public_key
+        self.channel = result.channel
+        self.address = _address(ws)
+        self.clock = clock
+        self._seq = 0
+        self._guard = ReplayGuard()
+        self._send_lock = asyncio.Lock()
+        self.bytes_sent = 0
+        self.bytes_received = 0
+        self.welcome: messages.Welcome | None = None
+
+    async def send(self, msg: messages.Message, session: str = "") -> int:
+        """Sign and send one message; returns the frame size in bytes."""
+        async with self._send_lock:  # sequence numbers must hit the wire in order
+            self._seq += 1
+            frame = seal(self.identity, channel=self.channel, type=msg.TYPE, seq=self._seq,
+                         payload=messages.payload(msg), ts=self.clock(), session=session)
+            await self.ws.send(frame)
+        self.bytes_sent += len(frame)
+        return len(frame)
+
+    async def send_error(self, err: FednodeError) -> None:
+        try:
+            await self.send(messages.Error(code=err.code, message=err.message, hint=err.hint))
+        except ConnectionClosed:
+            pass
+
+    async def recv(self) -> tuple[Envelope, messages.Message]:
+        """One verified, typed message. Raises FednodeError or ConnectionClosed."""
+        frame = await self.ws.recv()
+        if not isinstance(frame, bytes):
+            raise DecodeError("fednode frames are binary; got a text frame")
+        self.bytes_received += len(frame)
+        env = open_frame(frame, channel=self.channel, sender_peer_id=self.peer_id,
+                         sender_public_key=self.public_key)
+        self._guard.check(env, self.clock())
+        return env, messages.parse(env.type, env.payload)
+
+    async def messages(self, on_refusal: RefusalHook | None = None
+                       ) -> AsyncIterator[tuple[Envelope, messages.Message]]:
+        """Yield messages until the peer leaves; apply the bad-input policy on the way."""
+        while True:
+            try:
+                yield await self.recv()
+            except ConnectionClosed:
+                return
+            except FednodeError as err:
+                log.warning("refused frame from %s (%s): %s: %s", self.peer_id, self.address,
+                            err.code, err.message)
+                if on_refusal is not None:
+                    res = on_refusal(self, self.address, err)
+                    if asyncio.iscoroutine(res):
+                        await res
+                await self.send_error(err)
+                if isinstance(err, _FATAL):
+                    await self.close(1008, err.code)
+                    return
+                if not isinstance(err, ValidationError):
+                    raise
+
+    async def close(self, code: int = 1000, reason: str = "") -> None:
+        await self.ws.close(code, reason[:120])
+
+
+async def accept(ws: ServerConnection, identity: Identity,
+                 timeout: float = HANDSHAKE_TIMEOUT_S) -> Connection:
+    """Server side of the handshake. On failure: an error frame, the socket closed, raise."""
+    hs = ServerHandshake(identity)
+    try:
+        await ws.send(hs.on_hello(await _recv_bytes(ws, timeout, "hello")))
+        result = hs.on_auth(await _recv_bytes(ws, timeout, "auth"))
+    except FednodeError as err:
+        try:
+            await ws.send(error_frame(err))
+            await ws.close(1008, err.code)
+        except ConnectionClosed:
+            pass
+        raise
+    return Connection(ws, identity, result)
+
+
+async def dial(url: str, identity: Identity, expected_peer_id: str,
+               timeout: float = HANDSHAKE_TIMEOUT_S) -> Connection:
+    """Client side: connect and authenticate the server as ``expected_peer_id``."""
+    try:
+        ws = await asyncio.wait_for(connect(url, **ws_options()), timeout)
+    except (OSError, TimeoutError) as exc:
+        raise FednodeError(f"cannot reach {url}: {exc or 'timed out'}", code="UNREACHABLE",
+                           hint="check that the node runs and the address is right") from None
+    hs = ClientHandshake(identity, expected_peer_id)
+    try:
+        await ws.send(hs.hello())
+        await ws.send(hs.on_challenge(await _recv_bytes(ws, timeout, "challenge")))
+        assert hs.result is not None
+        conn = Connection(ws, identity, hs.result)
+        # The server speaks first after auth: a Welcome, or a refusal with its reason.
+        first = await _recv_bytes(ws, timeout, "welcome")
+        raise_if_refusal(first)
+        env = open_frame(first, channel=conn.channel, sender_peer_id=conn.peer_id,
+                         sender_public_key=conn.public_key)
+        conn._guard.check(env, conn.clock())
+        msg = messages.parse(env.type, env.payload)
+    except FednodeError as err:
+        try:
+            await ws.send(error_frame(err))
+        except ConnectionClosed:
+            pass
+        await ws.close(1008, err.code)
+        raise
+    except ConnectionClosed:
+        raise HandshakeError(f"{url} closed the connection during the handshake") from None
+    if isinstance(msg, messages.Error):
+        await ws.close()
+        raise FednodeError(msg.message, code=msg.code, hint=msg.hint)
+    if not isinstance(msg, messages.Welcome):
+        await ws.close(1008, "EXPECTED_WELCOME")
+        raise HandshakeError(f"expected a welcome from {url}, got {msg.TYPE!r}")
+    conn.welcome = msg
+    return conn

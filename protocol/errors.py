@@ -1,0 +1,117 @@
+"""Every error the project raises on purpose.
+
+Each error carries a stable upper-case ``code`` (scripts and peers match on it), a
+``message`` that says what is wrong, and a ``hint`` that says what to do. Anything that
+crosses the wire or reaches a user is one of these; any other exception is a bug.
+"""
+
+from __future__ import annotations
+
+
+class FednodeError(Exception):
+    """Base of all project errors."""
+
+    code = "ERROR"
+    hint = ""
+
+    def __init__(self, message: str, *, hint: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.message = message
+        if hint is not None:
+            self.hint = hint
+        if code is not None:
+            self.code = code
+
+    def to_dict(self) -> dict[str, str]:
+        return {"code": self.code, "message": self.message, "hint": self.hint}
+
+
+class DecodeError(FednodeError):
+    """Bytes that are not a well-formed frame (bad CBOR, wrong shape, truncated)."""
+
+    code = "BAD_FRAME"
+    hint = "the peer sent bytes that are not a fednode frame; check versions on both sides"
+
+
+class ValidationError(FednodeError):
+    """A well-formed message whose fields are missing, of the wrong type or out of range."""
+
+    code = "INVALID_MESSAGE"
+    hint = "the named field must be fixed by the sender"
+
+
+class SignatureError(FednodeError):
+    """A signature that does not verify under the sender's key."""
+
+    code = "BAD_SIGNATURE"
+    hint = "the message was altered or signed by another key; it was dropped"
+
+
+class ReplayError(FednodeError):
+    """An envelope seen before, out of order, or outside the clock-skew window."""
+
+    code = "REPLAY"
+    hint = "check the clocks of both machines (NTP) and that nothing resends old frames"
+
+
+class HandshakeError(FednodeError):
+    """The mutual authentication did not complete."""
+
+    code = "HANDSHAKE_FAILED"
+    hint = "check the peer ID you expect and the versions of both nodes"
+
+
+class PeerMismatch(HandshakeError):
+    """The remote key does not belong to the peer ID we meant to reach."""
+
+    code = "PEER_MISMATCH"
+    hint = "the node at this address is not the one you named; check --coordinator-id"
+
+
+class NotAuthorized(FednodeError):
+    """An authenticated peer asked for something its role does not allow."""
+
+    code = "NOT_AUTHORIZED"
+    hint = "start the coordinator with --operator <your peer id> (see `fedctl whoami`)"
+
+
+class IdentityError(FednodeError):
+    """A key file that is missing, malformed or too widely readable."""
+
+    code = "IDENTITY"
+    hint = "run `fednode init` (or `fedctl whoami`) to create a key; keys must be mode 0600"
+
+
+class SpecError(FednodeError):
+    """A session spec field with a bad name, type or value."""
+
+    code = "SPEC_INVALID"
+    hint = "run `fedctl session init` to see every field with its accepted values"
+
+
+class CIDError(FednodeError):
+    """Content whose hash does not match its CID, or a malformed CID."""
+
+    code = "CID_MISMATCH"
+    hint = "the block was corrupted or tampered with; fetch it again from a trusted source"
+
+
+class NotFound(FednodeError):
+    """A session, model, block or peer that does not exist."""
+
+    code = "NOT_FOUND"
+    hint = "list what exists first (`fedctl session list`, `fedctl model list`)"
+
+
+class StateError(FednodeError):
+    """An action that the current state does not allow (start a finished session, ...)."""
+
+    code = "BAD_STATE"
+    hint = "check the session's status with `fedctl session status`"
+
+
+class DataError(FednodeError):
+    """A dataset spec or file that cannot be loaded."""
+
+    code = "DATA_INVALID"
+    hint = "use digits:K/N or a local npz:/path or csv:/path file"

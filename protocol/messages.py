@@ -1,0 +1,270 @@
+"""Every message type of protocol version 1, in one place, with validation.
+
+A message is a frozen dataclass; its ``TYPE`` is the envelope type. ``parse(type, payload)``
+turns a verified envelope's payload into the typed message or raises ValidationError naming
+the field; unknown types and unknown fields are refused (strict, so that a typo on one side
+is loud instead of silently ignored). ``payload(msg)`` is the inverse.
+
+Who sends what:
+  participant → coordinator : register, heartbeat, fetch, update, task_error
+  coordinator → participant : welcome, block, round_start, round_end, session_end, error
+  operator    → coordinator : admin          coordinator → operator : admin_reply, event
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from typing import Any, ClassVar
+
+from protocol.errors import ValidationError
+
+MAX_STR = 4096
+MAX_ID = 128
+
+
+def _check_value(name: str, value: Any, hint: Any) -> None:
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        errors = []
+        for option in typing.get_args(hint):
+            try:
+                _check_value(name, value, option)
+                return
+            except ValidationError as exc:
+                errors.append(exc)
+        raise errors[0]
+    if hint is type(None):
+        if value is not None:
+            raise ValidationError(f"field {name!r} must be null")
+        return
+    if origin is list:
+        if not isinstance(value, list):
+            raise ValidationError(f"field {name!r} must be a list")
+        (item,) = typing.get_args(hint)
+        for i, v in enumerate(value):
+            _check_value(f"{name}[{i}]", v, item)
+        return
+    if origin is dict or hint is dict:
+        if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+            raise ValidationError(f"field {name!r} must be a map with text keys")
+        return
+    if hint is Any:
+        return
+    if hint is float:
+        ok = isinstance(value, int | float) and not isinstance(value, bool)
+        if not ok or not math.isfinite(value):
+            raise ValidationError(f"field {name!r} must be a finite number, got {value!r}")
+        return
+    if hint is int:
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise ValidationError(f"field {name!r} must be an integer, got {value!r}")
+        return
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ValidationError(f"field {name!r} must be true or false, got {value!r}")
+        return
+    if hint is str:
+        if not isinstance(value, str):
+            raise ValidationError(f"field {name!r} must be text, got {type(value).__name__}")
+        if len(value) > MAX_STR:
+            raise ValidationError(f"field {name!r} is longer than {MAX_STR} characters")
+        return
+    if hint is bytes:
+        if not isinstance(value, bytes):
+            raise ValidationError(f"field {name!r} must be bytes, got {type(value).__name__}")
+        return
+    raise TypeError(f"unsupported field type {hint!r}")  # a bug in this module, not input
+
+
+@dataclasses.dataclass(frozen=True)
+class Message:
+    TYPE: ClassVar[str] = ""
+
+    def validate(self) -> None:
+        """Range checks beyond types; subclasses extend."""
+
+
+def _nonneg(msg: Message, *names: str) -> None:
+    for name in names:
+        if getattr(msg, name) < 0:
+            raise ValidationError(f"field {name!r} of {msg.TYPE!r} must be >= 0")
+
+
+# --- participant → coordinator -------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Register(Message):
+    TYPE: ClassVar[str] = "register"
+    dataset: str
+    num_examples: int
+    version: str
+    join_token: str = ""
+
+    def validate(self) -> None:
+        _nonneg(self, "num_examples")
+
+
+@dataclasses.dataclass(frozen=True)
+class Heartbeat(Message):
+    TYPE: ClassVar[str] = "heartbeat"
+    status: str  # idle | training
+    ts: float
+
+
+@dataclasses.dataclass(frozen=True)
+class Fetch(Message):
+    TYPE: ClassVar[str] = "fetch"
+    cid: str
+
+    def validate(self) -> None:
+        if not 0 < len(self.cid) <= MAX_ID:
+            raise ValidationError("field 'cid' of 'fetch' must be a CID")
+
+
+@dataclasses.dataclass(frozen=True)
+class Update(Message):
+    TYPE: ClassVar[str] = "update"
+    round: int
+    base_cid: str
+    num_examples: int
+    loss: float
+    train_s: float
+    update_cid: str
+    data: bytes  # safetensors
+
+    def validate(self) -> None:
+        _nonneg(self, "round", "num_examples", "train_s")
+        if self.num_examples == 0:
+            raise ValidationError("field 'num_examples' of 'update' must be > 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskError(Message):
+    TYPE: ClassVar[str] = "task_error"
+    round: int
+    code: str
+    message: str
+
+
+# --- coordinator → participant -------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Welcome(Message):
+    TYPE: ClassVar[str] = "welcome"
+    peer_id: str
+    role: str  # participant | operator | viewer
+    heartbeat_s: float
+    version: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Block(Message):
+    TYPE: ClassVar[str] = "block"
+    cid: str
+    data: bytes
+
+
+@dataclasses.dataclass(frozen=True)
+class RoundStart(Message):
+    TYPE: ClassVar[str] = "round_start"
+    round: int
+    model_cid: str
+    spec: dict[str, Any]  # the session spec; the participant re-validates it
+    deadline_s: float
+
+    def validate(self) -> None:
+        _nonneg(self, "round", "deadline_s")
+
+
+@dataclasses.dataclass(frozen=True)
+class RoundEnd(Message):
+    TYPE: ClassVar[str] = "round_end"
+    round: int
+    status: str
+    model_cid: str
+    accuracy: float | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class SessionEnd(Message):
+    TYPE: ClassVar[str] = "session_end"
+    status: str
+    reason: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class Error(Message):
+    TYPE: ClassVar[str] = "error"
+    code: str
+    message: str
+    hint: str = ""
+
+
+# --- operator ⇄ coordinator ----------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Admin(Message):
+    TYPE: ClassVar[str] = "admin"
+    id: int
+    op: str
+    args: dict[str, Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class AdminReply(Message):
+    TYPE: ClassVar[str] = "admin_reply"
+    id: int
+    ok: bool
+    result: dict[str, Any]
+    error: dict[str, Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class Event(Message):
+    TYPE: ClassVar[str] = "event"
+    kind: str
+    data: dict[str, Any]
+    ts: float
+
+
+MESSAGES: dict[str, type[Message]] = {
+    cls.TYPE: cls
+    for cls in (Register, Heartbeat, Fetch, Update, TaskError, Welcome, Block, RoundStart,
+                RoundEnd, SessionEnd, Error, Admin, AdminReply, Event)
+}
+_HINTS = {name: typing.get_type_hints(cls) for name, cls in MESSAGES.items()}
+
+
+def parse(type_: str, payload: dict[str, Any]) -> Message:
+    """A checked, typed message from a verified envelope's type and payload."""
+    cls = MESSAGES.get(type_)
+    if cls is None:
+        raise ValidationError(f"unknown message type {type_!r}",
+                              hint="the peer runs a newer or different protocol",
+                              code="UNKNOWN_TYPE")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    extra = set(payload) - set(fields)
+    if extra:
+        raise ValidationError(f"message {type_!r} has unknown field(s): {sorted(extra)}")
+    hints = _HINTS[type_]
+    for name, f in fields.items():
+        if name not in payload:
+            no_default = (f.default is dataclasses.MISSING
+                          and f.default_factory is dataclasses.MISSING)
+            if no_default:
+                raise ValidationError(f"message {type_!r} is missing field {name!r}")
+            continue
+        _check_value(f"{type_}.{name}", payload[name], hints[name])
+    msg = cls(**payload)
+    msg.validate()
+    return msg
+
+
+def payload(msg: Message) -> dict[str, Any]:
+    return {f.name: getattr(msg, f.name) for f in dataclasses.fields(msg)}

@@ -1,0 +1,241 @@
+"""The session spec: every field explicit, validated strictly.
+
+The schema below is the single source for validation, for ``fedctl session init`` (which
+writes every field with its comment and accepted values) and for the defaults, which are
+the demo's: they converge on the digits data (see ../shared/CLI.md). A spec is refused with
+a SpecError that names the field, the bad value and what is accepted: an unknown field, a
+wrong type and an out-of-range value alike. Secure aggregation is accepted as a field but
+refused when true until this version implements it, rather than silently ignored.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from protocol.errors import IdentityError, SpecError
+from protocol.identity import public_key_from_peer_id
+
+PARTITIONS = ("iid", "stratified", "sequential", "dirichlet", "label_skew", "group")
+STRATEGIES = ("fedavg",)
+FEATURES = ("standardize", "scale16", "none")
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
+
+
+@dataclass(frozen=True)
+class Field:
+    kind: str  # int | float | bool | str | choice | int_list | peer_list | dataset | name
+    default: Any
+    doc: str
+    lo: float | None = None
+    hi: float | None = None
+    choices: tuple[str, ...] = ()
+
+
+# Top-level fields first, then sections; order is the order `session init` writes.
+SCHEMA: dict[str, dict[str, Field]] = {
+    "": {
+        "name": Field("name", "digits-mlp", "a label for people; letters, digits, _ . -"),
+        "rounds": Field("int", 10, "rounds of training", 1, 100_000),
+        "min_participants": Field("int", 3, "a round starts only with this many online, "
+                                  "and fails if fewer return an update", 1, 10_000),
+        "max_participants": Field("int", 0, "at most this many per round; 0 = every online "
+                                  "participant", 0, 10_000),
+        "participants": Field("peer_list", [], "peer IDs allowed to take part; empty = any "
+                              "participant connected to this coordinator"),
+        "round_timeout_s": Field("float", 300.0, "seconds a round waits for updates", 1, 86_400),
+        "wait_participants_s": Field("float", 120.0, "seconds to wait for min_participants "
+                                     "before the session fails", 1, 86_400),
+    },
+    "data": {
+        "dataset": Field("dataset", "digits", "evaluation data on the coordinator: digits "
+                         "(embedded test split) or npz:/path or csv:/path"),
+        "partition": Field("choice", "iid", "how digits:K/N shards split the training data",
+                           choices=PARTITIONS),
+        "seed": Field("int", 0, "seed of the split and the partition", 0, 2**31 - 1),
+        "features": Field("choice", "standardize", "standardize (training-split mean/std), "
+                          "scale16 (pixels/16), none", choices=FEATURES),
+        "alpha": Field("float", 0.5, "Dirichlet concentration (partition = dirichlet)",
+                       1e-3, 1e6),
+        "labels_per_part": Field("int", 2, "classes per shard (partition = label_skew)",
+                                 1, 1000),
+    },
+    "model": {
+        "kind": Field("choice", "mlp", "mlp or logreg", choices=("mlp", "logreg")),
+        "inputs": Field("int", 64, "input features", 1, 1_000_000),
+        "hidden": Field("int_list", [128, 128], "hidden layer widths (mlp)", 1, 65_536),
+        "classes": Field("int", 10, "output classes", 2, 100_000),
+        "seed": Field("int", 0, "torch seed of the initial model", 0, 2**31 - 1),
+    },
+    "training": {
+        "local_epochs": Field("int", 2, "epochs over local data per round", 1, 1000),
+        "batch_size": Field("int", 32, "minibatch size", 1, 65_536),
+        "lr": Field("float", 0.05, "learning rate", 1e-9, 10.0),
+        "optimizer": Field("choice", "sgd", "sgd or adam", choices=("sgd", "adam")),
+        "momentum": Field("float", 0.9, "SGD momentum, 0 for plain SGD", 0.0, 0.999),
+        "weight_decay": Field("float", 0.0, "L2 penalty", 0.0, 1.0),
+    },
+    "aggregation": {
+        "strategy": Field("choice", "fedavg", "how updates are combined", choices=STRATEGIES),
+        "secure": Field("bool", False, "secure aggregation (not in this version: must be "
+                        "false)"),
+    },
+}
+
+
+def _where(section: str, key: str) -> str:
+    return f"{section}.{key}" if section else key
+
+
+def _check(section: str, key: str, f: Field, value: Any) -> Any:
+    where = _where(section, key)
+
+    def bad(accepted: str) -> SpecError:
+        return SpecError(f"{where} = {value!r} is not accepted: expected {accepted}",
+                         hint=f"{f.doc}; fix {where} in the spec")
+
+    def in_range(v: float) -> None:
+        if (f.lo is not None and v < f.lo) or (f.hi is not None and v > f.hi):
+            raise bad(f"a value in [{_num(f.lo)}, {_num(f.hi)}]")
+
+    if f.kind == "int":
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise bad("an integer")
+        in_range(value)
+        return value
+    if f.kind == "float":
+        if not isinstance(value, int | float) or isinstance(value, bool) or value != value:
+            raise bad("a number")
+        in_range(float(value))
+        return float(value)
+    if f.kind == "bool":
+        if not isinstance(value, bool):
+            raise bad("true or false")
+        return value
+    if f.kind == "choice":
+        if value not in f.choices:
+            raise bad("one of " + ", ".join(f.choices))
+        return value
+    if f.kind == "name":
+        if not isinstance(value, str) or not _NAME_RE.match(value):
+            raise bad("1-100 characters: letters, digits, _ . - (starting with a letter or "
+                      "digit)")
+        return value
+    if f.kind == "dataset":
+        ok = isinstance(value, str) and (
+            value == "digits" or re.match(r"^(npz|csv):.+", value) is not None)
+        if not ok:
+            raise bad("digits, npz:/path/file.npz or csv:/path/file.csv")
+        return value
+    if f.kind == "int_list":
+        if (not isinstance(value, list) or len(value) > 16
+                or not all(isinstance(v, int) and not isinstance(v, bool) for v in value)):
+            raise bad("a list of at most 16 integers")
+        for v in value:
+            in_range(v)
+        return list(value)
+    if f.kind == "peer_list":
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise bad("a list of peer IDs (12D3KooW…)")
+        for v in value:
+            try:
+                public_key_from_peer_id(v)
+            except IdentityError as exc:
+                raise SpecError(f"{where}: {exc.message}", hint=exc.hint) from None
+        return list(value)
+    raise AssertionError(f.kind)
+
+
+def defaults() -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for section, fields in SCHEMA.items():
+        target = out if not section else out.setdefault(section, {})
+        for key, f in fields.items():
+            target[key] = copy.deepcopy(f.default)
+    return out
+
+
+def validate(raw: Any) -> dict[str, Any]:
+    """A complete, checked spec (missing fields take their defaults)."""
+    if not isinstance(raw, dict):
+        raise SpecError("a session spec must be a table (TOML) or an object (JSON)")
+    out = defaults()
+    sections = {s for s in SCHEMA if s}
+    for key, value in raw.items():
+        if key in sections:
+            if not isinstance(value, dict):
+                raise SpecError(f"[{key}] must be a table", hint="see `fedctl session init`")
+            for sub, subvalue in value.items():
+                f = SCHEMA[key].get(sub)
+                if f is None:
+                    raise SpecError(
+                        f"unknown field {key}.{sub}",
+                        hint=f"fields of [{key}]: " + ", ".join(SCHEMA[key]))
+                out[key][sub] = _check(key, sub, f, subvalue)
+        elif key in SCHEMA[""]:
+            out[key] = _check("", key, SCHEMA[""][key], value)
+        else:
+            raise SpecError(f"unknown field {key!r}",
+                            hint="top-level fields: " + ", ".join(SCHEMA[""]) +
+                            "; sections: " + ", ".join(sorted(sections)))
+    _cross_checks(out)
+    return out
+
+
+def _cross_checks(spec: dict[str, Any]) -> None:
+    mx, mn = spec["max_participants"], spec["min_participants"]
+    if mx and mx < mn:
+        raise SpecError(f"max_participants = {mx} is below min_participants = {mn}",
+                        hint="raise max_participants, or set it to 0 (all online)")
+    if spec["aggregation"]["secure"]:
+        raise SpecError("aggregation.secure = true is not available in this version",
+                        hint="set aggregation.secure = false", code="NOT_IMPLEMENTED")
+    if spec["model"]["kind"] == "mlp" and not spec["model"]["hidden"]:
+        raise SpecError("model.hidden = [] leaves the mlp with no hidden layer",
+                        hint="give at least one width, or use model.kind = \"logreg\"")
+
+
+def loads(text: str, *, fmt: str) -> dict[str, Any]:
+    try:
+        raw = tomllib.loads(text) if fmt == "toml" else json.loads(text)
+    except (tomllib.TOMLDecodeError, json.JSONDecodeError) as exc:
+        raise SpecError(f"the spec is not valid {fmt.upper()}: {exc}") from None
+    return validate(raw)
+
+
+def load(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise SpecError(f"cannot read spec {path}: {exc.strerror}") from None
+    return loads(text, fmt="json" if path.suffix.lower() == ".json" else "toml")
+
+
+def _num(v: float | None) -> str:
+    return str(int(v)) if v is not None and float(v).is_integer() else f"{v:g}"
+
+
+def _toml_value(v: Any) -> str:
+    return json.dumps(v)  # ints, floats, bools, strings and lists print as valid TOML
+
+
+def template() -> str:
+    """A complete, commented TOML spec with every field at its default."""
+    lines = ["# fednode session spec: every field, with its default and what it accepts.",
+             "# Validate with `fedctl session create FILE`.", ""]
+    for section, fields in SCHEMA.items():
+        if section:
+            lines += ["", f"[{section}]"]
+        for key, f in fields.items():
+            accepted = (" | ".join(f.choices) if f.choices else
+                        f"{_num(f.lo)}..{_num(f.hi)}" if f.lo is not None else "")
+            comment = f.doc + (f" ({accepted})" if accepted else "")
+            value = _toml_value(f.default).lower() if f.kind == "bool" else _toml_value(
+                f.default)
+            lines.append(f"{f'{key} = {value}':<32} # {comment}")
+    return "\n".join(lines) + "\n"

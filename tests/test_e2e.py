@@ -1,0 +1,110 @@
+"""End to end: real fednode processes on 127.0.0.1 driven by the real fedctl CLI."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from pathlib import Path
+
+from protocol.cid import file_cid
+from tests.conftest import Cluster, cli, cli_json
+
+
+def _spec(path: Path, **top: object) -> Path:
+    text = "\n".join(f"{k} = {json.dumps(v)}" for k, v in top.items())
+    path.write_text(text + "\n")
+    return path
+
+
+def test_manual_walkthrough(cluster3: Cluster, tmp_path: Path) -> None:
+    """The README's by-hand session: init a spec, create, start, watch, status, model get."""
+    spec = tmp_path / "spec.toml"
+    assert cli_json("session", "init", str(spec))["path"] == str(spec)
+    text = spec.read_text().replace("rounds = 10 ", "rounds = 3  ")
+    spec.write_text(text)
+
+    sid = cli_json("session", "create", str(spec), target=cluster3)["session_id"]
+    assert cli_json("session", "start", sid, target=cluster3)["status"] == "running"
+
+    watch = cli("session", "watch", sid, "--json", target=cluster3, check=True)
+    events = [json.loads(line) for line in watch.stdout.splitlines()]
+    assert events[0]["kind"] == "snapshot"
+    completed = [e for e in events if e["kind"] == "round_completed"]
+    assert [e["data"]["round"] for e in completed] == [1, 2, 3]
+    assert events[-1]["kind"] == "session" and events[-1]["data"]["status"] == "completed"
+
+    status = cli_json("session", "status", sid, target=cluster3)
+    assert status["ok"] and status["status"] == "completed"
+    assert status["rounds_completed"] == 3 and status["participants"] == 3
+    acc = [h["accuracy"] for h in status["history"]]
+    assert acc[-1] > acc[0] and acc[-1] > 0.9, acc
+
+    models = cli_json("model", "list", sid, target=cluster3)["models"]
+    assert [m["round"] for m in models] == [0, 1, 2, 3]
+    assert models[0]["accuracy"] < acc[0]  # training moved the untrained model
+    assert models[-1]["cid"] == status["model_cid"]
+
+    out = tmp_path / "model.safetensors"
+    got = cli_json("model", "get", status["model_cid"], "-o", str(out), target=cluster3)
+    assert got["size"] == out.stat().st_size > 0
+    assert file_cid(out.read_bytes()) == status["model_cid"]
+
+    people = cli_json("participants", "list", target=cluster3)["participants"]
+    assert len(people) == 3 and all(p["online"] for p in people)
+    assert {p["rounds_completed"] for p in people} == {3}
+
+    db = sqlite3.connect(cluster3.coordinator_home.ledger_path)
+    assert db.execute("select count(*) from training_rounds where session_id=? and "
+                      "status='completed'", (sid,)).fetchone()[0] == 3
+    assert db.execute("select count(*) from client_updates where session_id=? and "
+                      "status='accepted'", (sid,)).fetchone()[0] == 9
+    assert cli_json("ledger", "verify", "--data-dir",
+                    str(cluster3.coordinator_home.root))["intact"]
+
+
+def test_only_operators_drive(cluster3: Cluster, tmp_path: Path) -> None:
+    stranger = tmp_path / "stranger.key"
+    res = cli("--coordinator", cluster3.url, "--coordinator-id", cluster3.peer_id, "--key",
+              str(stranger), "session", "list", "--json")
+    assert res.returncode == 1
+    err = json.loads(res.stdout)["error"]
+    assert err["code"] == "NOT_AUTHORIZED" and "--operator" in err["hint"]
+    # the coordinator is still serving its operator
+    assert cli_json("session", "list", target=cluster3)["ok"]
+
+
+def test_wrong_coordinator_id_refused(cluster3: Cluster, tmp_path: Path) -> None:
+    other = cli_json("fednode", "init", "--data-dir", str(tmp_path / "other"))["peer_id"]
+    res = cli("--coordinator", cluster3.url, "--coordinator-id", other, "--key",
+              str(cluster3.operator_key), "session", "list", "--json")
+    assert res.returncode == 1
+    assert json.loads(res.stdout)["error"]["code"] == "PEER_MISMATCH"
+
+
+def test_bad_spec_exit_2_names_field(cluster3: Cluster, tmp_path: Path) -> None:
+    bad = _spec(tmp_path / "bad.toml", rounds=0)
+    before = cli_json("session", "list", target=cluster3)["sessions"]
+    res = cli("session", "create", str(bad), "--json", target=cluster3)
+    assert res.returncode == 2
+    err = json.loads(res.stdout)["error"]
+    assert err["code"] == "SPEC_INVALID" and "rounds" in err["message"]
+    assert cli_json("session", "list", target=cluster3)["sessions"] == before  # nothing made
+
+
+def test_lifecycle_errors_and_stop(cluster3: Cluster, tmp_path: Path) -> None:
+    spec = _spec(tmp_path / "s.toml", rounds=50)
+    sid = cli_json("session", "create", str(spec), target=cluster3)["session_id"]
+    res = cli("session", "pause", sid, "--json", target=cluster3)
+    assert res.returncode == 1 and json.loads(res.stdout)["error"]["code"] == "BAD_STATE"
+    cli_json("session", "start", sid, target=cluster3)
+    assert cli_json("session", "stop", sid, target=cluster3)["status"] == "stopped"
+    assert cli_json("session", "status", sid, target=cluster3)["status"] == "stopped"
+    res = cli("session", "status", "s-nope", "--json", target=cluster3)
+    assert json.loads(res.stdout)["error"]["code"] == "NOT_FOUND"
+
+
+def test_node_refuses_second_start_on_same_dir(cluster3: Cluster) -> None:
+    res = cli("fednode", "run", "--role", "coordinator", "--listen", "127.0.0.1:0",
+              "--data-dir", str(cluster3.coordinator_home.root))
+    assert res.returncode == 1
+    assert "ALREADY_RUNNING" in res.stderr and "another fednode" in res.stderr

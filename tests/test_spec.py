@@ -1,0 +1,85 @@
+"""Session spec validation: every error path names the field and what is accepted."""
+
+from __future__ import annotations
+
+import tomllib
+
+import pytest
+
+from protocol import spec
+from protocol.errors import SpecError
+from protocol.identity import Identity
+
+
+def test_template_is_complete_and_valid() -> None:
+    text = spec.template()
+    parsed = tomllib.loads(text)
+    assert spec.validate(parsed) == spec.defaults()
+    for section, fields in spec.SCHEMA.items():
+        target = parsed[section] if section else parsed
+        assert set(fields) <= set(target)
+
+
+def test_demo_defaults_match_the_converging_recipe() -> None:
+    d = spec.defaults()
+    assert d["training"] == {"local_epochs": 2, "batch_size": 32, "lr": 0.05,
+                             "optimizer": "sgd", "momentum": 0.9, "weight_decay": 0.0}
+    assert d["data"]["features"] == "standardize"
+    assert d["model"]["hidden"] == [128, 128]
+
+
+@pytest.mark.parametrize(("raw", "field", "accepted"), [
+    ({"rounds": 0}, "rounds", "[1, 100000]"),
+    ({"rounds": "ten"}, "rounds", "an integer"),
+    ({"rounds": True}, "rounds", "an integer"),
+    ({"training": {"lr": -1}}, "training.lr", "[1e-09, 10]"),
+    ({"training": {"optimizer": "lbfgs"}}, "training.optimizer", "sgd, adam"),
+    ({"data": {"partition": "random"}}, "data.partition", "iid, stratified"),
+    ({"data": {"dataset": "mnist"}}, "data.dataset", "digits, npz:"),
+    ({"model": {"hidden": [128, "x"]}}, "model.hidden", "list of at most 16 integers"),
+    ({"model": {"hidden": [0]}}, "model.hidden", "[1, 65536]"),
+    ({"aggregation": {"strategy": "fedsgd"}}, "aggregation.strategy", "fedavg"),
+    ({"name": "has space"}, "name", "letters, digits"),
+    ({"participants": ["not-a-peer"]}, "participants", "12D3KooW"),
+])
+def test_bad_values_name_field_value_and_range(raw: dict, field: str, accepted: str) -> None:
+    with pytest.raises(SpecError) as exc:
+        spec.validate(raw)
+    msg = exc.value.message + " " + exc.value.hint
+    assert field in msg and accepted in msg
+    assert exc.value.code == "SPEC_INVALID"
+
+
+def test_unknown_fields_refused() -> None:
+    with pytest.raises(SpecError, match="unknown field 'epochs'"):
+        spec.validate({"epochs": 3})
+    with pytest.raises(SpecError, match=r"unknown field training\.epochs") as exc:
+        spec.validate({"training": {"epochs": 3}})
+    assert "local_epochs" in exc.value.hint
+    with pytest.raises(SpecError, match=r"\[training\] must be a table"):
+        spec.validate({"training": 3})
+
+
+def test_cross_field_checks() -> None:
+    with pytest.raises(SpecError, match="max_participants = 2 is below"):
+        spec.validate({"min_participants": 3, "max_participants": 2})
+    with pytest.raises(SpecError, match="secure") as exc:
+        spec.validate({"aggregation": {"secure": True}})
+    assert exc.value.code == "NOT_IMPLEMENTED"
+
+
+def test_files(tmp_path) -> None:
+    ok = tmp_path / "s.toml"
+    ok.write_text('rounds = 4\n[training]\nlr = 0.1\n')
+    loaded = spec.load(ok)
+    assert loaded["rounds"] == 4 and loaded["training"]["lr"] == 0.1
+    js = tmp_path / "s.json"
+    pid = Identity.generate().peer_id
+    js.write_text(f'{{"participants": ["{pid}"]}}')
+    assert spec.load(js)["participants"] == [pid]
+    bad = tmp_path / "bad.toml"
+    bad.write_text("rounds = = 3")
+    with pytest.raises(SpecError, match="not valid TOML"):
+        spec.load(bad)
+    with pytest.raises(SpecError, match="cannot read"):
+        spec.load(tmp_path / "missing.toml")
