@@ -22,9 +22,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from fednode import training
 from fednode.data import Dataset, apply_features, digits_split, partition_indices
 from fednode.strategies import ClientUpdate, get_strategy
-from fednode import training
 from fednode.training import TrainConfig, evaluate, init_weights, train
 
 PRESETS: dict[str, dict] = {

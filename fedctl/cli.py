@@ -16,8 +16,9 @@ from fedctl.render import print_summary, session_line
 from protocol import spec as specmod
 from protocol.errors import FednodeError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
-                  help="Drive and watch fednode sessions.")
+app = typer.Typer(
+    add_completion=False, no_args_is_help=True, help="Drive and watch fednode sessions."
+)
 session_app = typer.Typer(no_args_is_help=True, help="Create and run training sessions.")
 participants_app = typer.Typer(no_args_is_help=True, help="Participants seen by the coordinator.")
 model_app = typer.Typer(no_args_is_help=True, help="Global model versions, by CID.")
@@ -40,12 +41,16 @@ G = Globals()
 
 @app.callback()
 def main_options(
-    coordinator: Annotated[str, typer.Option(
-        envvar="FEDCTL_COORDINATOR", help="the coordinator's ws://HOST:PORT")] = "",
-    coordinator_id: Annotated[str, typer.Option(
-        envvar="FEDCTL_COORDINATOR_ID", help="the coordinator's peer ID")] = "",
-    key: Annotated[Path | None, typer.Option(
-        envvar="FEDCTL_KEY", help="operator key (default ~/.fedctl/operator.key)")] = None,
+    coordinator: Annotated[
+        str, typer.Option(envvar="FEDCTL_COORDINATOR", help="the coordinator's ws://HOST:PORT")
+    ] = "",
+    coordinator_id: Annotated[
+        str, typer.Option(envvar="FEDCTL_COORDINATOR_ID", help="the coordinator's peer ID")
+    ] = "",
+    key: Annotated[
+        Path | None,
+        typer.Option(envvar="FEDCTL_KEY", help="operator key (default ~/.fedctl/operator.key)"),
+    ] = None,
     as_json: Json = False,
 ) -> None:
     G.json = as_json
@@ -59,29 +64,43 @@ def _json(flag: bool) -> bool:
 @app.command()
 def whoami(as_json: Json = False) -> None:
     """The operator's peer ID (the key is created on first use, mode 0600)."""
-    run(_json(as_json), lambda: {"peer_id": operator_identity(G.target.key).peer_id},
-        lambda r: stdout.print(r["peer_id"]))
+    run(
+        _json(as_json),
+        lambda: {"peer_id": operator_identity(G.target.key).peer_id},
+        lambda r: stdout.print(r["peer_id"]),
+    )
 
 
 @app.command()
 def demo(
     participants: Annotated[int, typer.Option(min=1, max=32)] = 3,
     rounds: Annotated[int, typer.Option(min=1, max=1000)] = 10,
-    spec: Annotated[Path | None, typer.Option(help="a session spec to run instead of the "
-                                              "defaults")] = None,
+    spec: Annotated[
+        Path | None, typer.Option(help="a session spec to run instead of the defaults")
+    ] = None,
     secure_aggregation: Annotated[bool, typer.Option("--secure-aggregation")] = False,
     drop: Annotated[int, typer.Option(help="kill this many participants after round 1")] = 0,
-    workdir: Annotated[Path | None, typer.Option(
-        help="where the nodes keep their data (default $FEDNODE_HOME/demo, wiped first)")
+    workdir: Annotated[
+        Path | None,
+        typer.Option(
+            help="where the nodes keep their data (default $FEDNODE_HOME/demo, wiped first)"
+        ),
     ] = None,
     as_json: Json = False,
 ) -> None:
     """Run a coordinator and N participants as local processes, one session, the summary."""
     from fedctl.demo import DemoOptions, run_demo
 
-    opts = DemoOptions(participants=participants, rounds=rounds, spec_path=spec,
-                       secure=secure_aggregation, drop=drop, workdir=workdir,
-                       key=G.target.key, as_json=_json(as_json))
+    opts = DemoOptions(
+        participants=participants,
+        rounds=rounds,
+        spec_path=spec,
+        secure=secure_aggregation,
+        drop=drop,
+        workdir=workdir,
+        key=G.target.key,
+        as_json=_json(as_json),
+    )
     run(opts.as_json, lambda: run_demo(opts), print_summary)
 
 
@@ -126,8 +145,11 @@ def session_create(spec: Path, as_json: Json = False) -> None:
 
 
 def _action(action: str, session_id: str, as_json: bool) -> None:
-    run(_json(as_json), lambda: call(G.target, f"session.{action}", session_id=session_id),
-        lambda r: stdout.print(f"{r['session_id']}: {r['status']}"))
+    run(
+        _json(as_json),
+        lambda: call(G.target, f"session.{action}", session_id=session_id),
+        lambda r: stdout.print(f"{r['session_id']}: {r['status']}"),
+    )
 
 
 @session_app.command("start")
@@ -157,8 +179,11 @@ def session_resume(session_id: str, as_json: Json = False) -> None:
 @session_app.command("status")
 def session_status(session_id: str, as_json: Json = False) -> None:
     """State, rounds, participants, accuracy and the per-round history."""
-    run(_json(as_json), lambda: call(G.target, "session.status", session_id=session_id),
-        print_summary)
+    run(
+        _json(as_json),
+        lambda: call(G.target, "session.status", session_id=session_id),
+        print_summary,
+    )
 
 
 @session_app.command("list")
@@ -169,8 +194,14 @@ def session_list(as_json: Json = False) -> None:
         t = Table("session", "name", "status", "round", "participants", "accuracy")
         for s in r["sessions"]:
             acc = "" if s["accuracy"] is None else f"{s['accuracy']:.4f}"
-            t.add_row(s["session_id"], s["name"], s["status"], f"{s['round']}/{s['rounds']}",
-                      str(s["participants"]), acc)
+            t.add_row(
+                s["session_id"],
+                s["name"],
+                s["status"],
+                f"{s['round']}/{s['rounds']}",
+                str(s["participants"]),
+                acc,
+            )
         stdout.print(t)
 
     run(_json(as_json), lambda: call(G.target, "session.list"), human)
@@ -188,20 +219,26 @@ def session_watch(session_id: str, as_json: Json = False) -> None:
             if as_json:
                 emit_json({"kind": "snapshot", "session_id": session_id, "data": snap})
             else:
-                stderr.print(f"watching {session_id}: {status}, round "
-                             f"{snap['session']['rounds_completed']}/{snap['session']['rounds']}")
+                stderr.print(
+                    f"watching {session_id}: {status}, round "
+                    f"{snap['session']['rounds_completed']}/{snap['session']['rounds']}"
+                )
             if status in ("completed", "failed", "stopped"):
                 return snap["session"]
             async for ev in client.stream():
                 if as_json:
-                    emit_json({"kind": ev.kind, "session_id": session_id, "ts": ev.ts,
-                               "data": ev.data})
+                    emit_json(
+                        {"kind": ev.kind, "session_id": session_id, "ts": ev.ts, "data": ev.data}
+                    )
                 else:
                     line = session_line(ev.kind, ev.data, snap["session"]["rounds"])
                     if line:
                         stdout.print(line)
                 if ev.kind == "session" and ev.data.get("status") in (
-                        "completed", "failed", "stopped"):
+                    "completed",
+                    "failed",
+                    "stopped",
+                ):
                     return await client.call("session.status", session_id=session_id)
             raise FednodeError("the coordinator went away", code="DISCONNECTED")
 
@@ -229,11 +266,20 @@ def participants_list(as_json: Json = False) -> None:
 
         t = Table("peer", "online", "status", "dataset", "examples", "rounds", "last seen")
         for p in r["participants"]:
-            seen = datetime.fromtimestamp(p["last_seen"], UTC).strftime("%H:%M:%S") \
-                if p["last_seen"] else ""
-            t.add_row(p["peer_id"], "[green]yes[/]" if p["online"] else "[red]no[/]",
-                      p["status"], p.get("dataset") or "", str(p.get("num_examples") or ""),
-                      str(p.get("rounds_completed") or 0), seen)
+            seen = (
+                datetime.fromtimestamp(p["last_seen"], UTC).strftime("%H:%M:%S")
+                if p["last_seen"]
+                else ""
+            )
+            t.add_row(
+                p["peer_id"],
+                "[green]yes[/]" if p["online"] else "[red]no[/]",
+                p["status"],
+                p.get("dataset") or "",
+                str(p.get("num_examples") or ""),
+                str(p.get("rounds_completed") or 0),
+                seen,
+            )
         stdout.print(t)
 
     run(_json(as_json), lambda: call(G.target, "participants.list"), human)
@@ -257,8 +303,10 @@ def model_list(session_id: str, as_json: Json = False) -> None:
 def model_get(
     cid: str,
     output: Annotated[Path, typer.Option("-o", "--output", help="file to write")],
-    data_dir: Annotated[Path | None, typer.Option(
-        help="read from this node's store offline instead of asking the coordinator")] = None,
+    data_dir: Annotated[
+        Path | None,
+        typer.Option(help="read from this node's store offline instead of asking the coordinator"),
+    ] = None,
     as_json: Json = False,
 ) -> None:
     """Fetch a model by CID, verify its hash, and write it (safetensors)."""
@@ -298,13 +346,18 @@ def ledger_verify(
             ok, bad = ledger.verify_chain()
             count = ledger.db["events"].count
         if not ok:
-            raise FednodeError(f"the ledger's hash chain breaks at event {bad}",
-                               code="LEDGER_TAMPERED",
-                               hint="the ledger was edited outside fednode; keep a copy")
+            raise FednodeError(
+                f"the ledger's hash chain breaks at event {bad}",
+                code="LEDGER_TAMPERED",
+                hint="the ledger was edited outside fednode; keep a copy",
+            )
         return {"ledger": str(path), "events": count, "intact": True}
 
-    run(_json(as_json), go,
-        lambda r: stdout.print(f"[green]intact[/]: {r['events']} events in {r['ledger']}"))
+    run(
+        _json(as_json),
+        go,
+        lambda r: stdout.print(f"[green]intact[/]: {r['events']} events in {r['ledger']}"),
+    )
 
 
 def main() -> None:

@@ -53,12 +53,18 @@ class Target:
 
     def check(self) -> None:
         if not self.url:
-            raise FednodeError("no coordinator given", code="USAGE",
-                               hint="pass --coordinator ws://HOST:PORT or set FEDCTL_COORDINATOR")
+            raise FednodeError(
+                "no coordinator given",
+                code="USAGE",
+                hint="pass --coordinator ws://HOST:PORT or set FEDCTL_COORDINATOR",
+            )
         if not self.coordinator_id:
-            raise FednodeError("no coordinator peer ID given", code="USAGE",
-                               hint="pass --coordinator-id 12D3KooW… (from `fednode id` on the "
-                               "coordinator) or set FEDCTL_COORDINATOR_ID")
+            raise FednodeError(
+                "no coordinator peer ID given",
+                code="USAGE",
+                hint="pass --coordinator-id 12D3KooW… (from `fednode id` on the "
+                "coordinator) or set FEDCTL_COORDINATOR_ID",
+            )
         public_key_from_peer_id(self.coordinator_id)
 
 
@@ -81,9 +87,10 @@ class AdminClient:
         if self.role not in ("operator", "viewer"):
             await self.conn.close()
             raise FednodeError(
-                f"the coordinator does not know this key ({self.identity.peer_id}) as an "
-                "operator", code="NOT_AUTHORIZED",
-                hint=f"start the coordinator with --operator {self.identity.peer_id}")
+                f"the coordinator does not know this key ({self.identity.peer_id}) as an operator",
+                code="NOT_AUTHORIZED",
+                hint=f"start the coordinator with --operator {self.identity.peer_id}",
+            )
         self._reader = asyncio.create_task(self._read())
         return self
 
@@ -96,9 +103,11 @@ class AdminClient:
 
     async def _read(self) -> None:
         assert self.conn is not None
-        err: FednodeError = FednodeError("the coordinator closed the connection",
-                                         code="DISCONNECTED",
-                                         hint="check that the coordinator is still running")
+        err: FednodeError = FednodeError(
+            "the coordinator closed the connection",
+            code="DISCONNECTED",
+            hint="check that the coordinator is still running",
+        )
         try:
             async for env, msg in self.conn.messages():
                 if isinstance(msg, messages.AdminReply):
@@ -109,12 +118,15 @@ class AdminClient:
                         fut.set_result(msg.result)
                     else:
                         e = msg.error
-                        fut.set_exception(FednodeError(str(e.get("message")),
-                                                       code=str(e.get("code")),
-                                                       hint=str(e.get("hint") or "")))
+                        fut.set_exception(
+                            FednodeError(
+                                str(e.get("message")),
+                                code=str(e.get("code")),
+                                hint=str(e.get("hint") or ""),
+                            )
+                        )
                 elif isinstance(msg, messages.Event):
-                    self.events.put_nowait(ClientEvent(msg.kind, env.session, msg.ts,
-                                                       msg.data))
+                    self.events.put_nowait(ClientEvent(msg.kind, env.session, msg.ts, msg.data))
                 elif isinstance(msg, messages.Error):
                     err = FednodeError(msg.message, code=msg.code, hint=msg.hint)
         finally:
@@ -132,13 +144,15 @@ class AdminClient:
             await self.conn.send(messages.Admin(id=self._next_id, op=op, args=args))
         except ConnectionClosed:
             self._pending.pop(self._next_id, None)
-            raise FednodeError("the coordinator closed the connection",
-                               code="DISCONNECTED") from None
+            raise FednodeError(
+                "the coordinator closed the connection", code="DISCONNECTED"
+            ) from None
         try:
             return await asyncio.wait_for(fut, CALL_TIMEOUT_S)
         except TimeoutError:
-            raise FednodeError(f"no answer to {op!r} within {CALL_TIMEOUT_S:.0f} s",
-                               code="TIMEOUT") from None
+            raise FednodeError(
+                f"no answer to {op!r} within {CALL_TIMEOUT_S:.0f} s", code="TIMEOUT"
+            ) from None
 
     async def stream(self) -> AsyncIterator[ClientEvent]:
         """Pushed events until the connection closes (after a ``subscribe`` call)."""

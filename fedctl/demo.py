@@ -65,14 +65,18 @@ class Processes:
     logs: list[IO[bytes]] = field(default_factory=list)
     killed: set[str] = field(default_factory=set)
 
-    def start(self, name: str, args: list[str], *, pipe_stdout: bool = False
-              ) -> subprocess.Popen[bytes]:
+    def start(
+        self, name: str, args: list[str], *, pipe_stdout: bool = False
+    ) -> subprocess.Popen[bytes]:
         fh = open(self.log_dir / f"{name}.log", "wb")  # noqa: SIM115 - closed in stop_all
         self.logs.append(fh)
         proc = subprocess.Popen(
-            [sys.executable, "-m", "fednode", *args], stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE if pipe_stdout else fh, stderr=fh,
-            preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
+            [sys.executable, "-m", "fednode", *args],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE if pipe_stdout else fh,
+            stderr=fh,
+            preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
+        )
         self.procs[name] = proc
         return proc
 
@@ -109,16 +113,22 @@ def read_ready_line(proc: subprocess.Popen[bytes], name: str, log: Path) -> dict
         return json.loads(line)
     except json.JSONDecodeError:
         tail = log.read_text(errors="replace")[-1500:] if log.exists() else ""
-        raise FednodeError(f"{name} did not start (exit code {proc.poll()}):\n{tail}",
-                           code="NODE_START_FAILED", hint=f"see {log}") from None
+        raise FednodeError(
+            f"{name} did not start (exit code {proc.poll()}):\n{tail}",
+            code="NODE_START_FAILED",
+            hint=f"see {log}",
+        ) from None
 
 
 def _prepare_workdir(workdir: Path | None) -> Path:
     root = workdir or default_home() / "demo"
     if root.exists() and any(root.iterdir()):
         if not (root / _MARKER).exists():
-            raise FednodeError(f"{root} is not empty and not a demo directory",
-                               code="USAGE", hint="choose another --workdir")
+            raise FednodeError(
+                f"{root} is not empty and not a demo directory",
+                code="USAGE",
+                hint="choose another --workdir",
+            )
         shutil.rmtree(root)
     root.mkdir(parents=True)
     (root / _MARKER).write_text("made by fedctl demo; wiped by the next demo\n")
@@ -140,8 +150,11 @@ def build_spec(opts: DemoOptions) -> dict[str, Any]:
 
 def run_demo(opts: DemoOptions) -> dict[str, Any]:
     if opts.drop >= opts.participants:
-        raise FednodeError(f"--drop {opts.drop} leaves no participant of {opts.participants}",
-                           code="USAGE", hint="drop fewer than --participants")
+        raise FednodeError(
+            f"--drop {opts.drop} leaves no participant of {opts.participants}",
+            code="USAGE",
+            hint="drop fewer than --participants",
+        )
     spec = build_spec(opts)  # a bad spec fails here, before any process starts
     root = _prepare_workdir(opts.workdir)
     operator = operator_identity(opts.key)
@@ -150,10 +163,21 @@ def run_demo(opts: DemoOptions) -> dict[str, Any]:
         coord_home = NodeHome(root / "coordinator")
         coord_id, _ = coord_home.init()
         log = root / "logs" / "coordinator.log"
-        proc = procs.start("coordinator", [
-            "run", "--role", "coordinator", "--listen", "127.0.0.1:0",
-            "--data-dir", str(coord_home.root), "--operator", operator.peer_id],
-            pipe_stdout=True)
+        proc = procs.start(
+            "coordinator",
+            [
+                "run",
+                "--role",
+                "coordinator",
+                "--listen",
+                "127.0.0.1:0",
+                "--data-dir",
+                str(coord_home.root),
+                "--operator",
+                operator.peer_id,
+            ],
+            pipe_stdout=True,
+        )
         ready = read_ready_line(proc, "the coordinator", log)
         target = Target(ready["url"], coord_id.peer_id, opts.key)
         names = []
@@ -161,23 +185,36 @@ def run_demo(opts: DemoOptions) -> dict[str, Any]:
             home = NodeHome(root / f"participant-{k}")
             home.init()
             name = f"participant-{k}"
-            args = ["run", "--role", "participant", "--coordinator", ready["url"],
-                    "--coordinator-id", coord_id.peer_id, "--data-dir", str(home.root),
-                    "--dataset", f"digits:{k}/{opts.participants}"]
+            args = [
+                "run",
+                "--role",
+                "participant",
+                "--coordinator",
+                ready["url"],
+                "--coordinator-id",
+                coord_id.peer_id,
+                "--data-dir",
+                str(home.root),
+                "--dataset",
+                f"digits:{k}/{opts.participants}",
+            ]
             if k >= opts.participants - opts.drop:
                 args += ["--train-delay", str(DROP_DELAY_S)]
             procs.start(name, args)
             names.append(name)
         out = stderr if opts.as_json else stdout
-        out.print(f"coordinator {coord_id.peer_id} at {ready['url']}; "
-                  f"{opts.participants} participants; nodes in {root}")
-        return asyncio.run(_drive(target, spec, opts, procs, names[len(names) - opts.drop:]))
+        out.print(
+            f"coordinator {coord_id.peer_id} at {ready['url']}; "
+            f"{opts.participants} participants; nodes in {root}"
+        )
+        return asyncio.run(_drive(target, spec, opts, procs, names[len(names) - opts.drop :]))
     finally:
         procs.stop_all()
 
 
-async def _drive(target: Target, spec: dict[str, Any], opts: DemoOptions, procs: Processes,
-                 to_drop: list[str]) -> dict[str, Any]:
+async def _drive(
+    target: Target, spec: dict[str, Any], opts: DemoOptions, procs: Processes, to_drop: list[str]
+) -> dict[str, Any]:
     """Run the session; fail at once if a node process dies that the demo did not kill."""
     main = asyncio.create_task(_session(target, spec, opts, procs, to_drop))
     try:
@@ -190,15 +227,18 @@ async def _drive(target: Target, spec: dict[str, Any], opts: DemoOptions, procs:
                 if name not in procs.killed and proc.poll() is not None:
                     raise FednodeError(
                         f"{name} exited with code {proc.returncode} during the demo",
-                        code="NODE_DIED", hint=f"see {procs.log_dir / (name + '.log')}")
+                        code="NODE_DIED",
+                        hint=f"see {procs.log_dir / (name + '.log')}",
+                    )
     finally:
         main.cancel()
         with contextlib.suppress(BaseException):
             await main
 
 
-async def _session(target: Target, spec: dict[str, Any], opts: DemoOptions, procs: Processes,
-                   to_drop: list[str]) -> dict[str, Any]:
+async def _session(
+    target: Target, spec: dict[str, Any], opts: DemoOptions, procs: Processes, to_drop: list[str]
+) -> dict[str, Any]:
     out = stderr if opts.as_json else stdout
     async with AdminClient(target) as client:
         snap = (await client.call("subscribe"))["snapshot"]
@@ -213,14 +253,23 @@ async def _session(target: Target, spec: dict[str, Any], opts: DemoOptions, proc
                         pid = ev.data["peer_id"]
                         (online.add if ev.data["online"] else online.discard)(pid)
         except TimeoutError:
-            raise FednodeError(f"only {len(online)} of {opts.participants} participants "
-                               f"joined within {JOIN_TIMEOUT_S:.0f} s", code="JOIN_TIMEOUT",
-                               hint="see the participant logs in the demo directory") from None
+            raise FednodeError(
+                f"only {len(online)} of {opts.participants} participants "
+                f"joined within {JOIN_TIMEOUT_S:.0f} s",
+                code="JOIN_TIMEOUT",
+                hint="see the participant logs in the demo directory",
+            ) from None
         sid = (await client.call("session.create", spec=spec))["session_id"]
         await client.call("session.start", session_id=sid)
         rounds = spec["rounds"]
-        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                      TimeElapsedColumn(), console=out, transient=True) as bar:
+        with Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=out,
+            transient=True,
+        ) as bar:
             task = bar.add_task("rounds", total=rounds)
             async for ev in client.stream():
                 if ev.session_id not in ("", sid):
@@ -235,7 +284,6 @@ async def _session(target: Target, spec: dict[str, Any], opts: DemoOptions, proc
                     to_drop = []
                 if ev.kind == "round_completed":
                     bar.update(task, completed=ev.data["round"])
-                if ev.kind == "session" and ev.data["status"] in ("completed", "failed",
-                                                                   "stopped"):
+                if ev.kind == "session" and ev.data["status"] in ("completed", "failed", "stopped"):
                     break
         return await client.call("session.status", session_id=sid)

@@ -38,8 +38,11 @@ def fail(err: FednodeError, as_json: bool) -> NoReturn:
     raise typer.Exit(code)
 
 
-def run(as_json: bool, fn: Callable[[], dict[str, Any]],
-        human: Callable[[dict[str, Any]], None] | None = None) -> None:
+def run(
+    as_json: bool,
+    fn: Callable[[], dict[str, Any]],
+    human: Callable[[dict[str, Any]], None] | None = None,
+) -> None:
     """Call ``fn``; print its result as JSON or through ``human``; map errors to exits."""
     try:
         result = fn()

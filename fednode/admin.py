@@ -25,8 +25,15 @@ if TYPE_CHECKING:
 log = logging.getLogger("fednode.admin")
 
 Handler = Callable[[dict[str, Any]], Awaitable[dict[str, Any]] | dict[str, Any]]
-READ_OPS = {"session.status", "session.list", "participants.list", "model.list", "model.get",
-            "subscribe", "node.info"}
+READ_OPS = {
+    "session.status",
+    "session.list",
+    "participants.list",
+    "model.list",
+    "model.get",
+    "subscribe",
+    "node.info",
+}
 
 
 def _arg(args: dict[str, Any], name: str, kind: type = str) -> Any:
@@ -58,9 +65,12 @@ class AdminAPI:
         try:
             async for _env, msg in conn.messages(self.coord._refused):
                 if not isinstance(msg, messages.Admin):
-                    await conn.send_error(ValidationError(
-                        f"operators send 'admin' messages, not {msg.TYPE!r}",
-                        code="UNEXPECTED_MESSAGE"))
+                    await conn.send_error(
+                        ValidationError(
+                            f"operators send 'admin' messages, not {msg.TYPE!r}",
+                            code="UNEXPECTED_MESSAGE",
+                        )
+                    )
                     continue
                 reply = await self._call(conn, role, msg, forwarders)
                 await conn.send(reply)
@@ -70,21 +80,25 @@ class AdminAPI:
             for task in forwarders:
                 task.cancel()
 
-    async def _call(self, conn: Connection, role: str, msg: messages.Admin,
-                    forwarders: list[asyncio.Task[None]]) -> messages.AdminReply:
+    async def _call(
+        self, conn: Connection, role: str, msg: messages.Admin, forwarders: list[asyncio.Task[None]]
+    ) -> messages.AdminReply:
         try:
             if role != "operator" and msg.op not in READ_OPS:
-                raise NotAuthorized(f"{conn.peer_id} is a viewer and may not call {msg.op!r}",
-                                    hint="ask for an operator key (--operator on the "
-                                    "coordinator)")
+                raise NotAuthorized(
+                    f"{conn.peer_id} is a viewer and may not call {msg.op!r}",
+                    hint="ask for an operator key (--operator on the coordinator)",
+                )
             if msg.op == "subscribe":
                 result = self.subscribe(conn, msg.args, forwarders)
             else:
                 handler = self.ops.get(msg.op)
                 if handler is None:
-                    raise ValidationError(f"unknown admin operation {msg.op!r}",
-                                          hint="known: " + ", ".join(sorted(self.ops)),
-                                          code="UNKNOWN_OP")
+                    raise ValidationError(
+                        f"unknown admin operation {msg.op!r}",
+                        hint="known: " + ", ".join(sorted(self.ops)),
+                        code="UNKNOWN_OP",
+                    )
                 result = handler(msg.args)
                 if asyncio.iscoroutine(result):
                     result = await result
@@ -96,9 +110,13 @@ class AdminAPI:
 
     def node_info(self, args: dict[str, Any]) -> dict[str, Any]:
         c = self.coord
-        return {"peer_id": c.identity.peer_id, "ledger": str(c.ledger.path),
-                "participants_online": len(c.peers), "sessions": len(c.sessions),
-                "started_at": c.started_at}
+        return {
+            "peer_id": c.identity.peer_id,
+            "ledger": str(c.ledger.path),
+            "participants_online": len(c.peers),
+            "sessions": len(c.sessions),
+            "started_at": c.started_at,
+        }
 
     def session_create(self, args: dict[str, Any]) -> dict[str, Any]:
         checked = spec.validate(args.get("spec"))
@@ -113,9 +131,17 @@ class AdminAPI:
         run = self.coord.session(_arg(args, "session_id"))
         summary = self.coord.ledger.summary(run.session_id)
         rnd = run.round
-        summary["current_round"] = None if rnd is None else {
-            "round": rnd.number, "phase": rnd.phase.value, "selected": rnd.selected,
-            "received": sorted(rnd.received), "failed": rnd.failed}
+        summary["current_round"] = (
+            None
+            if rnd is None
+            else {
+                "round": rnd.number,
+                "phase": rnd.phase.value,
+                "selected": rnd.selected,
+                "received": sorted(rnd.received),
+                "failed": rnd.failed,
+            }
+        )
         summary["rounds"] = run.spec["rounds"]
         summary["name"] = run.spec["name"]
         return summary
@@ -123,44 +149,67 @@ class AdminAPI:
     def session_list(self, args: dict[str, Any]) -> dict[str, Any]:
         out = []
         for row in self.coord.ledger.list_sessions():
-            out.append({"session_id": row["session_id"], "name": row["name"],
-                        "status": row["status"], "round": row["rounds_completed"] or 0,
-                        "rounds": row["rounds"],
-                        "participants": self.coord.ledger.summary(
-                            row["session_id"])["participants"],
-                        "accuracy": row["final_accuracy"]})
+            out.append(
+                {
+                    "session_id": row["session_id"],
+                    "name": row["name"],
+                    "status": row["status"],
+                    "round": row["rounds_completed"] or 0,
+                    "rounds": row["rounds"],
+                    "participants": self.coord.ledger.summary(row["session_id"])["participants"],
+                    "accuracy": row["final_accuracy"],
+                }
+            )
         return {"sessions": out}
 
     def participants_list(self, args: dict[str, Any]) -> dict[str, Any]:
         out = []
         for row in self.coord.ledger.participants():
             online = row["peer_id"] in self.coord.peers
-            out.append({"peer_id": row["peer_id"], "online": online,
-                        "quality_score": row.get("quality_score"),
-                        "latency_ms": row.get("latency_ms"),
-                        "last_seen": row["last_seen"],
-                        "status": row.get("status") or "active",
-                        "address": row.get("address"), "dataset": row.get("dataset"),
-                        "num_examples": row.get("num_examples"),
-                        "rounds_completed": row.get("rounds_completed")})
+            out.append(
+                {
+                    "peer_id": row["peer_id"],
+                    "online": online,
+                    "quality_score": row.get("quality_score"),
+                    "latency_ms": row.get("latency_ms"),
+                    "last_seen": row["last_seen"],
+                    "status": row.get("status") or "active",
+                    "address": row.get("address"),
+                    "dataset": row.get("dataset"),
+                    "num_examples": row.get("num_examples"),
+                    "rounds_completed": row.get("rounds_completed"),
+                }
+            )
         return {"participants": out}
 
     def model_list(self, args: dict[str, Any]) -> dict[str, Any]:
         run = self.coord.session(_arg(args, "session_id"))
-        return {"models": [{"round": m["round"], "cid": m["cid"], "accuracy": m["accuracy"],
-                            "loss": m["loss"], "size": m["size"],
-                            "parent_cid": m["parent_cid"]}
-                           for m in self.coord.ledger.models(run.session_id)]}
+        return {
+            "models": [
+                {
+                    "round": m["round"],
+                    "cid": m["cid"],
+                    "accuracy": m["accuracy"],
+                    "loss": m["loss"],
+                    "size": m["size"],
+                    "parent_cid": m["parent_cid"],
+                }
+                for m in self.coord.ledger.models(run.session_id)
+            ]
+        }
 
     def model_get(self, args: dict[str, Any]) -> dict[str, Any]:
         cid = _arg(args, "cid")
         return {"cid": cid, "data": self.coord.store.get(cid)}
 
-    def subscribe(self, conn: Connection, args: dict[str, Any],
-                  forwarders: list[asyncio.Task[None]]) -> dict[str, Any]:
+    def subscribe(
+        self, conn: Connection, args: dict[str, Any], forwarders: list[asyncio.Task[None]]
+    ) -> dict[str, Any]:
         session_id = args.get("session_id") or ""
-        snapshot: dict[str, Any] = {"participants": self.participants_list({})["participants"],
-                                    "sessions": self.session_list({})["sessions"]}
+        snapshot: dict[str, Any] = {
+            "participants": self.participants_list({})["participants"],
+            "sessions": self.session_list({})["sessions"],
+        }
         if session_id:
             snapshot["session"] = self.session_status({"session_id": session_id})
         sub = self.coord.events.subscribe(session_id)
@@ -169,8 +218,10 @@ class AdminAPI:
             try:
                 while True:
                     event = await sub.queue.get()
-                    await conn.send(messages.Event(kind=event["kind"], data=event["data"],
-                                                   ts=event["ts"]), event["session_id"])
+                    await conn.send(
+                        messages.Event(kind=event["kind"], data=event["data"], ts=event["ts"]),
+                        event["session_id"],
+                    )
             except ConnectionClosed:
                 pass
             finally:

@@ -20,11 +20,16 @@ if TYPE_CHECKING:
     from fednode.data import DatasetRef
     from protocol.identity import Identity
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
-                  help="A fednode node: coordinator or participant of federated sessions.")
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="A fednode node: coordinator or participant of federated sessions.",
+)
 
-DataDir = Annotated[Path | None, typer.Option(
-    "--data-dir", help="node directory (default $FEDNODE_HOME or ~/.fednode)")]
+DataDir = Annotated[
+    Path | None,
+    typer.Option("--data-dir", help="node directory (default $FEDNODE_HOME or ~/.fednode)"),
+]
 Json = Annotated[bool, typer.Option("--json", help="print one JSON object on stdout")]
 
 
@@ -44,14 +49,17 @@ def init(data_dir: DataDir = None, as_json: Json = False) -> None:
 def show_id(data_dir: DataDir = None, as_json: Json = False) -> None:
     """Print the node's peer ID (12D3KooW…)."""
     home = NodeHome(data_dir)
-    run(as_json, lambda: {"peer_id": home.identity().peer_id},
-        lambda r: stdout.print(r["peer_id"]))
+    run(as_json, lambda: {"peer_id": home.identity().peer_id}, lambda r: stdout.print(r["peer_id"]))
 
 
 @app.command()
-def cid(path: Path, cid_version: Annotated[int, typer.Option(
-        "--cid-version", help="0 (dag-pb leaves, Qm…) or 1 (raw leaves, bafy…)")] = 1,
-        as_json: Json = False) -> None:
+def cid(
+    path: Path,
+    cid_version: Annotated[
+        int, typer.Option("--cid-version", help="0 (dag-pb leaves, Qm…) or 1 (raw leaves, bafy…)")
+    ] = 1,
+    as_json: Json = False,
+) -> None:
     """The CID of a file, as `ipfs add -Q --only-hash [--cid-version=1]` prints it."""
     from protocol.cid import file_cid
 
@@ -70,8 +78,11 @@ def cid(path: Path, cid_version: Annotated[int, typer.Option(
 def _hostport(listen: str) -> tuple[str, int]:
     host, _, port = listen.rpartition(":")
     if not host or not port.isdigit() or not 0 <= int(port) < 65536:
-        raise FednodeError(f"--listen {listen!r} is not HOST:PORT", code="USAGE",
-                           hint="for example --listen 127.0.0.1:7700 (port 0 picks a free one)")
+        raise FednodeError(
+            f"--listen {listen!r} is not HOST:PORT",
+            code="USAGE",
+            hint="for example --listen 127.0.0.1:7700 (port 0 picks a free one)",
+        )
     return host, int(port)
 
 
@@ -80,19 +91,29 @@ def run_node(
     role: Annotated[str, typer.Option(help="coordinator or participant")],
     data_dir: DataDir = None,
     listen: Annotated[str, typer.Option(help="coordinator: HOST:PORT")] = "127.0.0.1:7700",
-    operator: Annotated[list[str] | None, typer.Option(
-        help="coordinator: peer ID allowed to drive sessions (repeatable)")] = None,
-    viewer: Annotated[list[str] | None, typer.Option(
-        help="coordinator: peer ID allowed to read only (repeatable)")] = None,
+    operator: Annotated[
+        list[str] | None,
+        typer.Option(help="coordinator: peer ID allowed to drive sessions (repeatable)"),
+    ] = None,
+    viewer: Annotated[
+        list[str] | None,
+        typer.Option(help="coordinator: peer ID allowed to read only (repeatable)"),
+    ] = None,
     coordinator: Annotated[str, typer.Option(help="participant: ws://HOST:PORT")] = "",
-    coordinator_id: Annotated[str, typer.Option(help="participant: the coordinator's peer ID")
-                              ] = "",
-    dataset: Annotated[str, typer.Option(
-        help="participant: digits:K/N, npz:/path or csv:/path")] = "digits:0/1",
+    coordinator_id: Annotated[
+        str, typer.Option(help="participant: the coordinator's peer ID")
+    ] = "",
+    dataset: Annotated[
+        str, typer.Option(help="participant: digits:K/N, npz:/path or csv:/path")
+    ] = "digits:0/1",
     join_token: Annotated[str, typer.Option(help="participant: an invite token")] = "",
     threads: Annotated[int, typer.Option(help="torch threads for training")] = 1,
-    train_delay: Annotated[float, typer.Option(
-        help="participant: seconds to wait before each training (testing)", hidden=True)] = 0.0,
+    train_delay: Annotated[
+        float,
+        typer.Option(
+            help="participant: seconds to wait before each training (testing)", hidden=True
+        ),
+    ] = 0.0,
     log_level: Annotated[str, typer.Option(help="debug, info, warning")] = "info",
 ) -> None:
     """Serve as coordinator or participant until SIGINT/SIGTERM.
@@ -100,8 +121,11 @@ def run_node(
     On start it prints one JSON line on stdout ({"event": "listening" | "started", ...});
     logs go to stderr.
     """
-    logging.basicConfig(level=log_level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=log_level.upper(),
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
     home = NodeHome(data_dir)
     try:
         if role not in ("coordinator", "participant"):
@@ -112,22 +136,27 @@ def run_node(
             public_key_from_peer_id(pid)
         if role == "participant":
             if not coordinator or not coordinator_id:
-                raise FednodeError("a participant needs --coordinator and --coordinator-id",
-                                   code="USAGE")
+                raise FednodeError(
+                    "a participant needs --coordinator and --coordinator-id", code="USAGE"
+                )
             public_key_from_peer_id(coordinator_id)
         import torch
 
         torch.set_num_threads(max(1, threads))
         if role == "coordinator":
             host, port = _hostport(listen)
-            asyncio.run(_run_coordinator(home, ident, host, port, set(operator or []),
-                                         set(viewer or [])))
+            asyncio.run(
+                _run_coordinator(home, ident, host, port, set(operator or []), set(viewer or []))
+            )
         else:
             from fednode.data import parse_dataset_spec
 
             ref = parse_dataset_spec(dataset)
-            asyncio.run(_run_participant(home, ident, coordinator, coordinator_id, ref,
-                                         join_token, train_delay))
+            asyncio.run(
+                _run_participant(
+                    home, ident, coordinator, coordinator_id, ref, join_token, train_delay
+                )
+            )
     except FednodeError as err:
         fail(err, as_json=False)
     finally:
@@ -142,39 +171,62 @@ def _stop_event() -> asyncio.Event:
     return stop
 
 
-async def _run_coordinator(home: NodeHome, ident: Identity, host: str, port: int,
-                           operators: set[str], viewers: set[str]) -> None:
+async def _run_coordinator(
+    home: NodeHome, ident: Identity, host: str, port: int, operators: set[str], viewers: set[str]
+) -> None:
     from fednode.coordinator import Coordinator
     from fednode.ledger import Ledger
     from fednode.store import BlockStore
 
     stop = _stop_event()
     with Ledger(home.ledger_path) as ledger:
-        coord = Coordinator(ident, ledger, BlockStore(home.store_root), operators=operators,
-                            viewers=viewers)
+        coord = Coordinator(
+            ident, ledger, BlockStore(home.store_root), operators=operators, viewers=viewers
+        )
         server = await coord.serve(host, port)
         bound = server.sockets[0].getsockname()
-        emit_json({"event": "listening", "url": f"ws://{bound[0]}:{bound[1]}",
-                   "peer_id": ident.peer_id, "ledger": str(home.ledger_path)})
+        emit_json(
+            {
+                "event": "listening",
+                "url": f"ws://{bound[0]}:{bound[1]}",
+                "peer_id": ident.peer_id,
+                "ledger": str(home.ledger_path),
+            }
+        )
         if not operators:
             logging.getLogger("fednode").warning(
-                "no --operator given: nobody can create or start sessions")
+                "no --operator given: nobody can create or start sessions"
+            )
         await stop.wait()
         server.close()
         await server.wait_closed()
 
 
-async def _run_participant(home: NodeHome, ident: Identity, url: str, coordinator_id: str,
-                           ref: DatasetRef, join_token: str, train_delay: float) -> None:
+async def _run_participant(
+    home: NodeHome,
+    ident: Identity,
+    url: str,
+    coordinator_id: str,
+    ref: DatasetRef,
+    join_token: str,
+    train_delay: float,
+) -> None:
     from fednode.ledger import Ledger
     from fednode.participant import Participant
     from fednode.store import BlockStore
 
     stop = _stop_event()
     with Ledger(home.ledger_path) as ledger:
-        node = Participant(ident, ledger, BlockStore(home.store_root), url=url,
-                           coordinator_id=coordinator_id, dataset=ref, join_token=join_token,
-                           train_delay_s=train_delay)
+        node = Participant(
+            ident,
+            ledger,
+            BlockStore(home.store_root),
+            url=url,
+            coordinator_id=coordinator_id,
+            dataset=ref,
+            join_token=join_token,
+            train_delay_s=train_delay,
+        )
         emit_json({"event": "started", "peer_id": ident.peer_id, "coordinator": url})
         await node.run(stop)
 
@@ -188,4 +240,3 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
-

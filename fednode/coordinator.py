@@ -44,8 +44,15 @@ class Peer:
 
 
 class Coordinator:
-    def __init__(self, identity: Identity, ledger: Ledger, store: BlockStore, *,
-                 operators: set[str], viewers: set[str] | None = None):
+    def __init__(
+        self,
+        identity: Identity,
+        ledger: Ledger,
+        store: BlockStore,
+        *,
+        operators: set[str],
+        viewers: set[str] | None = None,
+    ):
         self.identity = identity
         self.ledger = ledger
         self.store = store
@@ -65,20 +72,30 @@ class Coordinator:
             state = SessionState(row["status"])
             if state in (SessionState.RUNNING, SessionState.PAUSED):
                 self.ledger.update_session(
-                    row["session_id"], status=SessionState.FAILED.value, ended_at=time.time(),
-                    error="coordinator stopped while the session ran")
+                    row["session_id"],
+                    status=SessionState.FAILED.value,
+                    ended_at=time.time(),
+                    error="coordinator stopped while the session ran",
+                )
                 state = SessionState.FAILED
             self.sessions[row["session_id"]] = SessionRun(
-                self, row["session_id"], row["spec"], state)
+                self, row["session_id"], row["spec"], state
+            )
 
     # --- bookkeeping used by sessions and the admin API --------------------------------
 
-    def record(self, kind: str, session_id: str | None, data: dict[str, Any], *,
-               ledger: bool = True, entity_id: str | None = None) -> None:
+    def record(
+        self,
+        kind: str,
+        session_id: str | None,
+        data: dict[str, Any],
+        *,
+        ledger: bool = True,
+        entity_id: str | None = None,
+    ) -> None:
         """Push an event to subscribers and (by default) append it to the ledger's chain."""
         if ledger:
-            self.ledger.append_event(kind, session_id=session_id, entity_id=entity_id,
-                                     data=data)
+            self.ledger.append_event(kind, session_id=session_id, entity_id=entity_id, data=data)
         self.events.publish(kind, data, session_id)
 
     def online_participants(self) -> list[str]:
@@ -102,10 +119,14 @@ class Coordinator:
     def create_session(self, spec: dict[str, Any]) -> str:
         session_id = "s-" + uuid.uuid4().hex[:12]
         self.ledger.create_session(
-            session_id, name=spec["name"], spec=spec,
+            session_id,
+            name=spec["name"],
+            spec=spec,
             strategy=spec["aggregation"]["strategy"],
-            secure_aggregation=spec["aggregation"]["secure"], rounds=spec["rounds"],
-            created_at=time.time())
+            secure_aggregation=spec["aggregation"]["secure"],
+            rounds=spec["rounds"],
+            created_at=time.time(),
+        )
         self.sessions[session_id] = SessionRun(self, session_id, spec)
         self.record("session", session_id, {"status": "created", "name": spec["name"]})
         return session_id
@@ -129,11 +150,12 @@ class Coordinator:
     async def serve(self, host: str, port: int) -> Any:
         return await serve(self._handle, host, port, **ws_options())
 
-    async def _refused(self, conn: Connection | None, address: str,
-                       err: FednodeError) -> None:
-        self.ledger.append_event("security", entity_id=conn.peer_id if conn else None,
-                                 data={"address": address, "code": err.code,
-                                       "message": err.message})
+    async def _refused(self, conn: Connection | None, address: str, err: FednodeError) -> None:
+        self.ledger.append_event(
+            "security",
+            entity_id=conn.peer_id if conn else None,
+            data={"address": address, "code": err.code, "message": err.message},
+        )
 
     async def _handle(self, ws: ServerConnection) -> None:
         try:
@@ -146,21 +168,37 @@ class Coordinator:
             return
         if conn.peer_id in self.operators or conn.peer_id in self.viewers:
             role = "operator" if conn.peer_id in self.operators else "viewer"
-            await conn.send(messages.Welcome(peer_id=self.identity.peer_id, role=role,
-                                             heartbeat_s=HEARTBEAT_S, version=__version__))
+            await conn.send(
+                messages.Welcome(
+                    peer_id=self.identity.peer_id,
+                    role=role,
+                    heartbeat_s=HEARTBEAT_S,
+                    version=__version__,
+                )
+            )
             await self.admin.serve(conn, role)
             return
-        await conn.send(messages.Welcome(peer_id=self.identity.peer_id, role="participant",
-                                         heartbeat_s=HEARTBEAT_S, version=__version__))
+        await conn.send(
+            messages.Welcome(
+                peer_id=self.identity.peer_id,
+                role="participant",
+                heartbeat_s=HEARTBEAT_S,
+                version=__version__,
+            )
+        )
         try:
-            env, msg = await asyncio.wait_for(conn.recv(), REGISTER_TIMEOUT_S)
+            _env, msg = await asyncio.wait_for(conn.recv(), REGISTER_TIMEOUT_S)
             if not isinstance(msg, messages.Register):
-                raise NotAuthorized(f"a participant must register first, sent {msg.TYPE!r}",
-                                    hint="only operators may send other messages first")
+                raise NotAuthorized(
+                    f"a participant must register first, sent {msg.TYPE!r}",
+                    hint="only operators may send other messages first",
+                )
         except (FednodeError, TimeoutError) as err:
             if isinstance(err, TimeoutError):
-                err = FednodeError("no register message within "
-                                   f"{REGISTER_TIMEOUT_S:.0f} s", code="REGISTER_TIMEOUT")
+                err = FednodeError(
+                    f"no register message within {REGISTER_TIMEOUT_S:.0f} s",
+                    code="REGISTER_TIMEOUT",
+                )
             await self._refused(conn, conn.address, err)
             await conn.send_error(err)
             await conn.close(1008, err.code)
@@ -176,10 +214,20 @@ class Coordinator:
             await old.conn.close(1000, "replaced by a newer connection")
         now = time.time()
         self.peers[pid] = Peer(conn, reg.dataset, reg.num_examples, now, now)
-        self.ledger.upsert_participant(pid, address=conn.address, dataset=reg.dataset,
-                                       num_examples=reg.num_examples, online=1, last_seen=now)
-        self.record("participant", None, {"peer_id": pid, "online": True,
-                                          "dataset": reg.dataset}, entity_id=pid)
+        self.ledger.upsert_participant(
+            pid,
+            address=conn.address,
+            dataset=reg.dataset,
+            num_examples=reg.num_examples,
+            online=1,
+            last_seen=now,
+        )
+        self.record(
+            "participant",
+            None,
+            {"peer_id": pid, "online": True, "dataset": reg.dataset},
+            entity_id=pid,
+        )
         self._wake_sessions()
         try:
             async for env, msg in conn.messages(self._refused):
@@ -192,12 +240,12 @@ class Coordinator:
             if self.peers.get(pid) is not None and self.peers[pid].conn is conn:
                 del self.peers[pid]
                 self.ledger.upsert_participant(pid, online=0, last_seen=time.time())
-                self.record("participant", None, {"peer_id": pid, "online": False},
-                            entity_id=pid)
+                self.record("participant", None, {"peer_id": pid, "online": False}, entity_id=pid)
                 self._wake_sessions(pid, "disconnected during the round")
 
-    async def _on_participant_message(self, conn: Connection, session_id: str, size: int,
-                                      msg: messages.Message) -> None:
+    async def _on_participant_message(
+        self, conn: Connection, session_id: str, size: int, msg: messages.Message
+    ) -> None:
         if isinstance(msg, messages.Heartbeat):
             self.ledger.upsert_participant(conn.peer_id, last_seen=time.time())
         elif isinstance(msg, messages.Fetch):
@@ -208,10 +256,17 @@ class Coordinator:
         elif isinstance(msg, messages.Update):
             self.session(session_id).on_update(conn.peer_id, msg, size)
         elif isinstance(msg, messages.TaskError):
-            log.warning("participant %s failed round %d: %s %s", conn.peer_id, msg.round,
-                        msg.code, msg.message)
-            self.session(session_id).on_peer_lost(conn.peer_id,
-                                                  f"task error {msg.code}: {msg.message}")
+            log.warning(
+                "participant %s failed round %d: %s %s",
+                conn.peer_id,
+                msg.round,
+                msg.code,
+                msg.message,
+            )
+            self.session(session_id).on_peer_lost(
+                conn.peer_id, f"task error {msg.code}: {msg.message}"
+            )
         else:
-            raise ValidationError(f"a participant may not send {msg.TYPE!r}",
-                                  code="UNEXPECTED_MESSAGE")
+            raise ValidationError(
+                f"a participant may not send {msg.TYPE!r}", code="UNEXPECTED_MESSAGE"
+            )

@@ -18,8 +18,7 @@ QUEUE_SIZE = 1000
 @dataclass(eq=False)  # identity, not value: subscriptions live in a set
 class Subscription:
     session_id: str  # "" = every session
-    queue: asyncio.Queue[dict[str, Any]] = field(
-        default_factory=lambda: asyncio.Queue(QUEUE_SIZE))
+    queue: asyncio.Queue[dict[str, Any]] = field(default_factory=lambda: asyncio.Queue(QUEUE_SIZE))
     lagged: int = 0
 
     def wants(self, session_id: str | None) -> bool:

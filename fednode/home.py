@@ -1,9 +1,9 @@
 """A node's data directory: where its key, ledger, content store and lock live.
 
-    DIR/identity.key   Ed25519 key (libp2p protobuf), mode 0600
-    DIR/ledger.db      the SQLite quality ledger (WAL: ledger.db-wal, ledger.db-shm)
-    DIR/store/         content-addressed blocks
-    DIR/node.lock      held (flock) while a node runs, so a second one refuses to start
+DIR/identity.key   Ed25519 key (libp2p protobuf), mode 0600
+DIR/ledger.db      the SQLite quality ledger (WAL: ledger.db-wal, ledger.db-shm)
+DIR/store/         content-addressed blocks
+DIR/node.lock      held (flock) while a node runs, so a second one refuses to start
 """
 
 from __future__ import annotations
@@ -50,8 +50,10 @@ class NodeHome:
 
     def identity(self) -> Identity:
         if not self.key_path.exists():
-            raise IdentityError(f"no node identity in {self.root}",
-                                hint=f"run `fednode init --data-dir {self.root}` first")
+            raise IdentityError(
+                f"no node identity in {self.root}",
+                hint=f"run `fednode init --data-dir {self.root}` first",
+            )
         return Identity.load(self.key_path)
 
     def lock(self) -> None:
@@ -66,7 +68,8 @@ class NodeHome:
             raise FednodeError(
                 f"another fednode (pid {other}) is running on {self.root}",
                 code="ALREADY_RUNNING",
-                hint="stop it first, or give this node its own --data-dir") from None
+                hint="stop it first, or give this node its own --data-dir",
+            ) from None
         os.ftruncate(fd, 0)
         os.write(fd, str(os.getpid()).encode())
         self._lock_fd = fd

@@ -33,9 +33,18 @@ MAX_BACKOFF_S = 10.0
 
 
 class Participant:
-    def __init__(self, identity: Identity, ledger: Ledger, store: BlockStore, *,
-                 url: str, coordinator_id: str, dataset: DatasetRef, join_token: str = "",
-                 train_delay_s: float = 0.0):
+    def __init__(
+        self,
+        identity: Identity,
+        ledger: Ledger,
+        store: BlockStore,
+        *,
+        url: str,
+        coordinator_id: str,
+        dataset: DatasetRef,
+        join_token: str = "",
+        train_delay_s: float = 0.0,
+    ):
         self.identity = identity
         self.ledger = ledger
         self.store = store
@@ -87,35 +96,64 @@ class Participant:
             backoff = min(backoff * 2, MAX_BACKOFF_S)
 
     def _num_examples(self) -> int:
-        return len(self._load_data({"partition": "iid", "seed": 0, "features": "none",
-                                    "alpha": 0.5, "labels_per_part": 2}))
+        return len(
+            self._load_data(
+                {
+                    "partition": "iid",
+                    "seed": 0,
+                    "features": "none",
+                    "alpha": 0.5,
+                    "labels_per_part": 2,
+                }
+            )
+        )
 
     def _load_data(self, data_spec: dict[str, Any]) -> Any:
-        key = (data_spec["features"], data_spec["partition"], data_spec["seed"],
-               data_spec["alpha"], data_spec["labels_per_part"])
+        key = (
+            data_spec["features"],
+            data_spec["partition"],
+            data_spec["seed"],
+            data_spec["alpha"],
+            data_spec["labels_per_part"],
+        )
         if key not in self._data_cache:
             self._data_cache[key] = load_partition(
-                self.dataset, features=data_spec["features"],
-                partition=data_spec["partition"], seed=data_spec["seed"],
-                alpha=data_spec["alpha"], labels_per_part=data_spec["labels_per_part"])
+                self.dataset,
+                features=data_spec["features"],
+                partition=data_spec["partition"],
+                seed=data_spec["seed"],
+                alpha=data_spec["alpha"],
+                labels_per_part=data_spec["labels_per_part"],
+            )
         return self._data_cache[key]
 
     async def _serve(self, conn: Connection) -> None:
-        await conn.send(messages.Register(dataset=str(self.dataset),
-                                          num_examples=self.num_examples,
-                                          version=__version__, join_token=self.join_token))
+        await conn.send(
+            messages.Register(
+                dataset=str(self.dataset),
+                num_examples=self.num_examples,
+                version=__version__,
+                join_token=self.join_token,
+            )
+        )
         self.registered.set()
         assert conn.welcome is not None
         beat = asyncio.create_task(self._heartbeat(conn, conn.welcome.heartbeat_s))
-        self.ledger.append_event("joined", entity_id=conn.peer_id,
-                                 data={"url": self.url, "dataset": str(self.dataset)})
+        self.ledger.append_event(
+            "joined", entity_id=conn.peer_id, data={"url": self.url, "dataset": str(self.dataset)}
+        )
         try:
             async for env, msg in conn.messages():
                 if isinstance(msg, messages.RoundStart):
                     if self._task is not None and not self._task.done():
-                        await conn.send(messages.TaskError(
-                            round=msg.round, code="BUSY",
-                            message="still training the previous round"), env.session)
+                        await conn.send(
+                            messages.TaskError(
+                                round=msg.round,
+                                code="BUSY",
+                                message="still training the previous round",
+                            ),
+                            env.session,
+                        )
                         continue
                     self._task = asyncio.create_task(self._do_round(conn, env.session, msg))
                 elif isinstance(msg, messages.Block):
@@ -128,8 +166,9 @@ class Participant:
                         if not fut.done():
                             fut.set_exception(FednodeError(msg.message, code=msg.code))
                 elif isinstance(msg, messages.RoundEnd | messages.SessionEnd):
-                    self.ledger.append_event(msg.TYPE, session_id=env.session,
-                                             data=messages.payload(msg))
+                    self.ledger.append_event(
+                        msg.TYPE, session_id=env.session, data=messages.payload(msg)
+                    )
         finally:
             beat.cancel()
             if self._task is not None:
@@ -140,8 +179,9 @@ class Participant:
             while True:
                 await asyncio.sleep(every)
                 busy = self._task is not None and not self._task.done()
-                await conn.send(messages.Heartbeat(status="training" if busy else "idle",
-                                                   ts=time.time()))
+                await conn.send(
+                    messages.Heartbeat(status="training" if busy else "idle", ts=time.time())
+                )
 
     async def _fetch(self, conn: Connection, session: str, cid: str) -> bytes:
         """The model by CID: from the local store if present, else from the coordinator."""
@@ -153,15 +193,16 @@ class Participant:
         try:
             data = await asyncio.wait_for(fut, FETCH_TIMEOUT_S)
         except TimeoutError:
-            raise FednodeError(f"the coordinator sent no block {cid} within "
-                               f"{FETCH_TIMEOUT_S:.0f} s", code="FETCH_TIMEOUT") from None
+            raise FednodeError(
+                f"the coordinator sent no block {cid} within {FETCH_TIMEOUT_S:.0f} s",
+                code="FETCH_TIMEOUT",
+            ) from None
         if file_cid(data) != cid:
             raise CIDError(f"model bytes from the coordinator do not hash to {cid}")
         self.store.put(data, pin=False)
         return data
 
-    async def _do_round(self, conn: Connection, session: str,
-                        task: messages.RoundStart) -> None:
+    async def _do_round(self, conn: Connection, session: str, task: messages.RoundStart) -> None:
         started = time.time()
         try:
             s = spec.validate(task.spec)
@@ -172,28 +213,54 @@ class Participant:
             data = await asyncio.to_thread(self._load_data, s["data"])
             t = s["training"]
             cfg = training.TrainConfig(
-                local_epochs=t["local_epochs"], batch_size=t["batch_size"], lr=t["lr"],
-                optimizer=t["optimizer"], momentum=t["momentum"],
-                weight_decay=t["weight_decay"], seed=s["data"]["seed"] * 1000 + task.round)
+                local_epochs=t["local_epochs"],
+                batch_size=t["batch_size"],
+                lr=t["lr"],
+                optimizer=t["optimizer"],
+                momentum=t["momentum"],
+                weight_decay=t["weight_decay"],
+                seed=s["data"]["seed"] * 1000 + task.round,
+            )
             if self.train_delay_s:
                 await asyncio.sleep(self.train_delay_s)
             result = await asyncio.to_thread(training.train, mspec, global_w, data, cfg)
             out = weights.to_bytes(result.weights)
-            sent = await conn.send(messages.Update(
-                round=task.round, base_cid=task.model_cid, num_examples=result.num_examples,
-                loss=result.loss, train_s=result.duration_s, update_cid=file_cid(out),
-                data=out), session)
-            self.ledger.append_event("task_done", session_id=session, data={
-                "round": task.round, "model_cid": task.model_cid, "samples":
-                result.num_examples, "loss": result.loss, "train_s": result.duration_s,
-                "bytes_up": sent, "total_s": time.time() - started})
+            sent = await conn.send(
+                messages.Update(
+                    round=task.round,
+                    base_cid=task.model_cid,
+                    num_examples=result.num_examples,
+                    loss=result.loss,
+                    train_s=result.duration_s,
+                    update_cid=file_cid(out),
+                    data=out,
+                ),
+                session,
+            )
+            self.ledger.append_event(
+                "task_done",
+                session_id=session,
+                data={
+                    "round": task.round,
+                    "model_cid": task.model_cid,
+                    "samples": result.num_examples,
+                    "loss": result.loss,
+                    "train_s": result.duration_s,
+                    "bytes_up": sent,
+                    "total_s": time.time() - started,
+                },
+            )
         except FednodeError as err:
             log.error("round %d failed here: %s", task.round, err.message)
-            self.ledger.append_event("task_failed", session_id=session,
-                                     data={"round": task.round, "code": err.code,
-                                           "message": err.message})
+            self.ledger.append_event(
+                "task_failed",
+                session_id=session,
+                data={"round": task.round, "code": err.code, "message": err.message},
+            )
             with contextlib.suppress(ConnectionClosed):
-                await conn.send(messages.TaskError(round=task.round, code=err.code,
-                                                   message=err.message), session)
+                await conn.send(
+                    messages.TaskError(round=task.round, code=err.code, message=err.message),
+                    session,
+                )
         except ConnectionClosed:
             pass

@@ -17,6 +17,7 @@ session waits. Stop cancels the round in flight; it is recorded as aborted.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
@@ -60,8 +61,10 @@ ACTIONS: dict[str, tuple[set[SessionState], SessionState]] = {
     "start": ({SessionState.CREATED}, SessionState.RUNNING),
     "pause": ({SessionState.RUNNING}, SessionState.PAUSED),
     "resume": ({SessionState.PAUSED}, SessionState.RUNNING),
-    "stop": ({SessionState.CREATED, SessionState.RUNNING, SessionState.PAUSED},
-             SessionState.STOPPED),
+    "stop": (
+        {SessionState.CREATED, SessionState.RUNNING, SessionState.PAUSED},
+        SessionState.STOPPED,
+    ),
 }
 
 
@@ -69,15 +72,21 @@ def next_state(state: SessionState, action: str) -> SessionState:
     """The state after an operator action, or StateError saying why it is not allowed."""
     allowed, target = ACTIONS[action]
     if state not in allowed:
-        raise StateError(f"cannot {action} a session that is {state.value}",
-                         hint="allowed from: " + ", ".join(sorted(s.value for s in allowed)))
+        raise StateError(
+            f"cannot {action} a session that is {state.value}",
+            hint="allowed from: " + ", ".join(sorted(s.value for s in allowed)),
+        )
     return target
 
 
 def model_spec(spec: dict[str, Any]) -> dict[str, Any]:
     m = spec["model"]
-    return {"kind": m["kind"], "inputs": m["inputs"], "hidden": m["hidden"],
-            "classes": m["classes"]}
+    return {
+        "kind": m["kind"],
+        "inputs": m["inputs"],
+        "hidden": m["hidden"],
+        "classes": m["classes"],
+    }
 
 
 @dataclass
@@ -100,8 +109,13 @@ class RoundRun:
 
 
 class SessionRun:
-    def __init__(self, coord: Coordinator, session_id: str, spec: dict[str, Any],
-                 state: SessionState = SessionState.CREATED):
+    def __init__(
+        self,
+        coord: Coordinator,
+        session_id: str,
+        spec: dict[str, Any],
+        state: SessionState = SessionState.CREATED,
+    ):
         self.coord = coord
         self.session_id = session_id
         self.spec = spec
@@ -139,16 +153,13 @@ class SessionRun:
         if error:
             fields["error"] = error
         self.coord.ledger.update_session(self.session_id, **fields)
-        self.coord.record("session", self.session_id, {"status": state.value,
-                                                       "error": error or ""})
+        self.coord.record("session", self.session_id, {"status": state.value, "error": error or ""})
 
     async def _wait(self, timeout: float | None) -> None:
         """Sleep until something changes (update, peer, operator) or the timeout."""
         self._wake.clear()
-        try:
+        with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._wake.wait(), timeout)
-        except TimeoutError:
-            pass
 
     # --- the driver --------------------------------------------------------------------
 
@@ -176,23 +187,33 @@ class SessionRun:
     async def _prepare(self) -> None:
         spec = self.spec
         self.eval_data = await asyncio.to_thread(
-            load_eval, spec["data"]["dataset"], features=spec["data"]["features"],
-            seed=spec["data"]["seed"])
+            load_eval,
+            spec["data"]["dataset"],
+            features=spec["data"]["features"],
+            seed=spec["data"]["seed"],
+        )
         w = training.init_weights(model_spec(spec), spec["model"]["seed"])
         self.shapes = weights.shapes(w)
-        acc, loss = await asyncio.to_thread(training.evaluate, model_spec(spec), w,
-                                            self.eval_data)
+        acc, loss = await asyncio.to_thread(training.evaluate, model_spec(spec), w, self.eval_data)
         self._publish_model(0, w, "", acc, loss)
 
-    def _publish_model(self, number: int, w: weights.Weights, parent: str, acc: float,
-                       loss: float) -> str:
+    def _publish_model(
+        self, number: int, w: weights.Weights, parent: str, acc: float, loss: float
+    ) -> str:
         blob = weights.to_bytes(w)
         cid = self.coord.store.put(blob)
         self.global_cid, self.global_weights = cid, w
         if number == 0:
-            self.coord.ledger.record_model(self.session_id, 0, cid=cid, parent_cid=None,
-                                           accuracy=acc, loss=loss, size=len(blob),
-                                           created_at=time.time())
+            self.coord.ledger.record_model(
+                self.session_id,
+                0,
+                cid=cid,
+                parent_cid=None,
+                accuracy=acc,
+                loss=loss,
+                size=len(blob),
+                created_at=time.time(),
+            )
         self.last_model_size = len(blob)
         return cid
 
@@ -211,19 +232,29 @@ class SessionRun:
                     f"only {len(self._eligible())} of min_participants = "
                     f"{spec['min_participants']} participants online after "
                     f"{spec['wait_participants_s']:.0f} s",
-                    hint="start more participants, or lower min_participants")
+                    hint="start more participants, or lower min_participants",
+                )
             await self._wait(left)
         selected = self._eligible()
         if spec["max_participants"]:
             selected = selected[: spec["max_participants"]]
         rnd = self.round = RoundRun(number, self.global_cid, selected)
-        self.coord.ledger.start_round(self.session_id, number, selected=selected,
-                                      model_cid_in=self.global_cid, started_at=rnd.started_at)
-        self.coord.record("round_started", self.session_id,
-                          {"round": number, "selected": selected, "model_cid": self.global_cid})
+        self.coord.ledger.start_round(
+            self.session_id,
+            number,
+            selected=selected,
+            model_cid_in=self.global_cid,
+            started_at=rnd.started_at,
+        )
+        self.coord.record(
+            "round_started",
+            self.session_id,
+            {"round": number, "selected": selected, "model_cid": self.global_cid},
+        )
         rnd.phase = RoundPhase.TRAINING
-        task = messages.RoundStart(round=number, model_cid=self.global_cid, spec=spec,
-                                   deadline_s=spec["round_timeout_s"])
+        task = messages.RoundStart(
+            round=number, model_cid=self.global_cid, spec=spec, deadline_s=spec["round_timeout_s"]
+        )
         for peer in selected:
             if not await self.coord.send_to(peer, task, self.session_id):
                 rnd.failed[peer] = "offline when the round started"
@@ -233,40 +264,64 @@ class SessionRun:
         for peer in rnd.outstanding:
             rnd.failed[peer] = "no update before the round timeout"
         if len(rnd.received) < spec["min_participants"]:
-            reason = (f"{len(rnd.received)} updates, fewer than min_participants = "
-                      f"{spec['min_participants']}: " + "; ".join(
-                          f"{p[-8:]}: {r}" for p, r in rnd.failed.items()))
+            reason = (
+                f"{len(rnd.received)} updates, fewer than min_participants = "
+                f"{spec['min_participants']}: "
+                + "; ".join(f"{p[-8:]}: {r}" for p, r in rnd.failed.items())
+            )
             self._finish_round_failed("failed", reason)
             raise StateError(f"round {number} failed: {reason}")
         await self._aggregate(rnd)
 
     async def _aggregate(self, rnd: RoundRun) -> None:
         rnd.phase = RoundPhase.AGGREGATING
-        updates = [ClientUpdate(peer, weights.from_bytes(u.data, expect=self.shapes),
-                                u.num_examples, u.loss)
-                   for peer, (u, _) in sorted(rnd.received.items())]
+        updates = [
+            ClientUpdate(
+                peer, weights.from_bytes(u.data, expect=self.shapes), u.num_examples, u.loss
+            )
+            for peer, (u, _) in sorted(rnd.received.items())
+        ]
         assert self.global_weights is not None
         new = await asyncio.to_thread(self.strategy.aggregate, self.global_weights, updates)
         rnd.phase = RoundPhase.EVALUATING
-        acc, loss = await asyncio.to_thread(training.evaluate, model_spec(self.spec), new,
-                                            self.eval_data)
+        acc, loss = await asyncio.to_thread(
+            training.evaluate, model_spec(self.spec), new, self.eval_data
+        )
         parent = self.global_cid
         cid = self._publish_model(rnd.number, new, parent, acc, loss)
         now = time.time()
         self.coord.ledger.complete_round(
-            self.session_id, rnd.number, ended_at=now, model_cid=cid, parent_cid=parent,
-            accuracy=acc, loss=loss, size=self.last_model_size,
-            participants=len(rnd.received), dropped=len(rnd.failed),
-            bytes_up=rnd.bytes_up, bytes_down=rnd.bytes_down)
+            self.session_id,
+            rnd.number,
+            ended_at=now,
+            model_cid=cid,
+            parent_cid=parent,
+            accuracy=acc,
+            loss=loss,
+            size=self.last_model_size,
+            participants=len(rnd.received),
+            dropped=len(rnd.failed),
+            bytes_up=rnd.bytes_up,
+            bytes_down=rnd.bytes_down,
+        )
         rnd.phase = RoundPhase.DONE
         self.rounds_done = rnd.number
-        self.coord.record("round_completed", self.session_id, {
-            "round": rnd.number, "accuracy": acc, "loss": loss, "model_cid": cid,
-            "duration_s": now - rnd.started_at, "participants": sorted(rnd.received),
-            "dropped": sorted(rnd.failed), "bytes_up": rnd.bytes_up,
-            "bytes_down": rnd.bytes_down})
-        end = messages.RoundEnd(round=rnd.number, status="completed", model_cid=cid,
-                                accuracy=acc)
+        self.coord.record(
+            "round_completed",
+            self.session_id,
+            {
+                "round": rnd.number,
+                "accuracy": acc,
+                "loss": loss,
+                "model_cid": cid,
+                "duration_s": now - rnd.started_at,
+                "participants": sorted(rnd.received),
+                "dropped": sorted(rnd.failed),
+                "bytes_up": rnd.bytes_up,
+                "bytes_down": rnd.bytes_down,
+            },
+        )
+        end = messages.RoundEnd(round=rnd.number, status="completed", model_cid=cid, accuracy=acc)
         for peer in rnd.selected:
             await self.coord.send_to(peer, end, self.session_id)
 
@@ -275,11 +330,21 @@ class SessionRun:
         assert rnd is not None
         rnd.phase = RoundPhase.DONE
         self.coord.ledger.finish_round(
-            self.session_id, rnd.number, status=status, ended_at=time.time(),
-            participants=len(rnd.received), dropped=len(rnd.failed), bytes_up=rnd.bytes_up,
-            bytes_down=rnd.bytes_down, reason=reason)
-        self.coord.record("round_failed", self.session_id,
-                          {"round": rnd.number, "status": status, "reason": reason})
+            self.session_id,
+            rnd.number,
+            status=status,
+            ended_at=time.time(),
+            participants=len(rnd.received),
+            dropped=len(rnd.failed),
+            bytes_up=rnd.bytes_up,
+            bytes_down=rnd.bytes_down,
+            reason=reason,
+        )
+        self.coord.record(
+            "round_failed",
+            self.session_id,
+            {"round": rnd.number, "status": status, "reason": reason},
+        )
 
     # --- input from participants ---------------------------------------------------------
 
@@ -289,23 +354,30 @@ class SessionRun:
         now = time.time()
         if rnd is None or rnd.phase != RoundPhase.TRAINING or msg.round != rnd.number:
             current = rnd.number if rnd else 0
-            raise ValidationError(f"update for round {msg.round}, but round {current} of "
-                                  f"session {self.session_id} is not collecting updates",
-                                  code="STALE_UPDATE")
+            raise ValidationError(
+                f"update for round {msg.round}, but round {current} of "
+                f"session {self.session_id} is not collecting updates",
+                code="STALE_UPDATE",
+            )
         if peer not in rnd.selected:
-            raise ValidationError(f"{peer} was not selected for round {rnd.number}",
-                                  code="NOT_SELECTED")
+            raise ValidationError(
+                f"{peer} was not selected for round {rnd.number}", code="NOT_SELECTED"
+            )
         if peer in rnd.received or peer in rnd.failed:
-            raise ValidationError(f"{peer} already answered round {rnd.number}",
-                                  code="DUPLICATE_UPDATE")
+            raise ValidationError(
+                f"{peer} already answered round {rnd.number}", code="DUPLICATE_UPDATE"
+            )
         rnd.bytes_up += frame_bytes
         try:
             if msg.base_cid != rnd.model_cid:
-                raise ValidationError(f"update trained on {msg.base_cid}, the round's model "
-                                      f"is {rnd.model_cid}", code="WRONG_BASE")
+                raise ValidationError(
+                    f"update trained on {msg.base_cid}, the round's model is {rnd.model_cid}",
+                    code="WRONG_BASE",
+                )
             if file_cid(msg.data) != msg.update_cid:
-                raise ValidationError("update bytes do not hash to their update_cid",
-                                      code="CID_MISMATCH")
+                raise ValidationError(
+                    "update bytes do not hash to their update_cid", code="CID_MISMATCH"
+                )
             weights.from_bytes(msg.data, expect=self.shapes)  # shapes, dtype, finite
         except ValidationError as err:
             rnd.failed[peer] = f"rejected: {err.message}"
@@ -315,20 +387,47 @@ class SessionRun:
         self.coord.store.put(msg.data, pin=False)
         rnd.received[peer] = (msg, now)
         self._record_update(peer, msg, frame_bytes, now, "accepted", None)
-        self.coord.record("update_received", self.session_id, {
-            "round": rnd.number, "participant": peer, "samples": msg.num_examples,
-            "loss": msg.loss, "train_s": msg.train_s, "bytes": frame_bytes,
-            "received": len(rnd.received), "selected": len(rnd.selected)}, ledger=False)
+        self.coord.record(
+            "update_received",
+            self.session_id,
+            {
+                "round": rnd.number,
+                "participant": peer,
+                "samples": msg.num_examples,
+                "loss": msg.loss,
+                "train_s": msg.train_s,
+                "bytes": frame_bytes,
+                "received": len(rnd.received),
+                "selected": len(rnd.selected),
+            },
+            ledger=False,
+        )
         self.wake()
 
-    def _record_update(self, peer: str, msg: messages.Update, size: int, now: float,
-                       status: str, reason: str | None) -> None:
+    def _record_update(
+        self,
+        peer: str,
+        msg: messages.Update,
+        size: int,
+        now: float,
+        status: str,
+        reason: str | None,
+    ) -> None:
         assert self.round is not None
         self.coord.ledger.record_update(
-            self.session_id, msg.round, participant=peer, samples=msg.num_examples,
-            loss=msg.loss, bytes=size, duration_s=msg.train_s,
-            upload_s=now - self.round.started_at, update_cid=msg.update_cid, status=status,
-            reason=reason, received_at=now)
+            self.session_id,
+            msg.round,
+            participant=peer,
+            samples=msg.num_examples,
+            loss=msg.loss,
+            bytes=size,
+            duration_s=msg.train_s,
+            upload_s=now - self.round.started_at,
+            update_cid=msg.update_cid,
+            status=status,
+            reason=reason,
+            received_at=now,
+        )
 
     def on_peer_lost(self, peer: str, reason: str) -> None:
         rnd = self.round

@@ -10,6 +10,7 @@ connection stays open. Either way the node goes on serving everyone else.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -51,8 +52,12 @@ RefusalHook = Callable[["Connection | None", str, FednodeError], Awaitable[None]
 
 def ws_options() -> dict[str, Any]:
     # Compression off: models are incompressible floats and deflate costs CPU on both ends.
-    return {"max_size": MAX_FRAME_BYTES, "compression": None, "ping_interval": 20,
-            "ping_timeout": 20}
+    return {
+        "max_size": MAX_FRAME_BYTES,
+        "compression": None,
+        "ping_interval": 20,
+        "ping_timeout": 20,
+    }
 
 
 def _address(ws: Websocket) -> str:
@@ -64,8 +69,9 @@ async def _recv_bytes(ws: Websocket, timeout: float, what: str) -> bytes:
     try:
         frame = await asyncio.wait_for(ws.recv(), timeout)
     except TimeoutError:
-        raise HandshakeError(f"peer sent no {what} within {timeout:.0f} s",
-                             code="HANDSHAKE_TIMEOUT") from None
+        raise HandshakeError(
+            f"peer sent no {what} within {timeout:.0f} s", code="HANDSHAKE_TIMEOUT"
+        ) from None
     if not isinstance(frame, bytes):
         raise DecodeError(f"{what} must be a binary frame, got text")
     return frame
@@ -74,8 +80,13 @@ async def _recv_bytes(ws: Websocket, timeout: float, what: str) -> bytes:
 class Connection:
     """An authenticated connection: signed envelopes out, verified envelopes in."""
 
-    def __init__(self, ws: Websocket, identity: Identity, result: HandshakeResult,
-                 clock: Callable[[], float] = time.time):
+    def __init__(
+        self,
+        ws: Websocket,
+        identity: Identity,
+        result: HandshakeResult,
+        clock: Callable[[], float] = time.time,
+    ):
         self.ws = ws
         self.identity = identity
         self.peer_id = result.peer_id
@@ -94,17 +105,22 @@ class Connection:
         """Sign and send one message; returns the frame size in bytes."""
         async with self._send_lock:  # sequence numbers must hit the wire in order
             self._seq += 1
-            frame = seal(self.identity, channel=self.channel, type=msg.TYPE, seq=self._seq,
-                         payload=messages.payload(msg), ts=self.clock(), session=session)
+            frame = seal(
+                self.identity,
+                channel=self.channel,
+                type=msg.TYPE,
+                seq=self._seq,
+                payload=messages.payload(msg),
+                ts=self.clock(),
+                session=session,
+            )
             await self.ws.send(frame)
         self.bytes_sent += len(frame)
         return len(frame)
 
     async def send_error(self, err: FednodeError) -> None:
-        try:
+        with contextlib.suppress(ConnectionClosed):
             await self.send(messages.Error(code=err.code, message=err.message, hint=err.hint))
-        except ConnectionClosed:
-            pass
 
     async def recv(self) -> tuple[Envelope, messages.Message]:
         """One verified, typed message. Raises FednodeError or ConnectionClosed."""
@@ -112,13 +128,18 @@ class Connection:
         if not isinstance(frame, bytes):
             raise DecodeError("fednode frames are binary; got a text frame")
         self.bytes_received += len(frame)
-        env = open_frame(frame, channel=self.channel, sender_peer_id=self.peer_id,
-                         sender_public_key=self.public_key)
+        env = open_frame(
+            frame,
+            channel=self.channel,
+            sender_peer_id=self.peer_id,
+            sender_public_key=self.public_key,
+        )
         self._guard.check(env, self.clock())
         return env, messages.parse(env.type, env.payload)
 
-    async def messages(self, on_refusal: RefusalHook | None = None
-                       ) -> AsyncIterator[tuple[Envelope, messages.Message]]:
+    async def messages(
+        self, on_refusal: RefusalHook | None = None
+    ) -> AsyncIterator[tuple[Envelope, messages.Message]]:
         """Yield messages until the peer leaves; apply the bad-input policy on the way."""
         while True:
             try:
@@ -126,8 +147,13 @@ class Connection:
             except ConnectionClosed:
                 return
             except FednodeError as err:
-                log.warning("refused frame from %s (%s): %s: %s", self.peer_id, self.address,
-                            err.code, err.message)
+                log.warning(
+                    "refused frame from %s (%s): %s: %s",
+                    self.peer_id,
+                    self.address,
+                    err.code,
+                    err.message,
+                )
                 if on_refusal is not None:
                     res = on_refusal(self, self.address, err)
                     if asyncio.iscoroutine(res):
@@ -143,8 +169,9 @@ class Connection:
         await self.ws.close(code, reason[:120])
 
 
-async def accept(ws: ServerConnection, identity: Identity,
-                 timeout: float = HANDSHAKE_TIMEOUT_S) -> Connection:
+async def accept(
+    ws: ServerConnection, identity: Identity, timeout: float = HANDSHAKE_TIMEOUT_S
+) -> Connection:
     """Server side of the handshake. On failure: an error frame, the socket closed, raise."""
     hs = ServerHandshake(identity)
     try:
@@ -160,14 +187,18 @@ async def accept(ws: ServerConnection, identity: Identity,
     return Connection(ws, identity, result)
 
 
-async def dial(url: str, identity: Identity, expected_peer_id: str,
-               timeout: float = HANDSHAKE_TIMEOUT_S) -> Connection:
+async def dial(
+    url: str, identity: Identity, expected_peer_id: str, timeout: float = HANDSHAKE_TIMEOUT_S
+) -> Connection:
     """Client side: connect and authenticate the server as ``expected_peer_id``."""
     try:
         ws = await asyncio.wait_for(connect(url, **ws_options()), timeout)
     except (OSError, TimeoutError) as exc:
-        raise FednodeError(f"cannot reach {url}: {exc or 'timed out'}", code="UNREACHABLE",
-                           hint="check that the node runs and the address is right") from None
+        raise FednodeError(
+            f"cannot reach {url}: {exc or 'timed out'}",
+            code="UNREACHABLE",
+            hint="check that the node runs and the address is right",
+        ) from None
     hs = ClientHandshake(identity, expected_peer_id)
     try:
         await ws.send(hs.hello())
@@ -177,15 +208,17 @@ async def dial(url: str, identity: Identity, expected_peer_id: str,
         # The server speaks first after auth: a Welcome, or a refusal with its reason.
         first = await _recv_bytes(ws, timeout, "welcome")
         raise_if_refusal(first)
-        env = open_frame(first, channel=conn.channel, sender_peer_id=conn.peer_id,
-                         sender_public_key=conn.public_key)
+        env = open_frame(
+            first,
+            channel=conn.channel,
+            sender_peer_id=conn.peer_id,
+            sender_public_key=conn.public_key,
+        )
         conn._guard.check(env, conn.clock())
         msg = messages.parse(env.type, env.payload)
     except FednodeError as err:
-        try:
+        with contextlib.suppress(ConnectionClosed):
             await ws.send(error_frame(err))
-        except ConnectionClosed:
-            pass
         await ws.close(1008, err.code)
         raise
     except ConnectionClosed:

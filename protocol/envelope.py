@@ -53,7 +53,13 @@ def decode(data: bytes, *, what: str = "frame") -> Any:
 
 
 def _signing_bytes(
-    channel: bytes, v: int, type_: str, session: str, sender: str, seq: int, ts: float,
+    channel: bytes,
+    v: int,
+    type_: str,
+    session: str,
+    sender: str,
+    seq: int,
+    ts: float,
     payload_hash: bytes,
 ) -> bytes:
     return _SIGNING_DOMAIN + encode([channel, v, type_, session, sender, seq, ts, payload_hash])
@@ -86,11 +92,22 @@ def seal(
     body = encode(payload)
     sender = identity.peer_id
     sig = identity.sign(
-        _signing_bytes(channel, PROTOCOL_VERSION, type, session, sender, seq, ts,
-                       hashlib.sha256(body).digest())
+        _signing_bytes(
+            channel, PROTOCOL_VERSION, type, session, sender, seq, ts, hashlib.sha256(body).digest()
+        )
     )
-    return encode({"v": PROTOCOL_VERSION, "t": type, "s": session, "f": sender, "n": seq,
-                   "ts": ts, "p": body, "sig": sig})
+    return encode(
+        {
+            "v": PROTOCOL_VERSION,
+            "t": type,
+            "s": session,
+            "f": sender,
+            "n": seq,
+            "ts": ts,
+            "p": body,
+            "sig": sig,
+        }
+    )
 
 
 def _field(frame: dict[str, Any], key: str, kind: type | tuple[type, ...], name: str) -> Any:
@@ -111,12 +128,15 @@ def open_frame(
     """
     frame = decode(data, what="envelope")
     if not isinstance(frame, dict) or set(frame) != _FRAME_KEYS:
-        raise DecodeError("envelope must be a map with exactly the keys " +
-                          ", ".join(sorted(_FRAME_KEYS)))
+        raise DecodeError(
+            "envelope must be a map with exactly the keys " + ", ".join(sorted(_FRAME_KEYS))
+        )
     v = _field(frame, "v", int, "version")
     if v != PROTOCOL_VERSION:
-        raise DecodeError(f"envelope version {v} is not supported (this node speaks "
-                          f"{PROTOCOL_VERSION})", hint="upgrade the older node")
+        raise DecodeError(
+            f"envelope version {v} is not supported (this node speaks {PROTOCOL_VERSION})",
+            hint="upgrade the older node",
+        )
     type_ = _field(frame, "t", str, "type")
     session = _field(frame, "s", str, "session")
     sender = _field(frame, "f", str, "sender")
@@ -128,16 +148,26 @@ def open_frame(
         raise DecodeError("envelope timestamp is not a finite number")
     if sender != sender_peer_id:
         raise SignatureError(
-            f"envelope claims sender {sender} on a connection authenticated as "
-            f"{sender_peer_id}", hint="a peer may only speak for itself")
-    verify(sender_public_key, sig,
-           _signing_bytes(channel, v, type_, session, sender, seq, ts,
-                          hashlib.sha256(body).digest()))
+            f"envelope claims sender {sender} on a connection authenticated as {sender_peer_id}",
+            hint="a peer may only speak for itself",
+        )
+    verify(
+        sender_public_key,
+        sig,
+        _signing_bytes(channel, v, type_, session, sender, seq, ts, hashlib.sha256(body).digest()),
+    )
     payload = decode(body, what=f"payload of {type_!r}")
     if not isinstance(payload, dict):
         raise DecodeError(f"payload of {type_!r} must be a map")
-    return Envelope(type=type_, session=session, sender=sender, seq=seq, ts=float(ts),
-                    payload=payload, size=len(data))
+    return Envelope(
+        type=type_,
+        session=session,
+        sender=sender,
+        seq=seq,
+        ts=float(ts),
+        payload=payload,
+        size=len(data),
+    )
 
 
 class ReplayGuard:
@@ -150,9 +180,13 @@ class ReplayGuard:
     def check(self, env: Envelope, now: float) -> None:
         if env.seq != self.last_seq + 1:
             kind = "replayed or duplicated" if env.seq <= self.last_seq else "out of order"
-            raise ReplayError(f"envelope {env.type!r} has sequence {env.seq}, expected "
-                              f"{self.last_seq + 1}: {kind}")
+            raise ReplayError(
+                f"envelope {env.type!r} has sequence {env.seq}, expected "
+                f"{self.last_seq + 1}: {kind}"
+            )
         if abs(env.ts - now) > self.max_skew_s:
-            raise ReplayError(f"envelope {env.type!r} is {env.ts - now:+.0f} s from this "
-                              f"node's clock (window ±{self.max_skew_s:.0f} s)")
+            raise ReplayError(
+                f"envelope {env.type!r} is {env.ts - now:+.0f} s from this "
+                f"node's clock (window ±{self.max_skew_s:.0f} s)"
+            )
         self.last_seq = env.seq

@@ -59,7 +59,9 @@ def _message(frame: bytes, expected: str) -> dict[str, Any]:
     if msg["hs"] == "error":
         raise HandshakeError(
             f"peer refused the handshake: {msg.get('code')}: {msg.get('message')}",
-            hint=str(msg.get("hint") or HandshakeError.hint), code=str(msg.get("code")))
+            hint=str(msg.get("hint") or HandshakeError.hint),
+            code=str(msg.get("code")),
+        )
     if msg["hs"] != expected:
         raise HandshakeError(f"expected handshake {expected!r}, got {msg['hs']!r}")
     return msg
@@ -74,8 +76,10 @@ def _bytes(msg: dict[str, Any], key: str, size: int) -> bytes:
 
 def _check_proto(msg: dict[str, Any]) -> None:
     if msg.get("proto") != PROTOCOL:
-        raise HandshakeError(f"peer speaks {msg.get('proto')!r}, this node speaks {PROTOCOL!r}",
-                             hint="run the same fednode version on both machines")
+        raise HandshakeError(
+            f"peer speaks {msg.get('proto')!r}, this node speaks {PROTOCOL!r}",
+            hint="run the same fednode version on both machines",
+        )
 
 
 @dataclass
@@ -87,8 +91,9 @@ class _Transcript:
     to: str
 
     def signed(self, role: str) -> bytes:
-        return _DOMAIN + encode([role, PROTOCOL, self.nonce_c, self.nonce_s, self.pub_c,
-                                 self.pub_s, self.to])
+        return _DOMAIN + encode(
+            [role, PROTOCOL, self.nonce_c, self.nonce_s, self.pub_c, self.pub_s, self.to]
+        )
 
     def channel(self) -> bytes:
         return hashlib.sha256(self.signed("channel")).digest()
@@ -104,8 +109,15 @@ class ClientHandshake:
         self.result: HandshakeResult | None = None
 
     def hello(self) -> bytes:
-        return encode({"hs": "hello", "proto": PROTOCOL, "pub": self.identity.public_key,
-                       "nonce": self.nonce, "to": self.expected})
+        return encode(
+            {
+                "hs": "hello",
+                "proto": PROTOCOL,
+                "pub": self.identity.public_key,
+                "nonce": self.nonce,
+                "to": self.expected,
+            }
+        )
 
     def on_challenge(self, frame: bytes) -> bytes:
         msg = _message(frame, "challenge")
@@ -142,9 +154,15 @@ class ServerHandshake:
         if to != self.identity.peer_id:
             raise PeerMismatch(f"client wants peer {to!r}, this node is {self.identity.peer_id}")
         self._transcript = _Transcript(nonce_c, self.nonce, pub_c, self.identity.public_key, to)
-        return encode({"hs": "challenge", "proto": PROTOCOL, "pub": self.identity.public_key,
-                       "nonce": self.nonce, "sig": self.identity.sign(
-                           self._transcript.signed("server"))})
+        return encode(
+            {
+                "hs": "challenge",
+                "proto": PROTOCOL,
+                "pub": self.identity.public_key,
+                "nonce": self.nonce,
+                "sig": self.identity.sign(self._transcript.signed("server")),
+            }
+        )
 
     def on_auth(self, frame: bytes) -> HandshakeResult:
         if self._transcript is None:
@@ -155,6 +173,8 @@ class ServerHandshake:
         try:
             verify(t.pub_c, sig_c, t.signed("client"))
         except SignatureError:
-            raise HandshakeError("client's handshake signature does not verify: it does not "
-                                 "hold the key it presented") from None
+            raise HandshakeError(
+                "client's handshake signature does not verify: it does not "
+                "hold the key it presented"
+            ) from None
         return HandshakeResult(peer_id_from_public_key(t.pub_c), t.pub_c, t.channel())

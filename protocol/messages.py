@@ -235,8 +235,22 @@ class Event(Message):
 
 MESSAGES: dict[str, type[Message]] = {
     cls.TYPE: cls
-    for cls in (Register, Heartbeat, Fetch, Update, TaskError, Welcome, Block, RoundStart,
-                RoundEnd, SessionEnd, Error, Admin, AdminReply, Event)
+    for cls in (
+        Register,
+        Heartbeat,
+        Fetch,
+        Update,
+        TaskError,
+        Welcome,
+        Block,
+        RoundStart,
+        RoundEnd,
+        SessionEnd,
+        Error,
+        Admin,
+        AdminReply,
+        Event,
+    )
 }
 _HINTS = {name: typing.get_type_hints(cls) for name, cls in MESSAGES.items()}
 
@@ -245,9 +259,11 @@ def parse(type_: str, payload: dict[str, Any]) -> Message:
     """A checked, typed message from a verified envelope's type and payload."""
     cls = MESSAGES.get(type_)
     if cls is None:
-        raise ValidationError(f"unknown message type {type_!r}",
-                              hint="the peer runs a newer or different protocol",
-                              code="UNKNOWN_TYPE")
+        raise ValidationError(
+            f"unknown message type {type_!r}",
+            hint="the peer runs a newer or different protocol",
+            code="UNKNOWN_TYPE",
+        )
     fields = {f.name: f for f in dataclasses.fields(cls)}
     extra = set(payload) - set(fields)
     if extra:
@@ -255,8 +271,9 @@ def parse(type_: str, payload: dict[str, Any]) -> Message:
     hints = _HINTS[type_]
     for name, f in fields.items():
         if name not in payload:
-            no_default = (f.default is dataclasses.MISSING
-                          and f.default_factory is dataclasses.MISSING)
+            no_default = (
+                f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+            )
             if no_default:
                 raise ValidationError(f"message {type_!r} is missing field {name!r}")
             continue

@@ -42,28 +42,49 @@ SCHEMA: dict[str, dict[str, Field]] = {
     "": {
         "name": Field("name", "digits-mlp", "a label for people; letters, digits, _ . -"),
         "rounds": Field("int", 10, "rounds of training", 1, 100_000),
-        "min_participants": Field("int", 3, "a round starts only with this many online, "
-                                  "and fails if fewer return an update", 1, 10_000),
-        "max_participants": Field("int", 0, "at most this many per round; 0 = every online "
-                                  "participant", 0, 10_000),
-        "participants": Field("peer_list", [], "peer IDs allowed to take part; empty = any "
-                              "participant connected to this coordinator"),
+        "min_participants": Field(
+            "int",
+            3,
+            "a round starts only with this many online, and fails if fewer return an update",
+            1,
+            10_000,
+        ),
+        "max_participants": Field(
+            "int", 0, "at most this many per round; 0 = every online participant", 0, 10_000
+        ),
+        "participants": Field(
+            "peer_list",
+            [],
+            "peer IDs allowed to take part; empty = any participant connected to this coordinator",
+        ),
         "round_timeout_s": Field("float", 300.0, "seconds a round waits for updates", 1, 86_400),
-        "wait_participants_s": Field("float", 120.0, "seconds to wait for min_participants "
-                                     "before the session fails", 1, 86_400),
+        "wait_participants_s": Field(
+            "float",
+            120.0,
+            "seconds to wait for min_participants before the session fails",
+            1,
+            86_400,
+        ),
     },
     "data": {
-        "dataset": Field("dataset", "digits", "evaluation data on the coordinator: digits "
-                         "(embedded test split) or npz:/path or csv:/path"),
-        "partition": Field("choice", "iid", "how digits:K/N shards split the training data",
-                           choices=PARTITIONS),
+        "dataset": Field(
+            "dataset",
+            "digits",
+            "evaluation data on the coordinator: digits "
+            "(embedded test split) or npz:/path or csv:/path",
+        ),
+        "partition": Field(
+            "choice", "iid", "how digits:K/N shards split the training data", choices=PARTITIONS
+        ),
         "seed": Field("int", 0, "seed of the split and the partition", 0, 2**31 - 1),
-        "features": Field("choice", "standardize", "standardize (training-split mean/std), "
-                          "scale16 (pixels/16), none", choices=FEATURES),
-        "alpha": Field("float", 0.5, "Dirichlet concentration (partition = dirichlet)",
-                       1e-3, 1e6),
-        "labels_per_part": Field("int", 2, "classes per shard (partition = label_skew)",
-                                 1, 1000),
+        "features": Field(
+            "choice",
+            "standardize",
+            "standardize (training-split mean/std), scale16 (pixels/16), none",
+            choices=FEATURES,
+        ),
+        "alpha": Field("float", 0.5, "Dirichlet concentration (partition = dirichlet)", 1e-3, 1e6),
+        "labels_per_part": Field("int", 2, "classes per shard (partition = label_skew)", 1, 1000),
     },
     "model": {
         "kind": Field("choice", "mlp", "mlp or logreg", choices=("mlp", "logreg")),
@@ -82,8 +103,7 @@ SCHEMA: dict[str, dict[str, Field]] = {
     },
     "aggregation": {
         "strategy": Field("choice", "fedavg", "how updates are combined", choices=STRATEGIES),
-        "secure": Field("bool", False, "secure aggregation (not in this version: must be "
-                        "false)"),
+        "secure": Field("bool", False, "secure aggregation (not in this version: must be false)"),
     },
 }
 
@@ -96,8 +116,10 @@ def _check(section: str, key: str, f: Field, value: Any) -> Any:
     where = _where(section, key)
 
     def bad(accepted: str) -> SpecError:
-        return SpecError(f"{where} = {value!r} is not accepted: expected {accepted}",
-                         hint=f"{f.doc}; fix {where} in the spec")
+        return SpecError(
+            f"{where} = {value!r} is not accepted: expected {accepted}",
+            hint=f"{f.doc}; fix {where} in the spec",
+        )
 
     def in_range(v: float) -> None:
         if (f.lo is not None and v < f.lo) or (f.hi is not None and v > f.hi):
@@ -123,18 +145,21 @@ def _check(section: str, key: str, f: Field, value: Any) -> Any:
         return value
     if f.kind == "name":
         if not isinstance(value, str) or not _NAME_RE.match(value):
-            raise bad("1-100 characters: letters, digits, _ . - (starting with a letter or "
-                      "digit)")
+            raise bad("1-100 characters: letters, digits, _ . - (starting with a letter or digit)")
         return value
     if f.kind == "dataset":
         ok = isinstance(value, str) and (
-            value == "digits" or re.match(r"^(npz|csv):.+", value) is not None)
+            value == "digits" or re.match(r"^(npz|csv):.+", value) is not None
+        )
         if not ok:
             raise bad("digits, npz:/path/file.npz or csv:/path/file.csv")
         return value
     if f.kind == "int_list":
-        if (not isinstance(value, list) or len(value) > 16
-                or not all(isinstance(v, int) and not isinstance(v, bool) for v in value)):
+        if (
+            not isinstance(value, list)
+            or len(value) > 16
+            or not all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+        ):
             raise bad("a list of at most 16 integers")
         for v in value:
             in_range(v)
@@ -175,14 +200,19 @@ def validate(raw: Any) -> dict[str, Any]:
                 if f is None:
                     raise SpecError(
                         f"unknown field {key}.{sub}",
-                        hint=f"fields of [{key}]: " + ", ".join(SCHEMA[key]))
+                        hint=f"fields of [{key}]: " + ", ".join(SCHEMA[key]),
+                    )
                 out[key][sub] = _check(key, sub, f, subvalue)
         elif key in SCHEMA[""]:
             out[key] = _check("", key, SCHEMA[""][key], value)
         else:
-            raise SpecError(f"unknown field {key!r}",
-                            hint="top-level fields: " + ", ".join(SCHEMA[""]) +
-                            "; sections: " + ", ".join(sorted(sections)))
+            raise SpecError(
+                f"unknown field {key!r}",
+                hint="top-level fields: "
+                + ", ".join(SCHEMA[""])
+                + "; sections: "
+                + ", ".join(sorted(sections)),
+            )
     _cross_checks(out)
     return out
 
@@ -190,14 +220,21 @@ def validate(raw: Any) -> dict[str, Any]:
 def _cross_checks(spec: dict[str, Any]) -> None:
     mx, mn = spec["max_participants"], spec["min_participants"]
     if mx and mx < mn:
-        raise SpecError(f"max_participants = {mx} is below min_participants = {mn}",
-                        hint="raise max_participants, or set it to 0 (all online)")
+        raise SpecError(
+            f"max_participants = {mx} is below min_participants = {mn}",
+            hint="raise max_participants, or set it to 0 (all online)",
+        )
     if spec["aggregation"]["secure"]:
-        raise SpecError("aggregation.secure = true is not available in this version",
-                        hint="set aggregation.secure = false", code="NOT_IMPLEMENTED")
+        raise SpecError(
+            "aggregation.secure = true is not available in this version",
+            hint="set aggregation.secure = false",
+            code="NOT_IMPLEMENTED",
+        )
     if spec["model"]["kind"] == "mlp" and not spec["model"]["hidden"]:
-        raise SpecError("model.hidden = [] leaves the mlp with no hidden layer",
-                        hint="give at least one width, or use model.kind = \"logreg\"")
+        raise SpecError(
+            "model.hidden = [] leaves the mlp with no hidden layer",
+            hint='give at least one width, or use model.kind = "logreg"',
+        )
 
 
 def loads(text: str, *, fmt: str) -> dict[str, Any]:
@@ -226,16 +263,23 @@ def _toml_value(v: Any) -> str:
 
 def template() -> str:
     """A complete, commented TOML spec with every field at its default."""
-    lines = ["# fednode session spec: every field, with its default and what it accepts.",
-             "# Validate with `fedctl session create FILE`.", ""]
+    lines = [
+        "# fednode session spec: every field, with its default and what it accepts.",
+        "# Validate with `fedctl session create FILE`.",
+        "",
+    ]
     for section, fields in SCHEMA.items():
         if section:
             lines += ["", f"[{section}]"]
         for key, f in fields.items():
-            accepted = (" | ".join(f.choices) if f.choices else
-                        f"{_num(f.lo)}..{_num(f.hi)}" if f.lo is not None else "")
+            accepted = (
+                " | ".join(f.choices)
+                if f.choices
+                else f"{_num(f.lo)}..{_num(f.hi)}"
+                if f.lo is not None
+                else ""
+            )
             comment = f.doc + (f" ({accepted})" if accepted else "")
-            value = _toml_value(f.default).lower() if f.kind == "bool" else _toml_value(
-                f.default)
+            value = _toml_value(f.default).lower() if f.kind == "bool" else _toml_value(f.default)
             lines.append(f"{f'{key} = {value}':<32} # {comment}")
     return "\n".join(lines) + "\n"

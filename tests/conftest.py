@@ -17,21 +17,33 @@ from fednode.home import NodeHome
 from protocol.identity import Identity
 
 
-def cli(*args: str, key: Path | None = None, timeout: float = 120, check: bool = False,
-        target: Cluster | None = None) -> subprocess.CompletedProcess[str]:
+def cli(
+    *args: str,
+    key: Path | None = None,
+    timeout: float = 120,
+    check: bool = False,
+    target: Cluster | None = None,
+) -> subprocess.CompletedProcess[str]:
     """Run `fedctl` (or `fednode` when args start with 'fednode') as a user would."""
     if args and args[0] == "fednode":
         cmd = [sys.executable, "-m", "fednode", *args[1:]]
     else:
         globals_: list[str] = []
         if target is not None:
-            globals_ += ["--coordinator", target.url, "--coordinator-id", target.peer_id,
-                         "--key", str(target.operator_key)]
+            globals_ += [
+                "--coordinator",
+                target.url,
+                "--coordinator-id",
+                target.peer_id,
+                "--key",
+                str(target.operator_key),
+            ]
         elif key is not None:
             globals_ += ["--key", str(key)]
         cmd = [sys.executable, "-m", "fedctl", *globals_, *args]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
-                          stdin=subprocess.DEVNULL)
+    proc = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL
+    )
     if check and proc.returncode != 0:
         raise AssertionError(f"{cmd} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return proc
@@ -60,10 +72,23 @@ class Cluster:
     def start_participant(self, k: int, n: int, *extra: str) -> NodeHome:
         home = NodeHome(self.root / f"participant-{k}")
         home.init()
-        self.procs.start(f"participant-{k}", [
-            "run", "--role", "participant", "--coordinator", self.url,
-            "--coordinator-id", self.peer_id, "--data-dir", str(home.root),
-            "--dataset", f"digits:{k}/{n}", *extra])
+        self.procs.start(
+            f"participant-{k}",
+            [
+                "run",
+                "--role",
+                "participant",
+                "--coordinator",
+                self.url,
+                "--coordinator-id",
+                self.peer_id,
+                "--data-dir",
+                str(home.root),
+                "--dataset",
+                f"digits:{k}/{n}",
+                *extra,
+            ],
+        )
         self.participant_homes.append(home)
         return home
 
@@ -76,9 +101,21 @@ def start_cluster(root: Path, participants: int) -> Cluster:
     procs = Processes(root / "logs")
     home = NodeHome(root / "coordinator")
     ident, _ = home.init()
-    proc = procs.start("coordinator", [
-        "run", "--role", "coordinator", "--listen", "127.0.0.1:0", "--data-dir",
-        str(home.root), "--operator", operator.peer_id], pipe_stdout=True)
+    proc = procs.start(
+        "coordinator",
+        [
+            "run",
+            "--role",
+            "coordinator",
+            "--listen",
+            "127.0.0.1:0",
+            "--data-dir",
+            str(home.root),
+            "--operator",
+            operator.peer_id,
+        ],
+        pipe_stdout=True,
+    )
     ready = read_ready_line(proc, "coordinator", root / "logs" / "coordinator.log")
     cluster = Cluster(root, ready["url"], ident.peer_id, key, procs, [])
     for k in range(participants):

@@ -54,18 +54,34 @@ def test_manual_walkthrough(cluster3: Cluster, tmp_path: Path) -> None:
     assert {p["rounds_completed"] for p in people} == {3}
 
     db = sqlite3.connect(cluster3.coordinator_home.ledger_path)
-    assert db.execute("select count(*) from training_rounds where session_id=? and "
-                      "status='completed'", (sid,)).fetchone()[0] == 3
-    assert db.execute("select count(*) from client_updates where session_id=? and "
-                      "status='accepted'", (sid,)).fetchone()[0] == 9
-    assert cli_json("ledger", "verify", "--data-dir",
-                    str(cluster3.coordinator_home.root))["intact"]
+    assert (
+        db.execute(
+            "select count(*) from training_rounds where session_id=? and status='completed'", (sid,)
+        ).fetchone()[0]
+        == 3
+    )
+    assert (
+        db.execute(
+            "select count(*) from client_updates where session_id=? and status='accepted'", (sid,)
+        ).fetchone()[0]
+        == 9
+    )
+    assert cli_json("ledger", "verify", "--data-dir", str(cluster3.coordinator_home.root))["intact"]
 
 
 def test_only_operators_drive(cluster3: Cluster, tmp_path: Path) -> None:
     stranger = tmp_path / "stranger.key"
-    res = cli("--coordinator", cluster3.url, "--coordinator-id", cluster3.peer_id, "--key",
-              str(stranger), "session", "list", "--json")
+    res = cli(
+        "--coordinator",
+        cluster3.url,
+        "--coordinator-id",
+        cluster3.peer_id,
+        "--key",
+        str(stranger),
+        "session",
+        "list",
+        "--json",
+    )
     assert res.returncode == 1
     err = json.loads(res.stdout)["error"]
     assert err["code"] == "NOT_AUTHORIZED" and "--operator" in err["hint"]
@@ -75,8 +91,17 @@ def test_only_operators_drive(cluster3: Cluster, tmp_path: Path) -> None:
 
 def test_wrong_coordinator_id_refused(cluster3: Cluster, tmp_path: Path) -> None:
     other = cli_json("fednode", "init", "--data-dir", str(tmp_path / "other"))["peer_id"]
-    res = cli("--coordinator", cluster3.url, "--coordinator-id", other, "--key",
-              str(cluster3.operator_key), "session", "list", "--json")
+    res = cli(
+        "--coordinator",
+        cluster3.url,
+        "--coordinator-id",
+        other,
+        "--key",
+        str(cluster3.operator_key),
+        "session",
+        "list",
+        "--json",
+    )
     assert res.returncode == 1
     assert json.loads(res.stdout)["error"]["code"] == "PEER_MISMATCH"
 
@@ -104,7 +129,15 @@ def test_lifecycle_errors_and_stop(cluster3: Cluster, tmp_path: Path) -> None:
 
 
 def test_node_refuses_second_start_on_same_dir(cluster3: Cluster) -> None:
-    res = cli("fednode", "run", "--role", "coordinator", "--listen", "127.0.0.1:0",
-              "--data-dir", str(cluster3.coordinator_home.root))
+    res = cli(
+        "fednode",
+        "run",
+        "--role",
+        "coordinator",
+        "--listen",
+        "127.0.0.1:0",
+        "--data-dir",
+        str(cluster3.coordinator_home.root),
+    )
     assert res.returncode == 1
     assert "ALREADY_RUNNING" in res.stderr and "another fednode" in res.stderr

@@ -14,9 +14,11 @@ from protocol.identity import Identity, peer_id_from_public_key, public_key_from
 # its protobuf public key, and the peer ID that libp2p derives from it.
 SPEC_PRIVATE = bytes.fromhex(
     "080112407e0830617c4a7de83925dfb2694556b12936c477a0e1feb2e148ec9da60fee7d"
-    "1ed1e8fae2c4a144b8be8fd4b47bf3d3b34b871c3cacf6010f0e42d474fce27e")
+    "1ed1e8fae2c4a144b8be8fd4b47bf3d3b34b871c3cacf6010f0e42d474fce27e"
+)
 SPEC_PUBLIC_PROTOBUF = bytes.fromhex(
-    "080112201ed1e8fae2c4a144b8be8fd4b47bf3d3b34b871c3cacf6010f0e42d474fce27e")
+    "080112201ed1e8fae2c4a144b8be8fd4b47bf3d3b34b871c3cacf6010f0e42d474fce27e"
+)
 SPEC_PEER_ID = "12D3KooWBtg3aaRMjxwedh83aGiUkwSxDwUZkzuJcfaqUmo7R3pq"
 
 
@@ -63,9 +65,16 @@ def test_world_readable_key_refused(tmp_path) -> None:
     assert "chmod 600" in exc.value.hint
 
 
-@pytest.mark.parametrize("bad", ["", "QmYyQSo1c1Ym7orWxLYvCrM2EmxFTANf8wXmmE7DWjhx5N",
-                                 "12D3KooW0000", "12D3KooWBtg3aaRMjxwedh83aGiUkwSxDwUZkzuJcfaqUmo7R3pqq",
-                                 "12D3KooWBtg3aaRMjxwedh83aGiUkwSxDwUZkzuJcfaqUmo7R3p0"])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "",
+        "QmYyQSo1c1Ym7orWxLYvCrM2EmxFTANf8wXmmE7DWjhx5N",
+        "12D3KooW0000",
+        "12D3KooWBtg3aaRMjxwedh83aGiUkwSxDwUZkzuJcfaqUmo7R3pqq",
+        "12D3KooWBtg3aaRMjxwedh83aGiUkwSxDwUZkzuJcfaqUmo7R3p0",
+    ],
+)
 def test_bad_peer_ids(bad: str) -> None:
     with pytest.raises(IdentityError):
         public_key_from_peer_id(bad)

@@ -22,26 +22,35 @@ def test_template_is_complete_and_valid() -> None:
 
 def test_demo_defaults_match_the_converging_recipe() -> None:
     d = spec.defaults()
-    assert d["training"] == {"local_epochs": 2, "batch_size": 32, "lr": 0.05,
-                             "optimizer": "sgd", "momentum": 0.9, "weight_decay": 0.0}
+    assert d["training"] == {
+        "local_epochs": 2,
+        "batch_size": 32,
+        "lr": 0.05,
+        "optimizer": "sgd",
+        "momentum": 0.9,
+        "weight_decay": 0.0,
+    }
     assert d["data"]["features"] == "standardize"
     assert d["model"]["hidden"] == [128, 128]
 
 
-@pytest.mark.parametrize(("raw", "field", "accepted"), [
-    ({"rounds": 0}, "rounds", "[1, 100000]"),
-    ({"rounds": "ten"}, "rounds", "an integer"),
-    ({"rounds": True}, "rounds", "an integer"),
-    ({"training": {"lr": -1}}, "training.lr", "[1e-09, 10]"),
-    ({"training": {"optimizer": "lbfgs"}}, "training.optimizer", "sgd, adam"),
-    ({"data": {"partition": "random"}}, "data.partition", "iid, stratified"),
-    ({"data": {"dataset": "mnist"}}, "data.dataset", "digits, npz:"),
-    ({"model": {"hidden": [128, "x"]}}, "model.hidden", "list of at most 16 integers"),
-    ({"model": {"hidden": [0]}}, "model.hidden", "[1, 65536]"),
-    ({"aggregation": {"strategy": "fedsgd"}}, "aggregation.strategy", "fedavg"),
-    ({"name": "has space"}, "name", "letters, digits"),
-    ({"participants": ["not-a-peer"]}, "participants", "12D3KooW"),
-])
+@pytest.mark.parametrize(
+    ("raw", "field", "accepted"),
+    [
+        ({"rounds": 0}, "rounds", "[1, 100000]"),
+        ({"rounds": "ten"}, "rounds", "an integer"),
+        ({"rounds": True}, "rounds", "an integer"),
+        ({"training": {"lr": -1}}, "training.lr", "[1e-09, 10]"),
+        ({"training": {"optimizer": "lbfgs"}}, "training.optimizer", "sgd, adam"),
+        ({"data": {"partition": "random"}}, "data.partition", "iid, stratified"),
+        ({"data": {"dataset": "mnist"}}, "data.dataset", "digits, npz:"),
+        ({"model": {"hidden": [128, "x"]}}, "model.hidden", "list of at most 16 integers"),
+        ({"model": {"hidden": [0]}}, "model.hidden", "[1, 65536]"),
+        ({"aggregation": {"strategy": "fedsgd"}}, "aggregation.strategy", "fedavg"),
+        ({"name": "has space"}, "name", "letters, digits"),
+        ({"participants": ["not-a-peer"]}, "participants", "12D3KooW"),
+    ],
+)
 def test_bad_values_name_field_value_and_range(raw: dict, field: str, accepted: str) -> None:
     with pytest.raises(SpecError) as exc:
         spec.validate(raw)
@@ -70,7 +79,7 @@ def test_cross_field_checks() -> None:
 
 def test_files(tmp_path) -> None:
     ok = tmp_path / "s.toml"
-    ok.write_text('rounds = 4\n[training]\nlr = 0.1\n')
+    ok.write_text("rounds = 4\n[training]\nlr = 0.1\n")
     loaded = spec.load(ok)
     assert loaded["rounds"] == 4 and loaded["training"]["lr"] == 0.1
     js = tmp_path / "s.json"

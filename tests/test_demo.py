@@ -1,0 +1,161 @@
+"""`fedctl demo`: the acceptance run of the foundation, and its clean-up guarantees."""
+
+from __future__ import annotations
+
+import json
+import signal
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import psutil
+
+from protocol.cid import file_cid
+from tests.conftest import cli, cli_json
+
+
+def _leftovers(workdir: Path) -> list[int]:
+    """Processes still running whose command line names the demo's directory."""
+    found = []
+    for p in psutil.process_iter(["pid", "cmdline"]):
+        try:
+            if any(str(workdir) in part for part in p.info["cmdline"] or []):
+                found.append(p.info["pid"])
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return found
+
+
+def test_demo_converges_and_leaves_nothing_running(tmp_path: Path) -> None:
+    work = tmp_path / "demo"
+    res = cli(
+        "--key",
+        str(tmp_path / "op.key"),
+        "demo",
+        "--participants",
+        "3",
+        "--rounds",
+        "10",
+        "--workdir",
+        str(work),
+        "--json",
+        timeout=300,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    lines = res.stdout.strip().splitlines()
+    assert len(lines) == 1  # exactly one JSON object on stdout; progress went to stderr
+    s = json.loads(lines[0])
+    assert s["ok"] and s["status"] == "completed"
+    assert s["rounds_completed"] == 10 and s["participants"] == 3
+    assert s["final_accuracy"] >= 0.95, s["history"]
+    assert s["strategy"] == "fedavg" and s["secure_aggregation"] is False
+    assert s["dropped"] == 0 and s["bytes_up"] > 0 and s["bytes_down"] > 0
+    assert len(s["history"]) == 10 and s["history"][-1]["participants"] == 3
+    assert "round 10/10" in res.stderr
+
+    db = sqlite3.connect(s["ledger"])
+    assert (
+        db.execute("select count(*) from training_rounds where status='completed'").fetchone()[0]
+        == 10
+    )
+    assert (
+        db.execute("select count(*) from client_updates where status='accepted'").fetchone()[0]
+        == 30
+    )
+
+    out = tmp_path / "final.safetensors"
+    got = cli_json(
+        "model", "get", s["model_cid"], "-o", str(out), "--data-dir", str(work / "coordinator")
+    )
+    assert got["size"] > 0 and file_cid(out.read_bytes()) == s["model_cid"]
+    assert _leftovers(work) == []
+
+
+def test_demo_drop_counts_the_dropped(tmp_path: Path) -> None:
+    work = tmp_path / "demo"
+    s = cli_json(
+        "--key",
+        str(tmp_path / "op.key"),
+        "demo",
+        "--participants",
+        "4",
+        "--rounds",
+        "3",
+        "--drop",
+        "1",
+        "--workdir",
+        str(work),
+        timeout=300,
+    )
+    assert s["status"] == "completed" and s["rounds_completed"] == 3
+    assert s["dropped"] == 1
+    assert [h["participants"] for h in s["history"]] == [4, 3, 3]
+    assert _leftovers(work) == []
+
+
+def test_demo_ctrl_c_stops_every_process(tmp_path: Path) -> None:
+    work = tmp_path / "demo"
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "fedctl",
+            "--key",
+            str(tmp_path / "op.key"),
+            "demo",
+            "--rounds",
+            "1000",
+            "--workdir",
+            str(work),
+            "--json",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        stdin=subprocess.DEVNULL,
+    )
+    try:
+        assert proc.stderr is not None
+        for line in proc.stderr:  # wait for real progress, not for a guessed time
+            if "round 1/1000 accuracy" in line:
+                break
+        else:
+            raise AssertionError("the demo ended before its first round")
+        assert len(set(_leftovers(work)) - {proc.pid}) == 4  # coordinator + 3 participants
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode != 0
+    assert json.loads(out.strip().splitlines()[-1])["error"]["code"] == "INTERRUPTED"
+    assert _leftovers(work) == []
+
+
+def test_demo_refuses_bad_options_before_starting(tmp_path: Path) -> None:
+    res = cli(
+        "--key",
+        str(tmp_path / "op.key"),
+        "demo",
+        "--participants",
+        "2",
+        "--drop",
+        "2",
+        "--workdir",
+        str(tmp_path / "d"),
+        "--json",
+    )
+    assert res.returncode == 2
+    assert json.loads(res.stdout)["error"]["code"] == "USAGE"
+    res = cli(
+        "--key",
+        str(tmp_path / "op.key"),
+        "demo",
+        "--secure-aggregation",
+        "--workdir",
+        str(tmp_path / "d"),
+        "--json",
+    )
+    assert res.returncode == 2
+    assert json.loads(res.stdout)["error"]["code"] == "NOT_IMPLEMENTED"
+    assert not (tmp_path / "d").exists()
