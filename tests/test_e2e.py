@@ -141,3 +141,42 @@ def test_node_refuses_second_start_on_same_dir(cluster3: Cluster) -> None:
     )
     assert res.returncode == 1
     assert "ALREADY_RUNNING" in res.stderr and "another fednode" in res.stderr
+
+
+def test_pause_and_resume(cluster3: Cluster, tmp_path: Path) -> None:
+    spec = _spec(tmp_path / "p.toml", rounds=20)
+    sid = cli_json("session", "create", str(spec), target=cluster3)["session_id"]
+    cli_json("session", "start", sid, target=cluster3)
+    paused = cli_json("session", "pause", sid, target=cluster3)
+    assert paused.get("status") == "paused", paused
+    status = cli_json("session", "status", sid, target=cluster3)
+    assert status["status"] == "paused" and status["rounds_completed"] < 20
+    res = cli("session", "start", sid, "--json", target=cluster3)
+    assert json.loads(res.stdout)["error"]["code"] == "BAD_STATE"
+    assert cli_json("session", "resume", sid, target=cluster3)["status"] == "running"
+    cli("session", "watch", sid, "--json", target=cluster3, check=True)
+    done = cli_json("session", "status", sid, target=cluster3)
+    assert done["status"] == "completed" and done["rounds_completed"] == 20
+
+
+def test_fednode_init_id_and_cid(tmp_path: Path) -> None:
+    made = cli_json("fednode", "init", "--data-dir", str(tmp_path / "n"))
+    assert made["peer_id"].startswith("12D3KooW") and made["created"]
+    key = tmp_path / "n" / "identity.key"
+    assert key.stat().st_mode & 0o777 == 0o600
+    assert (
+        cli_json("fednode", "id", "--data-dir", str(tmp_path / "n"))["peer_id"] == made["peer_id"]
+    )
+    again = cli_json("fednode", "init", "--data-dir", str(tmp_path / "n"))
+    assert again["peer_id"] == made["peer_id"] and not again["created"]
+    missing = cli("fednode", "id", "--data-dir", str(tmp_path / "none"), "--json")
+    assert missing.returncode == 1 and "fednode init" in json.loads(missing.stdout)["error"]["hint"]
+    empty = tmp_path / "empty"
+    empty.write_bytes(b"")
+    # kubo's CIDs of the empty file (ipfs add --only-hash, with and without --cid-version=1)
+    assert cli_json("fednode", "cid", "--cid-version", "0", str(empty))["cid"] == (
+        "QmbFMke1KXqnYyBBWxB74N4c5SBnJMVAiMNRcGu6x1AwQH"
+    )
+    assert cli_json("fednode", "cid", str(empty))["cid"] == (
+        "bafkreihdwdcefgh4dqkjv67uzcmw7ojee6xedzdetojuzjevtenxquvyku"
+    )
