@@ -104,6 +104,28 @@ def demo(
     run(opts.as_json, lambda: run_demo(opts), print_summary)
 
 
+@app.command()
+def invite(
+    session: Annotated[str, typer.Option("--session", help="the session to invite to")],
+    expires: Annotated[str, typer.Option(help="lifetime: 90s, 15m, 24h, 7d")] = "24h",
+    uses: Annotated[int, typer.Option(help="how many distinct participants may use it")] = 1,
+    as_json: Json = False,
+) -> None:
+    """A join token (signed by the coordinator) for participants' --join-token."""
+    from protocol.tokens import parse_duration
+
+    def go() -> dict[str, Any]:
+        return call(
+            G.target,
+            "invite.create",
+            session_id=session,
+            expires_s=parse_duration(expires),
+            uses=uses,
+        )
+
+    run(_json(as_json), go, lambda r: stdout.print(r["token"], soft_wrap=True))
+
+
 # --- sessions ------------------------------------------------------------------------
 
 

@@ -24,7 +24,7 @@ from typing import IO, Any
 
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from fedctl.client import AdminClient, Target, operator_identity
+from fedctl.client import AdminClient, Target, call, operator_identity
 from fedctl.output import stderr, stdout
 from fedctl.render import session_line
 from fednode.home import NodeHome, default_home
@@ -180,6 +180,11 @@ def run_demo(opts: DemoOptions) -> dict[str, Any]:
         )
         ready = read_ready_line(proc, "the coordinator", log)
         target = Target(ready["url"], coord_id.peer_id, opts.key)
+        # The session first, then an invite for exactly N participants: they join with it.
+        sid = call(target, "session.create", spec=spec)["session_id"]
+        token = call(
+            target, "invite.create", session_id=sid, uses=opts.participants, expires_s=3600.0
+        )["token"]
         names = []
         for k in range(opts.participants):
             home = NodeHome(root / f"participant-{k}")
@@ -197,6 +202,8 @@ def run_demo(opts: DemoOptions) -> dict[str, Any]:
                 str(home.root),
                 "--dataset",
                 f"digits:{k}/{opts.participants}",
+                "--join-token",
+                token,
             ]
             if k >= opts.participants - opts.drop:
                 args += ["--train-delay", str(DROP_DELAY_S)]
@@ -207,16 +214,21 @@ def run_demo(opts: DemoOptions) -> dict[str, Any]:
             f"coordinator {coord_id.peer_id} at {ready['url']}; "
             f"{opts.participants} participants; nodes in {root}"
         )
-        return asyncio.run(_drive(target, spec, opts, procs, names[len(names) - opts.drop :]))
+        return asyncio.run(_drive(target, sid, spec, opts, procs, names[len(names) - opts.drop :]))
     finally:
         procs.stop_all()
 
 
 async def _drive(
-    target: Target, spec: dict[str, Any], opts: DemoOptions, procs: Processes, to_drop: list[str]
+    target: Target,
+    sid: str,
+    spec: dict[str, Any],
+    opts: DemoOptions,
+    procs: Processes,
+    to_drop: list[str],
 ) -> dict[str, Any]:
     """Run the session; fail at once if a node process dies that the demo did not kill."""
-    main = asyncio.create_task(_session(target, spec, opts, procs, to_drop))
+    main = asyncio.create_task(_session(target, sid, spec, opts, procs, to_drop))
     try:
         while True:
             # A watchdog, not synchronisation: it only turns a crashed child into an error.
@@ -237,7 +249,12 @@ async def _drive(
 
 
 async def _session(
-    target: Target, spec: dict[str, Any], opts: DemoOptions, procs: Processes, to_drop: list[str]
+    target: Target,
+    sid: str,
+    spec: dict[str, Any],
+    opts: DemoOptions,
+    procs: Processes,
+    to_drop: list[str],
 ) -> dict[str, Any]:
     out = stderr if opts.as_json else stdout
     async with AdminClient(target) as client:
@@ -259,7 +276,6 @@ async def _session(
                 code="JOIN_TIMEOUT",
                 hint="see the participant logs in the demo directory",
             ) from None
-        sid = (await client.call("session.create", spec=spec))["session_id"]
         await client.call("session.start", session_id=sid)
         rounds = spec["rounds"]
         with Progress(

@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from websockets.exceptions import ConnectionClosed
 
-from protocol import messages, spec
-from protocol.errors import FednodeError, NotAuthorized, ValidationError
+from fednode.session import TERMINAL
+from protocol import messages, spec, tokens
+from protocol.errors import FednodeError, NotAuthorized, StateError, ValidationError
 
 if TYPE_CHECKING:
     from fednode.coordinator import Coordinator
@@ -58,6 +60,7 @@ class AdminAPI:
             "participants.list": self.participants_list,
             "model.list": self.model_list,
             "model.get": self.model_get,
+            "invite.create": self.invite_create,
         }
 
     async def serve(self, conn: Connection, role: str) -> None:
@@ -99,7 +102,7 @@ class AdminAPI:
                         hint="known: " + ", ".join(sorted(self.ops)),
                         code="UNKNOWN_OP",
                     )
-                result = handler(msg.args)
+                result = handler({**msg.args, "_by": conn.peer_id})
                 if asyncio.iscoroutine(result):
                     result = await result
             return messages.AdminReply(id=msg.id, ok=True, result=result, error={})
@@ -201,6 +204,40 @@ class AdminAPI:
     def model_get(self, args: dict[str, Any]) -> dict[str, Any]:
         cid = _arg(args, "cid")
         return {"cid": cid, "data": self.coord.store.get(cid)}
+
+    def invite_create(self, args: dict[str, Any]) -> dict[str, Any]:
+        run = self.coord.session(_arg(args, "session_id"))
+        if run.state in TERMINAL:
+            raise StateError(f"session {run.session_id} is {run.state.value}: nobody can join")
+        expires_s = args.get("expires_s", 86400.0)
+        uses = args.get("uses", 1)
+        if not isinstance(expires_s, int | float) or not 0 < expires_s <= 366 * 86400:
+            raise ValidationError("expires_s must be in (0, 31622400] seconds")
+        if not isinstance(uses, int) or isinstance(uses, bool) or not 1 <= uses <= 100_000:
+            raise ValidationError("uses must be an integer in [1, 100000]")
+        expires_at = time.time() + float(expires_s)
+        token, tok = tokens.issue(
+            self.coord.identity, run.session_id, expires_at=expires_at, uses=uses
+        )
+        self.coord.ledger.record_token(
+            tok.token_id,
+            run.session_id,
+            expires_at=expires_at,
+            max_uses=uses,
+            created_by=str(args.get("_by", "")),
+        )
+        self.coord.record(
+            "invite",
+            run.session_id,
+            {"token_id": tok.token_id, "uses": uses, "expires_at": expires_at},
+        )
+        return {
+            "token": token,
+            "token_id": tok.token_id,
+            "session_id": run.session_id,
+            "expires_at": expires_at,
+            "uses": uses,
+        }
 
     def subscribe(
         self, conn: Connection, args: dict[str, Any], forwarders: list[asyncio.Task[None]]

@@ -25,7 +25,7 @@ from fednode.ledger import Ledger
 from fednode.session import TERMINAL, SessionRun, SessionState
 from fednode.store import BlockStore
 from fednode.transport import Connection, accept, ws_options
-from protocol import messages
+from protocol import messages, tokens
 from protocol.errors import FednodeError, NotAuthorized, NotFound, ValidationError
 from protocol.identity import Identity
 
@@ -193,6 +193,7 @@ class Coordinator:
                     f"a participant must register first, sent {msg.TYPE!r}",
                     hint="only operators may send other messages first",
                 )
+            sessions = self.admit(conn.peer_id, msg.join_token)
         except (FednodeError, TimeoutError) as err:
             if isinstance(err, TimeoutError):
                 err = FednodeError(
@@ -205,7 +206,47 @@ class Coordinator:
             return
         except ConnectionClosed:
             return
+        await conn.send(messages.Admitted(sessions=sessions))
         await self._serve_participant(conn, msg)
+
+    # --- admission -----------------------------------------------------------------------
+
+    def _open_sessions(self) -> list[SessionRun]:
+        return [r for r in self.sessions.values() if r.state not in TERMINAL]
+
+    def allowed(self, run: SessionRun) -> set[str]:
+        """Peers that may take part in a session: listed in its spec, or invited."""
+        return set(run.spec["participants"]) | self.ledger.members(run.session_id)
+
+    def admit(self, peer_id: str, join_token: str) -> list[str]:
+        """The open sessions this peer may join; refuse a peer that has none.
+
+        With a join token, the token must be this coordinator's, unexpired, for an open
+        session, and not used up by other peers; a use is counted once per peer.
+        """
+        if join_token:
+            tok = tokens.check(join_token, coordinator=self.identity, now=time.time())
+            run = self.sessions.get(tok.session_id)
+            if run is None or run.state in TERMINAL:
+                state = "unknown" if run is None else run.state.value
+                raise tokens.TokenError(
+                    f"the join token is for session {tok.session_id}, which is {state}",
+                    code="TOKEN_SESSION_CLOSED",
+                )
+            try:
+                self.ledger.use_token(tok.token_id, tok.session_id, peer_id)
+            except NotFound:
+                raise tokens.TokenError(
+                    f"join token {tok.token_id} is not in this coordinator's ledger"
+                ) from None
+        sessions = [r.session_id for r in self._open_sessions() if peer_id in self.allowed(r)]
+        if not sessions:
+            raise NotAuthorized(
+                f"peer {peer_id} is not listed in any open session and has no join token",
+                hint="list its peer ID in the spec's participants, or give it an invite "
+                "(`fedctl invite --session ID`) to pass with --join-token",
+            )
+        return sessions
 
     async def _serve_participant(self, conn: Connection, reg: messages.Register) -> None:
         pid = conn.peer_id

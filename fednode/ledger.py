@@ -201,7 +201,32 @@ def _m001_initial(db: Database) -> None:
     db.execute("CREATE INDEX idx_events_session ON events(session_id, id)")
 
 
-MIGRATIONS: list[Callable[[Database], None]] = [_m001_initial]
+def _m002_admission(db: Database) -> None:
+    """Join tokens and who was admitted to which session (and how)."""
+    db.execute(
+        """CREATE TABLE join_tokens (
+            token_id TEXT PRIMARY KEY,
+            session_id TEXT NOT NULL REFERENCES sessions(session_id),
+            expires_at REAL NOT NULL,
+            max_uses INTEGER NOT NULL,
+            created_at REAL NOT NULL,
+            created_by TEXT NOT NULL
+        )"""
+    )
+    db.execute(
+        """CREATE TABLE session_members (
+            session_id TEXT NOT NULL REFERENCES sessions(session_id),
+            peer_id TEXT NOT NULL,
+            via TEXT NOT NULL,
+            token_id TEXT REFERENCES join_tokens(token_id),
+            joined_at REAL NOT NULL,
+            PRIMARY KEY (session_id, peer_id)
+        )"""
+    )
+    db.execute("CREATE INDEX idx_members_token ON session_members(token_id)")
+
+
+MIGRATIONS: list[Callable[[Database], None]] = [_m001_initial, _m002_admission]
 """Ordered; migration ``i`` (0-based) brings the schema to version ``i + 1``."""
 
 
@@ -680,6 +705,67 @@ class Ledger:
         with self.transaction():
             cur = self.db.execute("UPDATE participants SET online = 0 WHERE online != 0")
         return cur.rowcount
+
+    # --- admission ----------------------------------------------------------------------
+
+    def record_token(
+        self, token_id: str, session_id: str, *, expires_at: float, max_uses: int, created_by: str
+    ) -> None:
+        self._require_session(session_id)
+        with self.transaction():
+            self.db["join_tokens"].insert(
+                {
+                    "token_id": token_id,
+                    "session_id": session_id,
+                    "expires_at": expires_at,
+                    "max_uses": max_uses,
+                    "created_at": time.time(),
+                    "created_by": created_by,
+                }
+            )
+
+    def use_token(self, token_id: str, session_id: str, peer_id: str) -> str:
+        """Admit ``peer_id`` to the token's session, counting a use for a new peer.
+
+        Returns "admitted", "already" (this peer used it before) or raises StateError
+        with code TOKEN_USED_UP / NotFound for a token this ledger never issued. One
+        transaction: two peers racing for the last use cannot both get it.
+        """
+        with self.transaction():
+            tok = self._one("SELECT * FROM join_tokens WHERE token_id = ?", (token_id,))
+            if tok is None or tok["session_id"] != session_id:
+                raise NotFound(f"join token {token_id} was not issued by this coordinator")
+            member = self._one(
+                "SELECT token_id FROM session_members WHERE session_id = ? AND peer_id = ?",
+                (session_id, peer_id),
+            )
+            if member is not None:
+                return "already"
+            used = self._one(
+                "SELECT count(*) AS n FROM session_members WHERE token_id = ?", (token_id,)
+            )
+            if used is not None and used["n"] >= tok["max_uses"]:
+                raise StateError(
+                    f"join token {token_id} was already used by {used['n']} peer(s), its limit",
+                    code="TOKEN_USED_UP",
+                    hint="ask the operator for a new invite",
+                )
+            self.db["session_members"].insert(
+                {
+                    "session_id": session_id,
+                    "peer_id": peer_id,
+                    "via": "token",
+                    "token_id": token_id,
+                    "joined_at": time.time(),
+                }
+            )
+        return "admitted"
+
+    def members(self, session_id: str) -> set[str]:
+        rows = self.db.query(
+            "SELECT peer_id FROM session_members WHERE session_id = ?", [session_id]
+        )
+        return {r["peer_id"] for r in rows}
 
     # --- models -------------------------------------------------------------------------
 

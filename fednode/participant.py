@@ -24,12 +24,13 @@ from fednode.store import BlockStore
 from fednode.transport import Connection, dial
 from protocol import messages, spec
 from protocol.cid import file_cid
-from protocol.errors import CIDError, FednodeError, HandshakeError
+from protocol.errors import CIDError, FednodeError
 from protocol.identity import Identity
 
 log = logging.getLogger("fednode.participant")
 FETCH_TIMEOUT_S = 60.0
 MAX_BACKOFF_S = 10.0
+ADMIT_TIMEOUT_S = 30.0
 
 
 class Participant:
@@ -67,33 +68,42 @@ class Participant:
         while not stop.is_set():
             try:
                 conn = await dial(self.url, self.identity, self.coordinator_id)
-            except HandshakeError as err:
-                if err.code in ("PEER_MISMATCH", "NOT_AUTHORIZED"):
-                    raise  # retrying cannot fix the wrong coordinator or a refusal
-                log.warning("handshake with %s failed: %s", self.url, err.message)
             except FednodeError as err:
-                log.warning("%s", err.message)
+                if err.code == "PEER_MISMATCH":
+                    raise  # retrying cannot turn this node into the coordinator we named
+                log.warning("cannot join %s: %s", self.url, err.message)
             else:
-                backoff = 0.5
-                serve = asyncio.create_task(self._serve(conn))
-                stopper = asyncio.create_task(stop.wait())
-                await asyncio.wait({serve, stopper}, return_when=asyncio.FIRST_COMPLETED)
-                stopper.cancel()
-                if not serve.done():
-                    await conn.close(1001, "participant shutting down")
-                try:
-                    await serve
-                except (asyncio.CancelledError, ConnectionClosed):
-                    pass
-                except Exception:  # a bug must not take the node down; log it, re-dial
-                    log.exception("participant loop crashed; reconnecting")
-                self.registered.clear()
+                refusal = await self._connected(conn, stop)
                 if stop.is_set():
                     return
-                log.warning("lost the coordinator; reconnecting")
+                if refusal is not None and refusal.code.startswith("TOKEN_"):
+                    raise refusal  # an expired, forged or used-up invite will not heal
+                if refusal is not None:  # not admitted yet: the operator may list us later
+                    log.warning("not admitted: %s; retrying in %.0f s", refusal.message, backoff)
+                else:
+                    backoff = 0.5
+                    log.warning("lost the coordinator; reconnecting")
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), backoff)
             backoff = min(backoff * 2, MAX_BACKOFF_S)
+
+    async def _connected(self, conn: Connection, stop: asyncio.Event) -> FednodeError | None:
+        """Serve one connection until it ends; the coordinator's refusal, if it refused."""
+        serve = asyncio.create_task(self._serve(conn))
+        stopper = asyncio.create_task(stop.wait())
+        await asyncio.wait({serve, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        stopper.cancel()
+        if not serve.done():
+            await conn.close(1001, "participant shutting down")
+        try:
+            return await serve
+        except (asyncio.CancelledError, ConnectionClosed):
+            return None
+        except Exception:  # a bug must not take the node down; log it, re-dial
+            log.exception("participant loop crashed; reconnecting")
+            return None
+        finally:
+            self.registered.clear()
 
     def _num_examples(self) -> int:
         return len(
@@ -127,7 +137,7 @@ class Participant:
             )
         return self._data_cache[key]
 
-    async def _serve(self, conn: Connection) -> None:
+    async def _serve(self, conn: Connection) -> FednodeError | None:
         await conn.send(
             messages.Register(
                 dataset=str(self.dataset),
@@ -136,11 +146,23 @@ class Participant:
                 join_token=self.join_token,
             )
         )
+        try:
+            _env, first = await asyncio.wait_for(conn.recv(), ADMIT_TIMEOUT_S)
+        except TimeoutError:
+            return FednodeError(
+                "the coordinator did not answer the registration", code="NOT_ADMITTED"
+            )
+        if isinstance(first, messages.Error):
+            return FednodeError(first.message, code=first.code, hint=first.hint)
+        if not isinstance(first, messages.Admitted):
+            return FednodeError(f"expected 'admitted', got {first.TYPE!r}", code="NOT_ADMITTED")
         self.registered.set()
         assert conn.welcome is not None
         beat = asyncio.create_task(self._heartbeat(conn, conn.welcome.heartbeat_s))
         self.ledger.append_event(
-            "joined", entity_id=conn.peer_id, data={"url": self.url, "dataset": str(self.dataset)}
+            "joined",
+            entity_id=conn.peer_id,
+            data={"url": self.url, "dataset": str(self.dataset), "sessions": first.sessions},
         )
         try:
             async for env, msg in conn.messages():
@@ -173,6 +195,7 @@ class Participant:
             beat.cancel()
             if self._task is not None:
                 self._task.cancel()
+        return None
 
     async def _heartbeat(self, conn: Connection, every: float) -> None:
         with contextlib.suppress(ConnectionClosed):

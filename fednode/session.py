@@ -195,32 +195,28 @@ class SessionRun:
         w = training.init_weights(model_spec(spec), spec["model"]["seed"])
         self.shapes = weights.shapes(w)
         acc, loss = await asyncio.to_thread(training.evaluate, model_spec(spec), w, self.eval_data)
-        self._publish_model(0, w, "", acc, loss)
+        cid, size = self._store_model(w)
+        self.coord.ledger.record_model(
+            self.session_id,
+            0,
+            cid=cid,
+            parent_cid=None,
+            accuracy=acc,
+            loss=loss,
+            size=size,
+            created_at=time.time(),
+        )
 
-    def _publish_model(
-        self, number: int, w: weights.Weights, parent: str, acc: float, loss: float
-    ) -> str:
+    def _store_model(self, w: weights.Weights) -> tuple[str, int]:
+        """Put a global model in the content store and make it the current one."""
         blob = weights.to_bytes(w)
         cid = self.coord.store.put(blob)
         self.global_cid, self.global_weights = cid, w
-        if number == 0:
-            self.coord.ledger.record_model(
-                self.session_id,
-                0,
-                cid=cid,
-                parent_cid=None,
-                accuracy=acc,
-                loss=loss,
-                size=len(blob),
-                created_at=time.time(),
-            )
-        self.last_model_size = len(blob)
-        return cid
+        return cid, len(blob)
 
     def _eligible(self) -> list[str]:
-        allowed = set(self.spec["participants"])
-        online = self.coord.online_participants()
-        return [p for p in online if not allowed or p in allowed]
+        allowed = self.coord.allowed(self)
+        return [p for p in self.coord.online_participants() if p in allowed]
 
     async def _one_round(self, number: int) -> None:
         spec = self.spec
@@ -230,9 +226,10 @@ class SessionRun:
             if left <= 0:
                 raise StateError(
                     f"only {len(self._eligible())} of min_participants = "
-                    f"{spec['min_participants']} participants online after "
+                    f"{spec['min_participants']} admitted participants online after "
                     f"{spec['wait_participants_s']:.0f} s",
-                    hint="start more participants, or lower min_participants",
+                    hint="start more participants (listed in the spec or holding an invite "
+                    "from `fedctl invite`), or lower min_participants",
                 )
             await self._wait(left)
         selected = self._eligible()
@@ -288,7 +285,7 @@ class SessionRun:
             training.evaluate, model_spec(self.spec), new, self.eval_data
         )
         parent = self.global_cid
-        cid = self._publish_model(rnd.number, new, parent, acc, loss)
+        cid, size = self._store_model(new)
         now = time.time()
         self.coord.ledger.complete_round(
             self.session_id,
@@ -298,7 +295,7 @@ class SessionRun:
             parent_cid=parent,
             accuracy=acc,
             loss=loss,
-            size=self.last_model_size,
+            size=size,
             participants=len(rnd.received),
             dropped=len(rnd.failed),
             bytes_up=rnd.bytes_up,

@@ -7,7 +7,8 @@ is loud instead of silently ignored). ``payload(msg)`` is the inverse.
 
 Who sends what:
   participant → coordinator : register, heartbeat, fetch, update, task_error
-  coordinator → participant : welcome, block, round_start, round_end, session_end, error
+  coordinator → participant : welcome, admitted, block, round_start, round_end, session_end,
+                              error
   operator    → coordinator : admin          coordinator → operator : admin_reply, event
 """
 
@@ -163,6 +164,14 @@ class Welcome(Message):
 
 
 @dataclasses.dataclass(frozen=True)
+class Admitted(Message):
+    """The answer to a successful ``register``: the sessions this peer may take part in."""
+
+    TYPE: ClassVar[str] = "admitted"
+    sessions: list[str]
+
+
+@dataclasses.dataclass(frozen=True)
 class Block(Message):
     TYPE: ClassVar[str] = "block"
     cid: str
@@ -242,6 +251,7 @@ MESSAGES: dict[str, type[Message]] = {
         Update,
         TaskError,
         Welcome,
+        Admitted,
         Block,
         RoundStart,
         RoundEnd,

@@ -66,6 +66,10 @@ class Cluster:
     participant_homes: list[NodeHome]
 
     @property
+    def peer_ids(self) -> list[str]:
+        return [home.identity().peer_id for home in self.participant_homes]
+
+    @property
     def coordinator_home(self) -> NodeHome:
         return NodeHome(self.root / "coordinator")
 

@@ -10,7 +10,9 @@ from protocol.cid import file_cid
 from tests.conftest import Cluster, cli, cli_json
 
 
-def _spec(path: Path, **top: object) -> Path:
+def _spec(path: Path, cluster: Cluster, **top: object) -> Path:
+    """A spec that admits the cluster's participants by listing their peer IDs."""
+    top.setdefault("participants", cluster.peer_ids)
     text = "\n".join(f"{k} = {json.dumps(v)}" for k, v in top.items())
     path.write_text(text + "\n")
     return path
@@ -20,7 +22,9 @@ def test_manual_walkthrough(cluster3: Cluster, tmp_path: Path) -> None:
     """The README's by-hand session: init a spec, create, start, watch, status, model get."""
     spec = tmp_path / "spec.toml"
     assert cli_json("session", "init", str(spec))["path"] == str(spec)
+    ids = json.dumps(cluster3.peer_ids)
     text = spec.read_text().replace("rounds = 10 ", "rounds = 3  ")
+    text = text.replace("participants = []", f"participants = {ids}")
     spec.write_text(text)
 
     sid = cli_json("session", "create", str(spec), target=cluster3)["session_id"]
@@ -107,7 +111,7 @@ def test_wrong_coordinator_id_refused(cluster3: Cluster, tmp_path: Path) -> None
 
 
 def test_bad_spec_exit_2_names_field(cluster3: Cluster, tmp_path: Path) -> None:
-    bad = _spec(tmp_path / "bad.toml", rounds=0)
+    bad = _spec(tmp_path / "bad.toml", cluster3, rounds=0)
     before = cli_json("session", "list", target=cluster3)["sessions"]
     res = cli("session", "create", str(bad), "--json", target=cluster3)
     assert res.returncode == 2
@@ -117,7 +121,7 @@ def test_bad_spec_exit_2_names_field(cluster3: Cluster, tmp_path: Path) -> None:
 
 
 def test_lifecycle_errors_and_stop(cluster3: Cluster, tmp_path: Path) -> None:
-    spec = _spec(tmp_path / "s.toml", rounds=50)
+    spec = _spec(tmp_path / "s.toml", cluster3, rounds=50)
     sid = cli_json("session", "create", str(spec), target=cluster3)["session_id"]
     res = cli("session", "pause", sid, "--json", target=cluster3)
     assert res.returncode == 1 and json.loads(res.stdout)["error"]["code"] == "BAD_STATE"
@@ -144,7 +148,7 @@ def test_node_refuses_second_start_on_same_dir(cluster3: Cluster) -> None:
 
 
 def test_pause_and_resume(cluster3: Cluster, tmp_path: Path) -> None:
-    spec = _spec(tmp_path / "p.toml", rounds=20)
+    spec = _spec(tmp_path / "p.toml", cluster3, rounds=20)
     sid = cli_json("session", "create", str(spec), target=cluster3)["session_id"]
     cli_json("session", "start", sid, target=cluster3)
     paused = cli_json("session", "pause", sid, target=cluster3)

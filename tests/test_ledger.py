@@ -111,7 +111,8 @@ def test_newer_schema_refused(tmp_path: Path) -> None:
     with raw:
         raw.execute("INSERT INTO schema_migrations VALUES (?, ?)", (99, 0.0))
     raw.close()
-    with pytest.raises(StateError, match=r"newer fednode \(schema 99 > 1\)"):
+    known = len(ledger_mod.MIGRATIONS)
+    with pytest.raises(StateError, match=rf"newer fednode \(schema 99 > {known}\)"):
         Ledger(path)
 
 
@@ -389,3 +390,26 @@ def test_chain_continues_after_reopen(tmp_path: Path) -> None:
         assert nxt["prev_hash"] == first[-1]["hash"]
         assert nxt["id"] == first[-1]["id"] + 1
         assert led.verify_chain() == (True, None)
+
+
+def test_token_uses_are_counted_per_peer(tmp_path: Path) -> None:
+    with Ledger(tmp_path / "l.db") as led:
+        led.create_session(
+            "s1",
+            name="n",
+            spec={},
+            strategy="fedavg",
+            secure_aggregation=False,
+            rounds=1,
+            created_at=0.0,
+        )
+        led.record_token("t1", "s1", expires_at=10.0, max_uses=2, created_by="op")
+        assert led.use_token("t1", "s1", "pA") == "admitted"
+        assert led.use_token("t1", "s1", "pA") == "already"  # reconnecting costs nothing
+        assert led.use_token("t1", "s1", "pB") == "admitted"
+        with pytest.raises(StateError) as exc:
+            led.use_token("t1", "s1", "pC")
+        assert exc.value.code == "TOKEN_USED_UP"
+        assert led.members("s1") == {"pA", "pB"}
+        with pytest.raises(NotFound):
+            led.use_token("t-other", "s1", "pD")
