@@ -7,7 +7,7 @@ import logging
 import signal
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -50,6 +50,31 @@ def show_id(data_dir: DataDir = None, as_json: Json = False) -> None:
     """Print the node's peer ID (12D3KooW…)."""
     home = NodeHome(data_dir)
     run(as_json, lambda: {"peer_id": home.identity().peer_id}, lambda r: stdout.print(r["peer_id"]))
+
+
+@app.command("rotate-key")
+def rotate_key(data_dir: DataDir = None, as_json: Json = False) -> None:
+    """Replace the node's key; the old key signs the new one so peers can follow.
+
+    Peers that knew the old peer ID accept the new key in the handshake (the node presents
+    its rotation chain), and specs or operator lists naming the old ID keep working. Stop the
+    node first: a running node keeps its key until restarted.
+    """
+    home = NodeHome(data_dir)
+
+    def go() -> dict[str, object]:
+        home.lock()  # refuse while the node runs on this directory
+        try:
+            old, new = home.rotate_key()
+        finally:
+            home.unlock()
+        return {
+            "peer_id": new.peer_id,
+            "previous_peer_id": old.peer_id,
+            "chain_length": len(home.chain()),
+        }
+
+    run(as_json, go, lambda r: stdout.print(f"{r['previous_peer_id']} -> {r['peer_id']}"))
 
 
 @app.command()
@@ -115,6 +140,12 @@ def run_node(
         ),
     ] = 0.0,
     log_level: Annotated[str, typer.Option(help="debug, info, warning")] = "info",
+    handshake_timeout: Annotated[
+        float, typer.Option(help="coordinator: seconds per handshake step")
+    ] = 10.0,
+    max_pending: Annotated[
+        int, typer.Option(help="coordinator: connections allowed to be authenticating at once")
+    ] = 64,
 ) -> None:
     """Serve as coordinator or participant until SIGINT/SIGTERM.
 
@@ -146,7 +177,17 @@ def run_node(
         if role == "coordinator":
             host, port = _hostport(listen)
             asyncio.run(
-                _run_coordinator(home, ident, host, port, set(operator or []), set(viewer or []))
+                _run_coordinator(
+                    home,
+                    ident,
+                    host,
+                    port,
+                    operators=set(operator or []),
+                    viewers=set(viewer or []),
+                    handshake_timeout_s=handshake_timeout,
+                    max_pending_handshakes=max_pending,
+                    chain=home.chain(),
+                )
             )
         else:
             from fednode.data import parse_dataset_spec
@@ -172,7 +213,7 @@ def _stop_event() -> asyncio.Event:
 
 
 async def _run_coordinator(
-    home: NodeHome, ident: Identity, host: str, port: int, operators: set[str], viewers: set[str]
+    home: NodeHome, ident: Identity, host: str, port: int, **options: Any
 ) -> None:
     from fednode.coordinator import Coordinator
     from fednode.ledger import Ledger
@@ -180,9 +221,7 @@ async def _run_coordinator(
 
     stop = _stop_event()
     with Ledger(home.ledger_path) as ledger:
-        coord = Coordinator(
-            ident, ledger, BlockStore(home.store_root), operators=operators, viewers=viewers
-        )
+        coord = Coordinator(ident, ledger, BlockStore(home.store_root), **options)
         server = await coord.serve(host, port)
         bound = server.sockets[0].getsockname()
         emit_json(
@@ -193,7 +232,7 @@ async def _run_coordinator(
                 "ledger": str(home.ledger_path),
             }
         )
-        if not operators:
+        if not options["operators"]:
             logging.getLogger("fednode").warning(
                 "no --operator given: nobody can create or start sessions"
             )
@@ -226,6 +265,7 @@ async def _run_participant(
             dataset=ref,
             join_token=join_token,
             train_delay_s=train_delay,
+            chain=home.chain(),
         )
         emit_json({"event": "started", "peer_id": ident.peer_id, "coordinator": url})
         await node.run(stop)

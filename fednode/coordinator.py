@@ -9,6 +9,7 @@ first. Session logic lives in fednode.session; admin operations in fednode.admin
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
@@ -24,13 +25,16 @@ from fednode.events import EventBus
 from fednode.ledger import Ledger
 from fednode.session import TERMINAL, SessionRun, SessionState
 from fednode.store import BlockStore
-from fednode.transport import Connection, accept, ws_options
+from fednode.transport import HANDSHAKE_TIMEOUT_S, Connection, accept, ws_options
 from protocol import messages, tokens
 from protocol.errors import FednodeError, NotAuthorized, NotFound, ValidationError
+from protocol.handshake import error_frame
 from protocol.identity import Identity
+from protocol.rotation import Rotation
 
 log = logging.getLogger("fednode.coordinator")
 HEARTBEAT_S = 5.0
+MAX_PENDING_HANDSHAKES = 64
 REGISTER_TIMEOUT_S = 10.0
 
 
@@ -52,8 +56,15 @@ class Coordinator:
         *,
         operators: set[str],
         viewers: set[str] | None = None,
+        handshake_timeout_s: float = HANDSHAKE_TIMEOUT_S,
+        max_pending_handshakes: int = MAX_PENDING_HANDSHAKES,
+        chain: list[Rotation] | None = None,
     ):
+        self.chain = chain or []
         self.identity = identity
+        self.handshake_timeout_s = handshake_timeout_s
+        self.max_pending_handshakes = max_pending_handshakes
+        self._pending_handshakes = 0
         self.ledger = ledger
         self.store = store
         self.operators = set(operators)
@@ -158,16 +169,39 @@ class Coordinator:
         )
 
     async def _handle(self, ws: ServerConnection) -> None:
+        addr = ws.remote_address
+        address = f"{addr[0]}:{addr[1]}" if addr else "?"
+        if self._pending_handshakes >= self.max_pending_handshakes:
+            # A flood of strangers must not starve the peers we know: refuse at once.
+            err = FednodeError(
+                f"more than {self.max_pending_handshakes} connections are authenticating",
+                code="CONNECTION_LIMIT",
+                hint="retry in a few seconds",
+            )
+            await self._refused(None, address, err)
+            with contextlib.suppress(ConnectionClosed):
+                await ws.send(error_frame(err))
+                await ws.close(1013, err.code)
+            return
+        self._pending_handshakes += 1
         try:
-            conn = await accept(ws, self.identity)
+            conn = await accept(ws, self.identity, self.handshake_timeout_s, self.chain)
         except FednodeError as err:
-            addr = ws.remote_address
-            await self._refused(None, f"{addr[0]}:{addr[1]}" if addr else "?", err)
+            await self._refused(None, address, err)
             return
-        except ConnectionClosed:
+        except ConnectionClosed as closed:
+            if closed.sent is not None and closed.sent.code == 1009:
+                await self._refused(
+                    None,
+                    address,
+                    FednodeError("handshake frame over the size limit", code="TOO_LARGE"),
+                )
             return
-        if conn.peer_id in self.operators or conn.peer_id in self.viewers:
-            role = "operator" if conn.peer_id in self.operators else "viewer"
+        finally:
+            self._pending_handshakes -= 1
+        names = {conn.peer_id, *conn.aliases}  # a rotated key keeps its former standing
+        if names & (self.operators | self.viewers):
+            role = "operator" if names & self.operators else "viewer"
             await conn.send(
                 messages.Welcome(
                     peer_id=self.identity.peer_id,
@@ -193,7 +227,7 @@ class Coordinator:
                     f"a participant must register first, sent {msg.TYPE!r}",
                     hint="only operators may send other messages first",
                 )
-            sessions = self.admit(conn.peer_id, msg.join_token)
+            sessions = self.admit(conn.peer_id, msg.join_token, conn.aliases)
         except (FednodeError, TimeoutError) as err:
             if isinstance(err, TimeoutError):
                 err = FednodeError(
@@ -218,7 +252,12 @@ class Coordinator:
         """Peers that may take part in a session: listed in its spec, or invited."""
         return set(run.spec["participants"]) | self.ledger.members(run.session_id)
 
-    def admit(self, peer_id: str, join_token: str) -> list[str]:
+    def names_of(self, peer_id: str) -> set[str]:
+        """A connected peer's current ID and the former IDs its rotation chain proved."""
+        peer = self.peers.get(peer_id)
+        return {peer_id, *(peer.conn.aliases if peer else ())}
+
+    def admit(self, peer_id: str, join_token: str, aliases: tuple[str, ...] = ()) -> list[str]:
         """The open sessions this peer may join; refuse a peer that has none.
 
         With a join token, the token must be this coordinator's, unexpired, for an open
@@ -239,7 +278,8 @@ class Coordinator:
                 raise tokens.TokenError(
                     f"join token {tok.token_id} is not in this coordinator's ledger"
                 ) from None
-        sessions = [r.session_id for r in self._open_sessions() if peer_id in self.allowed(r)]
+        names = {peer_id, *aliases}
+        sessions = [r.session_id for r in self._open_sessions() if names & self.allowed(r)]
         if not sessions:
             raise NotAuthorized(
                 f"peer {peer_id} is not listed in any open session and has no join token",

@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import fcntl
 import os
+import time
 from pathlib import Path
 
+from protocol.envelope import decode, encode
 from protocol.errors import FednodeError, IdentityError
 from protocol.identity import Identity
+from protocol.rotation import Rotation, rotate
 
 
 def default_home() -> Path:
@@ -55,6 +58,37 @@ class NodeHome:
                 hint=f"run `fednode init --data-dir {self.root}` first",
             )
         return Identity.load(self.key_path)
+
+    @property
+    def rotations_path(self) -> Path:
+        return self.root / "rotations.cbor"
+
+    def chain(self) -> list[Rotation]:
+        """This node's key-rotation statements, oldest first (empty if never rotated)."""
+        if not self.rotations_path.exists():
+            return []
+        items = decode(self.rotations_path.read_bytes(), what="rotations.cbor")
+        return [Rotation(i["old"], i["new"], float(i["ts"]), i["sig"]) for i in items]
+
+    def rotate_key(self) -> tuple[Identity, Identity]:
+        """A new identity key signed over by the old one; the old key is kept, retired.
+
+        The chain is written before the key is swapped, and both writes are atomic
+        renames, so a crash leaves either the old key or the new key with its statement.
+        """
+        old = self.identity()
+        new = Identity.generate()
+        chain = [*self.chain(), rotate(old, new, time.time())]
+        tmp_chain = self.rotations_path.with_suffix(".tmp")
+        tmp_chain.write_bytes(encode([r.to_wire() for r in chain]))
+        tmp_key = self.root / "identity.key.new"
+        tmp_key.unlink(missing_ok=True)
+        new.save(tmp_key)
+        retired = self.root / f"identity.key.retired-{old.peer_id}"
+        os.link(self.key_path, retired)  # keep the old key (0600) for audit
+        os.replace(tmp_chain, self.rotations_path)
+        os.replace(tmp_key, self.key_path)
+        return old, new
 
     def lock(self) -> None:
         """Take the node lock or refuse: two nodes on one ledger would corrupt it."""

@@ -26,6 +26,7 @@ from protocol import messages, spec
 from protocol.cid import file_cid
 from protocol.errors import CIDError, FednodeError
 from protocol.identity import Identity
+from protocol.rotation import Rotation
 
 log = logging.getLogger("fednode.participant")
 FETCH_TIMEOUT_S = 60.0
@@ -45,7 +46,9 @@ class Participant:
         dataset: DatasetRef,
         join_token: str = "",
         train_delay_s: float = 0.0,
+        chain: list[Rotation] | None = None,
     ):
+        self.chain = chain or []
         self.identity = identity
         self.ledger = ledger
         self.store = store
@@ -67,7 +70,13 @@ class Participant:
         backoff = 0.5
         while not stop.is_set():
             try:
-                conn = await dial(self.url, self.identity, self.coordinator_id)
+                conn = await dial(self.url, self.identity, self.coordinator_id, chain=self.chain)
+                if conn.peer_id != self.coordinator_id:
+                    log.warning(
+                        "coordinator %s rotated its key; it is now %s (update --coordinator-id)",
+                        self.coordinator_id,
+                        conn.peer_id,
+                    )
             except FednodeError as err:
                 if err.code == "PEER_MISMATCH":
                     raise  # retrying cannot turn this node into the coordinator we named

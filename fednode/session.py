@@ -216,7 +216,7 @@ class SessionRun:
 
     def _eligible(self) -> list[str]:
         allowed = self.coord.allowed(self)
-        return [p for p in self.coord.online_participants() if p in allowed]
+        return [p for p in self.coord.online_participants() if self.coord.names_of(p) & allowed]
 
     async def _one_round(self, number: int) -> None:
         spec = self.spec

@@ -38,13 +38,15 @@ from protocol.handshake import (
     raise_if_refusal,
 )
 from protocol.identity import Identity
+from protocol.limits import HANDSHAKE_MAX_BYTES, RateLimited, TokenBucket, check_size
+from protocol.rotation import Rotation
 
 log = logging.getLogger("fednode.transport")
 
 MAX_FRAME_BYTES = 64 * 1024 * 1024  # a 16M-parameter float32 model fits; larger is refused
 HANDSHAKE_TIMEOUT_S = 10.0
 # Errors after which the peer's stream cannot be trusted any more: close the connection.
-_FATAL = (DecodeError, SignatureError, ReplayError)
+_FATAL = (DecodeError, SignatureError, ReplayError, RateLimited)
 
 Websocket = ServerConnection | ClientConnection
 RefusalHook = Callable[["Connection | None", str, FednodeError], Awaitable[None] | None]
@@ -91,11 +93,13 @@ class Connection:
         self.identity = identity
         self.peer_id = result.peer_id
         self.public_key = result.public_key
+        self.aliases = result.aliases  # former peer IDs, proven by a key-rotation chain
         self.channel = result.channel
         self.address = _address(ws)
         self.clock = clock
         self._seq = 0
         self._guard = ReplayGuard()
+        self._bucket = TokenBucket()
         self._send_lock = asyncio.Lock()
         self.bytes_sent = 0
         self.bytes_received = 0
@@ -125,6 +129,8 @@ class Connection:
     async def recv(self) -> tuple[Envelope, messages.Message]:
         """One verified, typed message. Raises FednodeError or ConnectionClosed."""
         frame = await self.ws.recv()
+        now = self.clock()
+        self._bucket.take(now)
         if not isinstance(frame, bytes):
             raise DecodeError("fednode frames are binary; got a text frame")
         self.bytes_received += len(frame)
@@ -134,7 +140,8 @@ class Connection:
             sender_peer_id=self.peer_id,
             sender_public_key=self.public_key,
         )
-        self._guard.check(env, self.clock())
+        self._guard.check(env, now)
+        check_size(env.type, env.size)
         return env, messages.parse(env.type, env.payload)
 
     async def messages(
@@ -170,13 +177,20 @@ class Connection:
 
 
 async def accept(
-    ws: ServerConnection, identity: Identity, timeout: float = HANDSHAKE_TIMEOUT_S
+    ws: ServerConnection,
+    identity: Identity,
+    timeout: float = HANDSHAKE_TIMEOUT_S,
+    chain: list[Rotation] | None = None,
 ) -> Connection:
     """Server side of the handshake. On failure: an error frame, the socket closed, raise."""
-    hs = ServerHandshake(identity)
+    hs = ServerHandshake(identity, chain=chain)
+    # Until the peer is authenticated it may send only small frames: a stranger must not make
+    # this node buffer megabytes. websockets reads this limit afresh for every frame.
+    ws.protocol.max_message_size = HANDSHAKE_MAX_BYTES
     try:
         await ws.send(hs.on_hello(await _recv_bytes(ws, timeout, "hello")))
         result = hs.on_auth(await _recv_bytes(ws, timeout, "auth"))
+        ws.protocol.max_message_size = MAX_FRAME_BYTES
     except FednodeError as err:
         try:
             await ws.send(error_frame(err))
@@ -188,7 +202,11 @@ async def accept(
 
 
 async def dial(
-    url: str, identity: Identity, expected_peer_id: str, timeout: float = HANDSHAKE_TIMEOUT_S
+    url: str,
+    identity: Identity,
+    expected_peer_id: str,
+    timeout: float = HANDSHAKE_TIMEOUT_S,
+    chain: list[Rotation] | None = None,
 ) -> Connection:
     """Client side: connect and authenticate the server as ``expected_peer_id``."""
     try:
@@ -199,7 +217,7 @@ async def dial(
             code="UNREACHABLE",
             hint="check that the node runs and the address is right",
         ) from None
-    hs = ClientHandshake(identity, expected_peer_id)
+    hs = ClientHandshake(identity, expected_peer_id, chain=chain)
     try:
         await ws.send(hs.hello())
         await ws.send(hs.on_challenge(await _recv_bytes(ws, timeout, "challenge")))

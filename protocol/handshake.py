@@ -28,6 +28,7 @@ from typing import Any
 from protocol.envelope import decode, encode
 from protocol.errors import FednodeError, HandshakeError, PeerMismatch, SignatureError
 from protocol.identity import Identity, peer_id_from_public_key, verify
+from protocol.rotation import Rotation, aliases
 
 PROTOCOL = "fednode/1"
 NONCE_BYTES = 32
@@ -39,6 +40,7 @@ class HandshakeResult:
     peer_id: str  # the authenticated remote peer
     public_key: bytes
     channel: bytes  # binds every later envelope to this connection
+    aliases: tuple[str, ...] = ()  # former peer IDs of the remote, proven by its rotation chain
 
 
 def error_frame(err: FednodeError) -> bytes:
@@ -102,8 +104,15 @@ class _Transcript:
 class ClientHandshake:
     """The side that dials; it knows whom it wants to reach."""
 
-    def __init__(self, identity: Identity, expected_peer_id: str, nonce: bytes | None = None):
+    def __init__(
+        self,
+        identity: Identity,
+        expected_peer_id: str,
+        nonce: bytes | None = None,
+        chain: list[Rotation] | None = None,
+    ):
         self.identity = identity
+        self.chain = chain or []
         self.expected = expected_peer_id
         self.nonce = nonce or os.urandom(NONCE_BYTES)
         self.result: HandshakeResult | None = None
@@ -116,6 +125,7 @@ class ClientHandshake:
                 "pub": self.identity.public_key,
                 "nonce": self.nonce,
                 "to": self.expected,
+                "rot": [r.to_wire() for r in self.chain],
             }
         )
 
@@ -126,24 +136,30 @@ class ClientHandshake:
         nonce_s = _bytes(msg, "nonce", NONCE_BYTES)
         sig_s = _bytes(msg, "sig", 64)
         got = peer_id_from_public_key(pub_s)
-        if got != self.expected:
+        former = aliases(msg.get("rot"), pub_s)
+        if got != self.expected and self.expected not in former:
             raise PeerMismatch(f"expected peer {self.expected}, the server is {got}")
         t = _Transcript(self.nonce, nonce_s, self.identity.public_key, pub_s, self.expected)
         try:
             verify(pub_s, sig_s, t.signed("server"))
         except SignatureError:
             raise HandshakeError("server's handshake signature does not verify") from None
-        self.result = HandshakeResult(got, pub_s, t.channel())
+        self.result = HandshakeResult(got, pub_s, t.channel(), tuple(former))
         return encode({"hs": "auth", "sig": self.identity.sign(t.signed("client"))})
 
 
 class ServerHandshake:
     """The side that listens; it learns who the client is."""
 
-    def __init__(self, identity: Identity, nonce: bytes | None = None):
+    def __init__(
+        self, identity: Identity, nonce: bytes | None = None, chain: list[Rotation] | None = None
+    ):
         self.identity = identity
         self.nonce = nonce or os.urandom(NONCE_BYTES)
+        self.chain = chain or []
+        self._names = {identity.peer_id} | {peer_id_from_public_key(r.old) for r in self.chain}
         self._transcript: _Transcript | None = None
+        self._client_aliases: tuple[str, ...] = ()
 
     def on_hello(self, frame: bytes) -> bytes:
         msg = _message(frame, "hello")
@@ -151,8 +167,9 @@ class ServerHandshake:
         pub_c = _bytes(msg, "pub", 32)
         nonce_c = _bytes(msg, "nonce", NONCE_BYTES)
         to = msg.get("to")
-        if to != self.identity.peer_id:
+        if not isinstance(to, str) or to not in self._names:
             raise PeerMismatch(f"client wants peer {to!r}, this node is {self.identity.peer_id}")
+        self._client_aliases = tuple(aliases(msg.get("rot"), pub_c))
         self._transcript = _Transcript(nonce_c, self.nonce, pub_c, self.identity.public_key, to)
         return encode(
             {
@@ -161,6 +178,7 @@ class ServerHandshake:
                 "pub": self.identity.public_key,
                 "nonce": self.nonce,
                 "sig": self.identity.sign(self._transcript.signed("server")),
+                "rot": [r.to_wire() for r in self.chain],
             }
         )
 
@@ -177,4 +195,6 @@ class ServerHandshake:
                 "client's handshake signature does not verify: it does not "
                 "hold the key it presented"
             ) from None
-        return HandshakeResult(peer_id_from_public_key(t.pub_c), t.pub_c, t.channel())
+        return HandshakeResult(
+            peer_id_from_public_key(t.pub_c), t.pub_c, t.channel(), self._client_aliases
+        )

@@ -48,12 +48,27 @@ def _unb64(text: str) -> bytes:
     return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
 
 
-def issue(identity: Identity, session_id: str, *, expires_at: float, uses: int,
-          token_id: str | None = None) -> tuple[str, JoinToken]:
-    tok = JoinToken(token_id or os.urandom(12).hex(), identity.peer_id, session_id,
-                    float(expires_at), uses)
-    body = encode({"v": 1, "id": tok.token_id, "c": tok.coordinator, "s": session_id,
-                   "exp": tok.expires_at, "uses": uses})
+def issue(
+    identity: Identity,
+    session_id: str,
+    *,
+    expires_at: float,
+    uses: int,
+    token_id: str | None = None,
+) -> tuple[str, JoinToken]:
+    tok = JoinToken(
+        token_id or os.urandom(12).hex(), identity.peer_id, session_id, float(expires_at), uses
+    )
+    body = encode(
+        {
+            "v": 1,
+            "id": tok.token_id,
+            "c": tok.coordinator,
+            "s": session_id,
+            "exp": tok.expires_at,
+            "uses": uses,
+        }
+    )
     return f"{PREFIX}.{_b64(body)}.{_b64(identity.sign(_DOMAIN + body))}", tok
 
 
@@ -71,21 +86,28 @@ def check(token: str, *, coordinator: Identity, now: float) -> JoinToken:
     try:
         verify(coordinator.public_key, sig, _DOMAIN + body)
     except SignatureError:
-        raise TokenError("the join token was not signed by this coordinator",
-                         code="TOKEN_FORGED") from None
+        raise TokenError(
+            "the join token was not signed by this coordinator", code="TOKEN_FORGED"
+        ) from None
     fields = decode(body, what="join token")
     if not isinstance(fields, dict) or fields.get("v") != 1:
         raise TokenError("the join token's body has an unknown format")
     try:
-        tok = JoinToken(str(fields["id"]), str(fields["c"]), str(fields["s"]),
-                        float(fields["exp"]), int(fields["uses"]))
+        tok = JoinToken(
+            str(fields["id"]),
+            str(fields["c"]),
+            str(fields["s"]),
+            float(fields["exp"]),
+            int(fields["uses"]),
+        )
     except (KeyError, TypeError, ValueError):
         raise TokenError("the join token's body is missing fields") from None
     if tok.coordinator != coordinator.peer_id:  # signed by us, so cannot differ; belt and braces
         raise TokenError("the join token names another coordinator", code="TOKEN_FORGED")
     if now >= tok.expires_at:
-        raise TokenError(f"the join token expired {now - tok.expires_at:.0f} s ago",
-                         code="TOKEN_EXPIRED")
+        raise TokenError(
+            f"the join token expired {now - tok.expires_at:.0f} s ago", code="TOKEN_EXPIRED"
+        )
     return tok
 
 
@@ -98,6 +120,9 @@ def parse_duration(text: str) -> float:
     except ValueError:
         value = -1
     if not 0 < value <= 366 * 86400:
-        raise FednodeError(f"duration {text!r} is not accepted", code="USAGE",
-                           hint="use e.g. 90s, 15m, 24h or 7d (at most a year)")
+        raise FednodeError(
+            f"duration {text!r} is not accepted",
+            code="USAGE",
+            hint="use e.g. 90s, 15m, 24h or 7d (at most a year)",
+        )
     return value
