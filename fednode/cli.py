@@ -146,6 +146,9 @@ def run_node(
     max_pending: Annotated[
         int, typer.Option(help="coordinator: connections allowed to be authenticating at once")
     ] = 64,
+    rate_limit: Annotated[
+        float, typer.Option(help="coordinator: messages/s per connection (bursts of twice)")
+    ] = 200.0,
 ) -> None:
     """Serve as coordinator or participant until SIGINT/SIGTERM.
 
@@ -187,6 +190,7 @@ def run_node(
                     handshake_timeout_s=handshake_timeout,
                     max_pending_handshakes=max_pending,
                     chain=home.chain(),
+                    rate_limit=rate_limit,
                 )
             )
         else:

@@ -25,7 +25,13 @@ from fednode.events import EventBus
 from fednode.ledger import Ledger
 from fednode.session import TERMINAL, SessionRun, SessionState
 from fednode.store import BlockStore
-from fednode.transport import HANDSHAKE_TIMEOUT_S, Connection, accept, ws_options
+from fednode.transport import (
+    DEFAULT_RATE,
+    HANDSHAKE_TIMEOUT_S,
+    Connection,
+    accept,
+    ws_options,
+)
 from protocol import messages, tokens
 from protocol.errors import FednodeError, NotAuthorized, NotFound, ValidationError
 from protocol.handshake import error_frame
@@ -59,8 +65,10 @@ class Coordinator:
         handshake_timeout_s: float = HANDSHAKE_TIMEOUT_S,
         max_pending_handshakes: int = MAX_PENDING_HANDSHAKES,
         chain: list[Rotation] | None = None,
+        rate_limit: float = DEFAULT_RATE,
     ):
         self.chain = chain or []
+        self.rate_limit = rate_limit
         self.identity = identity
         self.handshake_timeout_s = handshake_timeout_s
         self.max_pending_handshakes = max_pending_handshakes
@@ -185,7 +193,9 @@ class Coordinator:
             return
         self._pending_handshakes += 1
         try:
-            conn = await accept(ws, self.identity, self.handshake_timeout_s, self.chain)
+            conn = await accept(
+                ws, self.identity, self.handshake_timeout_s, self.chain, self.rate_limit
+            )
         except FednodeError as err:
             await self._refused(None, address, err)
             return

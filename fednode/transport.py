@@ -45,6 +45,7 @@ log = logging.getLogger("fednode.transport")
 
 MAX_FRAME_BYTES = 64 * 1024 * 1024  # a 16M-parameter float32 model fits; larger is refused
 HANDSHAKE_TIMEOUT_S = 10.0
+DEFAULT_RATE = 200.0  # messages/s per connection, bursts of twice that
 # Errors after which the peer's stream cannot be trusted any more: close the connection.
 _FATAL = (DecodeError, SignatureError, ReplayError, RateLimited)
 
@@ -88,6 +89,7 @@ class Connection:
         identity: Identity,
         result: HandshakeResult,
         clock: Callable[[], float] = time.time,
+        rate: float = DEFAULT_RATE,
     ):
         self.ws = ws
         self.identity = identity
@@ -99,7 +101,7 @@ class Connection:
         self.clock = clock
         self._seq = 0
         self._guard = ReplayGuard()
-        self._bucket = TokenBucket()
+        self._bucket = TokenBucket(rate=rate, burst=2 * rate)
         self._send_lock = asyncio.Lock()
         self.bytes_sent = 0
         self.bytes_received = 0
@@ -181,6 +183,7 @@ async def accept(
     identity: Identity,
     timeout: float = HANDSHAKE_TIMEOUT_S,
     chain: list[Rotation] | None = None,
+    rate: float = DEFAULT_RATE,
 ) -> Connection:
     """Server side of the handshake. On failure: an error frame, the socket closed, raise."""
     hs = ServerHandshake(identity, chain=chain)
@@ -198,7 +201,7 @@ async def accept(
         except ConnectionClosed:
             pass
         raise
-    return Connection(ws, identity, result)
+    return Connection(ws, identity, result, rate=rate)
 
 
 async def dial(

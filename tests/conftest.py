@@ -97,7 +97,7 @@ class Cluster:
         return home
 
 
-def start_cluster(root: Path, participants: int) -> Cluster:
+def start_cluster(root: Path, participants: int, *coordinator_args: str) -> Cluster:
     (root / "logs").mkdir(parents=True)
     key = root / "operator.key"
     operator = Identity.generate()
@@ -117,6 +117,7 @@ def start_cluster(root: Path, participants: int) -> Cluster:
             str(home.root),
             "--operator",
             operator.peer_id,
+            *coordinator_args,
         ],
         pipe_stdout=True,
     )
