@@ -15,6 +15,7 @@ or others is refused, as ssh refuses one.
 
 from __future__ import annotations
 
+import functools
 import os
 import stat
 from dataclasses import dataclass
@@ -41,6 +42,9 @@ def _raw_public(key: Ed25519PublicKey) -> bytes:
     return key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
 
 
+# Cached: multiformats' base58 validates types at run time (~1 ms a call), and a node sees
+# the same few peers on every message.
+@functools.lru_cache(maxsize=4096)
 def peer_id_from_public_key(public_key: bytes) -> str:
     """The libp2p peer ID of a raw 32-byte Ed25519 public key."""
     if len(public_key) != 32:
@@ -49,6 +53,7 @@ def peer_id_from_public_key(public_key: bytes) -> str:
     return _BASE58.encode(multihash)[1:]  # drop the multibase 'z': peer IDs are bare base58
 
 
+@functools.lru_cache(maxsize=4096)
 def public_key_from_peer_id(peer_id: str) -> bytes:
     """The raw Ed25519 public key inside a peer ID; IdentityError if it is not one."""
     if not isinstance(peer_id, str) or not peer_id.startswith("12D3KooW"):

@@ -260,3 +260,68 @@ def test_message_parser_raises_only_validation_errors(type_: str, payload: dict)
         messages.parse(type_, payload)
     with pytest.raises(DecodeError):
         decode(b"\xff\xff")
+
+
+_ENVELOPE_KEYS = ["v", "t", "s", "f", "n", "ts", "p", "sig", "x"]
+_HANDSHAKE_KEYS = ["hs", "proto", "pub", "nonce", "to", "sig", "rot", "code"]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.dictionaries(st.sampled_from(_ENVELOPE_KEYS), _json_like, max_size=9))
+def test_envelope_decoder_on_arbitrary_structures(frame: dict) -> None:
+    """Well-formed CBOR of any shape: only the project's own errors come out."""
+    alice = Identity.generate()
+    with contextlib.suppress(FednodeError):
+        open_frame(
+            encode(frame),
+            channel=b"\x00" * 32,
+            sender_peer_id=alice.peer_id,
+            sender_public_key=alice.public_key,
+        )
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.dictionaries(
+        st.sampled_from(_HANDSHAKE_KEYS),
+        _json_like | st.sampled_from(["hello", "challenge", "auth", "error", "fednode/1"]),
+        max_size=8,
+    )
+)
+def test_handshake_on_arbitrary_structures(msg: dict) -> None:
+    alice = Identity.generate()
+    frame = encode(msg)
+    for fn in (
+        lambda: ServerHandshake(alice).on_hello(frame),
+        lambda: ClientHandshake(alice, alice.peer_id).on_challenge(frame),
+        lambda: raise_if_refusal(frame),
+    ):
+        with contextlib.suppress(FednodeError):
+            fn()
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.text(max_size=300)
+    | st.builds(lambda a, b: f"fnjt1.{a}.{b}", st.text(max_size=80), st.text(max_size=80))
+)
+def test_token_checker_on_arbitrary_strings(token: str) -> None:
+    from protocol import tokens
+
+    with contextlib.suppress(FednodeError):
+        tokens.check(token, coordinator=Identity.generate(), now=NOW)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(
+        st.dictionaries(st.sampled_from(["old", "new", "ts", "sig"]), _json_like, max_size=4),
+        max_size=4,
+    )
+    | _json_like
+)
+def test_rotation_chain_on_arbitrary_structures(chain: object) -> None:
+    from protocol.rotation import aliases
+
+    with contextlib.suppress(FednodeError):
+        aliases(chain, Identity.generate().public_key)
