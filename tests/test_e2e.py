@@ -184,3 +184,25 @@ def test_fednode_init_id_and_cid(tmp_path: Path) -> None:
     assert cli_json("fednode", "cid", str(empty))["cid"] == (
         "bafkreihdwdcefgh4dqkjv67uzcmw7ojee6xedzdetojuzjevtenxquvyku"
     )
+
+
+def test_invite_flow(cluster3: Cluster, tmp_path: Path) -> None:
+    """The README's walkthrough: create, invite, a participant joins with the token, run."""
+    spec = tmp_path / "invite.toml"
+    spec.write_text("rounds = 2\nmin_participants = 1\nparticipants = []\n")
+    sid = cli_json("session", "create", str(spec), target=cluster3)["session_id"]
+    inv = cli_json("invite", "--session", sid, "--uses", "1", "--expires", "10m", target=cluster3)
+    assert inv["token"].startswith("fnjt1.") and inv["uses"] == 1
+    newcomer = cluster3.start_participant(3, 4, "--join-token", inv["token"])
+    cli_json("session", "start", sid, target=cluster3)
+    cli("session", "watch", sid, "--json", target=cluster3, check=True)
+    status = cli_json("session", "status", sid, target=cluster3)
+    assert status["status"] == "completed" and status["participants"] == 1
+    db = sqlite3.connect(cluster3.coordinator_home.ledger_path)
+    trained = {
+        r[0]
+        for r in db.execute("select participant from client_updates where session_id=?", (sid,))
+    }
+    assert trained == {newcomer.identity().peer_id}  # the uninvited three did not take part
+    bad = cli("invite", "--session", sid, "--expires", "forever", "--json", target=cluster3)
+    assert bad.returncode == 2 and json.loads(bad.stdout)["error"]["code"] == "USAGE"
