@@ -124,7 +124,9 @@ def run_node(
         list[str] | None,
         typer.Option(help="coordinator: peer ID allowed to read only (repeatable)"),
     ] = None,
-    coordinator: Annotated[str, typer.Option(help="participant: ws://HOST:PORT")] = "",
+    coordinator: Annotated[
+        str, typer.Option(help="participant: ws://HOST:PORT or wss://HOST:PORT (--tls coordinator)")
+    ] = "",
     coordinator_id: Annotated[
         str, typer.Option(help="participant: the coordinator's peer ID")
     ] = "",
@@ -146,6 +148,14 @@ def run_node(
     max_pending: Annotated[
         int, typer.Option(help="coordinator: connections allowed to be authenticating at once")
     ] = 64,
+    tls: Annotated[
+        bool,
+        typer.Option(
+            "--tls",
+            help="coordinator: serve wss:// with a certificate bound "
+            "to the node's key (clients check the peer ID, not a CA)",
+        ),
+    ] = False,
     rate_limit: Annotated[
         float, typer.Option(help="coordinator: messages/s per connection (bursts of twice)")
     ] = 200.0,
@@ -185,12 +195,15 @@ def run_node(
                     ident,
                     host,
                     port,
-                    operators=set(operator or []),
-                    viewers=set(viewer or []),
-                    handshake_timeout_s=handshake_timeout,
-                    max_pending_handshakes=max_pending,
-                    chain=home.chain(),
-                    rate_limit=rate_limit,
+                    {
+                        "operators": set(operator or []),
+                        "viewers": set(viewer or []),
+                        "handshake_timeout_s": handshake_timeout,
+                        "max_pending_handshakes": max_pending,
+                        "chain": home.chain(),
+                        "rate_limit": rate_limit,
+                    },
+                    tls,
                 )
             )
         else:
@@ -217,7 +230,7 @@ def _stop_event() -> asyncio.Event:
 
 
 async def _run_coordinator(
-    home: NodeHome, ident: Identity, host: str, port: int, **options: Any
+    home: NodeHome, ident: Identity, host: str, port: int, options: dict[str, Any], tls: bool
 ) -> None:
     from fednode.coordinator import Coordinator
     from fednode.ledger import Ledger
@@ -226,12 +239,17 @@ async def _run_coordinator(
     stop = _stop_event()
     with Ledger(home.ledger_path) as ledger:
         coord = Coordinator(ident, ledger, BlockStore(home.store_root), **options)
-        server = await coord.serve(host, port)
+        ssl = None
+        if tls:
+            from fednode.tls import server_context
+
+            ssl = server_context(ident, home.root)  # a fresh certificate on every start
+        server = await coord.serve(host, port, ssl)
         bound = server.sockets[0].getsockname()
         emit_json(
             {
                 "event": "listening",
-                "url": f"ws://{bound[0]}:{bound[1]}",
+                "url": f"{'wss' if tls else 'ws'}://{bound[0]}:{bound[1]}",
                 "peer_id": ident.peer_id,
                 "ledger": str(home.ledger_path),
             }

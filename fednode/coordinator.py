@@ -14,6 +14,7 @@ import logging
 import time
 import uuid
 from dataclasses import dataclass
+from ssl import SSLContext
 from typing import Any
 
 from websockets.asyncio.server import ServerConnection, serve
@@ -166,8 +167,8 @@ class Coordinator:
 
     # --- connections ---------------------------------------------------------------------
 
-    async def serve(self, host: str, port: int) -> Any:
-        return await serve(self._handle, host, port, **ws_options())
+    async def serve(self, host: str, port: int, ssl: SSLContext | None = None) -> Any:
+        return await serve(self._handle, host, port, ssl=ssl, **ws_options())
 
     async def _refused(self, conn: Connection | None, address: str, err: FednodeError) -> None:
         self.ledger.append_event(

@@ -18,14 +18,16 @@ from typing import Any
 
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.asyncio.server import ServerConnection
-from websockets.exceptions import ConnectionClosed
+from websockets.exceptions import ConnectionClosed, WebSocketException
 
+from fednode.tls import client_context, ssl_object_of, verified_peer_id
 from protocol import messages
 from protocol.envelope import Envelope, ReplayGuard, open_frame, seal
 from protocol.errors import (
     DecodeError,
     FednodeError,
     HandshakeError,
+    PeerMismatch,
     ReplayError,
     SignatureError,
     ValidationError,
@@ -211,20 +213,35 @@ async def dial(
     timeout: float = HANDSHAKE_TIMEOUT_S,
     chain: list[Rotation] | None = None,
 ) -> Connection:
-    """Client side: connect and authenticate the server as ``expected_peer_id``."""
+    """Client side: connect and authenticate the server as ``expected_peer_id``.
+
+    With a ``wss://`` URL the server's certificate must be bound to an Ed25519 identity
+    (fednode.tls) and that identity must be the very key the fednode handshake then
+    authenticates: TLS is checked against the peer ID, never against a CA.
+    """
+    tls = url.startswith("wss://")
     try:
-        ws = await asyncio.wait_for(connect(url, **ws_options()), timeout)
-    except (OSError, TimeoutError) as exc:
+        ws = await asyncio.wait_for(
+            connect(url, ssl=client_context() if tls else None, **ws_options()), timeout
+        )
+    except (OSError, TimeoutError, WebSocketException) as exc:
         raise FednodeError(
             f"cannot reach {url}: {exc or 'timed out'}",
             code="UNREACHABLE",
-            hint="check that the node runs and the address is right",
+            hint="check that the node runs, the address is right, and ws:// vs wss://",
         ) from None
     hs = ClientHandshake(identity, expected_peer_id, chain=chain)
     try:
+        tls_peer = verified_peer_id(ssl_object_of(ws)) if tls else None
         await ws.send(hs.hello())
         await ws.send(hs.on_challenge(await _recv_bytes(ws, timeout, "challenge")))
         assert hs.result is not None
+        if tls_peer is not None and tls_peer != hs.result.peer_id:
+            # The certificate's identity must be the key we just authenticated (which is
+            # the expected peer ID, or its successor by a verified rotation chain).
+            raise PeerMismatch(
+                f"the TLS certificate belongs to {tls_peer}, the handshake to {hs.result.peer_id}"
+            )
         conn = Connection(ws, identity, hs.result)
         # The server speaks first after auth: a Welcome, or a refusal with its reason.
         first = await _recv_bytes(ws, timeout, "welcome")

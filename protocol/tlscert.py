@@ -264,7 +264,8 @@ def peer_id_from_certificate(cert_der: bytes, *, now: datetime | None = None) ->
 
     if now < not_before:
         raise TLSIdentityError(
-            f"peer certificate is not valid before {not_before.isoformat()} (now {now.isoformat()})",
+            f"peer certificate is not valid before {not_before.isoformat()} "
+            f"(now {now.isoformat()})",
             reason=NOT_YET_VALID,
             hint="check the clocks of both machines (NTP)",
         )
@@ -318,7 +319,8 @@ def _libp2p_extension(cert: x509.Certificate) -> bytes:
             found = value.value
         elif ext.critical and isinstance(ext.value, x509.UnrecognizedExtension):
             raise TLSIdentityError(
-                f"peer certificate has a critical extension we do not understand ({ext.oid.dotted_string})",
+                "peer certificate has a critical extension we do not understand "
+                f"({ext.oid.dotted_string})",
                 reason=UNKNOWN_CRITICAL_EXTENSION,
             )
     if found is None:
