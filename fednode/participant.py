@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import time
 from typing import Any
@@ -32,6 +33,12 @@ log = logging.getLogger("fednode.participant")
 FETCH_TIMEOUT_S = 60.0
 MAX_BACKOFF_S = 10.0
 ADMIT_TIMEOUT_S = 30.0
+
+
+def shuffle_seed(session_seed: int, round_: int, peer_id: str) -> int:
+    """Each participant's minibatch order: reproducible, and different between participants."""
+    digest = hashlib.sha256(f"{session_seed}/{round_}/{peer_id}".encode()).digest()
+    return int.from_bytes(digest[:4], "big")
 
 
 class Participant:
@@ -240,7 +247,7 @@ class Participant:
             s = spec.validate(task.spec)
             blob = await self._fetch(conn, session, task.model_cid)
             mspec = model_spec(s)
-            expect = weights.shapes(training.init_weights(mspec, 0))
+            expect = training.expected_shapes(mspec)
             global_w = weights.from_bytes(blob, expect=expect)
             data = await asyncio.to_thread(self._load_data, s["data"])
             t = s["training"]
@@ -251,7 +258,7 @@ class Participant:
                 optimizer=t["optimizer"],
                 momentum=t["momentum"],
                 weight_decay=t["weight_decay"],
-                seed=s["data"]["seed"] * 1000 + task.round,
+                seed=shuffle_seed(s["data"]["seed"], task.round, self.identity.peer_id),
             )
             if self.train_delay_s:
                 await asyncio.sleep(self.train_delay_s)

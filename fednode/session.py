@@ -419,7 +419,7 @@ class SessionRun:
             loss=msg.loss,
             bytes=size,
             duration_s=msg.train_s,
-            upload_s=now - self.round.started_at,
+            arrival_s=now - self.round.started_at,
             update_cid=msg.update_cid,
             status=status,
             reason=reason,

@@ -10,6 +10,7 @@ and batches before the loop; it is not implemented in this version.
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -230,3 +231,21 @@ def warm_up() -> None:
     """
     torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
     torch.optim.Adam([torch.zeros(1, requires_grad=True)], lr=0.1)
+
+
+@functools.lru_cache(maxsize=64)
+def _shapes(kind: str, inputs: int, hidden: tuple[int, ...], classes: int) -> dict[str, tuple]:
+    model = build_model(kind, inputs, list(hidden), classes)
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def expected_shapes(model_spec: dict[str, Any]) -> dict[str, tuple[int, ...]]:
+    """Tensor name -> shape of a model spec (cached: checked on every update received)."""
+    return dict(
+        _shapes(
+            model_spec["kind"],
+            model_spec["inputs"],
+            tuple(model_spec["hidden"]),
+            model_spec["classes"],
+        )
+    )

@@ -34,7 +34,7 @@ def _update(led: Ledger, rnd: int, peer: str, status: str = "accepted", **kw: ob
         "loss": 0.5,
         "bytes": 1000,
         "duration_s": 1.0,
-        "upload_s": 1.5,
+        "arrival_s": 1.5,
         "update_cid": f"bafy-{peer}-{rnd}",
         "received_at": 1000.0 + rnd,
     }

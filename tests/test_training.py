@@ -115,3 +115,10 @@ def test_bad_inputs(shard):
         train(SPEC, w0, Dataset(shard.x[:, :10], shard.y), cfg())
     with pytest.raises(DataError, match="labels"):
         train(SPEC, w0, Dataset(shard.x, shard.y + 5), cfg())
+
+
+def test_expected_shapes_match_a_built_model() -> None:
+    from fednode.training import expected_shapes, init_weights
+
+    spec = {"kind": "mlp", "inputs": 64, "hidden": [16, 8], "classes": 10}
+    assert expected_shapes(spec) == {k: v.shape for k, v in init_weights(spec, 0).items()}
