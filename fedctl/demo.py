@@ -80,6 +80,47 @@ class Processes:
         self.procs[name] = proc
         return proc
 
+    def start_coordinator(self, home: NodeHome, operator_id: str, *extra: str) -> dict[str, Any]:
+        """A coordinator on a free loopback port; returns its ready line (url, peer_id)."""
+        proc = self.start(
+            "coordinator",
+            [
+                "run",
+                "--role",
+                "coordinator",
+                "--listen",
+                "127.0.0.1:0",
+                "--data-dir",
+                str(home.root),
+                "--operator",
+                operator_id,
+                *extra,
+            ],
+            pipe_stdout=True,
+        )
+        return read_ready_line(proc, "the coordinator", self.log_dir / "coordinator.log")
+
+    def start_participant(
+        self, name: str, home: NodeHome, ready: dict[str, Any], dataset: str, *extra: str
+    ) -> None:
+        self.start(
+            name,
+            [
+                "run",
+                "--role",
+                "participant",
+                "--coordinator",
+                ready["url"],
+                "--coordinator-id",
+                ready["peer_id"],
+                "--data-dir",
+                str(home.root),
+                "--dataset",
+                dataset,
+                *extra,
+            ],
+        )
+
     def kill(self, name: str) -> None:
         self.killed.add(name)
         self.procs[name].kill()
@@ -162,23 +203,7 @@ def run_demo(opts: DemoOptions) -> dict[str, Any]:
     try:
         coord_home = NodeHome(root / "coordinator")
         coord_id, _ = coord_home.init()
-        log = root / "logs" / "coordinator.log"
-        proc = procs.start(
-            "coordinator",
-            [
-                "run",
-                "--role",
-                "coordinator",
-                "--listen",
-                "127.0.0.1:0",
-                "--data-dir",
-                str(coord_home.root),
-                "--operator",
-                operator.peer_id,
-            ],
-            pipe_stdout=True,
-        )
-        ready = read_ready_line(proc, "the coordinator", log)
+        ready = procs.start_coordinator(coord_home, operator.peer_id)
         target = Target(ready["url"], coord_id.peer_id, opts.key)
         # The session first, then an invite for exactly N participants: they join with it.
         sid = call(target, "session.create", spec=spec)["session_id"]
@@ -190,24 +215,10 @@ def run_demo(opts: DemoOptions) -> dict[str, Any]:
             home = NodeHome(root / f"participant-{k}")
             home.init()
             name = f"participant-{k}"
-            args = [
-                "run",
-                "--role",
-                "participant",
-                "--coordinator",
-                ready["url"],
-                "--coordinator-id",
-                coord_id.peer_id,
-                "--data-dir",
-                str(home.root),
-                "--dataset",
-                f"digits:{k}/{opts.participants}",
-                "--join-token",
-                token,
-            ]
+            extra = ["--join-token", token]
             if k >= opts.participants - opts.drop:
-                args += ["--train-delay", str(DROP_DELAY_S)]
-            procs.start(name, args)
+                extra += ["--train-delay", str(DROP_DELAY_S)]
+            procs.start_participant(name, home, ready, f"digits:{k}/{opts.participants}", *extra)
             names.append(name)
         out = stderr if opts.as_json else stdout
         out.print(

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from fedctl.demo import Processes, read_ready_line
+from fedctl.demo import Processes
 from fednode.home import NodeHome
 from protocol.identity import Identity
 
@@ -76,23 +76,8 @@ class Cluster:
     def start_participant(self, k: int, n: int, *extra: str) -> NodeHome:
         home = NodeHome(self.root / f"participant-{k}")
         home.init()
-        self.procs.start(
-            f"participant-{k}",
-            [
-                "run",
-                "--role",
-                "participant",
-                "--coordinator",
-                self.url,
-                "--coordinator-id",
-                self.peer_id,
-                "--data-dir",
-                str(home.root),
-                "--dataset",
-                f"digits:{k}/{n}",
-                *extra,
-            ],
-        )
+        ready = {"url": self.url, "peer_id": self.peer_id}
+        self.procs.start_participant(f"participant-{k}", home, ready, f"digits:{k}/{n}", *extra)
         self.participant_homes.append(home)
         return home
 
@@ -105,23 +90,7 @@ def start_cluster(root: Path, participants: int, *coordinator_args: str) -> Clus
     procs = Processes(root / "logs")
     home = NodeHome(root / "coordinator")
     ident, _ = home.init()
-    proc = procs.start(
-        "coordinator",
-        [
-            "run",
-            "--role",
-            "coordinator",
-            "--listen",
-            "127.0.0.1:0",
-            "--data-dir",
-            str(home.root),
-            "--operator",
-            operator.peer_id,
-            *coordinator_args,
-        ],
-        pipe_stdout=True,
-    )
-    ready = read_ready_line(proc, "coordinator", root / "logs" / "coordinator.log")
+    ready = procs.start_coordinator(home, operator.peer_id, *coordinator_args)
     cluster = Cluster(root, ready["url"], ident.peer_id, key, procs, [])
     for k in range(participants):
         cluster.start_participant(k, participants)
