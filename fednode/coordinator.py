@@ -347,6 +347,8 @@ class Coordinator:
                 self.sessions[session_id].on_bytes_down(sent)
         elif isinstance(msg, messages.Update):
             self.session(session_id).on_update(conn.peer_id, msg, size)
+        elif isinstance(msg, messages.SECAGG_FROM_PARTICIPANT):
+            self.session(session_id).on_secagg(conn.peer_id, msg, size)
         elif isinstance(msg, messages.TaskError):
             log.warning(
                 "participant %s failed round %d: %s %s",

@@ -20,10 +20,11 @@ from websockets.exceptions import ConnectionClosed
 from fednode import __version__, training, weights
 from fednode.data import DatasetRef, load_partition
 from fednode.ledger import Ledger
+from fednode.secure_round import MAX_WEIGHT, params_from_wire
 from fednode.session import model_spec
 from fednode.store import BlockStore
 from fednode.transport import Connection, dial
-from protocol import messages, spec
+from protocol import messages, secagg, spec
 from protocol.cid import file_cid
 from protocol.errors import CIDError, FednodeError
 from protocol.identity import Identity
@@ -68,6 +69,7 @@ class Participant:
         self._task: asyncio.Task[None] | None = None
         self._data_cache: dict[tuple[Any, ...], Any] = {}
         self.registered = asyncio.Event()
+        self._secagg_inbox: asyncio.Queue[messages.Message] = asyncio.Queue()
 
     async def run(self, stop: asyncio.Event) -> None:
         """Stay connected until ``stop`` is set; re-dial with backoff on failures."""
@@ -194,6 +196,8 @@ class Participant:
                         )
                         continue
                     self._task = asyncio.create_task(self._do_round(conn, env.session, msg))
+                elif isinstance(msg, messages.SECAGG_TO_PARTICIPANT):
+                    self._secagg_inbox.put_nowait(msg)
                 elif isinstance(msg, messages.Block):
                     fut = self._fetches.pop(msg.cid, None)
                     if fut is not None and not fut.done():
@@ -241,47 +245,59 @@ class Participant:
         self.store.put(data, pin=False)
         return data
 
+    async def _train(
+        self, conn: Connection, session: str, task: messages.RoundStart, s: dict[str, Any]
+    ) -> training.TrainResult:
+        """Fetch the round's model by CID, train on the local data, return the result."""
+        blob = await self._fetch(conn, session, task.model_cid)
+        mspec = model_spec(s)
+        global_w = weights.from_bytes(blob, expect=training.expected_shapes(mspec))
+        data = await asyncio.to_thread(self._load_data, s["data"])
+        t = s["training"]
+        cfg = training.TrainConfig(
+            local_epochs=t["local_epochs"],
+            batch_size=t["batch_size"],
+            lr=t["lr"],
+            optimizer=t["optimizer"],
+            momentum=t["momentum"],
+            weight_decay=t["weight_decay"],
+            seed=shuffle_seed(s["data"]["seed"], task.round, self.identity.peer_id),
+        )
+        if self.train_delay_s:
+            await asyncio.sleep(self.train_delay_s)
+        return await asyncio.to_thread(training.train, mspec, global_w, data, cfg)
+
     async def _do_round(self, conn: Connection, session: str, task: messages.RoundStart) -> None:
         started = time.time()
         try:
             s = spec.validate(task.spec)
-            blob = await self._fetch(conn, session, task.model_cid)
-            mspec = model_spec(s)
-            expect = training.expected_shapes(mspec)
-            global_w = weights.from_bytes(blob, expect=expect)
-            data = await asyncio.to_thread(self._load_data, s["data"])
-            t = s["training"]
-            cfg = training.TrainConfig(
-                local_epochs=t["local_epochs"],
-                batch_size=t["batch_size"],
-                lr=t["lr"],
-                optimizer=t["optimizer"],
-                momentum=t["momentum"],
-                weight_decay=t["weight_decay"],
-                seed=shuffle_seed(s["data"]["seed"], task.round, self.identity.peer_id),
-            )
-            if self.train_delay_s:
-                await asyncio.sleep(self.train_delay_s)
-            result = await asyncio.to_thread(training.train, mspec, global_w, data, cfg)
-            out = weights.to_bytes(result.weights)
-            sent = await conn.send(
-                messages.Update(
-                    round=task.round,
-                    base_cid=task.model_cid,
-                    num_examples=result.num_examples,
-                    loss=result.loss,
-                    train_s=result.duration_s,
-                    update_cid=file_cid(out),
-                    data=out,
-                ),
-                session,
-            )
+            if task.secagg:
+                result, sent = await self._secure_round(conn, session, task, s)
+            else:
+                result = await self._train(conn, session, task, s)
+                out = weights.to_bytes(result.weights)
+                sent = await conn.send(
+                    messages.Update(
+                        round=task.round,
+                        base_cid=task.model_cid,
+                        num_examples=result.num_examples,
+                        loss=result.loss,
+                        train_s=result.duration_s,
+                        update_cid=file_cid(out),
+                        data=out,
+                    ),
+                    session,
+                )
+            # The participant keeps its own update: its data, its audit trail.
+            own_cid = self.store.put(weights.to_bytes(result.weights), pin=False)
             self.ledger.append_event(
                 "task_done",
                 session_id=session,
                 data={
                     "round": task.round,
                     "model_cid": task.model_cid,
+                    "update_cid": own_cid,
+                    "secure": bool(task.secagg),
                     "samples": result.num_examples,
                     "loss": result.loss,
                     "train_s": result.duration_s,
@@ -303,3 +319,63 @@ class Participant:
                 )
         except ConnectionClosed:
             pass
+
+    async def _next(self, want: type[messages.Message], round_: int, end: float) -> Any:
+        """The next secure-aggregation message of this round, or a timeout error."""
+        while True:
+            left = end - time.monotonic()
+            try:
+                msg = await asyncio.wait_for(self._secagg_inbox.get(), max(left, 0.001))
+            except TimeoutError:
+                raise FednodeError(
+                    f"no {want.TYPE!r} from the coordinator before the round's deadline",
+                    code="SECAGG_TIMEOUT",
+                ) from None
+            if isinstance(msg, want) and getattr(msg, "round", None) == round_:
+                return msg
+            log.warning("ignoring %s for round %s", msg.TYPE, getattr(msg, "round", "?"))
+
+    async def _secure_round(
+        self, conn: Connection, session: str, task: messages.RoundStart, s: dict[str, Any]
+    ) -> tuple[training.TrainResult, int]:
+        """The participant's side of protocol.secagg: keys, shares, masked input, unmask."""
+        p = params_from_wire(task.secagg)
+        n = task.round
+        end = time.monotonic() + task.deadline_s
+        self._secagg_inbox = asyncio.Queue()
+        client = secagg.Client(self.identity.peer_id, p)
+        keys = client.advertise()
+        sent = await conn.send(messages.SecaggKeys(round=n, **keys), session)
+        training_task = asyncio.create_task(self._train(conn, session, task, s))
+        try:
+            roster = await self._next(messages.SecaggRoster, n, end)
+            shares = client.share_keys(roster.roster)
+            sent += await conn.send(messages.SecaggShares(round=n, shares=shares), session)
+            relay = await self._next(messages.SecaggRelay, n, end)
+            result = await training_task
+            mspec = model_spec(s)
+            flat = weights.flatten(result.weights, training.expected_shapes(mspec))
+            x = secagg.encode_weighted(flat, min(result.num_examples, MAX_WEIGHT), p)
+            # Kept here, never sent: what this participant contributed, for its own audit.
+            own_cid = self.store.put(weights.to_bytes(result.weights), pin=False)
+            self.ledger.append_event(
+                "secagg_input",
+                session_id=session,
+                data={"round": n, "update_cid": own_cid, "samples": result.num_examples},
+            )
+            y = await asyncio.to_thread(client.masked_input, relay.shares, x)
+            sent += await conn.send(
+                messages.SecaggMasked(
+                    round=n,
+                    data=y.astype("<u8").tobytes(),
+                    loss=result.loss,
+                    train_s=result.duration_s,
+                ),
+                session,
+            )
+            req = await self._next(messages.SecaggUnmaskRequest, n, end)
+            out = client.unmask(req.survivors, req.dropped)
+            sent += await conn.send(messages.SecaggUnmask(round=n, b=out["b"], s=out["s"]), session)
+        finally:
+            training_task.cancel()
+        return result, sent

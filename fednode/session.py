@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from fednode import training, weights
 from fednode.data import load_eval
+from fednode.secure_round import SecureRound
 from fednode.strategies import get_strategy
 from fednode.strategies.base import ClientUpdate
 from protocol import messages
@@ -127,6 +128,7 @@ class SessionRun:
         self.shapes: dict[str, tuple[int, ...]] = {}
         self.strategy = get_strategy(spec["aggregation"]["strategy"])
         self._wake = asyncio.Event()
+        self.secure: SecureRound | None = None
         self._task: asyncio.Task[None] | None = None
 
     # --- operator actions -----------------------------------------------------------
@@ -218,7 +220,7 @@ class SessionRun:
         allowed = self.coord.allowed(self)
         return [p for p in self.coord.online_participants() if self.coord.names_of(p) & allowed]
 
-    async def _one_round(self, number: int) -> None:
+    async def _select(self) -> list[str]:
         spec = self.spec
         deadline = time.monotonic() + spec["wait_participants_s"]
         while len(self._eligible()) < spec["min_participants"]:
@@ -235,6 +237,11 @@ class SessionRun:
         selected = self._eligible()
         if spec["max_participants"]:
             selected = selected[: spec["max_participants"]]
+        return selected
+
+    async def _one_round(self, number: int) -> None:
+        spec = self.spec
+        selected = await self._select()
         rnd = self.round = RoundRun(number, self.global_cid, selected)
         self.coord.ledger.start_round(
             self.session_id,
@@ -249,28 +256,48 @@ class SessionRun:
             {"round": number, "selected": selected, "model_cid": self.global_cid},
         )
         rnd.phase = RoundPhase.TRAINING
+        self.secure = SecureRound(self, rnd) if spec["aggregation"]["secure"] else None
         task = messages.RoundStart(
-            round=number, model_cid=self.global_cid, spec=spec, deadline_s=spec["round_timeout_s"]
+            round=number,
+            model_cid=self.global_cid,
+            spec=spec,
+            deadline_s=spec["round_timeout_s"],
+            secagg=self.secure.wire() if self.secure else {},
         )
         for peer in selected:
             if not await self.coord.send_to(peer, task, self.session_id):
                 rnd.failed[peer] = "offline when the round started"
         end = time.monotonic() + spec["round_timeout_s"]
+        try:
+            if self.secure is not None:
+                new, contributors = await self.secure.run_round(self._send, self._wait, end)
+            else:
+                new, contributors = await self._collect_plain(rnd, end)
+            if len(contributors) < spec["min_participants"]:
+                raise StateError(
+                    f"{len(contributors)} models in the aggregate, fewer than "
+                    f"min_participants = {spec['min_participants']}"
+                )
+        except FednodeError as err:
+            reason = f"{err.message}; " + "; ".join(f"{p[-8:]}: {r}" for p, r in rnd.failed.items())
+            self._finish_round_failed("aborted" if self.secure else "failed", reason)
+            if spec["on_round_failure"] == "continue":
+                self.rounds_done = number  # counts as run; the next round starts from this model
+                return
+            raise StateError(f"round {number} failed: {reason}") from None
+        await self._complete(rnd, new, contributors)
+
+    async def _send(self, peer: str, msg: messages.Message) -> bool:
+        sent = await self.coord.send_to(peer, msg, self.session_id)
+        return sent
+
+    async def _collect_plain(self, rnd: RoundRun, end: float) -> tuple[weights.Weights, list[str]]:
         while rnd.outstanding and time.monotonic() < end:
             await self._wait(end - time.monotonic())
         for peer in rnd.outstanding:
             rnd.failed[peer] = "no update before the round timeout"
-        if len(rnd.received) < spec["min_participants"]:
-            reason = (
-                f"{len(rnd.received)} updates, fewer than min_participants = "
-                f"{spec['min_participants']}: "
-                + "; ".join(f"{p[-8:]}: {r}" for p, r in rnd.failed.items())
-            )
-            self._finish_round_failed("failed", reason)
-            raise StateError(f"round {number} failed: {reason}")
-        await self._aggregate(rnd)
-
-    async def _aggregate(self, rnd: RoundRun) -> None:
+        if not rnd.received:
+            raise StateError("no update arrived")
         rnd.phase = RoundPhase.AGGREGATING
         updates = [
             ClientUpdate(
@@ -280,6 +307,9 @@ class SessionRun:
         ]
         assert self.global_weights is not None
         new = await asyncio.to_thread(self.strategy.aggregate, self.global_weights, updates)
+        return new, sorted(rnd.received)
+
+    async def _complete(self, rnd: RoundRun, new: weights.Weights, contributors: list[str]) -> None:
         rnd.phase = RoundPhase.EVALUATING
         acc, loss = await asyncio.to_thread(
             training.evaluate, model_spec(self.spec), new, self.eval_data
@@ -296,8 +326,8 @@ class SessionRun:
             accuracy=acc,
             loss=loss,
             size=size,
-            participants=len(rnd.received),
-            dropped=len(rnd.failed),
+            participants=len(contributors),
+            dropped=len(set(rnd.selected) - set(contributors)),
             bytes_up=rnd.bytes_up,
             bytes_down=rnd.bytes_down,
         )
@@ -312,8 +342,8 @@ class SessionRun:
                 "loss": loss,
                 "model_cid": cid,
                 "duration_s": now - rnd.started_at,
-                "participants": sorted(rnd.received),
-                "dropped": sorted(rnd.failed),
+                "participants": sorted(contributors),
+                "dropped": sorted(set(rnd.selected) - set(contributors)),
                 "bytes_up": rnd.bytes_up,
                 "bytes_down": rnd.bytes_down,
             },
@@ -426,7 +456,38 @@ class SessionRun:
             received_at=now,
         )
 
+    def on_secagg(self, peer: str, msg: messages.Message, size: int) -> None:
+        if self.secure is None or self.round is None or self.round.phase != RoundPhase.TRAINING:
+            raise ValidationError(
+                f"{msg.TYPE!r} but no secure round of session {self.session_id} is running",
+                code="STALE_UPDATE",
+            )
+        self.secure.on_message(peer, msg, size)
+        self.wake()
+
+    def record_masked(self, peer: str, msg: messages.SecaggMasked, size: int) -> None:
+        """Ledger row of a masked input: sizes and timings, never the contents (samples are
+        inside the mask too, so 0 here)."""
+        assert self.round is not None
+        now = time.time()
+        self.coord.ledger.record_update(
+            self.session_id,
+            msg.round,
+            participant=peer,
+            samples=0,
+            loss=msg.loss,
+            bytes=size,
+            duration_s=msg.train_s,
+            arrival_s=now - self.round.started_at,
+            update_cid="",
+            status="accepted",
+            reason="masked (secure aggregation)",
+            received_at=now,
+        )
+
     def on_peer_lost(self, peer: str, reason: str) -> None:
+        if self.secure is not None:
+            self.secure.on_peer_lost(peer)
         rnd = self.round
         if rnd is not None and rnd.phase == RoundPhase.TRAINING and peer in rnd.outstanding:
             rnd.failed[peer] = reason

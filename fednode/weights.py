@@ -90,3 +90,22 @@ def num_params(w: Mapping[str, np.ndarray]) -> int:
 
 def nbytes(w: Mapping[str, np.ndarray]) -> int:
     return int(sum(v.nbytes for v in w.values()))
+
+
+def flatten(w: Mapping[str, np.ndarray], shapes: Mapping[str, tuple[int, ...]]) -> np.ndarray:
+    """One float64 vector of every tensor, in ``shapes``' order (secure aggregation masks it)."""
+    return np.concatenate([np.asarray(w[k], dtype=np.float64).ravel() for k in shapes])
+
+
+def unflatten(vec: np.ndarray, shapes: Mapping[str, tuple[int, ...]]) -> Weights:
+    """The inverse of ``flatten``: float32 tensors in ``shapes``' order."""
+    total = sum(int(np.prod(s)) for s in shapes.values())
+    if vec.shape != (total,):
+        raise ValidationError(f"a flat model of {vec.size} values, expected {total}")
+    out: Weights = {}
+    at = 0
+    for name, shape in shapes.items():
+        n = int(np.prod(shape))
+        out[name] = vec[at : at + n].reshape(shape).astype(np.float32)
+        at += n
+    return out

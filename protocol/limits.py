@@ -23,6 +23,12 @@ MAX_BYTES: dict[str, int] = {
     "admin": 1 * MIB,
     "round_start": 1 * MIB,
     "event": 1 * MIB,
+    "secagg_masked": 64 * MIB,
+    "secagg_roster": 1 * MIB,
+    "secagg_shares": 1 * MIB,
+    "secagg_relay": 1 * MIB,
+    "secagg_unmask": 1 * MIB,
+    "secagg_unmask_request": 1 * MIB,
 }
 
 

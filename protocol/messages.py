@@ -10,6 +10,8 @@ Who sends what:
   coordinator → participant : welcome, admitted, block, round_start, round_end, session_end,
                               error
   operator    → coordinator : admin          coordinator → operator : admin_reply, event
+  secure aggregation        : secagg_keys, secagg_roster, secagg_shares, secagg_relay,
+                              secagg_masked, secagg_unmask_request, secagg_unmask
 """
 
 from __future__ import annotations
@@ -185,6 +187,8 @@ class RoundStart(Message):
     model_cid: str
     spec: dict[str, Any]  # the session spec; the participant re-validates it
     deadline_s: float
+    # secure aggregation of this round: parameters, graph seed, round tag, participants
+    secagg: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def validate(self) -> None:
         _nonneg(self, "round", "deadline_s")
@@ -212,6 +216,77 @@ class Error(Message):
     code: str
     message: str
     hint: str = ""
+
+
+# --- secure aggregation (protocol.secagg), in the order they are sent -------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class SecaggKeys(Message):
+    """participant → coordinator: two fresh X25519 public keys for this round."""
+
+    TYPE: ClassVar[str] = "secagg_keys"
+    round: int
+    c_pk: bytes
+    s_pk: bytes
+
+
+@dataclasses.dataclass(frozen=True)
+class SecaggRoster(Message):
+    """coordinator → participant: everyone's keys (U1)."""
+
+    TYPE: ClassVar[str] = "secagg_roster"
+    round: int
+    roster: dict[str, Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class SecaggShares(Message):
+    """participant → coordinator: encrypted Shamir shares, one ciphertext per neighbour."""
+
+    TYPE: ClassVar[str] = "secagg_shares"
+    round: int
+    shares: dict[str, Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class SecaggRelay(Message):
+    """coordinator → participant: the ciphertexts addressed to it (U2)."""
+
+    TYPE: ClassVar[str] = "secagg_relay"
+    round: int
+    shares: dict[str, Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class SecaggMasked(Message):
+    """participant → coordinator: the masked, fixed-point [n, n·w] vector (uint64 LE)."""
+
+    TYPE: ClassVar[str] = "secagg_masked"
+    round: int
+    data: bytes
+    loss: float
+    train_s: float
+
+
+@dataclasses.dataclass(frozen=True)
+class SecaggUnmaskRequest(Message):
+    """coordinator → participant: who survived (U3) and who dropped (U2 minus U3)."""
+
+    TYPE: ClassVar[str] = "secagg_unmask_request"
+    round: int
+    survivors: list[str]
+    dropped: list[str]
+
+
+@dataclasses.dataclass(frozen=True)
+class SecaggUnmask(Message):
+    """participant → coordinator: shares of survivors' self-mask seeds, dropped ones' keys."""
+
+    TYPE: ClassVar[str] = "secagg_unmask"
+    round: int
+    b: dict[str, Any]
+    s: dict[str, Any]
 
 
 # --- operator ⇄ coordinator ----------------------------------------------------------
@@ -257,11 +332,20 @@ MESSAGES: dict[str, type[Message]] = {
         RoundEnd,
         SessionEnd,
         Error,
+        SecaggKeys,
+        SecaggRoster,
+        SecaggShares,
+        SecaggRelay,
+        SecaggMasked,
+        SecaggUnmaskRequest,
+        SecaggUnmask,
         Admin,
         AdminReply,
         Event,
     )
 }
+SECAGG_FROM_PARTICIPANT = (SecaggKeys, SecaggShares, SecaggMasked, SecaggUnmask)
+SECAGG_TO_PARTICIPANT = (SecaggRoster, SecaggRelay, SecaggUnmaskRequest)
 _HINTS = {name: typing.get_type_hints(cls) for name, cls in MESSAGES.items()}
 
 

@@ -4,8 +4,8 @@ The schema below is the single source for validation, for ``fedctl session init`
 writes every field with its comment and accepted values) and for the defaults, which are
 the demo's: they converge on the digits data (see ../shared/CLI.md). A spec is refused with
 a SpecError that names the field, the bad value and what is accepted: an unknown field, a
-wrong type and an out-of-range value alike. Secure aggregation is accepted as a field but
-refused when true until this version implements it, rather than silently ignored.
+wrong type and an out-of-range value alike. Secure aggregation is checked against the
+strategy: the coordinator sees only a sum, so only a weighted mean can be computed.
 """
 
 from __future__ import annotations
@@ -58,6 +58,13 @@ SCHEMA: dict[str, dict[str, Field]] = {
             "peer IDs allowed to take part; empty = any participant connected to this coordinator",
         ),
         "round_timeout_s": Field("float", 300.0, "seconds a round waits for updates", 1, 86_400),
+        "on_round_failure": Field(
+            "choice",
+            "stop",
+            "a failed or aborted round stops the session, or the next round starts from "
+            "the same model (it counts toward rounds)",
+            choices=("stop", "continue"),
+        ),
         "wait_participants_s": Field(
             "float",
             120.0,
@@ -103,7 +110,19 @@ SCHEMA: dict[str, dict[str, Field]] = {
     },
     "aggregation": {
         "strategy": Field("choice", "fedavg", "how updates are combined", choices=STRATEGIES),
-        "secure": Field("bool", False, "secure aggregation (not in this version: must be false)"),
+        "secure": Field(
+            "bool", False, "secure aggregation: the coordinator learns only the sum (SecAgg)"
+        ),
+        "threshold": Field(
+            "float", 0.6, "secure: fraction of a secret's holders needed to unmask", 0.01, 1.0
+        ),
+        "neighbours": Field(
+            "neighbours", "all", 'secure: "all" (SecAgg) or an even k >= 2 (SecAgg+, k-regular)'
+        ),
+        "clip": Field(
+            "float", 100.0, "secure: model values are clipped to [-clip, clip]", 1e-3, 1e6
+        ),
+        "bits": Field("int", 62, "secure: arithmetic modulo 2^bits", 32, 64),
     },
 }
 
@@ -164,6 +183,16 @@ def _check(section: str, key: str, f: Field, value: Any) -> Any:
         for v in value:
             in_range(v)
         return list(value)
+    if f.kind == "neighbours":
+        ok = value == "all" or (
+            isinstance(value, int)
+            and not isinstance(value, bool)
+            and 2 <= value <= 10_000
+            and value % 2 == 0
+        )
+        if not ok:
+            raise bad('"all" or an even integer in [2, 10000]')
+        return value
     if f.kind == "peer_list":
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             raise bad("a list of peer IDs (12D3KooW…)")
@@ -224,11 +253,11 @@ def _cross_checks(spec: dict[str, Any]) -> None:
             f"max_participants = {mx} is below min_participants = {mn}",
             hint="raise max_participants, or set it to 0 (all online)",
         )
-    if spec["aggregation"]["secure"]:
+    agg = spec["aggregation"]
+    if agg["secure"] and agg["strategy"] != "fedavg":
         raise SpecError(
-            "aggregation.secure = true is not available in this version",
-            hint="set aggregation.secure = false",
-            code="NOT_IMPLEMENTED",
+            f"aggregation.secure = true works with strategy fedavg, not {agg['strategy']!r}",
+            hint="the coordinator only sees the sum, so only a weighted mean can be computed",
         )
     if spec["model"]["kind"] == "mlp" and not spec["model"]["hidden"]:
         raise SpecError(

@@ -147,15 +147,41 @@ def test_demo_refuses_bad_options_before_starting(tmp_path: Path) -> None:
     )
     assert res.returncode == 2
     assert json.loads(res.stdout)["error"]["code"] == "USAGE"
+    bad_spec = tmp_path / "bad.toml"
+    bad_spec.write_text("rounds = 0\n")
     res = cli(
         "--key",
         str(tmp_path / "op.key"),
         "demo",
-        "--secure-aggregation",
+        "--spec",
+        str(bad_spec),
         "--workdir",
         str(tmp_path / "d"),
         "--json",
     )
     assert res.returncode == 2
-    assert json.loads(res.stdout)["error"]["code"] == "NOT_IMPLEMENTED"
+    assert json.loads(res.stdout)["error"]["code"] == "SPEC_INVALID"
     assert not (tmp_path / "d").exists()
+
+
+def test_secure_demo_matches_plain_demo(tmp_path: Path) -> None:
+    """--secure-aggregation: same participants, same drop, accuracy within 0.01 of plain."""
+    out = {}
+    for mode in ("plain", "secure"):
+        args = ["--participants", "5", "--rounds", "5", "--drop", "1"]
+        if mode == "secure":
+            args.append("--secure-aggregation")
+        out[mode] = cli_json(
+            "--key",
+            str(tmp_path / "op.key"),
+            "demo",
+            *args,
+            "--workdir",
+            str(tmp_path / mode),
+            timeout=300,
+        )
+    secure, plain = out["secure"], out["plain"]
+    assert secure["status"] == "completed" and secure["secure_aggregation"] is True
+    assert plain["secure_aggregation"] is False
+    assert secure["dropped"] == 1 and secure["rounds_completed"] == 5
+    assert abs(secure["final_accuracy"] - plain["final_accuracy"]) <= 0.01

@@ -72,9 +72,10 @@ def test_unknown_fields_refused() -> None:
 def test_cross_field_checks() -> None:
     with pytest.raises(SpecError, match="max_participants = 2 is below"):
         spec.validate({"min_participants": 3, "max_participants": 2})
-    with pytest.raises(SpecError, match="secure") as exc:
-        spec.validate({"aggregation": {"secure": True}})
-    assert exc.value.code == "NOT_IMPLEMENTED"
+    assert spec.validate({"aggregation": {"secure": True}})["aggregation"]["secure"]
+    with pytest.raises(SpecError, match="neighbours"):
+        spec.validate({"aggregation": {"neighbours": 3}})  # k-regular graphs need an even k
+    assert spec.validate({"aggregation": {"neighbours": 4}})["aggregation"]["neighbours"] == 4
 
 
 def test_files(tmp_path) -> None:

@@ -99,3 +99,16 @@ def test_sizes():
     assert W.num_params(w) == 10
     assert W.nbytes(w) == 40
     assert W.num_params(sample()) == 64 * 16 + 16 + 16 * 8 + 8 + 8 * 10 + 10
+
+
+def test_flatten_roundtrip_keeps_order_and_values() -> None:
+    import numpy as np
+
+    from fednode.weights import flatten, unflatten
+
+    w = {"b": np.arange(6, dtype=np.float32).reshape(2, 3), "a": np.array([7.5], np.float32)}
+    shapes = {"b": (2, 3), "a": (1,)}
+    vec = flatten(w, shapes)
+    assert vec.tolist() == [0, 1, 2, 3, 4, 5, 7.5]
+    back = unflatten(vec, shapes)
+    assert list(back) == ["b", "a"] and (back["b"] == w["b"]).all()

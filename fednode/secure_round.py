@@ -1,0 +1,190 @@
+"""One secure-aggregation round on the coordinator: the stages of protocol.secagg over the wire.
+
+    keys    every selected participant advertises two X25519 public keys      → roster (U1)
+    shares  each sends Shamir shares, encrypted to its neighbours             → relayed (U2)
+    masked  each trains, then sends its masked fixed-point [n, n·w] vector    → U3
+    unmask  survivors send shares: self-mask seeds of U3, keys of U2 \\ U3     → the sum
+
+Each stage waits until every participant expected at it has answered, left, or the round's
+deadline passed; whoever is missing is dropped from the later stages. The coordinator relays
+ciphertexts it cannot read and never holds an individual unmasked vector: what it decodes is
+the sum of U3's weighted models and the sum of their example counts, hence FedAvg.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import time
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from fednode import weights
+from protocol import messages
+from protocol.errors import FednodeError, ValidationError
+from protocol.secagg import Params, SecAggError, Server, decode_weighted, frac_bits_for
+
+if TYPE_CHECKING:
+    from fednode.session import RoundRun, SessionRun
+
+# Fixed point needs a bound on the weight (examples) one participant may claim; a participant
+# with more data clamps its weight to it (documented in docs/secure-aggregation.md).
+MAX_WEIGHT = 2**20
+STAGES = ("keys", "shares", "masked", "unmask")
+
+
+def params_from_spec(agg: dict[str, Any], n: int, tag: bytes, seed: bytes) -> Params:
+    k = 0 if agg["neighbours"] == "all" else int(agg["neighbours"])
+    return Params(
+        bits=agg["bits"],
+        frac_bits=frac_bits_for(agg["bits"], agg["clip"], MAX_WEIGHT, max(n, 2)),
+        clip=agg["clip"],
+        threshold=agg["threshold"],
+        neighbours=k,
+        graph_seed=seed,
+        round_tag=tag,
+    )
+
+
+def params_to_wire(p: Params) -> dict[str, Any]:
+    return {
+        "bits": p.bits,
+        "frac_bits": p.frac_bits,
+        "clip": p.clip,
+        "threshold": p.threshold,
+        "neighbours": p.neighbours,
+        "graph_seed": p.graph_seed,
+        "round_tag": p.round_tag,
+    }
+
+
+def params_from_wire(d: dict[str, Any]) -> Params:
+    try:
+        p = Params(
+            bits=int(d["bits"]),
+            frac_bits=int(d["frac_bits"]),
+            clip=float(d["clip"]),
+            threshold=float(d["threshold"]),
+            neighbours=int(d["neighbours"]),
+            graph_seed=bytes(d["graph_seed"]),
+            round_tag=bytes(d["round_tag"]),
+        )
+    except (KeyError, TypeError, ValueError):
+        raise ValidationError("round_start.secagg is missing or has malformed fields") from None
+    p.validate()
+    return p
+
+
+class SecureRound:
+    def __init__(self, run: SessionRun, rnd: RoundRun):
+        self.run = run
+        self.rnd = rnd
+        tag = hashlib.sha256(f"fednode/secagg/{run.session_id}/{rnd.number}".encode()).digest()
+        self.params = params_from_spec(
+            run.spec["aggregation"], len(rnd.selected), tag, os.urandom(32)
+        )
+        self.dim = sum(int(np.prod(s)) for s in run.shapes.values()) + 1
+        self.server = Server(self.params, self.dim)
+        self.stage = STAGES[0]
+        self.expected: set[str] = set(rnd.selected)
+        self.answered: set[str] = set()
+        self.in_sum: list[str] = []  # U3: whose models are in the aggregate
+
+    def wire(self) -> dict[str, Any]:
+        return {**params_to_wire(self.params), "participants": list(self.rnd.selected)}
+
+    # --- input ---------------------------------------------------------------------------
+
+    def on_message(self, peer: str, msg: messages.Message, size: int) -> None:
+        """Feed one participant's stage message to the protocol; ValidationError if wrong."""
+        want = {
+            "keys": messages.SecaggKeys,
+            "shares": messages.SecaggShares,
+            "masked": messages.SecaggMasked,
+            "unmask": messages.SecaggUnmask,
+        }[self.stage]
+        if not isinstance(msg, want) or getattr(msg, "round", None) != self.rnd.number:
+            raise ValidationError(
+                f"{msg.TYPE!r} for round {getattr(msg, 'round', '?')} while round "
+                f"{self.rnd.number} is at stage {self.stage!r}",
+                code="STALE_UPDATE",
+            )
+        if peer not in self.expected or peer in self.answered:
+            raise ValidationError(
+                f"{peer} is not expected at stage {self.stage!r} (or answered already)",
+                code="NOT_SELECTED",
+            )
+        self.rnd.bytes_up += size
+        try:
+            if isinstance(msg, messages.SecaggKeys):
+                self.server.on_advertise(peer, {"c_pk": msg.c_pk, "s_pk": msg.s_pk})
+            elif isinstance(msg, messages.SecaggShares):
+                self.server.on_shares(peer, msg.shares)
+            elif isinstance(msg, messages.SecaggMasked):
+                if len(msg.data) != 8 * self.dim:
+                    raise ValidationError(
+                        f"masked input of {len(msg.data)} bytes, expected {8 * self.dim}"
+                    )
+                self.server.on_masked(peer, np.frombuffer(msg.data, dtype="<u8").astype(np.uint64))
+                self.run.record_masked(peer, msg, size)
+            else:
+                self.server.on_unmask(peer, {"b": msg.b, "s": msg.s})
+        except FednodeError as err:
+            self.rnd.failed[peer] = f"rejected at {self.stage}: {err.message}"
+            raise
+        self.answered.add(peer)
+        self.run.coord.record(
+            "secagg",
+            self.run.session_id,
+            {"round": self.rnd.number, "stage": self.stage, "participant": peer},
+            ledger=False,
+        )
+
+    def on_peer_lost(self, peer: str) -> None:
+        if peer in self.expected and peer not in self.answered:
+            self.rnd.failed.setdefault(peer, f"left at stage {self.stage}")
+
+    # --- the driver ------------------------------------------------------------------------
+
+    async def _stage(
+        self, name: str, expected: set[str], wait: Callable[[float], Awaitable[None]], end: float
+    ) -> set[str]:
+        self.stage, self.expected, self.answered = name, set(expected), set()
+        while self.expected - self.answered - set(self.rnd.failed):
+            left = end - time.monotonic()
+            if left <= 0:
+                break
+            await wait(left)
+        for peer in self.expected - self.answered:
+            self.rnd.failed.setdefault(peer, f"no answer at stage {name} before the deadline")
+        return set(self.answered)
+
+    async def run_round(
+        self, send: Callable[[str, messages.Message], Awaitable[bool]], wait: Any, end: float
+    ) -> tuple[weights.Weights, list[str]]:
+        """The four stages; returns the new global model and U3. SecAggError aborts."""
+        n = self.rnd.number
+        u1 = await self._stage("keys", set(self.rnd.selected), wait, end)
+        roster = self.server.roster()
+        for peer in sorted(u1):
+            await send(peer, messages.SecaggRoster(round=n, roster=roster))
+        u2 = await self._stage("shares", u1, wait, end)
+        for peer, cts in self.server.relay().items():
+            await send(peer, messages.SecaggRelay(round=n, shares=cts))
+        u3 = await self._stage("masked", u2, wait, end)
+        survivors, dropped = self.server.unmask_request()
+        self.in_sum = sorted(survivors)
+        for peer in survivors:
+            await send(
+                peer, messages.SecaggUnmaskRequest(round=n, survivors=survivors, dropped=dropped)
+            )
+        await self._stage("unmask", set(survivors), wait, end)
+        total = await asyncio.to_thread(self.server.result)
+        weight, weighted = decode_weighted(total, self.params)
+        if weight <= 0:
+            raise SecAggError("the unmasked sum has no weight: no participant's data in it")
+        assert set(self.in_sum) <= u3
+        return weights.unflatten(weighted / weight, self.run.shapes), self.in_sum

@@ -1,0 +1,532 @@
+"""Secure aggregation math: exact sums under dropouts, thresholds, attribution, encoding.
+
+The round is driven in memory by ``run_round``; which stages may fail is predicted by an
+oracle written from the protocol's rules (graph, holders, thresholds), not from the code.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
+from scipy.stats import chisquare
+
+from protocol.errors import StateError, ValidationError
+from protocol.secagg import (
+    Client,
+    InconsistentShares,
+    Params,
+    SecAggError,
+    Server,
+    add_mod,
+    decode_weighted,
+    encode_weighted,
+    frac_bits_for,
+    neighbours,
+    sub_mod,
+)
+
+SEED = bytes(range(32))
+
+
+def names(n: int) -> list[str]:
+    return [f"p{i:02d}" for i in range(n)]
+
+
+@dataclass
+class Drops:
+    after_advertise: set[str] = field(default_factory=set)  # in U1, never send shares
+    after_shares: set[str] = field(default_factory=set)  # in U2, never send a masked input
+    after_masked: set[str] = field(default_factory=set)  # in U3, never answer unmasking
+
+
+@dataclass
+class Outcome:
+    result: np.ndarray | None
+    error: Exception | None
+    u3: list[str]
+    aborted: set[str]
+    stage: str = "ok"  # the server call that refused
+
+
+def run_round(
+    inputs: dict[str, np.ndarray],
+    p: Params,
+    drops: Drops | None = None,
+    tamper_relay=None,
+    tamper_unmask=None,
+) -> Outcome:
+    """One round in memory; a client that refuses (SecAggError) drops out, as in a real node."""
+    drops = drops or Drops()
+    dim = len(next(iter(inputs.values())))
+    server = Server(p, dim)
+    clients = {u: Client(u, p) for u in inputs}
+    aborted: set[str] = set()
+    u3: list[str] = []
+    stage = "advertise"
+    try:
+        for u, c in clients.items():
+            server.on_advertise(u, c.advertise())
+        roster = server.roster()
+        for u, c in clients.items():
+            if u not in drops.after_advertise:
+                server.on_shares(u, c.share_keys(roster))
+        stage = "relay"
+        relayed = server.relay()
+        if tamper_relay:
+            tamper_relay(relayed)
+        for u, cts in relayed.items():
+            if u in drops.after_shares:
+                continue
+            try:
+                y = clients[u].masked_input(cts, inputs[u])
+            except SecAggError:
+                aborted.add(u)
+                continue
+            server.on_masked(u, y)
+        stage = "unmask_request"
+        u3, dropped = server.unmask_request()
+        for u in u3:
+            if u in drops.after_masked:
+                continue
+            shares = clients[u].unmask(u3, dropped)
+            if tamper_unmask:
+                tamper_unmask(u, shares)
+            server.on_unmask(u, shares)
+        stage = "result"
+        return Outcome(server.result(), None, u3, aborted)
+    except SecAggError as exc:
+        return Outcome(None, exc, u3, aborted, stage)
+
+
+def needed(m: int, threshold: float) -> int:
+    return m if m <= 1 else min(m, max(2, math.ceil(round(threshold * m, 9))))
+
+
+def oracle(ids: list[str], p: Params, drops: Drops) -> tuple[str, set[str]]:
+    """('ok', U3) or (the stage that must refuse, U3), from the protocol's rules alone."""
+    g = {u: set(v) for u, v in neighbours(ids, p).items()}
+    t = {u: needed(len(g[u]) + 1, p.threshold) for u in ids}
+    u2 = set(ids) - drops.after_advertise
+    if len(u2) < 2:
+        return "relay", set()
+    aborting = {u for u in u2 if len(g[u] & u2) + 1 < t[u]}
+    u3 = u2 - drops.after_shares - aborting
+    if any(len((g[v] | {v}) & u3) < t[v] for v in u2):
+        return "unmask_request", u3
+    u4 = u3 - drops.after_masked
+    if any(len((g[v] | {v}) & u4) < t[v] for v in u2):
+        return "result", u3
+    return "ok", u3
+
+
+def exact_sum(inputs: dict[str, np.ndarray], who, bits: int) -> np.ndarray:
+    """The sum in Python integers, reduced once at the end."""
+    total = [0] * len(next(iter(inputs.values())))
+    for u in who:
+        total = [a + int(b) for a, b in zip(total, inputs[u], strict=True)]
+    return np.array([v % (1 << bits) for v in total], dtype=np.uint64)
+
+
+# ---------------------------------------------------------------------------------------------
+# the property: exact sums of the survivors under any dropouts
+
+
+@st.composite
+def scenarios(draw):
+    n = draw(st.integers(2, 8))
+    ids = names(n)
+    bits = draw(st.sampled_from([32, 62]))
+    k = draw(st.sampled_from([0, 2, 4]))
+    thr = draw(st.sampled_from([0.5, 0.6, 1.0]))
+    p = Params(bits=bits, neighbours=k, graph_seed=draw(st.binary(min_size=32, max_size=32)),
+               threshold=thr, round_tag=b"s1/r7")  # fmt: skip
+    d = draw(st.integers(1, 50))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    inputs = {u: rng.integers(0, 1 << bits, size=d, dtype=np.uint64) for u in ids}
+    subset = st.sets(st.sampled_from(ids), max_size=n // 3)
+    drops = Drops(draw(subset), draw(subset), draw(subset))
+    return ids, p, inputs, drops
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(scenarios())
+def test_sum_of_survivors_is_exact_under_dropouts(case):
+    ids, p, inputs, drops = case
+    expected_stage, expected_u3 = oracle(ids, p, drops)
+    event(f"expected: {expected_stage}")
+    out = run_round(inputs, p, drops)
+    event(f"a client refused to mask: {bool(out.aborted)}")
+    if expected_stage == "ok":
+        assert out.error is None, out.error
+        assert set(out.u3) == expected_u3
+        np.testing.assert_array_equal(out.result, exact_sum(inputs, out.u3, p.bits))
+    else:
+        assert isinstance(out.error, SecAggError), expected_stage
+        assert not isinstance(out.error, InconsistentShares)
+        assert out.stage == expected_stage
+        assert out.result is None
+
+
+@pytest.mark.parametrize("k", [0, 4])
+def test_dropouts_at_every_stage_still_sum_the_survivors(k):
+    ids = names(10)
+    p = Params(neighbours=k, graph_seed=SEED, threshold=0.5, round_tag=b"t")
+    rng = np.random.default_rng(1)
+    inputs = {u: rng.integers(0, 1 << 62, size=30, dtype=np.uint64) for u in ids}
+    drops = Drops({"p03"}, {"p05"}, {"p07"})
+    assert oracle(ids, p, drops)[0] == "ok"
+    out = run_round(inputs, p, drops)
+    assert out.error is None
+    assert set(out.u3) == set(ids) - {"p03", "p05"}
+    np.testing.assert_array_equal(out.result, exact_sum(inputs, out.u3, 62))
+
+
+# ---------------------------------------------------------------------------------------------
+# thresholds and misbehaviour
+
+
+def test_too_few_survivors_at_unmasking_aborts_without_result():
+    ids = names(5)
+    p = Params(threshold=0.6, round_tag=b"t")  # 5 holders each: 3 needed
+    inputs = {u: np.arange(4, dtype=np.uint64) for u in ids}
+    out = run_round(inputs, p, Drops(after_shares={"p00", "p01", "p02"}))
+    assert isinstance(out.error, SecAggError)
+    assert out.error.code == "SECAGG_ABORT"
+    assert out.result is None
+    assert out.stage == "unmask_request"
+    assert "unmask" in out.error.message
+
+
+def test_too_few_answers_to_unmasking_aborts_without_result():
+    ids = names(5)
+    p = Params(threshold=0.6, round_tag=b"t")
+    inputs = {u: np.arange(4, dtype=np.uint64) for u in ids}
+    out = run_round(inputs, p, Drops(after_masked={"p00", "p01", "p02"}))
+    assert type(out.error) is SecAggError
+    assert out.stage == "result"
+    assert out.result is None
+
+
+def _flip(share: bytes) -> bytes:
+    return share[:-1] + bytes([share[-1] ^ 0x5A])
+
+
+@pytest.mark.parametrize("kind", ["b", "s"])
+def test_a_corrupted_unmasking_share_names_its_sender(kind):
+    ids = names(7)
+    p = Params(threshold=0.5, round_tag=b"t")  # 7 holders, 4 needed; 6 or 7 answer
+    inputs = {u: np.arange(4, dtype=np.uint64) for u in ids}
+    drops = Drops(after_shares={"p06"}) if kind == "s" else Drops()
+    target = "p06" if kind == "s" else "p01"
+
+    def tamper(u, shares):
+        if u == "p03":
+            shares[kind][target] = _flip(shares[kind][target])
+
+    out = run_round(inputs, p, drops, tamper_unmask=tamper)
+    assert isinstance(out.error, InconsistentShares)
+    assert out.error.code == "SECAGG_INCONSISTENT"
+    assert out.error.culprits == ["p03"]
+    assert out.result is None
+
+
+def test_two_corrupted_shares_are_both_named():
+    ids = names(7)
+    p = Params(threshold=0.4, round_tag=b"t")  # 7 holders, 3 needed: 2 errors correctable
+
+    def tamper(u, shares):
+        if u in ("p02", "p05"):
+            shares["b"]["p00"] = _flip(shares["b"]["p00"])
+
+    inputs = {u: np.arange(4, dtype=np.uint64) for u in ids}
+    out = run_round(inputs, p, tamper_unmask=tamper)
+    assert isinstance(out.error, InconsistentShares)
+    assert out.error.culprits == ["p02", "p05"]
+
+
+def test_a_corrupted_share_with_one_spare_is_still_attributed_for_s_sk():
+    ids = names(6)
+    p = Params(threshold=0.6, round_tag=b"t")  # 6 holders, 4 needed; p05 dropped: 5 answer
+    inputs = {u: np.arange(4, dtype=np.uint64) for u in ids}
+
+    def tamper(u, shares):
+        if u == "p02":
+            shares["s"]["p05"] = _flip(shares["s"]["p05"])
+
+    out = run_round(inputs, p, Drops(after_shares={"p05"}), tamper_unmask=tamper)
+    assert isinstance(out.error, InconsistentShares)
+    assert out.error.culprits == ["p02"]
+
+
+def test_a_corrupted_s_share_at_exactly_the_threshold_is_detected_not_attributed():
+    ids = names(5)
+    p = Params(threshold=0.6, round_tag=b"t")  # 3 needed; p04 dropped, exactly 3 answer
+
+    def tamper(u, shares):
+        if u == "p02":
+            shares["s"]["p04"] = _flip(shares["s"]["p04"])
+
+    inputs = {u: np.arange(4, dtype=np.uint64) for u in ids}
+    drops = Drops(after_shares={"p04"}, after_masked={"p03"})
+    out = run_round(inputs, p, drops, tamper_unmask=tamper)
+    assert isinstance(out.error, InconsistentShares)
+    assert out.error.culprits == []
+    assert out.error.suspects == ["p00", "p01", "p02"]
+
+
+def test_a_tampered_ciphertext_names_its_sender():
+    ids = names(4)
+    p = Params(round_tag=b"t")
+    inputs = {u: np.arange(4, dtype=np.uint64) for u in ids}
+
+    def tamper(relayed):
+        ct = relayed["p00"]["p02"]
+        relayed["p00"]["p02"] = ct[:-1] + bytes([ct[-1] ^ 1])
+
+    with pytest.raises(InconsistentShares) as info:
+        c = {u: Client(u, p) for u in ids}
+        s = Server(p, 4)
+        for u in ids:
+            s.on_advertise(u, c[u].advertise())
+        roster = s.roster()
+        for u in ids:
+            s.on_shares(u, c[u].share_keys(roster))
+        relayed = s.relay()
+        tamper(relayed)
+        c["p00"].masked_input(relayed["p00"], inputs["p00"])
+    assert info.value.culprits == ["p02"]
+
+
+def test_ciphertexts_are_bound_to_the_round_tag():
+    ids = names(3)
+    c1 = {u: Client(u, Params(round_tag=b"round-1")) for u in ids}
+    roster = {u: c.advertise() for u, c in c1.items()}
+    cts = {u: c.share_keys(roster) for u, c in c1.items()}
+    # the receiver believes it is in round 2: same keys, other tag
+    other = c1["p00"]
+    other.p = Params(round_tag=b"round-2")
+    with pytest.raises(InconsistentShares):
+        other.masked_input({"p01": cts["p01"]["p00"]}, np.zeros(3, dtype=np.uint64))
+
+
+def test_clients_refuse_to_reveal_both_shares_of_one_participant():
+    ids = names(4)
+    p = Params(round_tag=b"t")
+    c = {u: Client(u, p) for u in ids}
+    s = Server(p, 2)
+    for u in ids:
+        s.on_advertise(u, c[u].advertise())
+    roster = s.roster()
+    for u in ids:
+        s.on_shares(u, c[u].share_keys(roster))
+    relayed = s.relay()
+    for u in ids:
+        c[u].masked_input(relayed[u], np.zeros(2, dtype=np.uint64))
+    with pytest.raises(SecAggError, match="both"):
+        c["p00"].unmask(["p00", "p01", "p02"], ["p01"])
+    with pytest.raises(SecAggError, match="survivor"):
+        c["p00"].unmask(["p01", "p02"], ["p00"])
+    c["p00"].unmask(ids, [])  # refusals reveal nothing; a valid request is answered once
+    with pytest.raises(StateError):
+        c["p00"].unmask(["p00", "p01"], ["p02", "p03"])
+
+
+def test_a_roster_that_replaces_my_keys_is_refused():
+    a, b = Client("a", Params()), Client("b", Params())
+    roster = {"a": b.advertise(), "b": b.advertise()}
+    with pytest.raises(SecAggError, match="own keys"):
+        a.share_keys(roster)
+
+
+def test_server_refuses_malformed_messages():
+    p = Params(round_tag=b"t")
+    s = Server(p, 3)
+    with pytest.raises(ValidationError):
+        s.on_advertise("a", {"c_pk": b"x" * 31, "s_pk": b"x" * 32})
+    with pytest.raises(ValidationError, match="low-order"):
+        s.on_advertise("a", {"c_pk": bytes(32), "s_pk": bytes(32)})
+    c = {u: Client(u, p) for u in "abc"}
+    for u in "abc":
+        s.on_advertise(u, c[u].advertise())
+    roster = s.roster()
+    with pytest.raises(ValidationError):
+        s.on_shares("z", {})
+    cts = c["a"].share_keys(roster)
+    with pytest.raises(ValidationError):
+        s.on_shares("a", {"b": cts["b"]})  # missing the ciphertext to c
+    s.on_shares("a", cts)
+    s.on_shares("b", c["b"].share_keys(roster))
+    relayed = s.relay()
+    y = c["a"].masked_input(relayed["a"], np.zeros(3, dtype=np.uint64))
+    with pytest.raises(ValidationError):
+        s.on_masked("c", y)  # c sent no shares
+    with pytest.raises(ValidationError):
+        s.on_masked("a", y[:2])
+    with pytest.raises(ValidationError):
+        s.on_masked("a", np.full(3, 1 << 63, dtype=np.uint64))
+
+
+def test_too_few_advertisers_is_refused():
+    s = Server(Params(), 3)
+    s.on_advertise("a", Client("a", Params()).advertise())
+    with pytest.raises(SecAggError, match="advertise"):
+        s.roster()
+
+
+def test_params_are_validated_by_field():
+    for bad, field_name in [
+        (Params(bits=31), "bits"),
+        (Params(bits=65), "bits"),
+        (Params(threshold=0.0), "threshold"),
+        (Params(neighbours=3, graph_seed=SEED), "neighbours"),
+        (Params(neighbours=4), "graph_seed"),
+        (Params(bits=32, frac_bits=30), "frac_bits"),
+        (Params(clip=float("nan")), "clip"),
+    ]:
+        with pytest.raises(ValidationError, match=field_name):
+            bad.validate()
+    Params().validate()
+
+
+# ---------------------------------------------------------------------------------------------
+# fixed point
+
+
+def test_encode_decode_roundtrip_within_one_unit():
+    p = Params(bits=62, frac_bits=24, clip=100.0)
+    rng = np.random.default_rng(0)
+    x = rng.uniform(-100, 100, size=1000)
+    total = encode_weighted(x, 1, p)
+    assert total.dtype == np.uint64 and total.size == 1001
+    assert int(total.max()) < 1 << 62
+    w, s = decode_weighted(total, p)
+    assert w == 1.0
+    assert np.max(np.abs(s - x)) <= 2.0**-24
+
+
+def test_weighted_average_of_three_matches_numpy():
+    p = Params(bits=62, frac_bits=frac_bits_for(62, 10.0, 1000, 3), clip=10.0, round_tag=b"t")
+    rng = np.random.default_rng(3)
+    xs = [rng.normal(0, 2, size=200) for _ in range(3)]
+    weights = [17, 400, 1000]
+    inputs = {
+        f"p{i}": encode_weighted(x, w, p) for i, (x, w) in enumerate(zip(xs, weights, strict=True))
+    }
+    out = run_round(inputs, p)
+    assert out.error is None
+    w, s = decode_weighted(out.result, p)
+    assert w == sum(weights)
+    np.testing.assert_allclose(s / w, np.average(np.stack(xs), axis=0, weights=weights),
+                               rtol=0, atol=2.0**-p.frac_bits)  # fmt: skip
+
+
+def test_clipping_and_negative_values():
+    p = Params(bits=32, frac_bits=12, clip=2.0)
+    w, s = decode_weighted(encode_weighted(np.array([-5.0, -1.5, 0.0, 1.25, 9.0]), 3, p), p)
+    assert w == 3.0
+    np.testing.assert_array_equal(s, [-6.0, -4.5, 0.0, 3.75, 6.0])
+    with pytest.raises(ValidationError):
+        encode_weighted(np.array([np.nan]), 1, p)
+    with pytest.raises(SecAggError):
+        encode_weighted(np.zeros(2), 1 << 20, p)  # 2**20 * 2 * 2**12 does not fit 31 bits
+
+
+def test_frac_bits_for_leaves_headroom():
+    f = frac_bits_for(62, 100.0, 1000, 100)
+    assert 100 * 1000 * math.ceil(100 * 2.0**f) < 1 << 61
+    assert 100 * 1000 * math.ceil(100 * 2.0 ** (f + 1)) >= 1 << 61
+    with pytest.raises(SecAggError):
+        frac_bits_for(32, 100.0, 60000, 1000)
+
+
+def test_add_sub_mod():
+    p = Params(bits=32)
+    a = np.array([(1 << 32) - 1, 5], dtype=np.uint64)
+    b = np.array([2, 7], dtype=np.uint64)
+    np.testing.assert_array_equal(add_mod(a, b, p), [1, 12])
+    np.testing.assert_array_equal(sub_mod(b, a, p), [3, 2])
+    np.testing.assert_array_equal(sub_mod(b[::-1], b, p), [5, (1 << 32) - 5])
+
+
+# ---------------------------------------------------------------------------------------------
+# masks and graph
+
+
+def test_one_masked_vector_looks_uniform():
+    ids = names(3)
+    p = Params(bits=62, round_tag=b"t")
+    c = {u: Client(u, p) for u in ids}
+    roster = {u: x.advertise() for u, x in c.items()}
+    cts = {u: x.share_keys(roster) for u, x in c.items()}
+    zeros = np.zeros(20000, dtype=np.uint64)
+    y = c["p00"].masked_input({u: cts[u]["p00"] for u in ("p01", "p02")}, zeros)
+    assert int(y.max()) < 1 << 62
+    assert np.mean(y != 0) > 0.999
+    counts = np.bincount((y >> np.uint64(58)).astype(np.int64), minlength=16)
+    assert counts.size == 16
+    assert chisquare(counts).pvalue > 0.001
+    low = np.bincount((y & np.uint64(15)).astype(np.int64), minlength=16)
+    assert chisquare(low).pvalue > 0.001
+
+
+def test_k_regular_graph():
+    ids = names(20)
+    p = Params(neighbours=6, graph_seed=SEED)
+    g = neighbours(ids, p)
+    assert sorted(g) == ids
+    for u, vs in g.items():
+        assert len(vs) == 6 and u not in vs and len(set(vs)) == 6
+        for v in vs:
+            assert u in g[v]
+    assert neighbours(list(reversed(ids)), p) == g
+    other = neighbours(ids, Params(neighbours=6, graph_seed=bytes(32)))
+    assert other != g
+    assert all(len(vs) == 6 for vs in other.values())
+
+
+def test_graph_is_complete_when_k_is_0_or_large():
+    ids = names(5)
+    for p in (
+        Params(),
+        Params(neighbours=4, graph_seed=SEED),
+        Params(neighbours=8, graph_seed=SEED),
+    ):
+        g = neighbours(ids, p)
+        assert all(sorted([*g[u], u]) == ids for u in ids)
+
+
+# ---------------------------------------------------------------------------------------------
+# speed (not asserted)
+
+
+def test_performance_smoke_d_1e5_n_10():
+    ids = names(10)
+    p = Params(round_tag=b"perf")
+    rng = np.random.default_rng(5)
+    inputs = {u: rng.integers(0, 1 << 62, size=10**5, dtype=np.uint64) for u in ids}
+    start = time.perf_counter()
+    out = run_round(inputs, p, Drops(after_shares={"p09"}))
+    elapsed = time.perf_counter() - start
+    assert out.error is None
+    expected = np.zeros(10**5, dtype=np.uint64)
+    for u in out.u3:
+        expected += inputs[u]
+    np.testing.assert_array_equal(out.result, expected & p.modulus_mask)
+    print(f"d=1e5 n=10 complete graph, one dropout: {elapsed:.2f} s")
+
+
+def test_rng_is_injectable_and_deterministic():
+    def make(seed: int):
+        r = np.random.default_rng(seed)
+        return lambda n: r.bytes(n)
+
+    a1, a2 = Client("a", Params(), rng=make(1)), Client("a", Params(), rng=make(1))
+    assert a1.advertise() == a2.advertise()
+    assert Client("a", Params()).advertise() != Client("a", Params(), rng=os.urandom).advertise()
