@@ -20,7 +20,6 @@ from websockets.exceptions import ConnectionClosed
 from fednode import __version__, training, weights
 from fednode.data import DatasetRef, load_partition
 from fednode.ledger import Ledger
-from fednode.secure_round import MAX_WEIGHT, params_from_wire
 from fednode.session import model_spec
 from fednode.store import BlockStore
 from fednode.transport import Connection, dial
@@ -339,7 +338,7 @@ class Participant:
         self, conn: Connection, session: str, task: messages.RoundStart, s: dict[str, Any]
     ) -> tuple[training.TrainResult, int]:
         """The participant's side of protocol.secagg: keys, shares, masked input, unmask."""
-        p = params_from_wire(task.secagg)
+        p = secagg.params_from_wire(task.secagg)
         n = task.round
         end = time.monotonic() + task.deadline_s
         self._secagg_inbox = asyncio.Queue()
@@ -355,7 +354,7 @@ class Participant:
             result = await training_task
             mspec = model_spec(s)
             flat = weights.flatten(result.weights, training.expected_shapes(mspec))
-            x = secagg.encode_weighted(flat, min(result.num_examples, MAX_WEIGHT), p)
+            x = secagg.encode_weighted(flat, min(result.num_examples, secagg.MAX_WEIGHT), p)
             # Kept here, never sent: what this participant contributed, for its own audit.
             own_cid = self.store.put(weights.to_bytes(result.weights), pin=False)
             self.ledger.append_event(

@@ -987,3 +987,52 @@ def _s_ok(s_pk: bytes) -> Callable[[int], bool]:
         return sk.public_key().public_bytes_raw() == s_pk
 
     return ok
+
+
+# --- the spec and the wire -------------------------------------------------------------
+
+# Fixed point needs a bound on the weight (examples) one participant may claim; a participant
+# with more data clamps its weight to it (documented in docs/secure-aggregation.md).
+MAX_WEIGHT = 2**20
+
+
+def params_from_spec(agg: dict[str, Any], n: int, tag: bytes, seed: bytes) -> Params:
+    k = 0 if agg["neighbours"] == "all" else int(agg["neighbours"])
+    return Params(
+        bits=agg["bits"],
+        frac_bits=frac_bits_for(agg["bits"], agg["clip"], MAX_WEIGHT, max(n, 2)),
+        clip=agg["clip"],
+        threshold=agg["threshold"],
+        neighbours=k,
+        graph_seed=seed,
+        round_tag=tag,
+    )
+
+
+def params_to_wire(p: Params) -> dict[str, Any]:
+    return {
+        "bits": p.bits,
+        "frac_bits": p.frac_bits,
+        "clip": p.clip,
+        "threshold": p.threshold,
+        "neighbours": p.neighbours,
+        "graph_seed": p.graph_seed,
+        "round_tag": p.round_tag,
+    }
+
+
+def params_from_wire(d: dict[str, Any]) -> Params:
+    try:
+        p = Params(
+            bits=int(d["bits"]),
+            frac_bits=int(d["frac_bits"]),
+            clip=float(d["clip"]),
+            threshold=float(d["threshold"]),
+            neighbours=int(d["neighbours"]),
+            graph_seed=bytes(d["graph_seed"]),
+            round_tag=bytes(d["round_tag"]),
+        )
+    except (KeyError, TypeError, ValueError):
+        raise ValidationError("round_start.secagg is missing or has malformed fields") from None
+    p.validate()
+    return p
