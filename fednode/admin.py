@@ -255,6 +255,13 @@ class AdminAPI:
             try:
                 while True:
                     event = await sub.queue.get()
+                    if sub.lagged:  # tell a slow subscriber what it missed, then go on
+                        await conn.send(
+                            messages.Event(
+                                kind="lagged", data={"dropped": sub.lagged}, ts=event["ts"]
+                            )
+                        )
+                        sub.lagged = 0
                     await conn.send(
                         messages.Event(kind=event["kind"], data=event["data"], ts=event["ts"]),
                         event["session_id"],

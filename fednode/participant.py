@@ -67,7 +67,6 @@ class Participant:
         self._fetches: dict[str, asyncio.Future[bytes]] = {}
         self._task: asyncio.Task[None] | None = None
         self._data_cache: dict[tuple[Any, ...], Any] = {}
-        self.registered = asyncio.Event()
         self._secagg_inbox: asyncio.Queue[messages.Message] = asyncio.Queue()
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -119,8 +118,6 @@ class Participant:
         except Exception:  # a bug must not take the node down; log it, re-dial
             log.exception("participant loop crashed; reconnecting")
             return None
-        finally:
-            self.registered.clear()
 
     def _num_examples(self) -> int:
         return len(
@@ -173,7 +170,6 @@ class Participant:
             return FednodeError(first.message, code=first.code, hint=first.hint)
         if not isinstance(first, messages.Admitted):
             return FednodeError(f"expected 'admitted', got {first.TYPE!r}", code="NOT_ADMITTED")
-        self.registered.set()
         assert conn.welcome is not None
         beat = asyncio.create_task(self._heartbeat(conn, conn.welcome.heartbeat_s))
         self.ledger.append_event(

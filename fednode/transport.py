@@ -105,8 +105,6 @@ class Connection:
         self._guard = ReplayGuard()
         self._bucket = TokenBucket(rate=rate, burst=2 * rate)
         self._send_lock = asyncio.Lock()
-        self.bytes_sent = 0
-        self.bytes_received = 0
         self.welcome: messages.Welcome | None = None
 
     async def send(self, msg: messages.Message, session: str = "") -> int:
@@ -123,7 +121,6 @@ class Connection:
                 session=session,
             )
             await self.ws.send(frame)
-        self.bytes_sent += len(frame)
         return len(frame)
 
     async def send_error(self, err: FednodeError) -> None:
@@ -137,7 +134,6 @@ class Connection:
         self._bucket.take(now)
         if not isinstance(frame, bytes):
             raise DecodeError("fednode frames are binary; got a text frame")
-        self.bytes_received += len(frame)
         env = open_frame(
             frame,
             channel=self.channel,
