@@ -34,6 +34,7 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/round_time.py
 	$(BIN)/python benchmarks/wire.py
+	$(BIN)/python benchmarks/secagg.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

@@ -350,7 +350,8 @@ class Participant:
             result = await training_task
             mspec = model_spec(s)
             flat = weights.flatten(result.weights, training.expected_shapes(mspec))
-            x = secagg.encode_weighted(flat, min(result.num_examples, secagg.MAX_WEIGHT), p)
+            # the weight bound is the coordinator's (p.max_weight): frac_bits was chosen for it
+            x = secagg.encode_weighted(flat, min(result.num_examples, p.max_weight), p)
             # Kept here, never sent: what this participant contributed, for its own audit.
             own_cid = self.store.put(weights.to_bytes(result.weights), pin=False)
             self.ledger.append_event(
@@ -362,7 +363,7 @@ class Participant:
             sent += await conn.send(
                 messages.SecaggMasked(
                     round=n,
-                    data=y.astype("<u8").tobytes(),
+                    data=secagg.pack(y, p),  # ceil(bits/8) bytes per value
                     loss=result.loss,
                     train_s=result.duration_s,
                 ),

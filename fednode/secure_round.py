@@ -25,7 +25,16 @@ import numpy as np
 from fednode import weights
 from protocol import messages
 from protocol.errors import FednodeError, ValidationError
-from protocol.secagg import SecAggError, Server, decode_weighted, params_from_spec, params_to_wire
+from protocol.secagg import (
+    SecAggError,
+    Server,
+    decode_weighted,
+    packed_size,
+    params_from_spec,
+    params_to_wire,
+    unpack,
+    value_bytes,
+)
 
 if TYPE_CHECKING:
     from fednode.session import RoundRun, SessionRun
@@ -79,11 +88,14 @@ class SecureRound:
             elif isinstance(msg, messages.SecaggShares):
                 self.server.on_shares(peer, msg.shares)
             elif isinstance(msg, messages.SecaggMasked):
-                if len(msg.data) != 8 * self.dim:
+                want = packed_size(self.dim, self.params)
+                if len(msg.data) != want:
                     raise ValidationError(
-                        f"masked input of {len(msg.data)} bytes, expected {8 * self.dim}"
+                        f"secagg_masked from {peer}: data of {len(msg.data):,} bytes, expected "
+                        f"{want:,} ({self.dim:,} values of {value_bytes(self.params)} bytes "
+                        f"for bits = {self.params.bits})"
                     )
-                self.server.on_masked(peer, np.frombuffer(msg.data, dtype="<u8").astype(np.uint64))
+                self.server.on_masked(peer, unpack(msg.data, self.dim, self.params))
                 self.run.record_masked(peer, msg, size)
             else:
                 self.server.on_unmask(peer, {"b": msg.b, "s": msg.s})

@@ -122,7 +122,21 @@ SCHEMA: dict[str, dict[str, Field]] = {
         "clip": Field(
             "float", 100.0, "secure: model values are clipped to [-clip, clip]", 1e-3, 1e6
         ),
-        "bits": Field("int", 62, "secure: arithmetic modulo 2^bits", 32, 64),
+        "bits": Field(
+            "int",
+            62,
+            "secure: arithmetic modulo 2^bits; a masked value travels in ceil(bits/8) bytes",
+            32,
+            64,
+        ),
+        "max_weight": Field(
+            "int",
+            2**20,
+            "secure: the most examples one participant's weight may claim (a larger count is "
+            "clamped); smaller leaves more fixed-point bits, so a smaller bits and fewer bytes",
+            1,
+            2**30,
+        ),
     },
 }
 

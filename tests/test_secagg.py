@@ -29,7 +29,13 @@ from protocol.secagg import (
     encode_weighted,
     frac_bits_for,
     neighbours,
+    pack,
+    packed_size,
+    params_from_spec,
+    params_from_wire,
+    params_to_wire,
     sub_mod,
+    unpack,
 )
 
 SEED = bytes(range(32))
@@ -389,6 +395,9 @@ def test_params_are_validated_by_field():
         (Params(neighbours=4), "graph_seed"),
         (Params(bits=32, frac_bits=30), "frac_bits"),
         (Params(clip=float("nan")), "clip"),
+        (Params(max_weight=0), "max_weight"),
+        (Params(max_weight=2**30 + 1), "max_weight"),
+        (Params(max_weight=True), "max_weight"),
     ]:
         with pytest.raises(ValidationError, match=field_name):
             bad.validate()
@@ -453,6 +462,91 @@ def test_add_sub_mod():
     np.testing.assert_array_equal(add_mod(a, b, p), [1, 12])
     np.testing.assert_array_equal(sub_mod(b, a, p), [3, 2])
     np.testing.assert_array_equal(sub_mod(b[::-1], b, p), [5, (1 << 32) - 5])
+
+
+# ---------------------------------------------------------------------------------------------
+# wire packing and the round's parameters
+
+
+@pytest.mark.parametrize(("bits", "width"), [(32, 4), (40, 5), (48, 6), (62, 8), (64, 8)])
+def test_pack_roundtrip_in_ceil_bits_over_8_bytes(bits: int, width: int) -> None:
+    p = Params(bits=bits, frac_bits=8)
+    rng = np.random.default_rng(bits)
+    y = rng.integers(0, 1 << bits, size=1001, dtype=np.uint64, endpoint=False)
+    y[:3] = [0, 1, (1 << bits) - 1]  # both ends of the range
+    data = pack(y, p)
+    assert isinstance(data, bytes) and len(data) == packed_size(1001, p) == 1001 * width
+    assert data[:width] == bytes(width)  # little-endian, no padding: value 0 then value 1
+    assert data[width : 2 * width] == b"\x01" + bytes(width - 1)
+    back = unpack(data, 1001, p)
+    assert back.dtype == np.uint64 and back.shape == (1001,)
+    np.testing.assert_array_equal(back, y)
+    np.testing.assert_array_equal(unpack(bytearray(data), 1001, p), y)
+    np.testing.assert_array_equal(unpack(pack(y[::2], p), 501, p), y[::2])  # not contiguous
+    assert unpack(pack(y[:0], p), 0, p).size == 0
+
+
+def test_unpack_refuses_wrong_lengths_and_out_of_range_values() -> None:
+    p = Params(bits=48, frac_bits=8)
+    y = np.arange(10, dtype=np.uint64)
+    data = pack(y, p)
+    for bad in (data[:-1], data + b"\x00", b"", data * 2):
+        with pytest.raises(ValidationError, match=r"expected 60 \(10 values of 6 bytes"):
+            unpack(bad, 10, p)
+    with pytest.raises(ValidationError, match="must be bytes"):
+        unpack(y, 10, p)  # type: ignore[arg-type]
+    p62 = Params(bits=62)
+    over = np.array([1 << 62], dtype=np.uint64).astype("<u8").tobytes()  # fits 8 bytes only
+    with pytest.raises(ValidationError, match=r">= 2\*\*62"):
+        unpack(over, 1, p62)
+    with pytest.raises(ValidationError, match=r">= 2\*\*62"):
+        pack(np.array([1 << 62], dtype=np.uint64), p62)
+    with pytest.raises(ValidationError, match=r">= 2\*\*48"):
+        pack(np.array([5, 1 << 48], dtype=np.uint64), p)
+    with pytest.raises(ValidationError, match="uint64"):
+        pack(np.zeros(3, dtype=np.int64), p)  # type: ignore[arg-type]
+
+
+def test_a_masked_vector_survives_the_wire_form_and_the_sum_is_exact() -> None:
+    p = Params(bits=40, frac_bits=frac_bits_for(40, 1.0, 1000, 4), clip=1.0, round_tag=b"t")
+    rng = np.random.default_rng(11)
+    xs = {u: encode_weighted(rng.uniform(-1, 1, 300), 1000, p) for u in names(4)}
+    server = Server(p, 301)
+    clients = {u: Client(u, p) for u in xs}
+    for u, c in clients.items():
+        server.on_advertise(u, c.advertise())
+    roster = server.roster()
+    for u, c in clients.items():
+        server.on_shares(u, c.share_keys(roster))
+    for u, cts in server.relay().items():
+        data = pack(clients[u].masked_input(cts, xs[u]), p)
+        assert len(data) == 301 * 5 == clients[u].stats["masked_input_out"]
+        server.on_masked(u, unpack(data, 301, p))
+    assert server.stats["in"]["masked"] == 4 * 301 * 5
+    assert all(pp["in"] >= 301 * 5 for pp in server.stats["per_participant"].values())
+    u3, dropped = server.unmask_request()
+    for u in u3:
+        server.on_unmask(u, clients[u].unmask(u3, dropped))
+    np.testing.assert_array_equal(server.result(), exact_sum(xs, u3, 40))
+
+
+def test_the_weight_bound_travels_with_the_round_and_is_enforced() -> None:
+    agg = {"bits": 48, "clip": 100.0, "threshold": 0.6, "neighbours": 8, "max_weight": 2**17}
+    p = params_from_spec(agg, 100, b"tag", SEED)
+    assert p.max_weight == 2**17 and p.frac_bits == frac_bits_for(48, 100.0, 2**17, 100)
+    assert p.frac_bits >= 16  # the point of a smaller max_weight: 48 bits leave 16 for n = 100
+    assert params_from_spec({**agg, "max_weight": 2**20}, 100, b"tag", SEED).frac_bits < 16
+    wire = params_to_wire(p)
+    assert wire["max_weight"] == 2**17 and params_from_wire(wire) == p
+    no_bound = {k: v for k, v in wire.items() if k != "max_weight"}
+    with pytest.raises(ValidationError, match="missing or has malformed"):
+        params_from_wire(no_bound)
+    for bad in (0, 2**31, "131072", 1.5, True):
+        with pytest.raises(ValidationError, match="max_weight"):
+            params_from_wire({**wire, "max_weight": bad})
+    encode_weighted(np.zeros(3), 2**17, p)
+    with pytest.raises(ValidationError, match="max_weight 131072"):
+        encode_weighted(np.zeros(3), 2**17 + 1, p)
 
 
 # ---------------------------------------------------------------------------------------------

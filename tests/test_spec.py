@@ -6,7 +6,7 @@ import tomllib
 
 import pytest
 
-from protocol import spec
+from protocol import secagg, spec
 from protocol.errors import SpecError
 from protocol.identity import Identity
 
@@ -47,6 +47,9 @@ def test_demo_defaults_match_the_converging_recipe() -> None:
         ({"model": {"hidden": [128, "x"]}}, "model.hidden", "list of at most 16 integers"),
         ({"model": {"hidden": [0]}}, "model.hidden", "[1, 65536]"),
         ({"aggregation": {"strategy": "fedsgd"}}, "aggregation.strategy", "fedavg"),
+        ({"aggregation": {"max_weight": 0}}, "aggregation.max_weight", "[1, 1073741824]"),
+        ({"aggregation": {"max_weight": 2**30 + 1}}, "aggregation.max_weight", "[1, 1073741824]"),
+        ({"aggregation": {"max_weight": 1.5}}, "aggregation.max_weight", "an integer"),
         ({"name": "has space"}, "name", "letters, digits"),
         ({"participants": ["not-a-peer"]}, "participants", "12D3KooW"),
     ],
@@ -76,6 +79,15 @@ def test_cross_field_checks() -> None:
     with pytest.raises(SpecError, match="neighbours"):
         spec.validate({"aggregation": {"neighbours": 3}})  # k-regular graphs need an even k
     assert spec.validate({"aggregation": {"neighbours": 4}})["aggregation"]["neighbours"] == 4
+
+
+def test_max_weight_defaults_to_the_secagg_bound_and_reaches_the_round_params() -> None:
+    agg = spec.defaults()["aggregation"]
+    assert agg["max_weight"] == secagg.MAX_WEIGHT == 2**20
+    assert "max_weight = 1048576" in spec.template()
+    small = spec.validate({"aggregation": {"secure": True, "bits": 48, "max_weight": 2**17}})
+    p = secagg.params_from_spec(small["aggregation"], 100, b"t", bytes(32))
+    assert p.max_weight == 2**17 and p.frac_bits >= 16
 
 
 def test_files(tmp_path) -> None:
