@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -23,7 +24,11 @@ session_app = typer.Typer(no_args_is_help=True, help="Create and run training se
 participants_app = typer.Typer(no_args_is_help=True, help="Participants seen by the coordinator.")
 model_app = typer.Typer(no_args_is_help=True, help="Global model versions, by CID.")
 ledger_app = typer.Typer(no_args_is_help=True, help="A node's SQLite ledger (offline).")
+alerts_app = typer.Typer(no_args_is_help=True, help="Quality and security alerts.")
+quality_app = typer.Typer(no_args_is_help=True, help="Measured quality scores.")
 app.add_typer(session_app, name="session")
+app.add_typer(alerts_app, name="alerts")
+app.add_typer(quality_app, name="quality")
 app.add_typer(participants_app, name="participants")
 app.add_typer(model_app, name="model")
 app.add_typer(ledger_app, name="ledger")
@@ -286,25 +291,177 @@ def participants_list(as_json: Json = False) -> None:
     def human(r: dict[str, Any]) -> None:
         from datetime import UTC, datetime
 
-        t = Table("peer", "online", "status", "dataset", "examples", "rounds", "last seen")
+        t = Table("peer", "online", "status", "score", "uptime", "latency", "rounds", "last seen")
         for p in r["participants"]:
             seen = (
                 datetime.fromtimestamp(p["last_seen"], UTC).strftime("%H:%M:%S")
                 if p["last_seen"]
                 else ""
             )
+            status = p["status"]
             t.add_row(
                 p["peer_id"],
                 "[green]yes[/]" if p["online"] else "[red]no[/]",
-                p["status"],
-                p.get("dataset") or "",
-                str(p.get("num_examples") or ""),
+                f"[red]{status}[/]" if status == "excluded" else status,
+                _fmt(p.get("quality_score"), "{:.1f}"),
+                _fmt(p.get("uptime"), "{:.1f} %"),
+                _fmt(p.get("latency_ms"), "{:.1f} ms"),
                 str(p.get("rounds_completed") or 0),
                 seen,
             )
         stdout.print(t)
 
     run(_json(as_json), lambda: call(G.target, "participants.list"), human)
+
+
+def _fmt(value: Any, pattern: str) -> str:
+    return "" if value is None else pattern.format(value)
+
+
+SEVERITY_STYLE = {"critical": "bold red", "high": "red", "medium": "yellow", "low": "dim"}
+
+
+@alerts_app.command("list")
+def alerts_list(
+    severity: Annotated[
+        str, typer.Option(help="only these severities: critical, high, medium, low (comma list)")
+    ] = "",
+    status: Annotated[
+        str, typer.Option(help="active (open + acknowledged), open, acknowledged, resolved, all")
+    ] = "active",
+    session: Annotated[str, typer.Option(help="only alerts of this session")] = "",
+    as_json: Json = False,
+) -> None:
+    """Quality and security alerts, newest first (active ones by default)."""
+    wanted = [s.strip().lower() for s in severity.split(",") if s.strip()]
+
+    def human(r: dict[str, Any]) -> None:
+        from datetime import UTC, datetime
+
+        t = Table("id", "severity", "type", "entity", "status", "since", "message")
+        for a in r["alerts"]:
+            sev = a["severity"]
+            t.add_row(
+                str(a["id"]),
+                f"[{SEVERITY_STYLE.get(sev, '')}]{sev}[/]",
+                a["alert_type"],
+                a["entity_id"] or "",
+                a["status"],
+                datetime.fromtimestamp(a["created_at"], UTC).strftime("%H:%M:%S"),
+                a["message"],
+            )
+        stdout.print(t if r["alerts"] else "no alerts")
+
+    run(
+        _json(as_json),
+        lambda: call(G.target, "alerts.list", severity=wanted, status=status, session_id=session),
+        human,
+    )
+
+
+@alerts_app.command("ack")
+def alerts_ack(alert_id: int, as_json: Json = False) -> None:
+    """Acknowledge an alert (a critical one then no longer keeps its peer out of rounds)."""
+    run(
+        _json(as_json),
+        lambda: call(G.target, "alerts.ack", alert_id=alert_id),
+        lambda r: stdout.print(f"alert {r['alert']['id']}: {r['alert']['status']}"),
+    )
+
+
+@quality_app.command("session")
+def quality_session(session_id: str, as_json: Json = False) -> None:
+    """The session's health score and its parts, per round."""
+
+    def human(r: dict[str, Any]) -> None:
+        t = Table(
+            "round",
+            "health",
+            "convergence",
+            "participants",
+            "integrity",
+            "network",
+            "security",
+            "privacy",
+            "retention",
+            "stability",
+        )
+        for q in r["rounds"]:
+            t.add_row(
+                str(q["round"]),
+                _fmt(q["health_score"], "{:.1f}"),
+                _fmt(q["convergence"], "{:.1f}"),
+                _fmt(q["participant_quality"], "{:.1f}"),
+                _fmt(q["data_integrity"], "{:.1f}"),
+                _fmt(q["network_efficiency"], "{:.1f}"),
+                _fmt(q["security_score"], "{:.1f}"),
+                _fmt(q["privacy_compliance"], "{:.1f}"),
+                _fmt(q["participant_retention"], "{:.1f}"),
+                _fmt(q["model_stability"], "{:.1f}"),
+            )
+        stdout.print(t)
+        health = r["health_score"]
+        stdout.print(f"health {_fmt(health, '{:.1f}') or 'not measured yet'}")
+
+    run(_json(as_json), lambda: call(G.target, "quality.session", session_id=session_id), human)
+
+
+@app.command()
+def report(
+    session_id: str,
+    format: Annotated[str, typer.Option("--format", help="text, json or html")] = "text",
+    output: Annotated[Path | None, typer.Option("-o", "--output", help="file to write")] = None,
+    data_dir: Annotated[
+        Path | None,
+        typer.Option(help="read the coordinator's ledger offline (e.g. after `fedctl demo`)"),
+    ] = None,
+    as_json: Json = False,
+) -> None:
+    """The session report: summary, accuracy and loss per round, quality, peers, alerts."""
+    from fedctl.report import render_html, render_text
+
+    if format not in ("text", "json", "html"):
+        fail(
+            FednodeError(
+                f"--format {format!r} is not one of text, json, html",
+                code="USAGE",
+                hint="for example --format html -o report.html",
+            ),
+            _json(as_json),
+        )
+        return
+
+    def go() -> dict[str, Any]:
+        if data_dir is not None:
+            from fednode.home import NodeHome
+            from fednode.ledger import Ledger
+            from fednode.reporting import build_report
+
+            path = NodeHome(data_dir).ledger_path
+            if not path.exists():
+                raise FednodeError(f"no ledger at {path}", code="NOT_FOUND")
+            with Ledger(path) as ledger:
+                rep = build_report(ledger, session_id)
+        else:
+            rep = call(G.target, "report", session_id=session_id)
+        if format == "json":
+            text = json.dumps(rep, indent=2, sort_keys=True)
+        elif format == "html":
+            text = render_html(rep)
+        else:
+            text = render_text(rep)
+        if output is not None:
+            output.write_text(text, encoding="utf-8")
+            return {"path": str(output), "format": format, "bytes": len(text.encode())}
+        return {"format": format, "report": rep, "text": text}
+
+    def human(r: dict[str, Any]) -> None:
+        if output is not None:
+            stderr.print(f"wrote {r['bytes']:,} bytes ({r['format']}) to {r['path']}")
+        else:
+            sys.stdout.write(r["text"] + ("" if r["text"].endswith("\n") else "\n"))
+
+    run(_json(as_json), go, human)
 
 
 @model_app.command("list")

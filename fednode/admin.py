@@ -35,7 +35,12 @@ READ_OPS = {
     "model.get",
     "subscribe",
     "node.info",
+    "alerts.list",
+    "quality.session",
+    "report",
 }
+SEVERITIES = ("critical", "high", "medium", "low")
+ALERT_STATUSES = ("active", "open", "acknowledged", "resolved", "all")
 
 
 def _arg(args: dict[str, Any], name: str, kind: type = str) -> Any:
@@ -61,6 +66,10 @@ class AdminAPI:
             "model.list": self.model_list,
             "model.get": self.model_get,
             "invite.create": self.invite_create,
+            "alerts.list": self.alerts_list,
+            "alerts.ack": self.alerts_ack,
+            "quality.session": self.quality_session,
+            "report": self.report,
         }
 
     async def serve(self, conn: Connection, role: str) -> None:
@@ -166,24 +175,97 @@ class AdminAPI:
         return {"sessions": out}
 
     def participants_list(self, args: dict[str, Any]) -> dict[str, Any]:
+        """Every peer seen, with what the monitor measures of it now (not a stale row)."""
         out = []
+        monitor = self.coord.monitor
+        excluded = monitor.excluded()
+        latest = self.coord.ledger.latest_participant_quality()
+        now = time.time()
         for row in self.coord.ledger.participants():
-            online = row["peer_id"] in self.coord.peers
-            out.append(
-                {
-                    "peer_id": row["peer_id"],
-                    "online": online,
-                    "quality_score": row.get("quality_score"),
-                    "latency_ms": row.get("latency_ms"),
-                    "last_seen": row["last_seen"],
-                    "status": row.get("status") or "active",
-                    "address": row.get("address"),
-                    "dataset": row.get("dataset"),
-                    "num_examples": row.get("num_examples"),
-                    "rounds_completed": row.get("rounds_completed"),
-                }
-            )
+            pid = row["peer_id"]
+            online = pid in self.coord.peers
+            entry: dict[str, Any] = {
+                "peer_id": pid,
+                "online": online,
+                "quality_score": row.get("quality_score"),
+                "latency_ms": None,
+                "uptime": row.get("uptime"),
+                "last_seen": row["last_seen"],
+                "status": "excluded" if pid in excluded else (row.get("status") or "active"),
+                "address": row.get("address"),
+                "dataset": row.get("dataset"),
+                "num_examples": row.get("num_examples"),
+                "rounds_completed": row.get("rounds_completed"),
+                "trend": (latest.get(pid) or {}).get("trend"),
+            }
+            if pid in monitor.peers:
+                obs, scores = monitor.score_peer(pid, now)
+                entry.update(
+                    quality_score=scores.overall,
+                    latency_ms=obs.latency_ms,
+                    uptime=obs.uptime_pct,
+                    heartbeat_consistency=obs.heartbeat_consistency_pct,
+                    bandwidth_mbps=obs.bandwidth_mbps,
+                    training_time_ms=obs.training_time_ms,
+                    task_completion_rate=scores.task_completion_rate,
+                    error_rate=scores.error_rate,
+                    scores={
+                        "performance": scores.performance,
+                        "reliability": scores.reliability,
+                        "network": scores.network,
+                        "resource": scores.resource,
+                    },
+                )
+            out.append(entry)
         return {"participants": out}
+
+    # --- quality -------------------------------------------------------------------
+
+    def alerts_list(self, args: dict[str, Any]) -> dict[str, Any]:
+        status = args.get("status", "active")
+        if status not in ALERT_STATUSES:
+            raise ValidationError(
+                f"alert status {status!r} is not one of {', '.join(ALERT_STATUSES)}"
+            )
+        severity = args.get("severity") or []
+        if not isinstance(severity, list) or not all(s in SEVERITIES for s in severity):
+            raise ValidationError(
+                f"severity {severity!r}: use one or more of {', '.join(SEVERITIES)}",
+                code="USAGE",
+            )
+        session_id = args.get("session_id") or None
+        rows = self.coord.ledger.alerts(
+            status=status, severity=set(severity) or None, session_id=session_id
+        )
+        return {"alerts": rows}
+
+    def alerts_ack(self, args: dict[str, Any]) -> dict[str, Any]:
+        alert_id = _arg(args, "alert_id", int)
+        row = self.coord.ledger.ack_alert(alert_id, str(args.get("_by", "")), time.time())
+        self.coord.events.publish("alert", {"change": "acknowledged", **row}, row.get("session_id"))
+        return {"alert": row}
+
+    def quality_session(self, args: dict[str, Any]) -> dict[str, Any]:
+        run = self.coord.session(_arg(args, "session_id"))
+        rows = self.coord.ledger.session_quality(run.session_id)
+        return {
+            "session_id": run.session_id,
+            "health_score": rows[-1]["health_score"] if rows else None,
+            "latest": rows[-1] if rows else None,
+            "rounds": rows,
+            "sla": self.coord.sla.to_dict(),
+        }
+
+    def report(self, args: dict[str, Any]) -> dict[str, Any]:
+        from fednode.reporting import build_report
+
+        run = self.coord.session(_arg(args, "session_id"))
+        return build_report(
+            self.coord.ledger,
+            run.session_id,
+            sla=self.coord.sla.to_dict(),
+            online=set(self.coord.peers),
+        )
 
     def model_list(self, args: dict[str, Any]) -> dict[str, Any]:
         run = self.coord.session(_arg(args, "session_id"))

@@ -100,11 +100,11 @@ def cid(
     run(as_json, go, lambda r: stdout.print(r["cid"]))
 
 
-def _hostport(listen: str) -> tuple[str, int]:
+def _hostport(listen: str, option: str = "--listen") -> tuple[str, int]:
     host, _, port = listen.rpartition(":")
     if not host or not port.isdigit() or not 0 <= int(port) < 65536:
         raise FednodeError(
-            f"--listen {listen!r} is not HOST:PORT",
+            f"{option} {listen!r} is not HOST:PORT",
             code="USAGE",
             hint="for example --listen 127.0.0.1:7700 (port 0 picks a free one)",
         )
@@ -159,6 +159,22 @@ def run_node(
     rate_limit: Annotated[
         float, typer.Option(help="coordinator: messages/s per connection (bursts of twice)")
     ] = 200.0,
+    sla: Annotated[
+        Path | None,
+        typer.Option(help="coordinator: SLA thresholds (JSON; docs/quality.md), else defaults"),
+    ] = None,
+    heartbeat: Annotated[
+        float,
+        typer.Option(
+            min=0.05, max=300, help="coordinator: heartbeat and ping interval asked of peers (s)"
+        ),
+    ] = 5.0,
+    metrics: Annotated[
+        str,
+        typer.Option(
+            help="coordinator: serve Prometheus metrics on HOST:PORT (e.g. 127.0.0.1:9100)"
+        ),
+    ] = "",
 ) -> None:
     """Serve as coordinator or participant until SIGINT/SIGTERM.
 
@@ -188,7 +204,11 @@ def run_node(
 
         torch.set_num_threads(max(1, threads))
         if role == "coordinator":
+            from fednode.quality import SLA, load_sla
+
             host, port = _hostport(listen)
+            metrics_at = _hostport(metrics, "--metrics") if metrics else None
+            sla_obj = load_sla(sla) if sla is not None else SLA()
             asyncio.run(
                 _run_coordinator(
                     home,
@@ -202,8 +222,11 @@ def run_node(
                         "max_pending_handshakes": max_pending,
                         "chain": home.chain(),
                         "rate_limit": rate_limit,
+                        "sla": sla_obj,
+                        "heartbeat_s": heartbeat,
                     },
                     tls,
+                    metrics_at,
                 )
             )
         else:
@@ -230,7 +253,13 @@ def _stop_event() -> asyncio.Event:
 
 
 async def _run_coordinator(
-    home: NodeHome, ident: Identity, host: str, port: int, options: dict[str, Any], tls: bool
+    home: NodeHome,
+    ident: Identity,
+    host: str,
+    port: int,
+    options: dict[str, Any],
+    tls: bool,
+    metrics_at: tuple[str, int] | None = None,
 ) -> None:
     from fednode.coordinator import Coordinator
     from fednode.ledger import Ledger
@@ -246,12 +275,19 @@ async def _run_coordinator(
             ssl = server_context(ident, home.root)  # a fresh certificate on every start
         server = await coord.serve(host, port, ssl)
         bound = server.sockets[0].getsockname()
+        metrics_url = ""
+        if metrics_at is not None:
+            from fednode.metrics import Exporter
+
+            coord.monitor.metrics = Exporter(*metrics_at)
+            metrics_url = coord.monitor.metrics.url
         emit_json(
             {
                 "event": "listening",
                 "url": f"{'wss' if tls else 'ws'}://{bound[0]}:{bound[1]}",
                 "peer_id": ident.peer_id,
                 "ledger": str(home.ledger_path),
+                "metrics": metrics_url,
             }
         )
         if not options["operators"]:
@@ -259,8 +295,11 @@ async def _run_coordinator(
                 "no --operator given: nobody can create or start sessions"
             )
         await stop.wait()
+        await coord.monitor.stop()
         server.close()
         await server.wait_closed()
+        if coord.monitor.metrics is not None:
+            coord.monitor.metrics.close()
 
 
 async def _run_participant(

@@ -24,6 +24,8 @@ from fednode import __version__
 from fednode.admin import AdminAPI
 from fednode.events import EventBus
 from fednode.ledger import Ledger
+from fednode.monitor import QualityMonitor
+from fednode.quality import SLA
 from fednode.session import TERMINAL, SessionRun, SessionState
 from fednode.store import BlockStore
 from fednode.transport import (
@@ -31,6 +33,7 @@ from fednode.transport import (
     HANDSHAKE_TIMEOUT_S,
     Connection,
     accept,
+    is_untrustworthy,
     ws_options,
 )
 from protocol import messages, tokens
@@ -67,7 +70,11 @@ class Coordinator:
         max_pending_handshakes: int = MAX_PENDING_HANDSHAKES,
         chain: list[Rotation] | None = None,
         rate_limit: float = DEFAULT_RATE,
+        sla: SLA | None = None,
+        heartbeat_s: float = HEARTBEAT_S,
     ):
+        self.heartbeat_s = heartbeat_s
+        self.sla = sla or SLA()
         self.chain = chain or []
         self.rate_limit = rate_limit
         self.identity = identity
@@ -82,8 +89,13 @@ class Coordinator:
         self.sessions: dict[str, SessionRun] = {}
         self.events = EventBus()
         self.admin = AdminAPI(self)
+        self.monitor = QualityMonitor(self, self.sla, heartbeat_s)
         self.started_at = time.time()
         self._recover()
+        # What the quality figures of this run are judged against, for reports made later.
+        self.ledger.append_event(
+            "sla", data={"sla": self.sla.to_dict(), "heartbeat_s": self.heartbeat_s}
+        )
 
     def _recover(self) -> None:
         """A restarted coordinator cannot continue rounds it lost track of: say so."""
@@ -168,6 +180,7 @@ class Coordinator:
     # --- connections ---------------------------------------------------------------------
 
     async def serve(self, host: str, port: int, ssl: SSLContext | None = None) -> Any:
+        self.monitor.start()
         return await serve(self._handle, host, port, ssl=ssl, **ws_options())
 
     async def _refused(self, conn: Connection | None, address: str, err: FednodeError) -> None:
@@ -176,6 +189,11 @@ class Coordinator:
             entity_id=conn.peer_id if conn else None,
             data={"address": address, "code": err.code, "message": err.message},
         )
+        # A registered participant whose own signed stream broke the rules is a security
+        # violation (strangers failing the handshake are not: they could pause any session).
+        peer = self.peers.get(conn.peer_id) if conn is not None else None
+        if peer is not None and peer.conn is conn and is_untrustworthy(err):
+            self.monitor.on_security_violation(conn.peer_id, err.code, err.message)
 
     async def _handle(self, ws: ServerConnection) -> None:
         addr = ws.remote_address
@@ -217,7 +235,7 @@ class Coordinator:
                 messages.Welcome(
                     peer_id=self.identity.peer_id,
                     role=role,
-                    heartbeat_s=HEARTBEAT_S,
+                    heartbeat_s=self.heartbeat_s,
                     version=__version__,
                 )
             )
@@ -227,7 +245,7 @@ class Coordinator:
             messages.Welcome(
                 peer_id=self.identity.peer_id,
                 role="participant",
-                heartbeat_s=HEARTBEAT_S,
+                heartbeat_s=self.heartbeat_s,
                 version=__version__,
             )
         )
@@ -306,6 +324,7 @@ class Coordinator:
             await old.conn.close(1000, "replaced by a newer connection")
         now = time.time()
         self.peers[pid] = Peer(conn, reg.dataset, reg.num_examples, now, now)
+        self.monitor.on_connect(pid, now, reg.data_report)
         self.ledger.upsert_participant(
             pid,
             address=conn.address,
@@ -331,6 +350,7 @@ class Coordinator:
         finally:
             if self.peers.get(pid) is not None and self.peers[pid].conn is conn:
                 del self.peers[pid]
+                self.monitor.on_disconnect(pid, time.time())
                 self.ledger.upsert_participant(pid, online=0, last_seen=time.time())
                 self.record("participant", None, {"peer_id": pid, "online": False}, entity_id=pid)
                 self._wake_sessions(pid, "disconnected during the round")
@@ -339,7 +359,9 @@ class Coordinator:
         self, conn: Connection, session_id: str, size: int, msg: messages.Message
     ) -> None:
         if isinstance(msg, messages.Heartbeat):
-            self.ledger.upsert_participant(conn.peer_id, last_seen=time.time())
+            now = time.time()
+            self.ledger.upsert_participant(conn.peer_id, last_seen=now)
+            self.monitor.on_heartbeat(conn.peer_id, now, msg.cpu_efficiency, msg.memory_efficiency)
         elif isinstance(msg, messages.Fetch):
             data = self.store.get(msg.cid)
             sent = await conn.send(messages.Block(cid=msg.cid, data=data), session_id)

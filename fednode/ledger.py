@@ -9,6 +9,10 @@ enough to resume after a crash and to explain afterwards what happened in a sess
 * the schema is versioned by ordered migrations, so an old file opens with new code and a
   file from newer code is refused instead of being silently misread.
 
+Schema 3 adds quality: per-peer and per-session quality snapshots, network measurements,
+alerts whose every state change is also a chained event (written in the same transaction),
+and, on participants, the log of the training tasks they took.
+
 Transactions use sqlite-utils' ``atomic()`` rather than ``with conn:``: sqlite-utils 4 wraps
 its own writes in ``atomic()``, which nests as a savepoint inside ours, whereas an inner
 ``atomic()`` under a bare ``with conn:`` would commit the outer work early.
@@ -20,9 +24,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+import numbers
 import sqlite3
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from types import TracebackType
@@ -38,6 +44,85 @@ SESSION_STATUSES = frozenset({"created", "running", "paused", "completed", "fail
 ROUND_STATUSES = frozenset({"running", "completed", "failed", "aborted"})
 FINISHED_ROUND_STATUSES = ROUND_STATUSES - {"running"}
 UPDATE_STATUSES = frozenset({"accepted", "rejected"})
+
+# --- quality (issue 5): the shared vocabulary of quality.py, the coordinator and fedctl -----
+SEVERITIES = frozenset({"critical", "high", "medium", "low"})
+RULE_ALERT_TYPES = frozenset(
+    {
+        # participant (entity_id = peer ID)
+        "task_completion",
+        "uptime",
+        "quality_score",
+        "error_rate",
+        "latency",
+        "heartbeat",
+        "training_time",
+        "resource_efficiency",
+        "connection_stability",
+        "model_quality",
+        "data_quality",
+        # session (entity_id = session ID)
+        "privacy_compliance",
+        "anomaly",
+        "security_score",
+        "convergence",
+    }
+)
+EVENT_ALERT_TYPES = frozenset({"security_violation"})
+ALERT_TYPES = RULE_ALERT_TYPES | EVENT_ALERT_TYPES
+ALERT_STATUSES = frozenset({"open", "acknowledged", "resolved"})
+ACTIVE_ALERT_STATUSES = ("open", "acknowledged")
+ALERT_FILTERS = frozenset({"active", "all"}) | ALERT_STATUSES
+NETWORK_DIRECTIONS = frozenset({"ping", "down", "up"})
+TASK_STATUSES = frozenset({"running", "done", "failed"})
+FINISHED_TASK_STATUSES = TASK_STATUSES - {"running"}
+TRENDS = frozenset({"improving", "stable", "declining"})
+
+# Metric columns a caller may fill, with their kind: "real" (float or None = not measured),
+# "count" (int >= 0, never None: nothing happened is 0), "int?" (int or None), "trend".
+PARTICIPANT_QUALITY_COLUMNS: dict[str, str] = {
+    "training_time_ms": "real",
+    "tasks_selected": "count",
+    "tasks_completed": "count",
+    "tasks_failed": "count",
+    "model_quality": "real",
+    "data_quality": "real",
+    "uptime": "real",
+    "heartbeat_consistency": "real",
+    "latency_ms": "real",
+    "bandwidth_mbps": "real",
+    "disconnects": "count",
+    "cpu_efficiency": "real",
+    "memory_efficiency": "real",
+    "security_violations": "count",
+    "task_completion_rate": "real",
+    "error_rate": "real",
+    "connection_stability": "real",
+    "performance_score": "real",
+    "reliability_score": "real",
+    "network_score": "real",
+    "resource_score": "real",
+    "overall_score": "real",
+    "trend": "trend",
+}
+SESSION_QUALITY_COLUMNS: dict[str, str] = {
+    "convergence_rate": "int?",
+    "convergence_score": "real",
+    "model_stability": "real",
+    "accuracy_improvement": "real",
+    "participant_retention": "real",
+    "data_integrity": "real",
+    "network_efficiency": "real",
+    "privacy_compliance": "real",
+    "security_score": "real",
+    "participant_quality": "real",
+    "convergence": "real",
+    "health_score": "real",
+}
+ALERT_CONDITION_KEYS = frozenset(
+    {"alert_type", "severity", "entity_id", "message", "value", "threshold", "session_id"}
+)
+_REQUIRED_CONDITION_KEYS = frozenset({"alert_type", "severity", "entity_id", "message"})
 
 # Columns a caller may change after creation; the primary keys are not among them.
 SESSION_FIELDS = frozenset(
@@ -70,6 +155,10 @@ PARTICIPANT_FIELDS = frozenset(
         "rounds_completed",
         "updates_rejected",
         "latency_ms",
+        # added by _m003_quality
+        "quality_score",
+        "uptime",
+        "excluded",
     }
 )
 
@@ -91,6 +180,106 @@ def event_hash(
     """Hash of one event, chained to its predecessor; the id is covered so rows cannot move."""
     body = canonical_json([event_id, ts, kind, session_id, entity_id, data])
     return hashlib.sha256((prev_hash + body).encode("utf-8")).hexdigest()
+
+
+# --- value checks -----------------------------------------------------------------------
+# The ledger refuses what JSON (and so `fedctl --json`, the hash chain and reports) cannot
+# hold: NaN/inf, and non-numbers where a figure belongs. These are ValueErrors like the
+# other caller mistakes in this module (unknown fields, bad statuses): the coordinator's
+# code is wrong, not a peer's message.
+
+
+def _real(name: str, value: Any, *, optional: bool = True, minimum: float | None = None) -> Any:
+    """A finite float (numpy scalars included), or None when ``optional``."""
+    if value is None:
+        if optional:
+            return None
+        raise ValueError(f"{name} is required (a finite number), got None")
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{name} must be a number, got {type(value).__name__} {value!r}")
+    out = float(value)
+    if not math.isfinite(out):
+        raise ValueError(f"{name} is {out!r}, which JSON cannot hold; pass None if unmeasured")
+    if minimum is not None and out < minimum:
+        raise ValueError(f"{name} is {out!r}; it must be >= {minimum}")
+    return out
+
+
+def _int(name: str, value: Any, *, optional: bool = True, minimum: int | None = None) -> Any:
+    """An int (numpy integers included; bools and floats refused), or None when ``optional``."""
+    if value is None:
+        if optional:
+            return None
+        raise ValueError(f"{name} is required (an integer), got None; use 0 for none")
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ValueError(f"{name} must be an integer, got {type(value).__name__} {value!r}")
+    out = int(value)
+    if minimum is not None and out < minimum:
+        raise ValueError(f"{name} is {out}; it must be >= {minimum}")
+    return out
+
+
+def _text(name: str, value: Any, *, optional: bool = False) -> Any:
+    if value is None and optional:
+        return None
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"{name} must be a non-empty string, got {value!r}")
+    return value
+
+
+def _choice(name: str, value: Any, allowed: frozenset[str]) -> str:
+    if value not in allowed:
+        raise ValueError(f"{name} {value!r} not in {sorted(allowed)}")
+    return value
+
+
+def _metrics(what: str, metrics: Any, columns: dict[str, str]) -> dict[str, Any]:
+    """Check a metrics dict against its table's columns and coerce every value."""
+    if not isinstance(metrics, Mapping):
+        raise ValueError(f"{what} metrics must be a dict, got {type(metrics).__name__}")
+    unknown = set(metrics) - set(columns)
+    if unknown:
+        raise ValueError(
+            f"unknown {what} metric(s) {sorted(unknown, key=str)}; known columns: {list(columns)}"
+        )
+    out: dict[str, Any] = {}
+    for key, value in metrics.items():
+        kind = columns[key]
+        if kind == "real":
+            out[key] = _real(key, value)
+        elif kind == "count":
+            out[key] = _int(key, value, optional=False, minimum=0)
+        elif kind == "int?":
+            out[key] = _int(key, value, minimum=0)
+        else:  # trend
+            out[key] = None if value is None else _choice(key, value, TRENDS)
+    return out
+
+
+def _condition(raw: Any) -> dict[str, Any]:
+    """One alert condition (AlertCondition.to_dict() or an object with ``to_dict``), checked."""
+    if not isinstance(raw, Mapping) and hasattr(raw, "to_dict"):
+        raw = raw.to_dict()
+    if not isinstance(raw, Mapping):
+        raise ValueError(f"an alert condition must be a dict, got {type(raw).__name__}")
+    unknown = set(raw) - ALERT_CONDITION_KEYS
+    if unknown:
+        raise ValueError(
+            f"unknown alert condition key(s) {sorted(unknown, key=str)}; "
+            f"known: {sorted(ALERT_CONDITION_KEYS)}"
+        )
+    missing = _REQUIRED_CONDITION_KEYS - set(raw)
+    if missing:
+        raise ValueError(f"alert condition lacks {sorted(missing)}: {dict(raw)!r}")
+    return {
+        "alert_type": _choice("alert_type", raw["alert_type"], RULE_ALERT_TYPES),
+        "severity": _choice("severity", raw["severity"], SEVERITIES),
+        "entity_id": _text("entity_id", raw["entity_id"]),
+        "session_id": _text("session_id", raw.get("session_id"), optional=True),
+        "message": _text("message", raw["message"]),
+        "value": _real("value", raw.get("value")),
+        "threshold": _real("threshold", raw.get("threshold")),
+    }
 
 
 # --- migrations -------------------------------------------------------------------------
@@ -226,7 +415,131 @@ def _m002_admission(db: Database) -> None:
     db.execute("CREATE INDEX idx_members_token ON session_members(token_id)")
 
 
-MIGRATIONS: list[Callable[[Database], None]] = [_m001_initial, _m002_admission]
+def _m003_quality(db: Database) -> None:
+    """Quality metrics, alerts, the participant's own task log, and peer quality columns."""
+    db.execute(
+        """CREATE TABLE participant_quality_metrics (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            peer_id TEXT NOT NULL,
+            session_id TEXT,
+            ts REAL NOT NULL,
+            training_time_ms REAL,
+            tasks_selected INTEGER NOT NULL DEFAULT 0,
+            tasks_completed INTEGER NOT NULL DEFAULT 0,
+            tasks_failed INTEGER NOT NULL DEFAULT 0,
+            model_quality REAL,
+            data_quality REAL,
+            uptime REAL,
+            heartbeat_consistency REAL,
+            latency_ms REAL,
+            bandwidth_mbps REAL,
+            disconnects INTEGER NOT NULL DEFAULT 0,
+            cpu_efficiency REAL,
+            memory_efficiency REAL,
+            security_violations INTEGER NOT NULL DEFAULT 0,
+            task_completion_rate REAL,
+            error_rate REAL,
+            connection_stability REAL,
+            performance_score REAL,
+            reliability_score REAL,
+            network_score REAL,
+            resource_score REAL,
+            overall_score REAL,
+            trend TEXT
+        )"""
+    )
+    db.execute("CREATE INDEX idx_pqm_peer ON participant_quality_metrics(peer_id, ts)")
+    db.execute(
+        "CREATE INDEX idx_pqm_session ON participant_quality_metrics(session_id, peer_id, ts)"
+    )
+    db.execute(
+        """CREATE TABLE session_quality_metrics (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            session_id TEXT NOT NULL REFERENCES sessions(session_id),
+            round INTEGER NOT NULL,
+            ts REAL NOT NULL,
+            convergence_rate INTEGER,
+            convergence_score REAL,
+            model_stability REAL,
+            accuracy_improvement REAL,
+            participant_retention REAL,
+            data_integrity REAL,
+            network_efficiency REAL,
+            privacy_compliance REAL,
+            security_score REAL,
+            participant_quality REAL,
+            convergence REAL,
+            health_score REAL,
+            UNIQUE (session_id, round)
+        )"""
+    )
+    db.execute(
+        """CREATE TABLE network_quality_metrics (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            peer_id TEXT NOT NULL,
+            session_id TEXT,
+            ts REAL NOT NULL,
+            direction TEXT NOT NULL,
+            rtt_ms REAL,
+            bytes INTEGER,
+            transfer_s REAL,
+            bandwidth_mbps REAL
+        )"""
+    )
+    db.execute("CREATE INDEX idx_nqm_peer ON network_quality_metrics(peer_id, ts)")
+    db.execute(
+        """CREATE TABLE quality_alerts (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            alert_type TEXT NOT NULL,
+            severity TEXT NOT NULL,
+            entity_id TEXT NOT NULL,
+            session_id TEXT,
+            message TEXT NOT NULL,
+            value REAL,
+            threshold REAL,
+            source TEXT NOT NULL,
+            status TEXT NOT NULL DEFAULT 'open',
+            created_at REAL NOT NULL,
+            updated_at REAL NOT NULL,
+            resolved_at REAL,
+            acknowledged_at REAL,
+            acknowledged_by TEXT
+        )"""
+    )
+    # Dedup/resolution look an alert up by its key among the active ones; lists filter by
+    # status and severity, newest first; per-entity and per-session views filter on those.
+    db.execute("CREATE INDEX idx_alerts_key ON quality_alerts(alert_type, entity_id, status)")
+    db.execute("CREATE INDEX idx_alerts_status ON quality_alerts(status, severity, created_at)")
+    db.execute("CREATE INDEX idx_alerts_entity ON quality_alerts(entity_id, status)")
+    db.execute("CREATE INDEX idx_alerts_session ON quality_alerts(session_id, created_at)")
+    db.execute(
+        """CREATE TABLE participant_tasks (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            session_id TEXT NOT NULL,
+            round INTEGER NOT NULL,
+            coordinator TEXT NOT NULL,
+            model_cid TEXT,
+            deadline_s REAL,
+            secure INTEGER NOT NULL DEFAULT 0,
+            asked_at REAL NOT NULL,
+            finished_at REAL,
+            train_s REAL,
+            total_s REAL,
+            samples INTEGER,
+            loss REAL,
+            bytes_up INTEGER,
+            bytes_down INTEGER,
+            status TEXT NOT NULL DEFAULT 'running',
+            error TEXT
+        )"""
+    )
+    db.execute("CREATE INDEX idx_tasks_session ON participant_tasks(session_id, round)")
+    db.execute("ALTER TABLE participants ADD COLUMN quality_score REAL")
+    db.execute("ALTER TABLE participants ADD COLUMN uptime REAL")
+    db.execute("ALTER TABLE participants ADD COLUMN excluded INTEGER NOT NULL DEFAULT 0")
+
+
+MIGRATIONS: list[Callable[[Database], None]] = [_m001_initial, _m002_admission, _m003_quality]
 """Ordered; migration ``i`` (0-based) brings the schema to version ``i + 1``."""
 
 
@@ -249,6 +562,14 @@ def _round_row(row: dict[str, Any]) -> dict[str, Any]:
 def _participant_row(row: dict[str, Any]) -> dict[str, Any]:
     row = dict(row)
     row["online"] = bool(row["online"])
+    if "excluded" in row:
+        row["excluded"] = bool(row["excluded"])
+    return row
+
+
+def _task_row(row: dict[str, Any]) -> dict[str, Any]:
+    row = dict(row)
+    row["secure"] = bool(row["secure"])
     return row
 
 
@@ -677,8 +998,9 @@ class Ledger:
                 f"unknown participant field(s) {sorted(unknown)}; "
                 f"known: {sorted(PARTICIPANT_FIELDS)}"
             )
-        if "online" in fields:
-            fields["online"] = int(bool(fields["online"]))
+        for flag in ("online", "excluded"):
+            if flag in fields:
+                fields[flag] = int(bool(fields[flag]))
         with self.transaction():
             exists = self._one("SELECT 1 AS x FROM participants WHERE peer_id = ?", (peer_id,))
             if exists is None:
@@ -916,6 +1238,484 @@ class Ledger:
                 return False, row["id"]
             prev = row["hash"]
         return True, None
+
+    # --- quality metrics (coordinator side) ---------------------------------------------
+
+    def _insert(self, table: str, row: dict[str, Any]) -> int:
+        """INSERT of checked columns (names from this module's constants, never a caller's)."""
+        cols = ", ".join(row)
+        marks = ", ".join("?" * len(row))
+        cur = self.db.execute(f"INSERT INTO {table} ({cols}) VALUES ({marks})", tuple(row.values()))
+        return int(cur.lastrowid)
+
+    def _row(self, table: str, row_id: int) -> dict[str, Any]:
+        row = self._one(f"SELECT * FROM {table} WHERE id = ?", (row_id,))
+        if row is None:
+            raise NotFound(f"{table} row {row_id} is not in ledger {self.path}")
+        return row
+
+    def record_participant_quality(
+        self, peer_id: str, session_id: str | None, ts: float, metrics: dict[str, Any]
+    ) -> dict[str, Any]:
+        """One snapshot of a peer's measured figures and scores; returns the stored row.
+
+        ``metrics`` keys are the column names (PARTICIPANT_QUALITY_COLUMNS); an unknown key
+        is a ValueError, so a renamed field in quality.py fails here instead of vanishing.
+        Columns left out are NULL (not measured); counts default to 0. In the same
+        transaction the peer's ``participants.quality_score`` (= overall_score) and
+        ``uptime`` follow the snapshot when the peer is known and the figure was measured,
+        so `fedctl participants list` shows the latest without a join.
+        """
+        values = _metrics("participant quality", metrics, PARTICIPANT_QUALITY_COLUMNS)
+        row = {
+            "peer_id": _text("peer_id", peer_id),
+            "session_id": _text("session_id", session_id, optional=True),
+            "ts": _real("ts", ts, optional=False),
+            **values,
+        }
+        peer_fields = {
+            col: values[key]
+            for col, key in (("quality_score", "overall_score"), ("uptime", "uptime"))
+            if values.get(key) is not None
+        }
+        with self.transaction():
+            row_id = self._insert("participant_quality_metrics", row)
+            if peer_fields:
+                sets = ", ".join(f"{col} = ?" for col in peer_fields)
+                self.db.execute(
+                    f"UPDATE participants SET {sets} WHERE peer_id = ?",
+                    (*peer_fields.values(), peer_id),
+                )
+            return self._row("participant_quality_metrics", row_id)
+
+    def participant_quality(
+        self, peer_id: str | None = None, session_id: str | None = None, limit: int = 100
+    ) -> list[dict[str, Any]]:
+        """Snapshots, newest first, optionally of one peer and/or one session."""
+        where, params = self._where(peer_id=peer_id, session_id=session_id)
+        rows = self.db.query(
+            f"SELECT * FROM participant_quality_metrics{where} ORDER BY ts DESC, id DESC LIMIT ?",
+            (*params, _int("limit", limit, optional=False, minimum=1)),
+        )
+        return [dict(r) for r in rows]
+
+    def latest_participant_quality(
+        self, session_id: str | None = None
+    ) -> dict[str, dict[str, Any]]:
+        """Each peer's newest snapshot (in ``session_id`` when given), keyed by peer ID."""
+        where, params = self._where(session_id=session_id)
+        rows = self.db.query(
+            f"""SELECT * FROM (
+                    SELECT *, ROW_NUMBER() OVER (
+                        PARTITION BY peer_id ORDER BY ts DESC, id DESC) AS _rank
+                    FROM participant_quality_metrics{where})
+                WHERE _rank = 1 ORDER BY peer_id""",
+            params,
+        )
+        out: dict[str, dict[str, Any]] = {}
+        for r in rows:
+            r = dict(r)
+            del r["_rank"]
+            out[r["peer_id"]] = r
+        return out
+
+    @staticmethod
+    def _where(**filters: Any) -> tuple[str, tuple[Any, ...]]:
+        """`` WHERE a = ? AND ...`` for the filters that are not None (names are ours)."""
+        given = {k: v for k, v in filters.items() if v is not None}
+        if not given:
+            return "", ()
+        return " WHERE " + " AND ".join(f"{k} = ?" for k in given), tuple(given.values())
+
+    def record_session_quality(
+        self, session_id: str, round: int, ts: float, metrics: dict[str, Any]
+    ) -> dict[str, Any]:
+        """The session's health and its parts after ``round``; returns the stored row.
+
+        One row per (session, round): recording the same round again (say, after the final
+        evaluation) replaces its figures rather than leaving two answers for one round.
+        Keys are SESSION_QUALITY_COLUMNS; unknown ones are a ValueError; an unknown
+        session is NotFound.
+        """
+        values = _metrics("session quality", metrics, SESSION_QUALITY_COLUMNS)
+        row = {
+            "session_id": session_id,
+            "round": _int("round", round, optional=False, minimum=0),
+            "ts": _real("ts", ts, optional=False),
+            **{col: values.get(col) for col in SESSION_QUALITY_COLUMNS},
+        }
+        with self.transaction():
+            self._require_session(session_id)
+            cols = ", ".join(row)
+            marks = ", ".join("?" * len(row))
+            updates = ", ".join(
+                f"{c} = excluded.{c}" for c in row if c not in ("session_id", "round")
+            )
+            self.db.execute(
+                f"INSERT INTO session_quality_metrics ({cols}) VALUES ({marks}) "
+                f"ON CONFLICT (session_id, round) DO UPDATE SET {updates}",
+                tuple(row.values()),
+            )
+            stored = self._one(
+                "SELECT * FROM session_quality_metrics WHERE session_id = ? AND round = ?",
+                (session_id, row["round"]),
+            )
+        assert stored is not None
+        return stored
+
+    def session_quality(self, session_id: str) -> list[dict[str, Any]]:
+        """The session's quality rows by round."""
+        rows = self.db.query(
+            "SELECT * FROM session_quality_metrics WHERE session_id = ? ORDER BY round",
+            (session_id,),
+        )
+        return [dict(r) for r in rows]
+
+    def record_network(
+        self,
+        peer_id: str,
+        session_id: str | None,
+        ts: float,
+        direction: str,
+        rtt_ms: float | None = None,
+        bytes: int | None = None,
+        transfer_s: float | None = None,
+    ) -> dict[str, Any]:
+        """One network measurement: a ping (``rtt_ms``) or a transfer (``bytes`` in
+        ``transfer_s`` seconds, ``down`` = to the peer, ``up`` = from it).
+
+        ``bandwidth_mbps`` (megabits per second) is computed here, from the same figures
+        every time, when both bytes and a positive transfer time are given; else NULL.
+        """
+        row = {
+            "peer_id": _text("peer_id", peer_id),
+            "session_id": _text("session_id", session_id, optional=True),
+            "ts": _real("ts", ts, optional=False),
+            "direction": _choice("direction", direction, NETWORK_DIRECTIONS),
+            "rtt_ms": _real("rtt_ms", rtt_ms, minimum=0.0),
+            "bytes": _int("bytes", bytes, minimum=0),
+            "transfer_s": _real("transfer_s", transfer_s, minimum=0.0),
+        }
+        mbps = None
+        if row["bytes"] is not None and row["transfer_s"] is not None and row["transfer_s"] > 0:
+            mbps = row["bytes"] * 8 / 1e6 / row["transfer_s"]
+        row["bandwidth_mbps"] = mbps
+        with self.transaction():
+            row_id = self._insert("network_quality_metrics", row)
+            return self._row("network_quality_metrics", row_id)
+
+    def network_metrics(
+        self, peer_id: str, since: float = 0.0, direction: str | None = None
+    ) -> list[dict[str, Any]]:
+        """A peer's measurements with ``ts >= since``, oldest first (a time series)."""
+        if direction is not None:
+            _choice("direction", direction, NETWORK_DIRECTIONS)
+        sql = "SELECT * FROM network_quality_metrics WHERE peer_id = ? AND ts >= ?"
+        params: tuple[Any, ...] = (peer_id, _real("since", since, optional=False))
+        if direction is not None:
+            sql += " AND direction = ?"
+            params += (direction,)
+        return [dict(r) for r in self.db.query(sql + " ORDER BY ts, id", params)]
+
+    # --- alerts -------------------------------------------------------------------------
+
+    def _alert_event(self, kind: str, alert: dict[str, Any], now: float) -> None:
+        """The hash-chained trace of an alert state change (caller holds the transaction)."""
+        self.append_event(
+            kind,
+            session_id=alert["session_id"],
+            entity_id=alert["entity_id"],
+            data=alert,
+            ts=now,
+        )
+
+    def sync_alerts(
+        self, entities: Iterable[str], conditions: Iterable[Any], now: float
+    ) -> dict[str, list[dict[str, Any]]]:
+        """Make the rule alerts match the conditions just evaluated; ONE transaction.
+
+        ``entities`` are the peers/sessions that were evaluated; ``conditions`` the alert
+        conditions that hold now (dicts with AlertCondition's keys). A condition whose
+        (alert_type, entity_id) already has an open or acknowledged rule alert updates that
+        alert's message/value/threshold/updated_at (so an acknowledged alert stays
+        acknowledged and is not raised again); otherwise a new 'open' rule alert is raised.
+        Every active rule alert of an evaluated entity without a matching condition is
+        resolved; entities not evaluated keep theirs, and event alerts are never touched.
+        Each raise and resolve appends an "alert_raised"/"alert_resolved" event (data = the
+        alert row) in the same transaction, so the chain and the alert table cannot
+        disagree. All conditions are checked before anything is written. Returns the
+        raised and the resolved rows (as stored when the call ends).
+        """
+        if isinstance(entities, str):
+            raise ValueError("entities must be an iterable of IDs, not one string")
+        evaluated = {_text("entity_id", e) for e in entities}
+        checked = [_condition(c) for c in conditions]
+        t = _real("now", now, optional=False)
+        raised: list[int] = []
+        resolved: list[int] = []
+        with self.transaction():
+            active: dict[tuple[str, str], dict[str, Any]] = {}
+            for a in self.db.query(
+                "SELECT * FROM quality_alerts WHERE source = 'rule' "
+                "AND status IN ('open', 'acknowledged') ORDER BY id"
+            ):
+                active[(a["alert_type"], a["entity_id"])] = a
+            seen: set[tuple[str, str]] = set()
+            for c in checked:
+                key = (c["alert_type"], c["entity_id"])
+                seen.add(key)
+                current = active.get(key)
+                if current is not None:
+                    self.db.execute(
+                        "UPDATE quality_alerts SET message = ?, value = ?, threshold = ?, "
+                        "updated_at = ? WHERE id = ?",
+                        (c["message"], c["value"], c["threshold"], t, current["id"]),
+                    )
+                    continue
+                alert_id = self._insert(
+                    "quality_alerts",
+                    {**c, "source": "rule", "status": "open", "created_at": t, "updated_at": t},
+                )
+                alert = self._row("quality_alerts", alert_id)
+                active[key] = alert
+                raised.append(alert_id)
+                self._alert_event("alert_raised", alert, t)
+            for key, a in active.items():
+                if key in seen or a["entity_id"] not in evaluated:
+                    continue
+                self.db.execute(
+                    "UPDATE quality_alerts SET status = 'resolved', resolved_at = ?, "
+                    "updated_at = ? WHERE id = ?",
+                    (t, t, a["id"]),
+                )
+                resolved.append(a["id"])
+                self._alert_event("alert_resolved", self._row("quality_alerts", a["id"]), t)
+            return {
+                "raised": [self._row("quality_alerts", i) for i in raised],
+                "resolved": [self._row("quality_alerts", i) for i in resolved],
+            }
+
+    def raise_event_alert(
+        self,
+        alert_type: str,
+        severity: str,
+        entity_id: str,
+        session_id: str | None,
+        message: str,
+        now: float,
+    ) -> dict[str, Any]:
+        """An alert for something that happened (a security violation), not a condition.
+
+        It never resolves by itself; an operator acknowledges it. While one is still
+        'open' for the same (alert_type, entity_id, session_id), a repeat updates it
+        (message, updated_at, and ``value`` = the number of occurrences) instead of
+        flooding the list; once acknowledged, a new occurrence opens a new alert, so
+        nothing that happens after the operator looked is hidden. A new alert appends an
+        "alert_raised" event in the same transaction (repeats are already in the chain
+        as the caller's own security events).
+        """
+        row = {
+            "alert_type": _choice("alert_type", alert_type, EVENT_ALERT_TYPES),
+            "severity": _choice("severity", severity, SEVERITIES),
+            "entity_id": _text("entity_id", entity_id),
+            "session_id": _text("session_id", session_id, optional=True),
+            "message": _text("message", message),
+        }
+        t = _real("now", now, optional=False)
+        with self.transaction():
+            current = self._one(
+                "SELECT * FROM quality_alerts WHERE source = 'event' AND status = 'open' "
+                "AND alert_type = ? AND entity_id = ? AND session_id IS ? "
+                "ORDER BY id DESC LIMIT 1",
+                (alert_type, entity_id, session_id),
+            )
+            if current is not None:
+                self.db.execute(
+                    "UPDATE quality_alerts SET message = ?, severity = ?, "
+                    "value = COALESCE(value, 0) + 1, updated_at = ? WHERE id = ?",
+                    (message, severity, t, current["id"]),
+                )
+                return self._row("quality_alerts", current["id"])
+            alert_id = self._insert(
+                "quality_alerts",
+                {
+                    **row,
+                    "value": 1.0,
+                    "threshold": None,
+                    "source": "event",
+                    "status": "open",
+                    "created_at": t,
+                    "updated_at": t,
+                },
+            )
+            alert = self._row("quality_alerts", alert_id)
+            self._alert_event("alert_raised", alert, t)
+            return alert
+
+    def ack_alert(self, alert_id: int, by: str, now: float) -> dict[str, Any]:
+        """An operator has seen the alert: it leaves 'open' but stays active.
+
+        NotFound for an id this ledger never issued; StateError (code ALERT_RESOLVED) for
+        a resolved one (there is nothing left to acknowledge). Acknowledging twice returns
+        the alert unchanged (first acknowledger and time kept, no second event). The
+        state change and its "alert_acked" event commit together.
+        """
+        alert_id = _int("alert_id", alert_id, optional=False)
+        by = _text("by", by)
+        t = _real("now", now, optional=False)
+        with self.transaction():
+            alert = self._one("SELECT * FROM quality_alerts WHERE id = ?", (alert_id,))
+            if alert is None:
+                raise NotFound(
+                    f"alert {alert_id} is not in ledger {self.path}",
+                    hint="list the alerts first (`fedctl alerts list`)",
+                )
+            if alert["status"] == "resolved":
+                raise StateError(
+                    f"alert {alert_id} was already resolved at {alert['resolved_at']}",
+                    code="ALERT_RESOLVED",
+                    hint="only open alerts can be acknowledged; see `fedctl alerts list`",
+                )
+            if alert["status"] == "acknowledged":
+                return alert
+            self.db.execute(
+                "UPDATE quality_alerts SET status = 'acknowledged', acknowledged_at = ?, "
+                "acknowledged_by = ?, updated_at = ? WHERE id = ?",
+                (t, by, t, alert_id),
+            )
+            alert = self._row("quality_alerts", alert_id)
+            self._alert_event("alert_acked", alert, t)
+            return alert
+
+    def alerts(
+        self,
+        status: str | None = "active",
+        severity: Iterable[str] | str | None = None,
+        entity_id: str | None = None,
+        session_id: str | None = None,
+        limit: int = 500,
+    ) -> list[dict[str, Any]]:
+        """Alerts, newest first. ``status``: "active" (open + acknowledged, the default),
+        "open", "acknowledged", "resolved", or "all"/None; ``severity``: a set of levels
+        (one string is taken as one level)."""
+        clauses: list[str] = []
+        params: list[Any] = []
+        if status is None:
+            status = "all"
+        _choice("status", status, ALERT_FILTERS)
+        if status == "active":
+            clauses.append("status IN ('open', 'acknowledged')")
+        elif status != "all":
+            clauses.append("status = ?")
+            params.append(status)
+        if severity is not None:
+            levels = {severity} if isinstance(severity, str) else set(severity)
+            for level in levels:
+                _choice("severity", level, SEVERITIES)
+            if not levels:
+                return []
+            clauses.append(f"severity IN ({', '.join('?' * len(levels))})")
+            params.extend(sorted(levels))
+        for col, value in (("entity_id", entity_id), ("session_id", session_id)):
+            if value is not None:
+                clauses.append(f"{col} = ?")
+                params.append(value)
+        where = f" WHERE {' AND '.join(clauses)}" if clauses else ""
+        params.append(_int("limit", limit, optional=False, minimum=1))
+        rows = self.db.query(
+            f"SELECT * FROM quality_alerts{where} ORDER BY created_at DESC, id DESC LIMIT ?",
+            params,
+        )
+        return [dict(r) for r in rows]
+
+    def open_alert_entities(self, severity: str = "critical") -> set[str]:
+        """Entity IDs with an open or acknowledged alert of ``severity`` (for selection:
+        a peer with a critical alert can be skipped)."""
+        _choice("severity", severity, SEVERITIES)
+        rows = self.db.query(
+            "SELECT DISTINCT entity_id FROM quality_alerts "
+            "WHERE status IN ('open', 'acknowledged') AND severity = ?",
+            (severity,),
+        )
+        return {r["entity_id"] for r in rows}
+
+    # --- tasks (participant side) -------------------------------------------------------
+
+    def record_task_start(
+        self,
+        session_id: str,
+        round: int,
+        *,
+        coordinator: str,
+        model_cid: str | None,
+        deadline_s: float | None,
+        secure: bool,
+        asked_at: float,
+    ) -> int:
+        """A participant took a training task; returns its id for ``finish_task``.
+
+        The participant's ledger has no row for the coordinator's session, so the session
+        is not checked here.
+        """
+        row = {
+            "session_id": _text("session_id", session_id),
+            "round": _int("round", round, optional=False, minimum=0),
+            "coordinator": _text("coordinator", coordinator),
+            "model_cid": _text("model_cid", model_cid, optional=True),
+            "deadline_s": _real("deadline_s", deadline_s, minimum=0.0),
+            "secure": int(bool(secure)),
+            "asked_at": _real("asked_at", asked_at, optional=False),
+            "status": "running",
+        }
+        with self.transaction():
+            return self._insert("participant_tasks", row)
+
+    def finish_task(
+        self,
+        task_id: int,
+        *,
+        status: str,
+        finished_at: float,
+        train_s: float | None = None,
+        total_s: float | None = None,
+        samples: int | None = None,
+        loss: float | None = None,
+        bytes_up: int | None = None,
+        bytes_down: int | None = None,
+        error: str | None = None,
+    ) -> dict[str, Any]:
+        """Close a running task as 'done' or 'failed'; NotFound for an unknown id and
+        StateError for one already finished (a task ends once). A NaN loss is refused:
+        pass ``loss=None`` and say why in ``error``."""
+        fields = {
+            "status": _choice("status", status, FINISHED_TASK_STATUSES),
+            "finished_at": _real("finished_at", finished_at, optional=False),
+            "train_s": _real("train_s", train_s, minimum=0.0),
+            "total_s": _real("total_s", total_s, minimum=0.0),
+            "samples": _int("samples", samples, minimum=0),
+            "loss": _real("loss", loss),
+            "bytes_up": _int("bytes_up", bytes_up, minimum=0),
+            "bytes_down": _int("bytes_down", bytes_down, minimum=0),
+            "error": _text("error", error, optional=True),
+        }
+        task_id = _int("task_id", task_id, optional=False)
+        with self.transaction():
+            task = self._one("SELECT * FROM participant_tasks WHERE id = ?", (task_id,))
+            if task is None:
+                raise NotFound(f"task {task_id} is not in ledger {self.path}")
+            if task["status"] != "running":
+                raise StateError(f"task {task_id} is already {task['status']}")
+            sets = ", ".join(f"{k} = ?" for k in fields)
+            self.db.execute(
+                f"UPDATE participant_tasks SET {sets} WHERE id = ?", (*fields.values(), task_id)
+            )
+            return _task_row(self._row("participant_tasks", task_id))
+
+    def tasks(self, session_id: str | None = None) -> list[dict[str, Any]]:
+        """The tasks this participant took, oldest first, optionally of one session."""
+        where, params = self._where(session_id=session_id)
+        rows = self.db.query(f"SELECT * FROM participant_tasks{where} ORDER BY id", params)
+        return [_task_row(r) for r in rows]
 
     # --- summary ------------------------------------------------------------------------
 

@@ -10,14 +10,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hashlib
 import logging
+import math
 import time
 from typing import Any
 
+import psutil
+import torch
 from websockets.exceptions import ConnectionClosed
 
-from fednode import __version__, training, weights
+from fednode import __version__, quality, training, weights
 from fednode.data import DatasetRef, load_partition
 from fednode.ledger import Ledger
 from fednode.session import model_spec
@@ -33,6 +37,19 @@ log = logging.getLogger("fednode.participant")
 FETCH_TIMEOUT_S = 60.0
 MAX_BACKOFF_S = 10.0
 ADMIT_TIMEOUT_S = 30.0
+
+
+# The data as loaded, before any session's features or partition: what the checks look at.
+_AS_LOADED = {"partition": "iid", "seed": 0, "features": "none", "alpha": 0.5, "labels_per_part": 2}
+
+
+def _timed_train(
+    mspec: dict[str, Any], w: weights.Weights, data: Any, cfg: training.TrainConfig
+) -> tuple[training.TrainResult, float]:
+    """Train in a worker thread and return the CPU time that thread spent."""
+    start = time.thread_time()
+    result = training.train(mspec, w, data, cfg)
+    return result, time.thread_time() - start
 
 
 def shuffle_seed(session_seed: int, round_: int, peer_id: str) -> int:
@@ -68,12 +85,18 @@ class Participant:
         self._task: asyncio.Task[None] | None = None
         self._data_cache: dict[tuple[Any, ...], Any] = {}
         self._secagg_inbox: asyncio.Queue[messages.Message] = asyncio.Queue()
+        self._proc = psutil.Process()
+        self._cpu_efficiency: float | None = None  # of the last training, for heartbeats
+        self._fetched: dict[str, tuple[int, float]] = {}  # cid -> (bytes, seconds) downloaded
+        self.data_report: dict[str, Any] = {}
 
     async def run(self, stop: asyncio.Event) -> None:
         """Stay connected until ``stop`` is set; re-dial with backoff on failures."""
         # Load the data and warm torch before joining, so round 1 measures training only.
         await asyncio.to_thread(training.warm_up)
         self.num_examples = await asyncio.to_thread(self._num_examples)
+        base = self._load_data(_AS_LOADED)
+        self.data_report = await asyncio.to_thread(quality.data_report, base.x, base.y)
         backoff = 0.5
         while not stop.is_set():
             try:
@@ -120,17 +143,7 @@ class Participant:
             return None
 
     def _num_examples(self) -> int:
-        return len(
-            self._load_data(
-                {
-                    "partition": "iid",
-                    "seed": 0,
-                    "features": "none",
-                    "alpha": 0.5,
-                    "labels_per_part": 2,
-                }
-            )
-        )
+        return len(self._load_data(_AS_LOADED))
 
     def _load_data(self, data_spec: dict[str, Any]) -> Any:
         key = (
@@ -158,6 +171,7 @@ class Participant:
                 num_examples=self.num_examples,
                 version=__version__,
                 join_token=self.join_token,
+                data_report=self.data_report,
             )
         )
         try:
@@ -218,8 +232,20 @@ class Participant:
                 await asyncio.sleep(every)
                 busy = self._task is not None and not self._task.done()
                 await conn.send(
-                    messages.Heartbeat(status="training" if busy else "idle", ts=time.time())
+                    messages.Heartbeat(
+                        status="training" if busy else "idle",
+                        ts=time.time(),
+                        cpu_efficiency=self._cpu_efficiency,
+                        memory_efficiency=self._memory_efficiency(),
+                    )
                 )
+
+    def _memory_efficiency(self) -> float | None:
+        """100 minus this process' share of the machine's memory (docs/quality.md)."""
+        try:
+            return max(0.0, min(100.0, 100.0 - float(self._proc.memory_percent())))
+        except psutil.Error:
+            return None
 
     async def _fetch(self, conn: Connection, session: str, cid: str) -> bytes:
         """The model by CID: from the local store if present, else from the coordinator."""
@@ -227,6 +253,7 @@ class Participant:
             return self.store.get(cid)  # verified block by block
         fut: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
         self._fetches[cid] = fut
+        started = time.perf_counter()
         await conn.send(messages.Fetch(cid=cid), session)
         try:
             data = await asyncio.wait_for(fut, FETCH_TIMEOUT_S)
@@ -235,8 +262,10 @@ class Participant:
                 f"the coordinator sent no block {cid} within {FETCH_TIMEOUT_S:.0f} s",
                 code="FETCH_TIMEOUT",
             ) from None
+        took = time.perf_counter() - started
         if file_cid(data) != cid:
             raise CIDError(f"model bytes from the coordinator do not hash to {cid}")
+        self._fetched[cid] = (len(data), took)  # reported with the update: bandwidth
         self.store.put(data, pin=False)
         return data
 
@@ -258,12 +287,35 @@ class Participant:
             weight_decay=t["weight_decay"],
             seed=shuffle_seed(s["data"]["seed"], task.round, self.identity.peer_id),
         )
-        if self.train_delay_s:
+        wall0, proc0 = time.perf_counter(), self._proc.cpu_times()
+        if self.train_delay_s:  # a test option: the delay counts as (slow) training time
             await asyncio.sleep(self.train_delay_s)
-        return await asyncio.to_thread(training.train, mspec, global_w, data, cfg)
+        result, thread_cpu = await asyncio.to_thread(_timed_train, mspec, global_w, data, cfg)
+        wall, proc1 = time.perf_counter() - wall0, self._proc.cpu_times()
+        threads = torch.get_num_threads()
+        # One torch thread computes in the calling thread, whose CPU clock is precise; with a
+        # pool, the process' times (10 ms ticks) are the only ones that see every thread.
+        cpu = (
+            thread_cpu
+            if threads == 1
+            else ((proc1.user - proc0.user) + (proc1.system - proc0.system))
+        )
+        if wall > 0:
+            self._cpu_efficiency = min(100.0, 100.0 * cpu / (wall * threads))
+        return dataclasses.replace(result, duration_s=wall)
 
     async def _do_round(self, conn: Connection, session: str, task: messages.RoundStart) -> None:
         started = time.time()
+        # What the coordinator asked of this node, in its own ledger, before doing any of it.
+        task_id = self.ledger.record_task_start(
+            session,
+            task.round,
+            coordinator=conn.peer_id,
+            model_cid=task.model_cid,
+            deadline_s=task.deadline_s,
+            secure=bool(task.secagg),
+            asked_at=started,
+        )
         try:
             s = spec.validate(task.spec)
             if task.secagg:
@@ -280,6 +332,10 @@ class Participant:
                         train_s=result.duration_s,
                         update_cid=file_cid(out),
                         data=out,
+                        fetch_bytes=self._fetched.get(task.model_cid, (0, 0.0))[0],
+                        fetch_s=self._fetched.get(task.model_cid, (0, 0.0))[1],
+                        cpu_efficiency=self._cpu_efficiency,
+                        memory_efficiency=self._memory_efficiency(),
                     ),
                     session,
                 )
@@ -300,6 +356,17 @@ class Participant:
                     "total_s": time.time() - started,
                 },
             )
+            self.ledger.finish_task(
+                task_id,
+                status="done",
+                finished_at=time.time(),
+                train_s=result.duration_s,
+                total_s=time.time() - started,
+                samples=result.num_examples,
+                loss=result.loss if math.isfinite(result.loss) else None,
+                bytes_up=sent,
+                bytes_down=self._fetched.pop(task.model_cid, (0, 0.0))[0],
+            )
         except FednodeError as err:
             log.error("round %d failed here: %s", task.round, err.message)
             self.ledger.append_event(
@@ -307,13 +374,28 @@ class Participant:
                 session_id=session,
                 data={"round": task.round, "code": err.code, "message": err.message},
             )
+            self.ledger.finish_task(
+                task_id,
+                status="failed",
+                finished_at=time.time(),
+                total_s=time.time() - started,
+                error=f"{err.code}: {err.message}",
+            )
             with contextlib.suppress(ConnectionClosed):
                 await conn.send(
                     messages.TaskError(round=task.round, code=err.code, message=err.message),
                     session,
                 )
-        except ConnectionClosed:
-            pass
+        except (ConnectionClosed, asyncio.CancelledError) as exc:
+            self.ledger.finish_task(
+                task_id,
+                status="failed",
+                finished_at=time.time(),
+                total_s=time.time() - started,
+                error="the connection to the coordinator closed during the task",
+            )
+            if isinstance(exc, asyncio.CancelledError):
+                raise
 
     async def _next(self, want: type[messages.Message], round_: int, end: float) -> Any:
         """The next secure-aggregation message of this round, or a timeout error."""
@@ -366,6 +448,10 @@ class Participant:
                     data=secagg.pack(y, p),  # ceil(bits/8) bytes per value
                     loss=result.loss,
                     train_s=result.duration_s,
+                    fetch_bytes=self._fetched.get(task.model_cid, (0, 0.0))[0],
+                    fetch_s=self._fetched.get(task.model_cid, (0, 0.0))[1],
+                    cpu_efficiency=self._cpu_efficiency,
+                    memory_efficiency=self._memory_efficiency(),
                 ),
                 session,
             )

@@ -19,12 +19,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
-from fednode import training, weights
+import numpy as np
+
+from fednode import quality, training, weights
 from fednode.data import load_eval
 from fednode.secure_round import SecureRound
 from fednode.strategies import get_strategy
@@ -103,6 +106,7 @@ class RoundRun:
     failed: dict[str, str] = field(default_factory=dict)  # peer -> reason (left, error)
     bytes_up: int = 0
     bytes_down: int = 0
+    anomalous_pct: float | None = None  # plain rounds: share of updates that were outliers
 
     @property
     def outstanding(self) -> set[str]:
@@ -126,6 +130,7 @@ class SessionRun:
         self.global_cid = ""
         self.global_weights: weights.Weights | None = None
         self.shapes: dict[str, tuple[int, ...]] = {}
+        self.base_loss = math.nan  # validation loss of the current global model
         self.strategy = get_strategy(spec["aggregation"]["strategy"])
         self._wake = asyncio.Event()
         self.secure: SecureRound | None = None
@@ -197,6 +202,7 @@ class SessionRun:
         w = training.init_weights(model_spec(spec), spec["model"]["seed"])
         self.shapes = weights.shapes(w)
         acc, loss = await asyncio.to_thread(training.evaluate, model_spec(spec), w, self.eval_data)
+        self.base_loss = loss
         cid, size = self._store_model(w)
         self.coord.ledger.record_model(
             self.session_id,
@@ -218,7 +224,27 @@ class SessionRun:
 
     def _eligible(self) -> list[str]:
         allowed = self.coord.allowed(self)
-        return [p for p in self.coord.online_participants() if self.coord.names_of(p) & allowed]
+        online = [p for p in self.coord.online_participants() if self.coord.names_of(p) & allowed]
+        excluded = self.coord.monitor.excluded()
+        return [p for p in online if p not in excluded]
+
+    def _log_exclusions(self, number: int) -> None:
+        """An admitted, online peer left out because of an open critical alert: say so."""
+        allowed = self.coord.allowed(self)
+        excluded = self.coord.monitor.excluded()
+        for p in self.coord.online_participants():
+            if p in excluded and self.coord.names_of(p) & allowed:
+                self.coord.record(
+                    "action",
+                    self.session_id,
+                    {
+                        "action": "excluded_from_selection",
+                        "round": number,
+                        "peer_id": p,
+                        "reason": "open critical alert (acknowledge it to readmit the peer)",
+                    },
+                    entity_id=p,
+                )
 
     async def _select(self) -> list[str]:
         spec = self.spec
@@ -242,6 +268,7 @@ class SessionRun:
     async def _one_round(self, number: int) -> None:
         spec = self.spec
         selected = await self._select()
+        self._log_exclusions(number)
         rnd = self.round = RoundRun(number, self.global_cid, selected)
         self.coord.ledger.start_round(
             self.session_id,
@@ -306,8 +333,41 @@ class SessionRun:
             for peer, (u, _) in sorted(rnd.received.items())
         ]
         assert self.global_weights is not None
+        judged = await asyncio.to_thread(self._judge_updates, updates)
+        self._record_judgement(rnd, judged)
         new = await asyncio.to_thread(self.strategy.aggregate, self.global_weights, updates)
         return new, sorted(rnd.received)
+
+    def _judge_updates(self, updates: list[ClientUpdate]) -> dict[str, tuple[float, float]]:
+        """Each plain update alone on the validation data (its loss) and its L2 distance from
+        the round's model. Secure rounds cannot do this: the coordinator never holds one
+        update. Runs in a worker thread, so it only computes."""
+        assert self.global_weights is not None
+        base = self.global_weights
+        mspec = model_spec(self.spec)
+        out: dict[str, tuple[float, float]] = {}
+        for u in updates:
+            _acc, loss = training.evaluate(mspec, u.weights, self.eval_data)
+            dist = math.sqrt(sum(float(np.sum((u.weights[k] - base[k]) ** 2)) for k in base))
+            out[u.peer_id] = (loss, dist)
+        return out
+
+    def _record_judgement(self, rnd: RoundRun, judged: dict[str, tuple[float, float]]) -> None:
+        if math.isfinite(self.base_loss):  # else there is nothing to compare against
+            for peer, (loss, _) in judged.items():
+                self.coord.monitor.on_model_quality(
+                    peer, quality.model_quality_score(self.base_loss, loss)
+                )
+        distances = {peer: d for peer, (_, d) in judged.items()}
+        flagged = quality.anomalous(distances)
+        rnd.anomalous_pct = 100.0 * len(flagged) / len(distances) if distances else None
+        for peer in sorted(flagged):
+            self.coord.record(
+                "anomaly",
+                self.session_id,
+                {"round": rnd.number, "peer_id": peer, "distance": distances[peer]},
+                entity_id=peer,
+            )
 
     async def _complete(self, rnd: RoundRun, new: weights.Weights, contributors: list[str]) -> None:
         rnd.phase = RoundPhase.EVALUATING
@@ -333,6 +393,7 @@ class SessionRun:
         )
         rnd.phase = RoundPhase.DONE
         self.rounds_done = rnd.number
+        self.base_loss = loss
         self.coord.record(
             "round_completed",
             self.session_id,
@@ -351,6 +412,7 @@ class SessionRun:
         end = messages.RoundEnd(round=rnd.number, status="completed", model_cid=cid, accuracy=acc)
         for peer in rnd.selected:
             await self.coord.send_to(peer, end, self.session_id)
+        self.coord.monitor.after_round(self, rnd, rnd.anomalous_pct)
 
     def _finish_round_failed(self, status: str, reason: str) -> None:
         rnd = self.round
@@ -372,6 +434,7 @@ class SessionRun:
             self.session_id,
             {"round": rnd.number, "status": status, "reason": reason},
         )
+        self.coord.monitor.after_round(self, rnd, None)
 
     # --- input from participants ---------------------------------------------------------
 
@@ -408,12 +471,15 @@ class SessionRun:
             weights.from_bytes(msg.data, expect=self.shapes)  # shapes, dtype, finite
         except ValidationError as err:
             rnd.failed[peer] = f"rejected: {err.message}"
-            self._record_update(peer, msg, frame_bytes, now, "rejected", err.message)
+            self._record_update(
+                peer, msg, frame_bytes, now, "rejected", f"{err.code}: {err.message}"
+            )
             self.wake()
             raise
         self.coord.store.put(msg.data, pin=False)
         rnd.received[peer] = (msg, now)
         self._record_update(peer, msg, frame_bytes, now, "accepted", None)
+        self.coord.monitor.on_update(peer, self.session_id, now, msg)
         self.coord.record(
             "update_received",
             self.session_id,
@@ -484,6 +550,7 @@ class SessionRun:
             reason="masked (secure aggregation)",
             received_at=now,
         )
+        self.coord.monitor.on_update(peer, self.session_id, now, msg)
 
     def on_peer_lost(self, peer: str, reason: str) -> None:
         if self.secure is not None:

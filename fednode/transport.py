@@ -52,6 +52,13 @@ DEFAULT_RATE = 200.0  # messages/s per connection, bursts of twice that
 _FATAL = (DecodeError, SignatureError, ReplayError, RateLimited)
 
 Websocket = ServerConnection | ClientConnection
+
+
+def is_untrustworthy(err: FednodeError) -> bool:
+    """Whether a refusal means the peer's stream cannot be trusted (and is closed)."""
+    return isinstance(err, _FATAL)
+
+
 RefusalHook = Callable[["Connection | None", str, FednodeError], Awaitable[None] | None]
 
 

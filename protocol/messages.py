@@ -96,6 +96,13 @@ def _nonneg(msg: Message, *names: str) -> None:
             raise ValidationError(f"field {name!r} of {msg.TYPE!r} must be >= 0")
 
 
+def _percent(msg: Message, *names: str) -> None:
+    for name in names:
+        value = getattr(msg, name)
+        if value is not None and not 0 <= value <= 100:
+            raise ValidationError(f"field {name!r} of {msg.TYPE!r} must be in [0, 100] or null")
+
+
 # --- participant → coordinator -------------------------------------------------------
 
 
@@ -106,6 +113,8 @@ class Register(Message):
     num_examples: int
     version: str
     join_token: str = ""
+    # checks the participant ran on its data at load (fednode.quality.data_report): counts only
+    data_report: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def validate(self) -> None:
         _nonneg(self, "num_examples")
@@ -116,6 +125,12 @@ class Heartbeat(Message):
     TYPE: ClassVar[str] = "heartbeat"
     status: str  # idle | training
     ts: float
+    # psutil figures of the participant's process (docs/quality.md); None = not measured
+    cpu_efficiency: float | None = None
+    memory_efficiency: float | None = None
+
+    def validate(self) -> None:
+        _percent(self, "cpu_efficiency", "memory_efficiency")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,9 +153,16 @@ class Update(Message):
     train_s: float
     update_cid: str
     data: bytes  # safetensors
+    # the round's model download as the participant timed it (0 when it had the model already)
+    fetch_bytes: int = 0
+    fetch_s: float = 0.0
+    # psutil figures of this task (docs/quality.md); None = not measured
+    cpu_efficiency: float | None = None
+    memory_efficiency: float | None = None
 
     def validate(self) -> None:
-        _nonneg(self, "round", "num_examples", "train_s")
+        _nonneg(self, "round", "num_examples", "train_s", "fetch_bytes", "fetch_s")
+        _percent(self, "cpu_efficiency", "memory_efficiency")
         if self.num_examples == 0:
             raise ValidationError("field 'num_examples' of 'update' must be > 0")
 
@@ -260,13 +282,22 @@ class SecaggRelay(Message):
 
 @dataclasses.dataclass(frozen=True)
 class SecaggMasked(Message):
-    """participant → coordinator: the masked, fixed-point [n, n·w] vector (uint64 LE)."""
+    """participant → coordinator: the masked fixed-point [n, n·w] vector, packed
+    (ceil(bits/8) little-endian bytes per value, protocol.secagg.pack)."""
 
     TYPE: ClassVar[str] = "secagg_masked"
     round: int
     data: bytes
     loss: float
     train_s: float
+    fetch_bytes: int = 0
+    fetch_s: float = 0.0
+    cpu_efficiency: float | None = None
+    memory_efficiency: float | None = None
+
+    def validate(self) -> None:
+        _nonneg(self, "round", "train_s", "fetch_bytes", "fetch_s")
+        _percent(self, "cpu_efficiency", "memory_efficiency")
 
 
 @dataclasses.dataclass(frozen=True)

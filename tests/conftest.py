@@ -6,7 +6,8 @@ import json
 import subprocess
 import sys
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +65,7 @@ class Cluster:
     operator_key: Path
     procs: Processes
     participant_homes: list[NodeHome]
+    ready: dict[str, Any] = field(default_factory=dict)  # the coordinator's ready line
 
     @property
     def peer_ids(self) -> list[str]:
@@ -91,10 +93,31 @@ def start_cluster(root: Path, participants: int, *coordinator_args: str) -> Clus
     home = NodeHome(root / "coordinator")
     ident, _ = home.init()
     ready = procs.start_coordinator(home, operator.peer_id, *coordinator_args)
-    cluster = Cluster(root, ready["url"], ident.peer_id, key, procs, [])
+    cluster = Cluster(root, ready["url"], ident.peer_id, key, procs, [], ready)
     for k in range(participants):
         cluster.start_participant(k, participants)
     return cluster
+
+
+class Charts(HTMLParser):
+    """The data points (``data-value``) of each chart (``id=...-chart``) of an HTML report."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.points: dict[str, list[float]] = {}
+        self._chart: list[str] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        a = dict(attrs)
+        if a.get("id", "").endswith("-chart"):
+            self._chart.append(a["id"] or "")
+            self.points.setdefault(a["id"] or "", [])
+        if self._chart and a.get("data-value") is not None:
+            self.points[self._chart[-1]].append(float(a["data-value"] or "nan"))
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag == "svg" and self._chart:
+            self._chart.pop()
 
 
 @pytest.fixture(scope="module")

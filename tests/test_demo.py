@@ -12,7 +12,7 @@ from pathlib import Path
 import psutil
 
 from protocol.cid import file_cid
-from tests.conftest import cli, cli_json
+from tests.conftest import Charts, cli, cli_json
 
 
 def _leftovers(workdir: Path) -> list[int]:
@@ -70,6 +70,28 @@ def test_demo_converges_and_leaves_nothing_running(tmp_path: Path) -> None:
     )
     assert got["size"] > 0 and file_cid(out.read_bytes()) == s["model_cid"]
     assert _leftovers(work) == []
+
+    # The nodes are gone; the report comes from the coordinator's ledger.
+    page = tmp_path / "report.html"
+    cli(
+        "report",
+        s["session_id"],
+        "--format",
+        "html",
+        "-o",
+        str(page),
+        "--data-dir",
+        str(work / "coordinator"),
+        check=True,
+    )
+    charts = Charts()
+    charts.feed(page.read_text(encoding="utf-8"))
+    accuracy = [round(h["accuracy"], 4) for h in s["history"]]
+    assert [round(v, 4) for v in charts.points["accuracy-chart"]] == accuracy
+    assert len(charts.points["loss-chart"]) == 10
+    scores = charts.points["scores-chart"]
+    assert len(scores) == 3 and all(0 < v <= 100 for v in scores)
+    assert len(charts.points["health-chart"]) == 10
 
 
 def test_demo_drop_counts_the_dropped(tmp_path: Path) -> None:
