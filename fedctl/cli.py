@@ -302,7 +302,7 @@ def participants_list(as_json: Json = False) -> None:
             t.add_row(
                 p["peer_id"],
                 "[green]yes[/]" if p["online"] else "[red]no[/]",
-                f"[red]{status}[/]" if status == "excluded" else status,
+                f"[red]{status}[/]" if status in ("excluded", "alerted") else status,
                 _fmt(p.get("quality_score"), "{:.1f}"),
                 _fmt(p.get("uptime"), "{:.1f} %"),
                 _fmt(p.get("latency_ms"), "{:.1f} ms"),
@@ -462,6 +462,30 @@ def report(
             sys.stdout.write(r["text"] + ("" if r["text"].endswith("\n") else "\n"))
 
     run(_json(as_json), go, human)
+
+
+def _exclusion(op: str, peer_id: str, reason: str, as_json: bool) -> None:
+    run(
+        _json(as_json),
+        lambda: call(G.target, op, peer_id=peer_id, reason=reason),
+        lambda r: stdout.print(f"{r['participant']['peer_id']}: {r['participant']['status']}"),
+    )
+
+
+@participants_app.command("exclude")
+def participants_exclude(
+    peer_id: str,
+    reason: Annotated[str, typer.Option(help="why, for the ledger")] = "",
+    as_json: Json = False,
+) -> None:
+    """Keep a participant out of every session's selection until it is readmitted."""
+    _exclusion("participants.exclude", peer_id, reason, as_json)
+
+
+@participants_app.command("readmit")
+def participants_readmit(peer_id: str, as_json: Json = False) -> None:
+    """Let an excluded participant be selected again."""
+    _exclusion("participants.readmit", peer_id, "", as_json)
 
 
 @model_app.command("list")

@@ -9,6 +9,7 @@ and then streams ``event`` messages until the connection closes.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -38,6 +39,7 @@ READ_OPS = {
     "alerts.list",
     "quality.session",
     "report",
+    "events.list",
 }
 SEVERITIES = ("critical", "high", "medium", "low")
 ALERT_STATUSES = ("active", "open", "acknowledged", "resolved", "all")
@@ -70,6 +72,9 @@ class AdminAPI:
             "alerts.ack": self.alerts_ack,
             "quality.session": self.quality_session,
             "report": self.report,
+            "events.list": self.events_list,
+            "participants.exclude": lambda a: self.participant_exclusion(a, True),
+            "participants.readmit": lambda a: self.participant_exclusion(a, False),
         }
 
     async def serve(self, conn: Connection, role: str) -> None:
@@ -152,6 +157,8 @@ class AdminAPI:
                 "selected": rnd.selected,
                 "received": sorted(rnd.received),
                 "failed": rnd.failed,
+                "started_at": rnd.started_at,
+                "deadline_s": run.spec["round_timeout_s"],
             }
         )
         summary["rounds"] = run.spec["rounds"]
@@ -178,8 +185,9 @@ class AdminAPI:
         """Every peer seen, with what the monitor measures of it now (not a stale row)."""
         out = []
         monitor = self.coord.monitor
-        excluded = monitor.excluded()
+        alerted = monitor.alerted()
         latest = self.coord.ledger.latest_participant_quality()
+        last = self.coord.ledger.last_contributions()
         now = time.time()
         for row in self.coord.ledger.participants():
             pid = row["peer_id"]
@@ -191,7 +199,12 @@ class AdminAPI:
                 "latency_ms": None,
                 "uptime": row.get("uptime"),
                 "last_seen": row["last_seen"],
-                "status": "excluded" if pid in excluded else (row.get("status") or "active"),
+                # excluded: by an operator; alerted: an open critical alert keeps it out
+                "status": "excluded"
+                if row.get("excluded")
+                else ("alerted" if pid in alerted else "active"),
+                "excluded": bool(row.get("excluded")),
+                "last_round": last.get(pid),
                 "address": row.get("address"),
                 "dataset": row.get("dataset"),
                 "num_examples": row.get("num_examples"),
@@ -244,6 +257,61 @@ class AdminAPI:
         row = self.coord.ledger.ack_alert(alert_id, str(args.get("_by", "")), time.time())
         self.coord.events.publish("alert", {"change": "acknowledged", **row}, row.get("session_id"))
         return {"alert": row}
+
+    def events_list(self, args: dict[str, Any]) -> dict[str, Any]:
+        """The most recent ledger events (oldest first), of one session or of the node."""
+        limit = args.get("limit", 50)
+        if not isinstance(limit, int) or isinstance(limit, bool) or not 1 <= limit <= 1000:
+            raise ValidationError("limit must be an integer in [1, 1000]")
+        session_id = args.get("session_id") or None
+        ledger = self.coord.ledger
+        if session_id is None:
+            sql = "SELECT * FROM events ORDER BY id DESC LIMIT ?"
+            rows = list(ledger.db.query(sql, (limit,)))
+        else:
+            sql = "SELECT * FROM events WHERE session_id = ? ORDER BY id DESC LIMIT ?"
+            rows = list(ledger.db.query(sql, (session_id, limit)))
+        out = []
+        for r in reversed(rows):
+            out.append(
+                {
+                    "id": r["id"],
+                    "ts": r["ts"],
+                    "kind": r["kind"],
+                    "session_id": r["session_id"],
+                    "entity_id": r["entity_id"],
+                    "data": json.loads(r["data"]),
+                }
+            )
+        return {"events": out}
+
+    def participant_exclusion(self, args: dict[str, Any], exclude: bool) -> dict[str, Any]:
+        """An operator's call: keep a peer out of every session's selection, or let it back."""
+        peer_id = _arg(args, "peer_id")
+        ledger = self.coord.ledger
+        ledger.get_participant(peer_id)  # NotFound for a peer never seen
+        reason = str(args.get("reason") or "")
+        ledger.upsert_participant(peer_id, excluded=exclude)
+        action = "exclude" if exclude else "readmit"
+        self.coord.record(
+            "action",
+            None,
+            {
+                "action": action,
+                "peer_id": peer_id,
+                "by": str(args.get("_by", "")),
+                "reason": reason,
+            },
+            entity_id=peer_id,
+        )
+        self.coord.events.publish(
+            "participant", {"peer_id": peer_id, "excluded": exclude, "reason": reason}
+        )
+        self.coord.wake_sessions()
+        entry = next(
+            p for p in self.participants_list({})["participants"] if p["peer_id"] == peer_id
+        )
+        return {"participant": entry}
 
     def quality_session(self, args: dict[str, Any]) -> dict[str, Any]:
         run = self.coord.session(_arg(args, "session_id"))
@@ -328,6 +396,8 @@ class AdminAPI:
         snapshot: dict[str, Any] = {
             "participants": self.participants_list({})["participants"],
             "sessions": self.session_list({})["sessions"],
+            "alerts": self.coord.ledger.alerts(status="active"),
+            "events": self.events_list({"session_id": session_id})["events"],
         }
         if session_id:
             snapshot["session"] = self.session_status({"session_id": session_id})

@@ -169,7 +169,7 @@ class Coordinator:
             raise NotFound(f"no session {session_id!r} on this coordinator")
         return run
 
-    def _wake_sessions(self, peer_id: str | None = None, reason: str = "") -> None:
+    def wake_sessions(self, peer_id: str | None = None, reason: str = "") -> None:
         for run in self.sessions.values():
             if run.state not in TERMINAL:
                 if peer_id:
@@ -339,7 +339,7 @@ class Coordinator:
             {"peer_id": pid, "online": True, "dataset": reg.dataset},
             entity_id=pid,
         )
-        self._wake_sessions()
+        self.wake_sessions()
         try:
             async for env, msg in conn.messages(self._refused):
                 self.peers[pid].last_seen = time.time()
@@ -353,7 +353,7 @@ class Coordinator:
                 self.monitor.on_disconnect(pid, time.time())
                 self.ledger.upsert_participant(pid, online=0, last_seen=time.time())
                 self.record("participant", None, {"peer_id": pid, "online": False}, entity_id=pid)
-                self._wake_sessions(pid, "disconnected during the round")
+                self.wake_sessions(pid, "disconnected during the round")
 
     async def _on_participant_message(
         self, conn: Connection, session_id: str, size: int, msg: messages.Message

@@ -1022,6 +1022,28 @@ class Ledger:
         rows = self.db.query("SELECT * FROM participants ORDER BY last_seen DESC, peer_id")
         return [_participant_row(r) for r in rows]
 
+    def excluded_peers(self) -> set[str]:
+        """Peers an operator excluded from selection (``fedctl participants exclude``)."""
+        return {
+            r["peer_id"] for r in self.db.query("SELECT peer_id FROM participants WHERE excluded")
+        }
+
+    def last_contributions(self) -> dict[str, dict[str, Any]]:
+        """Each peer's last accepted update: session, round and when it arrived."""
+        rows = self.db.query(
+            "SELECT participant, session_id, round, received_at FROM client_updates "
+            "WHERE id IN (SELECT MAX(id) FROM client_updates WHERE status = 'accepted' "
+            "GROUP BY participant)"
+        )
+        return {
+            r["participant"]: {
+                "session_id": r["session_id"],
+                "round": r["round"],
+                "at": r["received_at"],
+            }
+            for r in rows
+        }
+
     def mark_all_offline(self) -> int:
         """At node start nobody is connected yet, whatever the last run left behind."""
         with self.transaction():

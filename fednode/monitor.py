@@ -326,10 +326,14 @@ class QualityMonitor:
                     "alert", {"change": change, **alert}, alert.get("session_id")
                 )
 
-    def excluded(self) -> set[str]:
-        """Peers left out of selection: those under an open (unacknowledged) critical alert."""
+    def alerted(self) -> set[str]:
+        """Peers under an open (unacknowledged) critical alert: left out of selection."""
         rows = self.coord.ledger.alerts(status="open", severity={"critical"})
         return {r["entity_id"] for r in rows if r["entity_id"]}
+
+    def excluded(self) -> set[str]:
+        """Every peer left out of selection: alerted ones and those an operator excluded."""
+        return self.alerted() | self.coord.ledger.excluded_peers()
 
     # --- after a round ------------------------------------------------------------------
 

@@ -231,9 +231,10 @@ class SessionRun:
     def _log_exclusions(self, number: int) -> None:
         """An admitted, online peer left out because of an open critical alert: say so."""
         allowed = self.coord.allowed(self)
-        excluded = self.coord.monitor.excluded()
+        alerted = self.coord.monitor.alerted()
+        by_operator = self.coord.ledger.excluded_peers()
         for p in self.coord.online_participants():
-            if p in excluded and self.coord.names_of(p) & allowed:
+            if p in alerted | by_operator and self.coord.names_of(p) & allowed:
                 self.coord.record(
                     "action",
                     self.session_id,
@@ -241,7 +242,9 @@ class SessionRun:
                         "action": "excluded_from_selection",
                         "round": number,
                         "peer_id": p,
-                        "reason": "open critical alert (acknowledge it to readmit the peer)",
+                        "reason": "excluded by an operator (readmit to include it)"
+                        if p in by_operator
+                        else "open critical alert (acknowledge it to readmit the peer)",
                     },
                     entity_id=p,
                 )

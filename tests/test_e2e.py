@@ -206,3 +206,45 @@ def test_invite_flow(cluster3: Cluster, tmp_path: Path) -> None:
     assert trained == {newcomer.identity().peer_id}  # the uninvited three did not take part
     bad = cli("invite", "--session", sid, "--expires", "forever", "--json", target=cluster3)
     assert bad.returncode == 2 and json.loads(bad.stdout)["error"]["code"] == "USAGE"
+
+
+def test_operator_excludes_and_readmits_a_participant(cluster3: Cluster, tmp_path: Path) -> None:
+    """An excluded peer stays online but is not selected; readmitted, it is selected again."""
+    out = cluster3.peer_ids[0]
+    got = cli_json("participants", "exclude", out, "--reason", "maintenance", target=cluster3)
+    assert got["participant"]["status"] == "excluded" and got["participant"]["excluded"]
+    sid = cli_json(
+        "session",
+        "create",
+        str(_spec(tmp_path / "a.toml", cluster3, rounds=1, min_participants=2)),
+        target=cluster3,
+    )["session_id"]
+    cli_json("session", "start", sid, target=cluster3)
+    cli("session", "watch", sid, "--json", target=cluster3, check=True)
+    db = sqlite3.connect(cluster3.coordinator_home.ledger_path)
+    (sel,) = db.execute("SELECT selected FROM training_rounds WHERE session_id = ?", (sid,))
+    assert out not in json.loads(sel[0])  # (the module's other tests started more peers)
+    reasons = [
+        json.loads(d)["reason"]
+        for (d,) in db.execute(
+            "SELECT data FROM events WHERE kind = 'action' AND entity_id = ?", (out,)
+        )
+    ]
+    assert "maintenance" in reasons  # the operator's exclude action, with its reason
+    assert any("excluded by an operator" in r for r in reasons)  # and the selection's
+
+    back = cli_json("participants", "readmit", out, target=cluster3)["participant"]
+    assert back["status"] == "active" and not back["excluded"]
+    sid = cli_json(
+        "session",
+        "create",
+        str(_spec(tmp_path / "b.toml", cluster3, rounds=1, min_participants=3)),
+        target=cluster3,
+    )["session_id"]
+    cli_json("session", "start", sid, target=cluster3)
+    cli("session", "watch", sid, "--json", target=cluster3, check=True)
+    (sel,) = db.execute("SELECT selected FROM training_rounds WHERE session_id = ?", (sid,))
+    assert out in json.loads(sel[0])
+    unknown = cli("participants", "exclude", "12D3KooWnobody", "--json", target=cluster3)
+    assert unknown.returncode == 1 and json.loads(unknown.stdout)["error"]["code"] == "NOT_FOUND"
+    db.close()

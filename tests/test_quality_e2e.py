@@ -205,7 +205,7 @@ async def test_killed_participant_loses_uptime_and_is_left_out(tmp_path: Path) -
         peers = {
             p["peer_id"]: p for p in cli_json("participants", "list", target=c)["participants"]
         }
-        assert peers[victim]["uptime"] < 90 and peers[victim]["status"] == "excluded"
+        assert peers[victim]["uptime"] < 90 and peers[victim]["status"] == "alerted"
         assert all(peers[p]["uptime"] > 99 for p in c.peer_ids[:2])
 
         await asyncio.to_thread(start_and_watch, c, sid)
