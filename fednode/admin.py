@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from websockets.exceptions import ConnectionClosed
 
+from fednode import quality
 from fednode.session import TERMINAL
 from protocol import messages, spec, tokens
 from protocol.errors import FednodeError, NotAuthorized, StateError, ValidationError
@@ -41,7 +42,7 @@ READ_OPS = {
     "report",
     "events.list",
 }
-SEVERITIES = ("critical", "high", "medium", "low")
+SEVERITIES = quality.SEVERITIES
 ALERT_STATUSES = ("active", "open", "acknowledged", "resolved", "all")
 
 

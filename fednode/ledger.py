@@ -36,6 +36,7 @@ from typing import Any
 
 from sqlite_utils import Database
 
+from fednode import quality
 from protocol.errors import NotFound, StateError
 
 GENESIS_HASH = "0" * 64
@@ -45,30 +46,10 @@ ROUND_STATUSES = frozenset({"running", "completed", "failed", "aborted"})
 FINISHED_ROUND_STATUSES = ROUND_STATUSES - {"running"}
 UPDATE_STATUSES = frozenset({"accepted", "rejected"})
 
-# --- quality (issue 5): the shared vocabulary of quality.py, the coordinator and fedctl -----
-SEVERITIES = frozenset({"critical", "high", "medium", "low"})
-RULE_ALERT_TYPES = frozenset(
-    {
-        # participant (entity_id = peer ID)
-        "task_completion",
-        "uptime",
-        "quality_score",
-        "error_rate",
-        "latency",
-        "heartbeat",
-        "training_time",
-        "resource_efficiency",
-        "connection_stability",
-        "model_quality",
-        "data_quality",
-        # session (entity_id = session ID)
-        "privacy_compliance",
-        "anomaly",
-        "security_score",
-        "convergence",
-    }
-)
+# --- quality: the vocabulary is fednode.quality's (the rules live there), checked here too
+SEVERITIES = frozenset(quality.SEVERITIES)
 EVENT_ALERT_TYPES = frozenset({"security_violation"})
+RULE_ALERT_TYPES = frozenset(quality.ALERT_SEVERITY) - EVENT_ALERT_TYPES
 ALERT_TYPES = RULE_ALERT_TYPES | EVENT_ALERT_TYPES
 ALERT_STATUSES = frozenset({"open", "acknowledged", "resolved"})
 ACTIVE_ALERT_STATUSES = ("open", "acknowledged")
