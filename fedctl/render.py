@@ -81,6 +81,26 @@ def session_line(kind: str, data: dict[str, Any], rounds: int) -> str | None:
         err = f": {data['error']}" if data.get("error") else ""
         return f"session [{style}]{data['status']}[/]{err}"
     if kind == "participant":
-        state = "online" if data["online"] else "offline"
+        if "excluded" in data:
+            state = "excluded by an operator" if data["excluded"] else "readmitted"
+        else:
+            state = "online" if data.get("online") else "offline"
         return f"  participant {short(data['peer_id'])} {state}"
+    if kind == "alert":
+        style = _SEVERITY_STYLE.get(data.get("severity", ""), "white")
+        change = data.get("change", "raised")
+        if change == "raised":
+            return f"  [{style}]alert {data.get('severity')}[/] {data.get('message', '')}"
+        return f"  alert {data.get('id')} {data.get('alert_type')} {change}"
+    if kind == "action":
+        peer = f" {short(data['peer_id'])}" if data.get("peer_id") else ""
+        return f"  [yellow]action[/] {data.get('action')}{peer}: {data.get('reason', '')}"
+    if kind == "quality":
+        health = data.get("health_score")
+        return None if health is None else f"  health after round {data['round']}: {health:.1f}"
+    if kind == "lagged":
+        return f"  [yellow]{data.get('dropped', 0)} events were dropped (slow terminal)[/]"
     return None
+
+
+_SEVERITY_STYLE = {"critical": "bold red", "high": "red", "medium": "yellow", "low": "dim"}
