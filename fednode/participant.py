@@ -430,16 +430,40 @@ class Participant:
             sent += await conn.send(messages.SecaggShares(round=n, shares=shares), session)
             relay = await self._next(messages.SecaggRelay, n, end)
             result = await training_task
-            mspec = model_spec(s)
-            flat = weights.flatten(result.weights, training.expected_shapes(mspec))
-            # the weight bound is the coordinator's (p.max_weight): frac_bits was chosen for it
-            x = secagg.encode_weighted(flat, min(result.num_examples, p.max_weight), p)
+            shapes = training.expected_shapes(model_spec(s))
+            flat = weights.flatten(result.weights, shapes)
+            # The update is masked, not the model: w - g against the model trained from, which
+            # _train fetched and verified by CID (now in the local store); the coordinator adds
+            # g back. The weight bound is the coordinator's (p.max_weight): frac_bits fits it.
+            base = weights.from_bytes(
+                await self._fetch(conn, session, task.model_cid), expect=shapes
+            )
+            x, clipped = secagg.encode_update(
+                flat, weights.flatten(base, shapes), min(result.num_examples, p.max_weight), p
+            )
+            if clipped:
+                log.warning(
+                    "round %d: the update exceeded clip %g in %d of %d coordinates (clipped)",
+                    n,
+                    p.clip,
+                    clipped,
+                    flat.size,
+                )
             # Kept here, never sent: what this participant contributed, for its own audit.
             own_cid = self.store.put(weights.to_bytes(result.weights), pin=False)
             self.ledger.append_event(
                 "secagg_input",
                 session_id=session,
-                data={"round": n, "update_cid": own_cid, "samples": result.num_examples},
+                data={
+                    "round": n,
+                    "update_cid": own_cid,
+                    "samples": result.num_examples,
+                    "weight": min(result.num_examples, p.max_weight),
+                    "clip": p.clip,
+                    "clipped": clipped,  # coordinates of w - g that the clip cut
+                    "bits": p.bits,
+                    "frac_bits": p.frac_bits,
+                },
             )
             y = await asyncio.to_thread(client.masked_input, relay.shares, x)
             sent += await conn.send(

@@ -1,14 +1,16 @@
 """One secure-aggregation round on the coordinator: the stages of protocol.secagg over the wire.
 
-    keys    every selected participant advertises two X25519 public keys      → roster (U1)
-    shares  each sends Shamir shares, encrypted to its neighbours             → relayed (U2)
-    masked  each trains, then sends its masked fixed-point [n, n·w] vector    → U3
-    unmask  survivors send shares: self-mask seeds of U3, keys of U2 \\ U3     → the sum
+    keys    every selected participant advertises two X25519 public keys        → roster (U1)
+    shares  each sends Shamir shares, encrypted to its neighbours               → relayed (U2)
+    masked  each trains, then sends its masked fixed-point [n, n·(w - g)] vector → U3
+    unmask  survivors send shares: self-mask seeds of U3, keys of U2 \\ U3       → the sum
 
 Each stage waits until every participant expected at it has answered, left, or the round's
 deadline passed; whoever is missing is dropped from the later stages. The coordinator relays
 ciphertexts it cannot read and never holds an individual unmasked vector: what it decodes is
-the sum of U3's weighted models and the sum of their example counts, hence FedAvg.
+the sum of U3's weighted updates against the round's model g (which it published, so it
+learns nothing more from g) and the sum of their example counts; g plus their ratio is
+FedAvg of U3's models.
 """
 
 from __future__ import annotations
@@ -24,11 +26,10 @@ import numpy as np
 
 from fednode import weights
 from protocol import messages
-from protocol.errors import FednodeError, ValidationError
+from protocol.errors import FednodeError, StateError, ValidationError
 from protocol.secagg import (
-    SecAggError,
     Server,
-    decode_weighted,
+    decode_average,
     packed_size,
     params_from_spec,
     params_to_wire,
@@ -51,6 +52,10 @@ class SecureRound:
             run.spec["aggregation"], len(rnd.selected), tag, os.urandom(32)
         )
         self.dim = sum(int(np.prod(s)) for s in run.shapes.values()) + 1
+        # The round's model, the one rnd.model_cid names: participants encode w - g against it
+        if run.global_weights is None or run.global_cid != rnd.model_cid:
+            raise StateError(f"round {rnd.number}: the global model is not {rnd.model_cid}")
+        self.base = weights.flatten(run.global_weights, run.shapes)
         self.server = Server(self.params, self.dim)
         self.stage = STAGES[0]
         self.expected: set[str] = set(rnd.selected)
@@ -150,8 +155,7 @@ class SecureRound:
             )
         await self._stage("unmask", set(survivors), wait, end)
         total = await asyncio.to_thread(self.server.result)
-        weight, weighted = decode_weighted(total, self.params)
-        if weight <= 0:
-            raise SecAggError("the unmasked sum has no weight: no participant's data in it")
+        # g + the weighted mean of the updates (SecAggError if the sum holds no weight)
+        _, average = decode_average(total, self.base, self.params)
         assert set(self.in_sum) <= u3
-        return weights.unflatten(weighted / weight, self.run.shapes), self.in_sum
+        return weights.unflatten(average, self.run.shapes), self.in_sum

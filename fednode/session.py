@@ -286,7 +286,12 @@ class SessionRun:
             {"round": number, "selected": selected, "model_cid": self.global_cid},
         )
         rnd.phase = RoundPhase.TRAINING
-        self.secure = SecureRound(self, rnd) if spec["aggregation"]["secure"] else None
+        try:
+            self.secure = SecureRound(self, rnd) if spec["aggregation"]["secure"] else None
+        except FednodeError as err:  # e.g. more participants than the fixed point fits
+            self.secure = None
+            self._finish_round_failed("aborted", f"secure aggregation cannot start: {err.message}")
+            raise StateError(f"round {number} cannot run: {err.message}", hint=err.hint) from None
         task = messages.RoundStart(
             round=number,
             model_cid=self.global_cid,

@@ -30,8 +30,14 @@ Choices (see also docs/security.md):
   tied to the participant who returns it and a bad share can be attributed.
 - PRG: AES-256-CTR keystream with a zero nonce (every key is used for one stream only), read as
   little-endian uint64, masked to ``bits``.
+- What is masked: the weighted *update*, ``x_u = [n_u, n_u * q(w_u - g)]`` with ``g`` the
+  round's global model (``encode_update``), which both sides hold: the participant fetched it
+  by CID, the coordinator published it. ``decode_average`` adds ``g`` back to the decoded
+  weighted mean, which is FedAvg exactly (sum n w / sum n = g + sum n (w - g) / sum n), and
+  ``clip`` bounds a coordinate of the update, which is small, not of the model.
 - Wire form of a masked vector (``pack`` / ``unpack``): ceil(bits/8) little-endian bytes per
-  value, so ``bits`` sets the upload size (8 bytes at 62, 6 at 48; a float32 model is 4).
+  value, so ``bits`` sets the upload size (5 bytes at the default 40, 8 at 62; a float32
+  model is 4).
 - Weight bound: ``Params.max_weight`` (the spec's ``max_weight``) caps the examples one
   participant may claim; ``frac_bits`` is chosen for it, and the participant clamps to the
   value the coordinator sent.
@@ -73,7 +79,12 @@ from protocol.envelope import decode, encode
 from protocol.errors import DecodeError, FednodeError, StateError, ValidationError
 
 __all__ = [
+    "DEFAULT_BITS",
+    "DEFAULT_CLIP",
+    "DEFAULT_FRAC_BITS",
     "FIELD_PRIME",
+    "MAX_WEIGHT",
+    "MIN_FRAC_BITS",
     "SHARE_LEN",
     "Client",
     "InconsistentShares",
@@ -81,7 +92,9 @@ __all__ = [
     "SecAggError",
     "Server",
     "add_mod",
+    "decode_average",
     "decode_weighted",
+    "encode_update",
     "encode_weighted",
     "frac_bits_for",
     "neighbours",
@@ -106,8 +119,18 @@ _ZERO_NONCE = bytes(16)
 # Fixed point needs a bound on the weight (examples) one participant may claim; a participant
 # with more data clamps its weight to it (documented in docs/secure-aggregation.md). The
 # spec's [aggregation] max_weight overrides it per session; this is its default.
-MAX_WEIGHT = 2**20
+MAX_WEIGHT = 2**16
 MAX_WEIGHT_LIMIT = 2**30
+# The spec's defaults (protocol/spec.py reads them from here): 40 bits travel in 5 bytes per
+# value, and clip bounds each coordinate of an update (w - g), which the demo's training keeps
+# below 0.3 (measured: docs/secure-aggregation.md). With MAX_WEIGHT they leave 13 fraction
+# bits (an error of at most 2**-14 per value of the average) for 100 participants, 10 for 1000.
+DEFAULT_BITS = 40
+DEFAULT_CLIP = 8.0
+DEFAULT_FRAC_BITS = 13  # frac_bits_for(DEFAULT_BITS, DEFAULT_CLIP, MAX_WEIGHT, 100); tested
+# Fewer fraction bits than this and the average is too coarse to train with: frac_bits_for
+# refuses, and spec validation refuses bits / clip / max_weight that would lead there.
+MIN_FRAC_BITS = 8
 
 
 class SecAggError(FednodeError):
@@ -156,9 +179,9 @@ def _is_real(value: Any) -> bool:
 class Params:
     """Everything both sides must agree on for one round (the coordinator sends it)."""
 
-    bits: int = 62
-    frac_bits: int = 24
-    clip: float = 100.0
+    bits: int = DEFAULT_BITS
+    frac_bits: int = DEFAULT_FRAC_BITS
+    clip: float = DEFAULT_CLIP  # bounds each coordinate of the encoded vector (an update)
     threshold: float = 0.6
     neighbours: int = 0
     graph_seed: bytes = b""
@@ -239,12 +262,12 @@ def frac_bits_for(bits: int, clip: float, max_weight: int, max_participants: int
     limit = 1 << (bits - 1)
     for f in range(bits - 2, -1, -1):
         if max_participants * max_weight * math.ceil(clip * 2.0**f) < limit:
-            if f < 8:
+            if f < MIN_FRAC_BITS:
                 break
             return f
     raise SecAggError(
-        f"{bits}-bit arithmetic leaves fewer than 8 fraction bits for {max_participants} "
-        f"participants of weight up to {max_weight} with clip {clip}",
+        f"{bits}-bit arithmetic leaves fewer than {MIN_FRAC_BITS} fraction bits for "
+        f"{max_participants} participants of weight up to {max_weight} with clip {clip}",
         hint="raise bits, or lower clip, the maximum weight or the number of participants",
     )
 
@@ -254,8 +277,36 @@ def encode_weighted(x: np.ndarray, weight: int, p: Params) -> np.ndarray:
 
     The weight rides along unscaled so that the coordinator learns only the sum of weights and
     the weighted sum, and divides; rounding happens before the integer multiply, so the error
-    is at most 2**-(frac_bits+1) per value and per participant.
+    is at most 2**-(frac_bits+1) per value and per participant. A participant encodes its
+    update with ``encode_update``, which encodes ``x - g`` this way.
     """
+    return _encode(x, weight, p)[0]
+
+
+def encode_update(
+    x: np.ndarray, base: np.ndarray, weight: int, p: Params
+) -> tuple[np.ndarray, int]:
+    """The masked-input vector of one participant, and how many coordinates the clip cut.
+
+    ``x`` is the participant's trained model and ``base`` the round's global model it trained
+    from, both flat: what is encoded is the update ``x - base`` (in float64, where the
+    difference of two float32 values is exact unless one is below 2**-29 of the other), so
+    ``clip`` bounds a coordinate of the update. The count is for the participant's own
+    records; a large one means ``clip`` is too small for this training.
+    """
+    arr = np.asarray(x, dtype=np.float64).ravel()
+    g = np.asarray(base, dtype=np.float64).ravel()
+    if arr.shape != g.shape:
+        raise ValidationError(
+            f"the model has {arr.size} values but the round's model has {g.size}",
+            hint="encode against the global model the participant trained from",
+        )
+    if not np.all(np.isfinite(g)):
+        raise ValidationError("the round's model has NaN or infinite values")
+    return _encode(arr - g, weight, p)
+
+
+def _encode(x: np.ndarray, weight: int, p: Params) -> tuple[np.ndarray, int]:
     p.validate()
     if not _is_int(weight) or weight < 0:
         raise ValidationError(f"weight must be an integer >= 0, got {weight!r}")
@@ -274,13 +325,14 @@ def encode_weighted(x: np.ndarray, weight: int, p: Params) -> np.ndarray:
             f"with {p.frac_bits} fraction bits",
             hint="choose frac_bits with frac_bits_for(bits, clip, max_weight, max_participants)",
         )
+    clipped = int(np.count_nonzero(np.abs(arr) > p.clip))
     q = np.rint(np.clip(arr, -p.clip, p.clip) * scale).astype(np.int64)
     q *= np.int64(weight)
     out = np.empty(arr.size + 1, dtype=np.uint64)
     out[0] = weight
     out[1:] = q.view(np.uint64)
     out &= p.modulus_mask
-    return out
+    return out, clipped
 
 
 def decode_weighted(total: np.ndarray, p: Params) -> tuple[float, np.ndarray]:
@@ -303,6 +355,24 @@ def decode_weighted(total: np.ndarray, p: Params) -> tuple[float, np.ndarray]:
     return float(weight), signed[1:].astype(np.float64) / 2.0**p.frac_bits
 
 
+def decode_average(total: np.ndarray, base: np.ndarray, p: Params) -> tuple[float, np.ndarray]:
+    """(sum of weights, the new model): ``base`` plus the weighted mean of the updates.
+
+    The inverse of summing ``encode_update`` over the survivors: FedAvg of their models,
+    within 2**-(frac_bits+1) per value whatever the weights (each participant's rounding is
+    at most that, and so is their weighted mean). Float64; the caller casts.
+    """
+    weight, weighted = decode_weighted(total, p)
+    g = np.asarray(base, dtype=np.float64).ravel()
+    if g.shape != weighted.shape:
+        raise ValidationError(
+            f"the total holds {weighted.size} values but the round's model has {g.size}"
+        )
+    if weight <= 0:
+        raise SecAggError("the unmasked sum has no weight: no participant's data in it")
+    return weight, g + weighted / weight
+
+
 def add_mod(a: np.ndarray, b: np.ndarray, p: Params) -> np.ndarray:
     out = np.add(np.asarray(a, dtype=np.uint64), np.asarray(b, dtype=np.uint64))
     out &= p.modulus_mask
@@ -316,7 +386,7 @@ def sub_mod(a: np.ndarray, b: np.ndarray, p: Params) -> np.ndarray:
 
 
 def value_bytes(p: Params) -> int:
-    """Bytes of one value on the wire: ceil(bits / 8), so 8 for the default 62 bits."""
+    """Bytes of one value on the wire: ceil(bits / 8), so 5 for the default 40 bits."""
     return (p.bits + 7) // 8
 
 
@@ -329,8 +399,9 @@ def pack(y: np.ndarray, p: Params) -> bytes:
     """Each value in ceil(bits/8) little-endian bytes: the wire form of a masked vector.
 
     A masked value is uniform below 2**bits, so it cannot be compressed; dropping the bytes
-    that are always zero is all there is to gain (at bits = 48, 6 bytes per value against the
-    4 of a float32 model, instead of 8). Byte granularity keeps it one strided numpy copy.
+    that are always zero is all there is to gain (at the default bits = 40, 5 bytes per value
+    against the 4 of a float32 model, instead of 8). Byte granularity keeps it one strided
+    numpy copy.
     """
     p.validate()
     v = _check_vector(y, p, "the vector to pack")

@@ -5,19 +5,23 @@ writes every field with its comment and accepted values) and for the defaults, w
 the demo's: they converge on the digits data (see ../shared/CLI.md). A spec is refused with
 a SpecError that names the field, the bad value and what is accepted: an unknown field, a
 wrong type and an out-of-range value alike. Secure aggregation is checked against the
-strategy: the coordinator sees only a sum, so only a weighted mean can be computed.
+strategy (the coordinator sees only a sum, so only a weighted mean can be computed) and its
+fixed point against the number of participants (bits, clip and max_weight must leave enough
+fraction bits for them).
 """
 
 from __future__ import annotations
 
 import copy
 import json
+import math
 import re
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from protocol import secagg
 from protocol.errors import IdentityError, SpecError
 from protocol.identity import public_key_from_peer_id
 
@@ -25,6 +29,9 @@ PARTITIONS = ("iid", "stratified", "sequential", "dirichlet", "label_skew", "gro
 STRATEGIES = ("fedavg",)
 FEATURES = ("standardize", "scale16", "none")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
+# With secure aggregation, the fixed point must fit the round's participants; when neither
+# max_participants nor a participants list bounds them, validation assumes this many.
+SECURE_PARTICIPANTS_BOUND = 1000
 
 
 @dataclass(frozen=True)
@@ -120,18 +127,24 @@ SCHEMA: dict[str, dict[str, Field]] = {
             "neighbours", "all", 'secure: "all" (SecAgg) or an even k >= 2 (SecAgg+, k-regular)'
         ),
         "clip": Field(
-            "float", 100.0, "secure: model values are clipped to [-clip, clip]", 1e-3, 1e6
+            "float",
+            secagg.DEFAULT_CLIP,
+            "secure: each coordinate of a participant's update (trained model minus the "
+            "round's model) is clipped to [-clip, clip]; larger costs fraction bits",
+            1e-3,
+            1e6,
         ),
         "bits": Field(
             "int",
-            62,
-            "secure: arithmetic modulo 2^bits; a masked value travels in ceil(bits/8) bytes",
+            secagg.DEFAULT_BITS,
+            "secure: arithmetic modulo 2^bits; a masked value travels in ceil(bits/8) bytes; "
+            "bits, clip and max_weight must leave >= 8 fraction bits for the participants",
             32,
             64,
         ),
         "max_weight": Field(
             "int",
-            2**20,
+            secagg.MAX_WEIGHT,
             "secure: the most examples one participant's weight may claim (a larger count is "
             "clamped); smaller leaves more fixed-point bits, so a smaller bits and fewer bytes",
             1,
@@ -273,11 +286,62 @@ def _cross_checks(spec: dict[str, Any]) -> None:
             f"aggregation.secure = true works with strategy fedavg, not {agg['strategy']!r}",
             hint="the coordinator only sees the sum, so only a weighted mean can be computed",
         )
+    if agg["secure"]:
+        _check_fixed_point(spec)
     if spec["model"]["kind"] == "mlp" and not spec["model"]["hidden"]:
         raise SpecError(
             "model.hidden = [] leaves the mlp with no hidden layer",
             hint='give at least one width, or use model.kind = "logreg"',
         )
+
+
+def _check_fixed_point(spec: dict[str, Any]) -> None:
+    """Refuse bits / clip / max_weight that leave too few fraction bits for the participants.
+
+    The coordinator chooses frac_bits per round for the selected participants; this checks
+    the most a round may select (max_participants, else the participants list, else
+    SECURE_PARTICIPANTS_BOUND or min_participants if larger), so such a spec fails here
+    rather than at its first round.
+    """
+    agg = spec["aggregation"]
+    bits, clip, mw = agg["bits"], agg["clip"], agg["max_weight"]
+    if spec["max_participants"]:
+        n, why = spec["max_participants"], "max_participants"
+    elif spec["participants"]:
+        n, why = len(spec["participants"]), "the participants listed"
+    else:  # a round takes at least min_participants, so they bound it from below
+        n = max(SECURE_PARTICIPANTS_BOUND, spec["min_participants"])
+        why = "assumed when max_participants = 0 and no participants are listed"
+    n = max(n, 2)
+    try:
+        secagg.frac_bits_for(bits, clip, mw, n)
+    except secagg.SecAggError:
+        pass
+    else:
+        return
+    # What would fit, changing one field at a time: n * mw * ceil(clip * 2**8) < 2**(bits-1)
+    limit, unit = 1 << (bits - 1), 1 << secagg.MIN_FRAC_BITS
+    fixes = []
+    more_bits = next(
+        (b for b in range(bits + 1, 65) if n * mw * math.ceil(clip * unit) < 1 << (b - 1)), None
+    )
+    if more_bits:
+        fixes.append(f"raise aggregation.bits to {more_bits}")
+    max_clip = math.floor(((limit - 1) // (n * mw)) / unit * 1000) / 1000  # rounded down
+    if max_clip >= 1e-3:
+        fixes.append(f"lower aggregation.clip to {max_clip:g} or less")
+    max_mw = (limit - 1) // (n * math.ceil(clip * unit))
+    if max_mw >= 1:
+        fixes.append(f"lower aggregation.max_weight to {max_mw} or less")
+    max_n = (limit - 1) // (mw * math.ceil(clip * unit))
+    if max_n >= max(2, spec["min_participants"]):
+        fixes.append(f"set max_participants to {max_n} or less")
+    raise SpecError(
+        f"aggregation.bits = {bits}, aggregation.clip = {clip:g} and aggregation.max_weight = "
+        f"{mw} leave fewer than {secagg.MIN_FRAC_BITS} fraction bits for {n} participants "
+        f"({why})",
+        hint="; or ".join(fixes) if fixes else "raise bits and lower clip and max_weight",
+    )
 
 
 def loads(text: str, *, fmt: str) -> dict[str, Any]:

@@ -19,13 +19,19 @@ from scipy.stats import chisquare
 
 from protocol.errors import StateError, ValidationError
 from protocol.secagg import (
+    DEFAULT_BITS,
+    DEFAULT_CLIP,
+    DEFAULT_FRAC_BITS,
+    MAX_WEIGHT,
     Client,
     InconsistentShares,
     Params,
     SecAggError,
     Server,
     add_mod,
+    decode_average,
     decode_weighted,
+    encode_update,
     encode_weighted,
     frac_bits_for,
     neighbours,
@@ -185,13 +191,13 @@ def test_dropouts_at_every_stage_still_sum_the_survivors(k):
     ids = names(10)
     p = Params(neighbours=k, graph_seed=SEED, threshold=0.5, round_tag=b"t")
     rng = np.random.default_rng(1)
-    inputs = {u: rng.integers(0, 1 << 62, size=30, dtype=np.uint64) for u in ids}
+    inputs = {u: rng.integers(0, 1 << p.bits, size=30, dtype=np.uint64) for u in ids}
     drops = Drops({"p03"}, {"p05"}, {"p07"})
     assert oracle(ids, p, drops)[0] == "ok"
     out = run_round(inputs, p, drops)
     assert out.error is None
     assert set(out.u3) == set(ids) - {"p03", "p05"}
-    np.testing.assert_array_equal(out.result, exact_sum(inputs, out.u3, 62))
+    np.testing.assert_array_equal(out.result, exact_sum(inputs, out.u3, p.bits))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -437,7 +443,7 @@ def test_weighted_average_of_three_matches_numpy():
 
 
 def test_clipping_and_negative_values():
-    p = Params(bits=32, frac_bits=12, clip=2.0)
+    p = Params(bits=32, frac_bits=12, clip=2.0, max_weight=2**20)
     w, s = decode_weighted(encode_weighted(np.array([-5.0, -1.5, 0.0, 1.25, 9.0]), 3, p), p)
     assert w == 3.0
     np.testing.assert_array_equal(s, [-6.0, -4.5, 0.0, 3.75, 6.0])
@@ -453,6 +459,85 @@ def test_frac_bits_for_leaves_headroom():
     assert 100 * 1000 * math.ceil(100 * 2.0 ** (f + 1)) >= 1 << 61
     with pytest.raises(SecAggError):
         frac_bits_for(32, 100.0, 60000, 1000)
+
+
+def test_the_defaults_leave_12_fraction_bits_for_100_participants_in_5_bytes():
+    assert (DEFAULT_BITS, DEFAULT_CLIP, MAX_WEIGHT) == (40, 8.0, 2**16)
+    assert DEFAULT_FRAC_BITS == frac_bits_for(DEFAULT_BITS, DEFAULT_CLIP, MAX_WEIGHT, 100) >= 12
+    p = Params()
+    assert (p.bits, p.frac_bits, p.clip, p.max_weight) == (40, 13, 8.0, 2**16)
+    assert packed_size(10, p) == 50
+
+
+def _defaults_for(n: int) -> Params:
+    agg = {"bits": 40, "clip": 8.0, "threshold": 0.6, "neighbours": 0, "max_weight": 2**16}
+    return params_from_spec(agg, n, b"t", b"")
+
+
+def test_n_max_weight_deltas_of_plus_minus_clip_sum_without_overflow_at_40_bits():
+    """The worst case of the defaults: n participants of max_weight, every update at +-clip.
+
+    The sum of n * max_weight * clip * 2**frac_bits must stay below 2**39 (two's complement
+    in 40 bits): it decodes to exactly +-clip, and the weight to exactly n * max_weight.
+    """
+    n = 100
+    p = _defaults_for(n)
+    assert p.bits == 40 and p.frac_bits == DEFAULT_FRAC_BITS
+    base = np.array([0.5, -0.5, 1.0, -3.0, 0.0, 7.0], dtype=np.float32)
+    # +clip, -clip, beyond both (clipped), and deltas that sit exactly on the bound
+    x = base + np.array([p.clip, -p.clip, 3 * p.clip, -1e6, p.clip, -p.clip])
+    total = np.zeros(base.size + 1, dtype=np.uint64)
+    for _ in range(n):
+        enc, clipped = encode_update(x, base, p.max_weight, p)
+        assert clipped == 2  # the two beyond +-clip, not the two on it
+        total = add_mod(total, enc, p)
+    weight, weighted = decode_weighted(total, p)
+    assert weight == n * p.max_weight
+    signs = np.array([1, -1, 1, -1, 1, -1], dtype=np.float64)
+    np.testing.assert_array_equal(weighted, signs * p.clip * n * p.max_weight)  # no wrap-around
+    _, avg = decode_average(total, base, p)
+    np.testing.assert_array_equal(avg, base + signs * p.clip)
+    # one more participant's headroom is gone by design: the bound is for n, not n + 1
+    assert n * p.max_weight * math.ceil(p.clip * 2.0**p.frac_bits) < 1 << 39
+    assert 2 * n * p.max_weight * math.ceil(p.clip * 2.0**p.frac_bits) >= 1 << 39
+
+
+def test_encoded_updates_decode_to_fedavg_within_the_fixed_point_bound():
+    """g + sum n (w - g) / sum n is FedAvg of the models, within 2**-(f+1), any weights."""
+    rng = np.random.default_rng(7)
+    n = 30
+    p = _defaults_for(n)
+    g = rng.normal(0, 3, size=500).astype(np.float32)
+    g[:2] = [50.0, -50.0]  # the model may lie outside [-clip, clip]: only w - g is clipped
+    models = [(g + rng.normal(0, 0.3, size=g.size)).astype(np.float32) for _ in range(n)]
+    counts = [int(c) for c in rng.integers(1, 2**18, size=n)]  # some above max_weight: clamped
+    w_used = [min(c, p.max_weight) for c in counts]
+    total = np.zeros(g.size + 1, dtype=np.uint64)
+    for m, c in zip(models, w_used, strict=True):
+        enc, clipped = encode_update(m, g, c, p)
+        assert clipped == 0
+        total = add_mod(total, enc, p)
+    weight, avg = decode_average(total, g, p)
+    assert weight == sum(w_used)
+    plain = np.average(np.stack(models).astype(np.float64), axis=0, weights=w_used)
+    assert np.max(np.abs(avg - plain)) <= 2.0 ** -(p.frac_bits + 1) + 1e-12
+
+
+def test_encode_update_counts_clipped_coordinates_and_checks_the_base():
+    p = Params(bits=40, frac_bits=13, clip=1.0)
+    base = np.zeros(4)
+    enc, clipped = encode_update(np.array([0.5, 1.5, -2.0, 1.0]), base, 3, p)
+    assert clipped == 2
+    _, avg = decode_average(enc, base + 10, p)
+    np.testing.assert_array_equal(avg, [10.5, 11.0, 9.0, 11.0])
+    with pytest.raises(ValidationError, match="the round's model has 3"):
+        encode_update(np.zeros(4), np.zeros(3), 1, p)
+    with pytest.raises(ValidationError, match="NaN"):
+        encode_update(np.zeros(2), np.array([0.0, np.inf]), 1, p)
+    with pytest.raises(ValidationError, match="the round's model has 5"):
+        decode_average(enc, np.zeros(5), p)
+    with pytest.raises(SecAggError, match="no weight"):
+        decode_average(encode_update(np.zeros(4), base, 0, p)[0], base, p)
 
 
 def test_add_sub_mod():
@@ -604,7 +689,7 @@ def test_performance_smoke_d_1e5_n_10():
     ids = names(10)
     p = Params(round_tag=b"perf")
     rng = np.random.default_rng(5)
-    inputs = {u: rng.integers(0, 1 << 62, size=10**5, dtype=np.uint64) for u in ids}
+    inputs = {u: rng.integers(0, 1 << p.bits, size=10**5, dtype=np.uint64) for u in ids}
     start = time.perf_counter()
     out = run_round(inputs, p, Drops(after_shares={"p09"}))
     elapsed = time.perf_counter() - start

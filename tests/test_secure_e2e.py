@@ -15,13 +15,15 @@ from fednode.home import NodeHome
 from fednode.store import BlockStore
 from fednode.training import expected_shapes
 from fednode.weights import from_bytes
+from protocol import spec as spec_mod
+from protocol.secagg import params_from_spec
 from tests.conftest import Cluster, start_cluster
 
 pytestmark = pytest.mark.timeout(240)
 MODEL = {"kind": "mlp", "inputs": 64, "hidden": [128, 128], "classes": 10}
 
 
-def _contribution(home: NodeHome, session_id: str) -> tuple[dict, int, str]:
+def _contribution(home: NodeHome, session_id: str) -> tuple[dict, int, str, dict]:
     """What a participant put into the sum: its own record, written before it sent."""
     db = sqlite3.connect(home.ledger_path)
     rows = db.execute(
@@ -30,7 +32,8 @@ def _contribution(home: NodeHome, session_id: str) -> tuple[dict, int, str]:
     assert len(rows) == 1, rows
     data = json.loads(rows[0][0])
     blob = BlockStore(home.store_root).get(data["update_cid"])
-    return from_bytes(blob, expect=expected_shapes(MODEL)), data["samples"], data["update_cid"]
+    w = from_bytes(blob, expect=expected_shapes(MODEL))
+    return w, data["samples"], data["update_cid"], data
 
 
 async def _run_with_kills(c: Cluster, spec: dict, kill_at: dict[str, tuple[str, str]]) -> str:
@@ -87,16 +90,29 @@ def test_secure_session_with_two_dropouts(tmp_path: Path) -> None:
         ).fetchone()
         model = from_bytes(BlockStore(coord.store_root).get(cid), expect=expected_shapes(MODEL))
 
-        # exactly the plain FedAvg of the four whose masked inputs arrived
+        # the round's fixed point, as each participant recorded it (its own ledger only): the
+        # coordinator chose it for the 5 selected from the spec's bits, clip and max_weight
         contributions = [_contribution(h, sid) for h in homes[:4]]
-        total = sum(n for _, n, _ in contributions)
+        agg = spec_mod.validate(spec)["aggregation"]
+        p = params_from_spec(agg, 5, b"", b"")
+        for _, n, _, rec in contributions:
+            assert (rec["bits"], rec["clip"], rec["frac_bits"]) == (p.bits, p.clip, p.frac_bits)
+            assert rec["clipped"] == 0  # no coordinate of w - g reached clip
+            assert rec["weight"] == min(n, p.max_weight)
+
+        # the plain FedAvg of the four whose masked inputs arrived, within the fixed-point
+        # bound: each participant's rounding of w - g is <= 2**-(frac_bits+1), so is their
+        # weighted mean; then the float32 rounding of the model (one ulp of its value)
+        total = sum(n for _, n, _, _ in contributions)
         for name in model:
-            plain = sum(w[name].astype(np.float64) * n for w, n, _ in contributions) / total
-            np.testing.assert_allclose(model[name], plain, atol=1e-5)
+            plain = sum(w[name].astype(np.float64) * n for w, n, _, _ in contributions) / total
+            tol = 2.0 ** -(p.frac_bits + 1) + np.spacing(np.abs(plain).astype(np.float32))
+            err = np.abs(model[name].astype(np.float64) - plain)
+            assert np.all(err <= tol), f"{name}: off FedAvg by {err.max():.3g} > bound"
 
         # nothing the coordinator persisted holds an individual update: no CID, no bytes
         needles = []
-        for w, _, update_cid in contributions:
+        for w, _, update_cid, _ in contributions:
             needles.append(update_cid.encode())
             raw = np.concatenate([v.ravel() for v in w.values()]).astype("<f4").tobytes()
             needles.append(raw[len(raw) // 2 : len(raw) // 2 + 48])

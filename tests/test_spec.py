@@ -83,11 +83,60 @@ def test_cross_field_checks() -> None:
 
 def test_max_weight_defaults_to_the_secagg_bound_and_reaches_the_round_params() -> None:
     agg = spec.defaults()["aggregation"]
-    assert agg["max_weight"] == secagg.MAX_WEIGHT == 2**20
-    assert "max_weight = 1048576" in spec.template()
+    assert agg["max_weight"] == secagg.MAX_WEIGHT == 2**16
+    assert "max_weight = 65536" in spec.template()
     small = spec.validate({"aggregation": {"secure": True, "bits": 48, "max_weight": 2**17}})
     p = secagg.params_from_spec(small["aggregation"], 100, b"t", bytes(32))
     assert p.max_weight == 2**17 and p.frac_bits >= 16
+
+
+def test_secure_defaults_send_5_bytes_per_value_with_12_fraction_bits_for_100() -> None:
+    agg = spec.validate({"aggregation": {"secure": True}})["aggregation"]
+    assert (agg["bits"], agg["clip"], agg["max_weight"]) == (40, 8.0, 2**16)
+    p = secagg.params_from_spec(agg, 100, b"t", bytes(32))
+    assert secagg.value_bytes(p) == 5 and p.frac_bits == secagg.DEFAULT_FRAC_BITS >= 12
+    assert "update" in spec.SCHEMA["aggregation"]["clip"].doc  # clip bounds w - g, not w
+
+
+@pytest.mark.parametrize(
+    ("raw", "n", "why"),
+    [
+        ({}, "1000", "assumed when max_participants = 0"),
+        ({"max_participants": 400}, "400", "max_participants"),
+        ({"participants": [Identity.generate().peer_id for _ in range(3)]}, "3", "listed"),
+    ],
+)
+def test_secure_fixed_point_without_8_fraction_bits_is_refused(raw: dict, n: str, why: str) -> None:
+    # 32 bits, clip 100, 2**16 examples: n * 2**16 * ceil(100 * 2**8) overflows 2**31 for n >= 2
+    bad = {**raw, "aggregation": {"secure": True, "bits": 32, "clip": 100.0}}
+    with pytest.raises(SpecError) as exc:
+        spec.validate(bad)
+    msg = exc.value.message
+    for name in ("aggregation.bits = 32", "aggregation.clip = 100", "aggregation.max_weight"):
+        assert name in msg
+    assert f"fewer than 8 fraction bits for {n} participants" in msg and why in msg
+    assert "raise aggregation.bits to" in exc.value.hint
+    assert "lower aggregation.clip to" in exc.value.hint
+    assert exc.value.code == "SPEC_INVALID"
+    # every fix the hint names is accepted, one at a time
+    for fix in exc.value.hint.split("; or "):
+        field, value = fix.split(" to ")[0].split()[-1], fix.split(" to ")[1].split()[0]
+        section, key = field.split(".") if "." in field else ("", field)
+        number = float(value) if key == "clip" else int(value)
+        fixed = {**bad, "aggregation": dict(bad["aggregation"])}
+        (fixed["aggregation"] if section else fixed)[key] = number
+        spec.validate(fixed)
+
+
+def test_the_fixed_point_check_applies_to_secure_specs_only() -> None:
+    plain = spec.validate({"aggregation": {"bits": 32, "clip": 100.0}})
+    assert plain["aggregation"]["secure"] is False
+    # the old defaults (62 bits, clip 100, 2**20) still validate when chosen
+    old = {"secure": True, "bits": 62, "clip": 100.0, "max_weight": 2**20}
+    assert spec.validate({"aggregation": old})["aggregation"]["bits"] == 62
+    with pytest.raises(SpecError, match="for 1000 participants") as exc:
+        spec.validate({"aggregation": {"secure": True, "clip": 100.0}})  # the old clip, 40 bits
+    assert "lower aggregation.max_weight to 21474 or less" in exc.value.hint
 
 
 def test_files(tmp_path) -> None:
