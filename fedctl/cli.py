@@ -563,6 +563,25 @@ def ledger_verify(
     )
 
 
+@app.command()
+def dashboard(
+    session: Annotated[
+        str | None, typer.Option("--session", help="open this session's screen directly")
+    ] = None,
+) -> None:
+    """The live Textual dashboard: sessions, rounds, participants, alerts, events."""
+
+    def go() -> dict[str, Any]:
+        from tui.app import DashboardApp
+        from tui.source import AdminSource
+
+        G.target.check()  # a missing --coordinator is a usage error, before any screen
+        DashboardApp(AdminSource(G.target), session_id=session).run()
+        return {}
+
+    run(False, go)
+
+
 def main() -> None:
     app()
 

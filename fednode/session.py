@@ -283,7 +283,13 @@ class SessionRun:
         self.coord.record(
             "round_started",
             self.session_id,
-            {"round": number, "selected": selected, "model_cid": self.global_cid},
+            {
+                "round": number,
+                "selected": selected,
+                "model_cid": self.global_cid,
+                "started_at": rnd.started_at,
+                "deadline_s": spec["round_timeout_s"],
+            },
         )
         rnd.phase = RoundPhase.TRAINING
         try:

@@ -1,0 +1,616 @@
+"""The dashboard's model: what the coordinator told us, as plain dataclasses.
+
+The data worker applies the ``subscribe`` snapshot once and then every pushed event to a
+``DashboardState``; each call returns a ``Change`` naming what moved, so the screens redraw
+only those parts (one table row, one progress panel) instead of everything. Nothing here
+imports Textual or does I/O, so the rules (who is late, what a round adds to the history,
+what an alert change does) are unit-tested on their own and cost microseconds per event.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+SEVERITIES = ("critical", "high", "medium", "low")
+TERMINAL = frozenset({"completed", "failed", "stopped"})
+EVENTS_KEPT = 200
+# Pushed but not ledger events: one per participant per round, already shown by the round
+# panel; logging them would push the rare, interesting lines (alerts, failures) out.
+NOT_LOGGED = frozenset({"update_received", "secagg", "lagged"})
+
+
+def short(peer_id: str | None, n: int = 8) -> str:
+    """Peer IDs all start with 12D3KooW; their tail is what tells two peers apart."""
+    if not peer_id:
+        return "–"
+    return peer_id if len(peer_id) <= n + 1 else "…" + peer_id[-n:]
+
+
+def _float(v: Any) -> float | None:
+    return float(v) if isinstance(v, int | float) and not isinstance(v, bool) else None
+
+
+def _int(v: Any, default: int = 0) -> int:
+    return int(v) if isinstance(v, int | float) and not isinstance(v, bool) else default
+
+
+@dataclass
+class SessionInfo:
+    """One row of the sessions table (``session.list`` shape)."""
+
+    session_id: str
+    name: str = ""
+    status: str = "created"
+    round: int = 0  # completed rounds
+    rounds: int = 0  # rounds in the spec
+    participants: int = 0
+    accuracy: float | None = None
+    error: str = ""
+
+    @classmethod
+    def from_row(cls, row: dict[str, Any]) -> SessionInfo:
+        return cls(
+            session_id=str(row["session_id"]),
+            name=str(row.get("name") or ""),
+            status=str(row.get("status") or "created"),
+            round=_int(row.get("round")),
+            rounds=_int(row.get("rounds")),
+            participants=_int(row.get("participants")),
+            accuracy=_float(row.get("accuracy")),
+        )
+
+
+@dataclass(frozen=True)
+class RoundPoint:
+    """One completed round: a point of the accuracy and loss plot."""
+
+    round: int
+    accuracy: float | None
+    loss: float | None
+    duration_s: float | None = None
+    participants: int = 0
+
+
+@dataclass
+class CurrentRound:
+    """The round in flight (or the last one), as far as the events tell."""
+
+    round: int
+    phase: str  # selecting | training | aggregating | evaluating | done | failed | aborted
+    selected: list[str] = field(default_factory=list)
+    received: list[str] = field(default_factory=list)  # in arrival order
+    failed: dict[str, str] = field(default_factory=dict)
+    started_at: float | None = None
+    deadline_s: float | None = None
+
+    def late(self) -> list[str]:
+        """Selected peers that have sent nothing yet while the round still waits on them."""
+        if self.phase not in ("selecting", "training"):
+            return []
+        got = set(self.received) | set(self.failed)
+        return [p for p in self.selected if p not in got]
+
+    def elapsed(self, now: float) -> float | None:
+        return None if self.started_at is None else max(0.0, now - self.started_at)
+
+
+@dataclass
+class SessionDetail:
+    """What the session screen needs beyond the table row: history and the current round."""
+
+    session_id: str
+    history: dict[int, RoundPoint] = field(default_factory=dict)
+    current: CurrentRound | None = None
+    strategy: str = ""
+    secure_aggregation: bool = False
+    model_cid: str = ""
+    deadline_s: float | None = None  # the spec's round_timeout_s, learned from a round
+    health_score: float | None = None
+    contributors: set[str] = field(default_factory=set)
+
+    def points(self) -> list[RoundPoint]:
+        return [self.history[k] for k in sorted(self.history)]
+
+
+@dataclass
+class LastRound:
+    session_id: str
+    round: int
+    at: float | None
+
+
+@dataclass
+class Participant:
+    peer_id: str
+    online: bool = False
+    status: str = "active"  # active | excluded | alerted
+    quality_score: float | None = None
+    latency_ms: float | None = None
+    uptime: float | None = None
+    last_seen: float | None = None
+    rounds_completed: int = 0
+    last_round: LastRound | None = None
+    excluded: bool = False
+    dataset: str = ""
+
+    @classmethod
+    def from_row(cls, row: dict[str, Any]) -> Participant:
+        lr = row.get("last_round")
+        last = (
+            LastRound(str(lr.get("session_id") or ""), _int(lr.get("round")), _float(lr.get("at")))
+            if isinstance(lr, dict)
+            else None
+        )
+        status = str(row.get("status") or "active")
+        return cls(
+            peer_id=str(row["peer_id"]),
+            online=bool(row.get("online")),
+            status=status,
+            quality_score=_float(row.get("quality_score")),
+            latency_ms=_float(row.get("latency_ms")),
+            uptime=_float(row.get("uptime")),
+            last_seen=_float(row.get("last_seen")),
+            rounds_completed=_int(row.get("rounds_completed")),
+            last_round=last,
+            excluded=bool(row.get("excluded", False)),
+            dataset=str(row.get("dataset") or ""),
+        )
+
+
+@dataclass
+class Alert:
+    id: int
+    severity: str
+    alert_type: str
+    entity_id: str
+    session_id: str
+    message: str
+    status: str  # open | acknowledged
+    created_at: float | None
+    updated_at: float | None
+
+    @classmethod
+    def from_row(cls, row: dict[str, Any]) -> Alert:
+        return cls(
+            id=_int(row.get("id")),
+            severity=str(row.get("severity") or "low"),
+            alert_type=str(row.get("alert_type") or ""),
+            entity_id=str(row.get("entity_id") or ""),
+            session_id=str(row.get("session_id") or ""),
+            message=str(row.get("message") or ""),
+            status=str(row.get("status") or "open"),
+            created_at=_float(row.get("created_at")),
+            updated_at=_float(row.get("updated_at")),
+        )
+
+    def rank(self) -> tuple[int, float]:
+        """Most severe first, then newest first: the order an operator reads them in."""
+        sev = SEVERITIES.index(self.severity) if self.severity in SEVERITIES else len(SEVERITIES)
+        return (sev, -(self.created_at or 0.0))
+
+
+@dataclass(frozen=True)
+class LogEntry:
+    """One line of the events log, already worded (formatting once, not per redraw)."""
+
+    ts: float
+    kind: str
+    session_id: str
+    text: str
+    level: str = ""  # "", "good", "warn", "bad": how the line is coloured
+
+
+@dataclass
+class Change:
+    """What one snapshot or event changed: the screens redraw just these parts."""
+
+    full: bool = False
+    sessions: set[str] = field(default_factory=set)
+    participants: set[str] = field(default_factory=set)
+    alerts: bool = False
+    events: list[LogEntry] = field(default_factory=list)
+    history: set[str] = field(default_factory=set)  # sessions whose plot gained a point
+    rounds: set[str] = field(default_factory=set)  # sessions whose current round moved
+    details: set[str] = field(default_factory=set)  # other session detail (health, cid)
+    fetch: set[str] = field(default_factory=set)  # sessions the worker should load
+    resnapshot: bool = False
+
+    def merge(self, other: Change) -> Change:
+        self.full |= other.full
+        self.sessions |= other.sessions
+        self.participants |= other.participants
+        self.alerts |= other.alerts
+        self.events += other.events
+        self.history |= other.history
+        self.rounds |= other.rounds
+        self.details |= other.details
+        self.fetch |= other.fetch
+        self.resnapshot |= other.resnapshot
+        return self
+
+
+# --- wording of events ---------------------------------------------------------------
+
+
+def describe(kind: str, data: dict[str, Any], rounds: int = 0) -> tuple[str, str]:
+    """A pushed or ledger event as one line of text and its level."""
+    of = f"/{rounds}" if rounds else ""
+    peer = short(data.get("peer_id") or data.get("participant") or data.get("entity_id"))
+    if kind == "session":
+        status = data.get("status", "?")
+        err = f": {data['error']}" if data.get("error") else ""
+        level = {"completed": "good", "failed": "bad", "paused": "warn", "stopped": "warn"}
+        return f"session {status}{err}", level.get(str(status), "")
+    if kind == "round_started":
+        n = len(data.get("selected") or [])
+        return f"round {data.get('round')}{of} started, {n} selected", ""
+    if kind == "round_completed":
+        acc, loss = _float(data.get("accuracy")), _float(data.get("loss"))
+        dropped = len(data.get("dropped") or [])
+        return (
+            f"round {data.get('round')}{of} done: accuracy {_num(acc)} loss {_num(loss)}, "
+            f"{len(data.get('participants') or [])} trained"
+            + (f", {dropped} dropped" if dropped else ""),
+            "good",
+        )
+    if kind == "round_failed":
+        return f"round {data.get('round')} {data.get('status')}: {data.get('reason', '')}", "bad"
+    if kind == "participant":
+        if "excluded" in data:
+            word = "excluded by an operator" if data["excluded"] else "readmitted"
+            return f"{peer} {word}", "warn" if data["excluded"] else ""
+        if data.get("online"):
+            return f"{peer} online", ""
+        return f"{peer} offline", "warn"
+    if kind in ("alert", "alert_raised", "alert_resolved", "alert_acknowledged"):
+        change = data.get("change") or kind.removeprefix("alert_") or "raised"
+        if change == "alert":
+            change = "raised"
+        sev = data.get("severity", "")
+        level = "bad" if change == "raised" and sev in ("critical", "high") else ""
+        if change == "raised" and not level:
+            level = "warn"
+        return f"alert {change}: {sev} {data.get('alert_type', '')} {peer}", level
+    if kind == "quality":
+        return f"round {data.get('round')} health {_num(_float(data.get('health_score')), 1)}", ""
+    if kind == "action":
+        action = data.get("action")
+        if action == "excluded_from_selection":
+            return f"{peer} left out of round {data.get('round')} (open critical alert)", "warn"
+        if action == "pause":
+            return f"session paused: {data.get('reason', '')}", "bad"
+        reason = f" ({data['reason']})" if data.get("reason") else ""
+        return f"{action} {peer}{reason}", "warn"
+    if kind == "anomaly":
+        return f"anomaly: {peer} round {data.get('round')}", "warn"
+    if kind == "security":
+        return f"security: {data.get('code', '')} {data.get('message', '')}".strip(), "bad"
+    if kind == "invite":
+        return f"invite issued ({data.get('uses', '?')} uses)", ""
+    if kind == "update_received":
+        return f"{peer} trained round {data.get('round')}", ""
+    return kind, ""
+
+
+def _num(v: float | None, digits: int = 4) -> str:
+    return "–" if v is None else f"{v:.{digits}f}"
+
+
+# --- the model -----------------------------------------------------------------------
+
+
+class DashboardState:
+    """Sessions, participants, alerts, the events ring and per-session detail."""
+
+    def __init__(self) -> None:
+        self.sessions: dict[str, SessionInfo] = {}
+        self.participants: dict[str, Participant] = {}
+        self.alerts: dict[int, Alert] = {}
+        self.events: deque[LogEntry] = deque(maxlen=EVENTS_KEPT)
+        self.details: dict[str, SessionDetail] = {}
+        self.loaded = False
+
+    # -- whole answers ----------------------------------------------------------------
+
+    def apply_snapshot(self, snap: dict[str, Any]) -> Change:
+        """Replace everything with the answer to ``subscribe`` (after a (re)connect)."""
+        self.sessions = {
+            s.session_id: s for s in (SessionInfo.from_row(r) for r in snap.get("sessions") or [])
+        }
+        self.participants = {
+            p.peer_id: p for p in (Participant.from_row(r) for r in snap.get("participants") or [])
+        }
+        self.alerts = {
+            a.id: a
+            for a in (Alert.from_row(r) for r in snap.get("alerts") or [])
+            if a.status != "resolved"
+        }
+        self.events.clear()
+        for row in snap.get("events") or []:
+            self._log_ledger_row(row)
+        self.details = {}
+        if isinstance(snap.get("session"), dict):
+            self.apply_status(snap["session"])
+        self.loaded = True
+        return Change(full=True)
+
+    def apply_status(self, summary: dict[str, Any]) -> Change:
+        """A ``session.status`` answer: the history and current round of one session."""
+        sid = str(summary["session_id"])
+        info = self.sessions.get(sid) or SessionInfo(sid)
+        self.sessions[sid] = info
+        info.name = str(summary.get("name") or info.name)
+        info.status = str(summary.get("status") or info.status)
+        info.round = _int(summary.get("rounds_completed"), info.round)
+        info.rounds = _int(summary.get("rounds"), info.rounds)
+        info.participants = _int(summary.get("participants"), info.participants)
+        acc = _float(summary.get("final_accuracy"))
+        info.accuracy = acc if acc is not None else info.accuracy
+        old = self.details.get(sid)
+        det = SessionDetail(
+            sid,
+            strategy=str(summary.get("strategy") or ""),
+            secure_aggregation=bool(summary.get("secure_aggregation")),
+            model_cid=str(summary.get("model_cid") or ""),
+            health_score=old.health_score if old else None,
+        )
+        for h in summary.get("history") or []:
+            p = RoundPoint(
+                _int(h.get("round")),
+                _float(h.get("accuracy")),
+                _float(h.get("loss")),
+                _float(h.get("duration_s")),
+                _int(h.get("participants")),
+            )
+            det.history[p.round] = p
+        cur = summary.get("current_round")
+        if isinstance(cur, dict):
+            det.current = CurrentRound(
+                round=_int(cur.get("round")),
+                phase=str(cur.get("phase") or "training"),
+                selected=list(cur.get("selected") or []),
+                received=list(cur.get("received") or []),
+                failed=dict(cur.get("failed") or {}),
+                started_at=_float(cur.get("started_at")),
+                deadline_s=_float(cur.get("deadline_s")),
+            )
+            det.deadline_s = det.current.deadline_s
+        elif old is not None:
+            det.deadline_s = old.deadline_s
+        self.details[sid] = det
+        return Change(sessions={sid}, history={sid}, rounds={sid}, details={sid})
+
+    def apply_quality(self, session_id: str, answer: dict[str, Any]) -> Change:
+        """A ``quality.session`` answer: the health score before the next round's event."""
+        health = _float(answer.get("health_score"))
+        if health is not None:
+            self._detail(session_id).health_score = health
+        return Change(details={session_id})
+
+    def apply_events_list(self, rows: list[dict[str, Any]]) -> Change:
+        """An ``events.list`` answer (oldest first): the log starts from these."""
+        self.events.clear()
+        for row in rows:
+            self._log_ledger_row(row)
+        return Change(full=True)
+
+    def _log_ledger_row(self, row: dict[str, Any]) -> None:
+        data = row.get("data") if isinstance(row.get("data"), dict) else {}
+        sid = str(row.get("session_id") or "")
+        kind = str(row.get("kind") or "")
+        if row.get("entity_id") and "peer_id" not in data:
+            data = {**data, "entity_id": row["entity_id"]}
+        info = self.sessions.get(sid)
+        text, level = describe(kind, data, info.rounds if info else 0)
+        self.events.append(LogEntry(_float(row.get("ts")) or 0.0, kind, sid, text, level))
+
+    # -- pushed events ------------------------------------------------------------------
+
+    def apply_event(self, kind: str, session_id: str, ts: float, data: dict[str, Any]) -> Change:
+        """One pushed event; unknown kinds only reach the log."""
+        handler = getattr(self, "_on_" + kind, None)
+        change = handler(session_id, ts, data) if handler is not None else Change()
+        if kind not in NOT_LOGGED:
+            info = self.sessions.get(session_id)
+            text, level = describe(kind, data, info.rounds if info else 0)
+            entry = LogEntry(ts, kind, session_id, text, level)
+            self.events.append(entry)
+            change.events.append(entry)
+        return change
+
+    def _session(self, sid: str, change: Change) -> SessionInfo:
+        info = self.sessions.get(sid)
+        if info is None:  # created since the snapshot: the worker loads its row
+            info = self.sessions[sid] = SessionInfo(sid)
+            change.fetch.add(sid)
+        change.sessions.add(sid)
+        return info
+
+    def _detail(self, sid: str) -> SessionDetail:
+        det = self.details.get(sid)
+        if det is None:
+            det = self.details[sid] = SessionDetail(sid)
+        return det
+
+    def _participant(self, peer: str, change: Change) -> Participant:
+        p = self.participants.get(peer)
+        if p is None:
+            p = self.participants[peer] = Participant(peer)
+        change.participants.add(peer)
+        return p
+
+    def _restatus(self, p: Participant) -> None:
+        """The coordinator's rule: excluded by an operator, or alerted while an open
+        critical alert keeps it out of selection, or active."""
+        held = any(
+            a.entity_id == p.peer_id and a.severity == "critical" and a.status == "open"
+            for a in self.alerts.values()
+        )
+        p.status = "excluded" if p.excluded else "alerted" if held else "active"
+
+    def _on_session(self, sid: str, ts: float, data: dict[str, Any]) -> Change:
+        change = Change()
+        if not sid:
+            return change
+        info = self._session(sid, change)
+        info.status = str(data.get("status") or info.status)
+        info.error = str(data.get("error") or "")
+        if data.get("name"):
+            info.name = str(data["name"])
+        det = self.details.get(sid)
+        if det and det.current and info.status in TERMINAL and det.current.phase != "done":
+            det.current.phase = "aborted" if info.status == "stopped" else det.current.phase
+            change.rounds.add(sid)
+        return change
+
+    def _on_round_started(self, sid: str, ts: float, data: dict[str, Any]) -> Change:
+        change = Change(rounds={sid})
+        info = self._session(sid, change)
+        if info.status in ("created", "paused"):
+            info.status = "running"
+        det = self._detail(sid)
+        deadline = _float(data.get("deadline_s"))
+        if deadline is not None:
+            det.deadline_s = deadline
+        elif det.deadline_s is None:  # the event does not say: session.status does, once
+            change.fetch.add(sid)
+        det.current = CurrentRound(
+            round=_int(data.get("round")),
+            phase="training",
+            selected=list(data.get("selected") or []),
+            started_at=_float(data.get("started_at")) or ts,
+            deadline_s=det.deadline_s,
+        )
+        return change
+
+    def _on_update_received(self, sid: str, ts: float, data: dict[str, Any]) -> Change:
+        change = Change(rounds={sid})
+        peer = str(data.get("participant") or "")
+        rnd = _int(data.get("round"))
+        det = self._detail(sid)
+        cur = det.current
+        if cur is None or cur.round != rnd:  # joined mid-round: what the event itself says
+            cur = det.current = CurrentRound(rnd, "training", deadline_s=det.deadline_s)
+        if peer and peer not in cur.received:
+            cur.received.append(peer)
+        if peer and peer not in cur.selected:
+            cur.selected.append(peer)
+        if peer:
+            p = self._participant(peer, change)
+            p.last_round = LastRound(sid, rnd, ts)
+            p.last_seen = ts
+        return change
+
+    def _on_round_completed(self, sid: str, ts: float, data: dict[str, Any]) -> Change:
+        change = Change(history={sid}, rounds={sid})
+        rnd = _int(data.get("round"))
+        contributors = [str(p) for p in data.get("participants") or []]
+        info = self._session(sid, change)
+        info.round = max(info.round, rnd)
+        acc = _float(data.get("accuracy"))
+        info.accuracy = acc if acc is not None else info.accuracy
+        det = self._detail(sid)
+        det.contributors.update(contributors)
+        info.participants = max(info.participants, len(det.contributors))
+        det.history[rnd] = RoundPoint(
+            rnd, acc, _float(data.get("loss")), _float(data.get("duration_s")), len(contributors)
+        )
+        det.model_cid = str(data.get("model_cid") or det.model_cid)
+        if det.current and det.current.round == rnd:
+            det.current.phase = "done"
+            for p in data.get("dropped") or []:
+                det.current.failed.setdefault(str(p), "dropped")
+        for peer in contributors:
+            part = self._participant(peer, change)
+            if part.last_round is None or (part.last_round.session_id, part.last_round.round) != (
+                sid,
+                rnd,
+            ):
+                part.last_round = LastRound(sid, rnd, ts)
+            part.rounds_completed += 1
+        return change
+
+    def _on_round_failed(self, sid: str, ts: float, data: dict[str, Any]) -> Change:
+        change = Change(rounds={sid})
+        det = self._detail(sid)
+        if det.current and det.current.round == _int(data.get("round")):
+            det.current.phase = str(data.get("status") or "failed")
+        return change
+
+    def _on_participant(self, sid: str, ts: float, data: dict[str, Any]) -> Change:
+        change = Change()
+        peer = data.get("peer_id")
+        if not peer:
+            return change
+        p = self._participant(str(peer), change)
+        if "online" in data:
+            p.online = bool(data["online"])
+            p.last_seen = ts
+        if data.get("dataset"):
+            p.dataset = str(data["dataset"])
+        if "excluded" in data:
+            p.excluded = bool(data["excluded"])
+            self._restatus(p)
+        return change
+
+    def _on_alert(self, sid: str, ts: float, data: dict[str, Any]) -> Change:
+        change = Change(alerts=True)
+        if "id" not in data:
+            return change
+        alert = Alert.from_row(data)
+        if data.get("change") == "resolved" or alert.status == "resolved":
+            self.alerts.pop(alert.id, None)
+        else:
+            if data.get("change") == "acknowledged":
+                alert.status = "acknowledged"
+            self.alerts[alert.id] = alert
+        p = self.participants.get(alert.entity_id)
+        if p is not None:  # the coordinator's rule: an open critical alert keeps it out
+            change.participants.add(p.peer_id)
+            self._restatus(p)
+        return change
+
+    def _on_quality(self, sid: str, ts: float, data: dict[str, Any]) -> Change:
+        health = _float(data.get("health_score"))
+        if health is not None and sid:
+            self._detail(sid).health_score = health
+        return Change(details={sid})
+
+    def _on_lagged(self, sid: str, ts: float, data: dict[str, Any]) -> Change:
+        return Change(resnapshot=True)
+
+    # -- questions the screens ask ------------------------------------------------------
+
+    def late(self, session_id: str) -> list[str]:
+        det = self.details.get(session_id)
+        return det.current.late() if det and det.current else []
+
+    def alerts_sorted(self, session_id: str | None = None) -> list[Alert]:
+        """Active alerts, most severe first; for a session, its own and node-wide ones."""
+        out = list(self.alerts.values())
+        if session_id is not None:
+            det = self.details.get(session_id)
+            peers = set(det.contributors) if det else set()
+            if det and det.current:
+                peers |= set(det.current.selected)
+            out = [a for a in out if a.session_id in ("", session_id) or a.entity_id in peers]
+        return sorted(out, key=Alert.rank)
+
+    def session_events(self, session_id: str | None = None) -> list[LogEntry]:
+        if session_id is None:
+            return list(self.events)
+        return [e for e in self.events if e.session_id in ("", session_id)]
+
+    def round_state(self, session_id: str, peer_id: str) -> str:
+        """A peer's part in the session's current round: trained, late, failed or ''."""
+        det = self.details.get(session_id)
+        cur = det.current if det else None
+        if cur is None or peer_id not in cur.selected:
+            return ""
+        if peer_id in cur.received:
+            return "trained"
+        if peer_id in cur.failed:
+            return "failed"
+        return "late" if cur.phase in ("selecting", "training") else ""
