@@ -36,6 +36,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/wire.py
 	$(BIN)/python benchmarks/secagg.py
 	$(BIN)/python benchmarks/ledger.py
+	$(BIN)/python benchmarks/cid.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

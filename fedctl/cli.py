@@ -203,6 +203,29 @@ def session_resume(session_id: str, as_json: Json = False) -> None:
     _action("resume", session_id, as_json)
 
 
+@session_app.command("rollback")
+def session_rollback(
+    session_id: str,
+    to_round: Annotated[
+        int, typer.Option("--to-round", min=0, help="the round whose model the next round uses")
+    ],
+    as_json: Json = False,
+) -> None:
+    """Go back to an earlier round's model (running or paused session; between rounds)."""
+
+    def human(r: dict[str, Any]) -> None:
+        when = "now" if r["applied"] else "before the next round"
+        stdout.print(
+            f"{r['session_id']}: back to round {r['to_round']}'s model {r['to_cid']} ({when})"
+        )
+
+    run(
+        _json(as_json),
+        lambda: call(G.target, "session.rollback", session_id=session_id, round=to_round),
+        human,
+    )
+
+
 @session_app.command("status")
 def session_status(session_id: str, as_json: Json = False) -> None:
     """State, rounds, participants, accuracy and the per-round history."""
@@ -490,13 +513,20 @@ def participants_readmit(peer_id: str, as_json: Json = False) -> None:
 
 @model_app.command("list")
 def model_list(session_id: str, as_json: Json = False) -> None:
-    """Every round's global model of a session: round, CID, accuracy, size."""
+    """Every round's global model of a session: round, CID, parent, accuracy, size, status."""
 
     def human(r: dict[str, Any]) -> None:
-        t = Table("round", "cid", "accuracy", "size")
+        t = Table("round", "cid", "parent", "accuracy", "size", "status")
+        style = {"current": "green", "rolled_back": "red"}
         for m in r["models"]:
             acc = "" if m["accuracy"] is None else f"{m['accuracy']:.4f}"
-            t.add_row(str(m["round"]), m["cid"], acc, f"{m['size']:,}")
+            parent = "…" + m["parent_cid"][-8:] if m.get("parent_cid") else ""
+            status = str(m.get("status", "")).replace("_", " ")
+            if m.get("rolled_back_to") is not None:
+                status += f" (to round {m['rolled_back_to']})"
+            if m.get("status") in style:
+                status = f"[{style[m['status']]}]{status}[/]"
+            t.add_row(str(m["round"]), m["cid"], parent, acc, f"{m['size']:,}", status)
         stdout.print(t)
 
     run(_json(as_json), lambda: call(G.target, "model.list", session_id=session_id), human)
@@ -530,6 +560,61 @@ def model_get(
         return {"cid": cid, "path": str(output), "size": len(data)}
 
     run(_json(as_json), go, lambda r: stderr.print(f"wrote {r['size']:,} bytes to {r['path']}"))
+
+
+@model_app.command("export")
+def model_export(
+    cid: str,
+    output: Annotated[Path, typer.Option("-o", "--output", help="the CAR file to write")],
+    data_dir: Annotated[
+        Path | None,
+        typer.Option(help="read from this node's store offline instead of asking the coordinator"),
+    ] = None,
+    as_json: Json = False,
+) -> None:
+    """Write a model's whole DAG as a CAR v1 file (`ipfs dag import` takes it), verified."""
+    from protocol.car import encode_car, walk_dag
+    from protocol.cid import Block, normalize_cid, unixfs_file_size, verify_block
+    from protocol.errors import CIDError
+
+    def go() -> dict[str, Any]:
+        root = normalize_cid(cid)
+        if data_dir is not None:
+            from fednode.home import NodeHome
+            from fednode.store import BlockStore
+
+            blocks = list(walk_dag(root, BlockStore(NodeHome(data_dir).store_root).get_block))
+        else:
+            reply = call(G.target, "model.export", cid=root)
+            try:
+                got = {normalize_cid(b["cid"]): bytes(b["data"]) for b in reply["blocks"]}
+            except (KeyError, TypeError) as exc:
+                raise FednodeError(
+                    f"malformed model.export reply: {exc}", code="BAD_REPLY"
+                ) from None
+
+            def block(key: str) -> bytes:  # trust nothing: the DAG must be whole and verify
+                if key not in got:
+                    raise CIDError(f"the coordinator's export of {root} lacks block {key}")
+                verify_block(key, got[key])
+                return got[key]
+
+            blocks = [Block(b.cid, b.data) for b in walk_dag(root, block)]
+        car = encode_car(root, blocks)
+        output.write_bytes(car)
+        return {
+            "cid": root,
+            "path": str(output),
+            "blocks": len(blocks),
+            "size": len(car),
+            "file_size": unixfs_file_size(root, blocks[0].data),
+        }
+
+    run(
+        _json(as_json),
+        go,
+        lambda r: stderr.print(f"wrote {r['blocks']} blocks ({r['size']:,} bytes) to {r['path']}"),
+    )
 
 
 @ledger_app.command("verify")

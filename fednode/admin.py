@@ -17,9 +17,11 @@ from typing import TYPE_CHECKING, Any
 
 from websockets.exceptions import ConnectionClosed
 
-from fednode import quality
+from fednode import quality, versions
 from fednode.session import TERMINAL
 from protocol import messages, spec, tokens
+from protocol.car import walk_dag
+from protocol.cid import normalize_cid
 from protocol.errors import FednodeError, NotAuthorized, StateError, ValidationError
 
 if TYPE_CHECKING:
@@ -35,6 +37,7 @@ READ_OPS = {
     "participants.list",
     "model.list",
     "model.get",
+    "model.export",
     "subscribe",
     "node.info",
     "alerts.list",
@@ -63,11 +66,13 @@ class AdminAPI:
             "session.stop": lambda a: self.session_action("stop", a),
             "session.pause": lambda a: self.session_action("pause", a),
             "session.resume": lambda a: self.session_action("resume", a),
+            "session.rollback": self.session_rollback,
             "session.status": self.session_status,
             "session.list": self.session_list,
             "participants.list": self.participants_list,
             "model.list": self.model_list,
             "model.get": self.model_get,
+            "model.export": self.model_export,
             "invite.create": self.invite_create,
             "alerts.list": self.alerts_list,
             "alerts.ack": self.alerts_ack,
@@ -144,6 +149,16 @@ class AdminAPI:
         run = self.coord.session(_arg(args, "session_id"))
         state = run.act(action)
         return {"session_id": run.session_id, "status": state.value}
+
+    def session_rollback(self, args: dict[str, Any]) -> dict[str, Any]:
+        """Operator only: the next round starts from round ``round``'s version."""
+        run = self.coord.session(_arg(args, "session_id"))
+        to_round = _arg(args, "round", int)
+        if to_round < 0:
+            raise ValidationError(
+                f"round {to_round}: rounds are numbered from 0 (the initial model)"
+            )
+        return run.request_rollback(to_round, str(args.get("_by", "")))
 
     def session_status(self, args: dict[str, Any]) -> dict[str, Any]:
         run = self.coord.session(_arg(args, "session_id"))
@@ -338,6 +353,10 @@ class AdminAPI:
 
     def model_list(self, args: dict[str, Any]) -> dict[str, Any]:
         run = self.coord.session(_arg(args, "session_id"))
+        models = self.coord.ledger.models(run.session_id)
+        status = versions.statuses(
+            [m["round"] for m in models], [m["rolled_back_at"] is not None for m in models]
+        )
         return {
             "models": [
                 {
@@ -347,14 +366,26 @@ class AdminAPI:
                     "loss": m["loss"],
                     "size": m["size"],
                     "parent_cid": m["parent_cid"],
+                    "status": st,  # current | superseded | rolled_back
+                    "rolled_back_to": m["rolled_back_to"],
                 }
-                for m in self.coord.ledger.models(run.session_id)
+                for m, st in zip(models, status, strict=True)
             ]
         }
 
     def model_get(self, args: dict[str, Any]) -> dict[str, Any]:
         cid = _arg(args, "cid")
         return {"cid": cid, "data": self.coord.store.get(cid)}
+
+    async def model_export(self, args: dict[str, Any]) -> dict[str, Any]:
+        """Every block of a model's DAG, depth first (the order of a CAR; protocol.car)."""
+        root = normalize_cid(_arg(args, "cid"))
+        store = self.coord.store
+
+        def blocks() -> list[dict[str, Any]]:
+            return [{"cid": b.cid, "data": b.data} for b in walk_dag(root, store.get_block)]
+
+        return {"cid": root, "blocks": await asyncio.to_thread(blocks)}
 
     def invite_create(self, args: dict[str, Any]) -> dict[str, Any]:
         run = self.coord.session(_arg(args, "session_id"))

@@ -141,6 +141,20 @@ def run_node(
             help="participant: seconds to wait before each training (testing)", hidden=True
         ),
     ] = 0.0,
+    poison_round: Annotated[
+        int,
+        typer.Option(
+            help="participant: in this round, send weights scaled by a large negative factor "
+            "(testing rollback)",
+            hidden=True,
+        ),
+    ] = 0,
+    nan_round: Annotated[
+        int,
+        typer.Option(
+            help="coordinator: this round's aggregate becomes NaN (testing rollback)", hidden=True
+        ),
+    ] = 0,
     log_level: Annotated[str, typer.Option(help="debug, info, warning")] = "info",
     handshake_timeout: Annotated[
         float, typer.Option(help="coordinator: seconds per handshake step")
@@ -175,6 +189,14 @@ def run_node(
             help="coordinator: serve Prometheus metrics on HOST:PORT (e.g. 127.0.0.1:9100)"
         ),
     ] = "",
+    ipfs_api: Annotated[
+        str,
+        typer.Option(
+            "--ipfs-api",
+            help="keep models in the local IPFS daemon with this RPC API "
+            "(/ip4/127.0.0.1/tcp/5001 or http://127.0.0.1:5001) instead of DATA_DIR/store",
+        ),
+    ] = "",
 ) -> None:
     """Serve as coordinator or participant until SIGINT/SIGTERM.
 
@@ -204,7 +226,10 @@ def run_node(
 
         torch.set_num_threads(max(1, threads))
         if role == "coordinator":
+            from fednode import session
             from fednode.quality import SLA, load_sla
+
+            session.NAN_ROUND = nan_round
 
             host, port = _hostport(listen)
             metrics_at = _hostport(metrics, "--metrics") if metrics else None
@@ -227,6 +252,7 @@ def run_node(
                     },
                     tls,
                     metrics_at,
+                    ipfs_api=ipfs_api,
                 )
             )
         else:
@@ -235,7 +261,15 @@ def run_node(
             ref = parse_dataset_spec(dataset)
             asyncio.run(
                 _run_participant(
-                    home, ident, coordinator, coordinator_id, ref, join_token, train_delay
+                    home,
+                    ident,
+                    coordinator,
+                    coordinator_id,
+                    ref,
+                    join_token,
+                    train_delay,
+                    poison_round,
+                    ipfs_api=ipfs_api,
                 )
             )
     except FednodeError as err:
@@ -260,14 +294,16 @@ async def _run_coordinator(
     options: dict[str, Any],
     tls: bool,
     metrics_at: tuple[str, int] | None = None,
+    ipfs_api: str = "",
 ) -> None:
     from fednode.coordinator import Coordinator
     from fednode.ledger import Ledger
-    from fednode.store import BlockStore
+    from fednode.store import open_store
 
     stop = _stop_event()
+    store = open_store(home.store_root, ipfs_api)
     with Ledger(home.ledger_path) as ledger:
-        coord = Coordinator(ident, ledger, BlockStore(home.store_root), **options)
+        coord = Coordinator(ident, ledger, store, **options)
         ssl = None
         if tls:
             from fednode.tls import server_context
@@ -310,22 +346,26 @@ async def _run_participant(
     ref: DatasetRef,
     join_token: str,
     train_delay: float,
+    poison_round: int = 0,
+    ipfs_api: str = "",
 ) -> None:
     from fednode.ledger import Ledger
     from fednode.participant import Participant
-    from fednode.store import BlockStore
+    from fednode.store import open_store
 
     stop = _stop_event()
+    store = open_store(home.store_root, ipfs_api)
     with Ledger(home.ledger_path) as ledger:
         node = Participant(
             ident,
             ledger,
-            BlockStore(home.store_root),
+            store,
             url=url,
             coordinator_id=coordinator_id,
             dataset=ref,
             join_token=join_token,
             train_delay_s=train_delay,
+            poison_round=poison_round,
             chain=home.chain(),
         )
         emit_json({"event": "started", "peer_id": ident.peer_id, "coordinator": url})

@@ -27,7 +27,7 @@ from fednode.ledger import Ledger
 from fednode.monitor import QualityMonitor
 from fednode.quality import SLA
 from fednode.session import TERMINAL, SessionRun, SessionState
-from fednode.store import BlockStore
+from fednode.store import ContentStore
 from fednode.transport import (
     DEFAULT_RATE,
     HANDSHAKE_TIMEOUT_S,
@@ -62,7 +62,7 @@ class Coordinator:
         self,
         identity: Identity,
         ledger: Ledger,
-        store: BlockStore,
+        store: ContentStore,
         *,
         operators: set[str],
         viewers: set[str] | None = None,
@@ -363,7 +363,8 @@ class Coordinator:
             self.ledger.upsert_participant(conn.peer_id, last_seen=now)
             self.monitor.on_heartbeat(conn.peer_id, now, msg.cpu_efficiency, msg.memory_efficiency)
         elif isinstance(msg, messages.Fetch):
-            data = self.store.get(msg.cid)
+            # In a thread: with --ipfs-api every block is a request to the daemon.
+            data = await asyncio.to_thread(self.store.get, msg.cid)
             sent = await conn.send(messages.Block(cid=msg.cid, data=data), session_id)
             if session_id in self.sessions:
                 self.sessions[session_id].on_bytes_down(sent)

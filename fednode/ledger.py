@@ -11,7 +11,8 @@ enough to resume after a crash and to explain afterwards what happened in a sess
 
 Schema 3 adds quality: per-peer and per-session quality snapshots, network measurements,
 alerts whose every state change is also a chained event (written in the same transaction),
-and, on participants, the log of the training tasks they took.
+and, on participants, the log of the training tasks they took. Schema 4 marks model
+versions that were rolled back (``rolled_back_at``, ``rolled_back_to``).
 
 Transactions use sqlite-utils' ``atomic()`` rather than ``with conn:``: sqlite-utils 4 wraps
 its own writes in ``atomic()``, which nests as a savepoint inside ours, whereas an inner
@@ -48,7 +49,7 @@ UPDATE_STATUSES = frozenset({"accepted", "rejected"})
 
 # --- quality: the vocabulary is fednode.quality's (the rules live there), checked here too
 SEVERITIES = frozenset(quality.SEVERITIES)
-EVENT_ALERT_TYPES = frozenset({"security_violation"})
+EVENT_ALERT_TYPES = frozenset({"security_violation", "model_divergence"})
 RULE_ALERT_TYPES = frozenset(quality.ALERT_SEVERITY) - EVENT_ALERT_TYPES
 ALERT_TYPES = RULE_ALERT_TYPES | EVENT_ALERT_TYPES
 ALERT_STATUSES = frozenset({"open", "acknowledged", "resolved"})
@@ -520,7 +521,18 @@ def _m003_quality(db: Database) -> None:
     db.execute("ALTER TABLE participants ADD COLUMN excluded INTEGER NOT NULL DEFAULT 0")
 
 
-MIGRATIONS: list[Callable[[Database], None]] = [_m001_initial, _m002_admission, _m003_quality]
+def _m004_rollback(db: Database) -> None:
+    """Versions that were rolled back: when, and to which round (NULL = a live version)."""
+    db.execute("ALTER TABLE model_versions ADD COLUMN rolled_back_at REAL")
+    db.execute("ALTER TABLE model_versions ADD COLUMN rolled_back_to INTEGER")
+
+
+MIGRATIONS: list[Callable[[Database], None]] = [
+    _m001_initial,
+    _m002_admission,
+    _m003_quality,
+    _m004_rollback,
+]
 """Ordered; migration ``i`` (0-based) brings the schema to version ``i + 1``."""
 
 
@@ -1157,6 +1169,79 @@ class Ledger:
         )
         return [dict(r) for r in rows]
 
+    def live_models(self, session_id: str) -> list[dict[str, Any]]:
+        """The versions not rolled back, by round: the lineage the current model is on."""
+        rows = self.db.query(
+            "SELECT * FROM model_versions WHERE session_id = ? AND rolled_back_at IS NULL "
+            "ORDER BY round",
+            (session_id,),
+        )
+        return [dict(r) for r in rows]
+
+    def rollback_models(
+        self,
+        session_id: str,
+        to_round: int,
+        *,
+        now: float,
+        data: Mapping[str, Any],
+    ) -> dict[str, Any]:
+        """Go back to round ``to_round``'s version, in ONE transaction.
+
+        Every live version after it is marked rolled back (``rolled_back_at`` = ``now``,
+        ``rolled_back_to`` = ``to_round``), the session's ``model_cid``/``final_accuracy``/
+        ``final_loss`` become the target's, and a hash-chained "rollback" event is appended
+        with ``data`` plus from_cid, from_round, to_cid, to_round and the rounds rolled back.
+        NotFound for a round without a version; StateError for a version itself rolled back.
+        Returns the event's data.
+        """
+        to_round = _int("to_round", to_round, optional=False, minimum=0)
+        t = _real("now", now, optional=False)
+        with self.transaction():
+            self._require_session(session_id)
+            target = self._one(
+                "SELECT * FROM model_versions WHERE session_id = ? AND round = ?",
+                (session_id, to_round),
+            )
+            if target is None:
+                raise NotFound(
+                    f"session {session_id!r} has no model version of round {to_round}",
+                    hint=f"`fedctl model list {session_id}` shows the rounds that have one",
+                )
+            if target["rolled_back_at"] is not None:
+                raise StateError(
+                    f"round {to_round}'s version of session {session_id!r} was itself rolled "
+                    f"back (to round {target['rolled_back_to']})",
+                    hint=f"pick a round whose status is current or superseded in "
+                    f"`fedctl model list {session_id}`",
+                )
+            live = self.live_models(session_id)
+            current = live[-1]
+            undone = [m["round"] for m in live if m["round"] > to_round]
+            self.db.execute(
+                "UPDATE model_versions SET rolled_back_at = ?, rolled_back_to = ? "
+                "WHERE session_id = ? AND round > ? AND rolled_back_at IS NULL",
+                (t, to_round, session_id, to_round),
+            )
+            self.db["sessions"].update(
+                session_id,
+                {
+                    "model_cid": target["cid"],
+                    "final_accuracy": target["accuracy"],
+                    "final_loss": target["loss"],
+                },
+            )
+            event = {
+                **data,
+                "from_cid": current["cid"],
+                "from_round": current["round"],
+                "to_cid": target["cid"],
+                "to_round": to_round,
+                "rolled_back": undone,
+            }
+            self.append_event("rollback", session_id=session_id, data=event, ts=t)
+        return event
+
     def find_model(self, cid: str) -> dict[str, Any] | None:
         """The first recorded version with this CID (the same bytes can recur)."""
         return self._one(
@@ -1748,6 +1833,9 @@ class Ledger:
             if end is None:
                 end = time.time() if now is None else now
             duration = max(0.0, end - started)
+        undone = {
+            m["round"] for m in self.models(session_id) if m.get("rolled_back_at") is not None
+        }
         history = [
             {
                 "round": r["round"],
@@ -1755,6 +1843,7 @@ class Ledger:
                 "loss": r["loss"],
                 "duration_s": r["duration_s"],
                 "participants": r["participants"],
+                "rolled_back": r["round"] in undone,  # its model was later rolled back
             }
             for r in self.rounds(session_id)
             if r["status"] == "completed"

@@ -398,7 +398,12 @@ class QualityMonitor:
         pq = [scores[p].overall for p in scores if scores[p].has_input]  # 0.0 = unmeasured
         return SessionObservation(
             session_id=sid,
-            accuracies=[m["accuracy"] for m in models if m["accuracy"] is not None],
+            # the live lineage: versions rolled back are not the session's history any more
+            accuracies=[
+                m["accuracy"]
+                for m in models
+                if m["accuracy"] is not None and m.get("rolled_back_at") is None
+            ],
             rounds_run=len(finished),
             first_selected=rounds[0]["selected"] if rounds else [],
             last_contributors=contributors,

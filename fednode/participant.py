@@ -37,6 +37,9 @@ log = logging.getLogger("fednode.participant")
 FETCH_TIMEOUT_S = 60.0
 MAX_BACKOFF_S = 10.0
 ADMIT_TIMEOUT_S = 30.0
+# --poison-round: the factor a poisoned update's weights are multiplied by. Negative, because
+# a ReLU network scaled by a positive factor keeps most of its predictions; this one does not.
+POISON_FACTOR = -10.0
 
 
 # The data as loaded, before any session's features or partition: what the checks look at.
@@ -70,6 +73,7 @@ class Participant:
         dataset: DatasetRef,
         join_token: str = "",
         train_delay_s: float = 0.0,
+        poison_round: int = 0,
         chain: list[Rotation] | None = None,
     ):
         self.chain = chain or []
@@ -81,6 +85,7 @@ class Participant:
         self.dataset = dataset
         self.join_token = join_token
         self.train_delay_s = train_delay_s  # a test option: a deliberately slow participant
+        self.poison_round = poison_round  # a test option: this round's update diverges
         self._fetches: dict[str, asyncio.Future[bytes]] = {}
         self._task: asyncio.Task[None] | None = None
         self._data_cache: dict[tuple[Any, ...], Any] = {}
@@ -247,10 +252,37 @@ class Participant:
         except psutil.Error:
             return None
 
-    async def _fetch(self, conn: Connection, session: str, cid: str) -> bytes:
-        """The model by CID: from the local store if present, else from the coordinator."""
-        if self.store.has(cid):
-            return self.store.get(cid)  # verified block by block
+    async def _fetch(
+        self, conn: Connection, session: str, cid: str, via: str = "coordinator"
+    ) -> bytes:
+        """The model by CID, every block verified: from the local store if present, from
+        this node's IPFS daemon when the spec says ``model.fetch = "ipfs"``, else (or when the
+        daemon cannot give it) from the coordinator."""
+        from fednode.ipfs import IpfsStore
+
+        on_ipfs = isinstance(self.store, IpfsStore)
+        if via == "ipfs" and not on_ipfs:
+            log.warning(
+                "the session fetches models from IPFS, but this node runs without --ipfs-api: "
+                "fetching %s from the coordinator",
+                cid,
+            )
+        if via == "ipfs" and on_ipfs:
+            started = time.perf_counter()
+            try:  # the daemon finds the blocks (locally or from its peers); each is re-hashed here
+                data = await asyncio.to_thread(self.store.get, cid)
+            except FednodeError as err:
+                log.warning(
+                    "IPFS did not give model %s (%s: %s): fetching it from the coordinator",
+                    cid,
+                    err.code,
+                    err.message,
+                )
+            else:
+                self._fetched[cid] = (len(data), time.perf_counter() - started)
+                return data
+        elif await asyncio.to_thread(self.store.has, cid):
+            return await asyncio.to_thread(self.store.get, cid)  # verified block by block
         fut: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
         self._fetches[cid] = fut
         started = time.perf_counter()
@@ -266,14 +298,14 @@ class Participant:
         if file_cid(data) != cid:
             raise CIDError(f"model bytes from the coordinator do not hash to {cid}")
         self._fetched[cid] = (len(data), took)  # reported with the update: bandwidth
-        self.store.put(data, pin=False)
+        await asyncio.to_thread(self.store.put, data, pin=False)
         return data
 
     async def _train(
         self, conn: Connection, session: str, task: messages.RoundStart, s: dict[str, Any]
     ) -> training.TrainResult:
         """Fetch the round's model by CID, train on the local data, return the result."""
-        blob = await self._fetch(conn, session, task.model_cid)
+        blob = await self._fetch(conn, session, task.model_cid, s["model"]["fetch"])
         mspec = model_spec(s)
         global_w = weights.from_bytes(blob, expect=training.expected_shapes(mspec))
         data = await asyncio.to_thread(self._load_data, s["data"])
@@ -322,6 +354,9 @@ class Participant:
                 result, sent = await self._secure_round(conn, session, task, s)
             else:
                 result = await self._train(conn, session, task, s)
+                if task.round == self.poison_round:  # the test option: a diverging update
+                    poisoned = {k: v * POISON_FACTOR for k, v in result.weights.items()}
+                    result = dataclasses.replace(result, weights=poisoned)
                 out = weights.to_bytes(result.weights)
                 sent = await conn.send(
                     messages.Update(

@@ -32,9 +32,9 @@ from protocol.errors import ValidationError
 
 SEVERITIES = ("critical", "high", "medium", "low")  # most severe first
 
-#: Every alert type with its severity. All but ``security_violation`` are rule-based and
-#: resolve automatically when their condition clears; ``security_violation`` is raised by an
-#: event and only ever acknowledged.
+#: Every alert type with its severity. All but ``security_violation`` and
+#: ``model_divergence`` are rule-based and resolve automatically when their condition clears;
+#: those two are raised by an event and only ever acknowledged.
 ALERT_SEVERITY: dict[str, str] = {
     "task_completion": "critical",
     "uptime": "critical",
@@ -52,6 +52,7 @@ ALERT_SEVERITY: dict[str, str] = {
     "security_score": "high",
     "convergence": "low",
     "security_violation": "critical",
+    "model_divergence": "high",
 }
 
 # Fixed thresholds of the participant rules (the others come from the SLA).

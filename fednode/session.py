@@ -12,6 +12,12 @@ Each round goes through phases, in order, recorded in the ledger and pushed as e
 
 Pause takes effect between rounds: the round in flight finishes and is recorded, then the
 session waits. Stop cancels the round in flight; it is recorded as aborted.
+
+Rollback (fednode.versions has the rule): after each round the live lineage's accuracies
+are checked; a model that diverged (spec [rollback]) sends the session back to the best
+version so far, and a non-finite aggregate is never published and rolls back at once. An
+operator may roll back by hand (``fedctl session rollback``) while the session runs or is
+paused; it takes effect between rounds. Rounds keep their numbers either way.
 """
 
 from __future__ import annotations
@@ -27,19 +33,24 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from fednode import quality, training, weights
+from fednode import quality, training, versions, weights
 from fednode.data import load_eval
 from fednode.secure_round import SecureRound
 from fednode.strategies import get_strategy
 from fednode.strategies.base import ClientUpdate
 from protocol import messages
+from protocol import spec as specmod
 from protocol.cid import file_cid
-from protocol.errors import FednodeError, StateError, ValidationError
+from protocol.errors import FednodeError, NotFound, StateError, ValidationError
 
 if TYPE_CHECKING:
     from fednode.coordinator import Coordinator
 
 log = logging.getLogger("fednode.session")
+
+#: A test option (``fednode run --role coordinator --nan-round K``, hidden): round K's
+#: aggregate becomes NaN, to exercise the non-finite rollback. 0 = off.
+NAN_ROUND = 0
 
 
 class SessionState(StrEnum):
@@ -113,6 +124,12 @@ class RoundRun:
         return set(self.selected) - set(self.received) - set(self.failed)
 
 
+class _NonFinite(FednodeError):
+    """The round's aggregate is not a usable model (caught in the round, never raised on)."""
+
+    code = "NON_FINITE_MODEL"
+
+
 class SessionRun:
     def __init__(
         self,
@@ -135,6 +152,8 @@ class SessionRun:
         self._wake = asyncio.Event()
         self.secure: SecureRound | None = None
         self._task: asyncio.Task[None] | None = None
+        self.pending_rollback: tuple[int, str, float] | None = None  # (round, by, asked at)
+        self._idle = False  # the driver waits between rounds (paused): nothing is in flight
 
     # --- operator actions -----------------------------------------------------------
 
@@ -175,7 +194,11 @@ class SessionRun:
             await self._prepare()
             while self.rounds_done < self.spec["rounds"]:
                 while self.state == SessionState.PAUSED:
-                    await self._wait(None)
+                    self._idle = True
+                    try:
+                        await self._wait(None)
+                    finally:
+                        self._idle = False
                 await self._one_round(self.rounds_done + 1)
             self._set_state(SessionState.COMPLETED)
         except asyncio.CancelledError:
@@ -271,6 +294,7 @@ class SessionRun:
     async def _one_round(self, number: int) -> None:
         spec = self.spec
         selected = await self._select()
+        self._apply_pending_rollback()  # an operator's rollback takes effect between rounds
         self._log_exclusions(number)
         rnd = self.round = RoundRun(number, self.global_cid, selected)
         self.coord.ledger.start_round(
@@ -319,6 +343,15 @@ class SessionRun:
                     f"{len(contributors)} models in the aggregate, fewer than "
                     f"min_participants = {spec['min_participants']}"
                 )
+            if number == NAN_ROUND:  # the test option: this round's aggregate diverges
+                new = {k: np.full_like(v, np.nan) for k, v in new.items()}
+            if not versions.is_finite(new):
+                raise _NonFinite(
+                    "the aggregate has non-finite weights (NaN or inf); it was not published"
+                )
+        except _NonFinite as err:
+            self._non_finite(number, err.message)
+            return
         except FednodeError as err:
             reason = f"{err.message}; " + "; ".join(f"{p[-8:]}: {r}" for p, r in rnd.failed.items())
             self._finish_round_failed("aborted" if self.secure else "failed", reason)
@@ -327,6 +360,7 @@ class SessionRun:
                 return
             raise StateError(f"round {number} failed: {reason}") from None
         await self._complete(rnd, new, contributors)
+        self._check_divergence(number)
 
     async def _send(self, peer: str, msg: messages.Message) -> bool:
         sent = await self.coord.send_to(peer, msg, self.session_id)
@@ -449,6 +483,167 @@ class SessionRun:
             {"round": rnd.number, "status": status, "reason": reason},
         )
         self.coord.monitor.after_round(self, rnd, None)
+
+    # --- model versions and rollback -----------------------------------------------------
+
+    def _rollback_spec(self) -> dict[str, Any]:
+        """The spec's [rollback] table (a spec stored before it existed takes the defaults)."""
+        return {**specmod.defaults()["rollback"], **self.spec.get("rollback", {})}
+
+    def _history(self) -> list[tuple[int, float | None]]:
+        return [(m["round"], m["accuracy"]) for m in self.coord.ledger.live_models(self.session_id)]
+
+    def _check_divergence(self, number: int) -> None:
+        """After a round's version is stored: has the model diverged? Then go back."""
+        rb = self._rollback_spec()
+        if not rb["enabled"]:
+            return
+        history = self._history()
+        target = versions.rollback_target(history, rb["margin"], rb["rounds"])
+        if target is None:
+            return
+        best = dict(history)[target]
+        acc = history[-1][1]
+        reason = (
+            f"accuracy {acc:.4f} after round {number} is more than {rb['margin']:g} below the "
+            f"best so far ({best:.4f}, round {target}) for {rb['rounds']} consecutive round(s)"
+        )
+        self._rollback(target, reason=reason, trigger="accuracy", round_=number, by="")
+
+    def _non_finite(self, number: int, reason: str) -> None:
+        """A non-finite aggregate: the round is recorded (failed, with the reason), its model
+        is never stored, and the session goes back to the best version so far."""
+        rb = self._rollback_spec()
+        if not rb["enabled"]:
+            self._finish_round_failed("failed", reason)
+            if self.spec["on_round_failure"] == "continue":
+                self.rounds_done = number  # the next round starts from the same model
+                return
+            raise StateError(
+                f"round {number} failed: {reason}",
+                hint="enable [rollback] in the spec to continue from the last good model",
+            )
+        target = versions.best_round(self._history())
+        assert target is not None  # round 0's version always has an accuracy
+        self._finish_round_failed("failed", f"{reason}; rolled back to round {target}")
+        self._rollback(target, reason=reason, trigger="non_finite", round_=number, by="")
+        self.rounds_done = number
+
+    def _rollback(self, to_round: int, *, reason: str, trigger: str, round_: int, by: str) -> None:
+        """Make round ``to_round``'s version the global model again: mark the versions after
+        it rolled back, log the "rollback" event and, for a divergence, raise its alert."""
+        now = time.time()
+        live = {m["round"]: m for m in self.coord.ledger.live_models(self.session_id)}
+        target = live.get(to_round)
+        if target is None:
+            raise StateError(f"round {to_round} has no live model version to go back to")
+        w = weights.from_bytes(self.coord.store.get(target["cid"]), expect=self.shapes)
+        data = self.coord.ledger.rollback_models(
+            self.session_id,
+            to_round,
+            now=now,
+            data={"round": round_, "reason": reason, "trigger": trigger, "by": by},
+        )
+        self.global_cid, self.global_weights = target["cid"], w
+        self.base_loss = target["loss"] if target["loss"] is not None else math.nan
+        self.coord.events.publish("rollback", data, self.session_id)
+        log.warning(
+            "session %s rolled back to round %d (%s): %s",
+            self.session_id,
+            to_round,
+            target["cid"],
+            reason,
+        )
+        if trigger != "operator":
+            alert = self.coord.ledger.raise_event_alert(
+                "model_divergence",
+                quality.ALERT_SEVERITY["model_divergence"],
+                self.session_id,
+                self.session_id,
+                f"session {self.session_id} diverged in round {round_} ({reason}); rolled back "
+                f"to round {to_round}'s model {target['cid']}",
+                now,
+            )
+            self.coord.events.publish("alert", {"change": "raised", **alert}, self.session_id)
+
+    def request_rollback(self, to_round: int, by: str) -> dict[str, Any]:
+        """An operator's rollback: checked now, applied between rounds (at once when the
+        session is paused with nothing in flight)."""
+        if self.state not in (SessionState.RUNNING, SessionState.PAUSED):
+            hint = {
+                SessionState.CREATED: "start the session first; it has no trained version yet",
+            }.get(
+                self.state,
+                f"the session is over; take the version you want from `fedctl model list "
+                f"{self.session_id}` (`fedctl model get CID -o FILE`) and start a new session",
+            )
+            raise StateError(
+                f"cannot roll back session {self.session_id}: it is {self.state.value} "
+                "(only a running or paused session can be rolled back)",
+                hint=hint,
+            )
+        models = {m["round"]: m for m in self.coord.ledger.models(self.session_id)}
+        target = models.get(to_round)
+        if target is None:
+            raise NotFound(
+                f"session {self.session_id} has no model version of round {to_round}",
+                hint=f"`fedctl model list {self.session_id}` shows the rounds that have one",
+            )
+        if target["rolled_back_at"] is not None:
+            raise StateError(
+                f"round {to_round}'s version was itself rolled back",
+                hint=f"pick a round whose status is current or superseded in "
+                f"`fedctl model list {self.session_id}`",
+            )
+        in_flight = (
+            not self._idle and self.round is not None and self.round.phase != RoundPhase.DONE
+        )
+        live = [r for r, m in models.items() if m["rolled_back_at"] is None]
+        if to_round == max(live) and not in_flight and self.pending_rollback is None:
+            raise StateError(
+                f"round {to_round}'s version is already session {self.session_id}'s model",
+                hint=f"pick an earlier round from `fedctl model list {self.session_id}`",
+            )
+        self.pending_rollback = (to_round, by, time.time())
+        applied = self._idle and self._apply_pending_rollback()
+        self.wake()
+        return {
+            "session_id": self.session_id,
+            "status": self.state.value,
+            "to_round": to_round,
+            "to_cid": target["cid"],
+            "applied": applied,
+        }
+
+    def _apply_pending_rollback(self) -> bool:
+        """Apply an operator's rollback, if one waits; whether one was applied."""
+        if self.pending_rollback is None:
+            return False
+        to_round, by, asked_at = self.pending_rollback
+        self.pending_rollback = None
+        try:
+            self._rollback(
+                to_round,
+                reason=f"rolled back by operator {by}" if by else "rolled back by an operator",
+                trigger="operator",
+                round_=self.rounds_done,
+                by=by,
+            )
+        except FednodeError as err:  # e.g. an automatic rollback went further back meanwhile
+            log.warning("operator rollback to round %d not applied: %s", to_round, err.message)
+            self.coord.record(
+                "action",
+                self.session_id,
+                {
+                    "action": "rollback_skipped",
+                    "to_round": to_round,
+                    "by": by,
+                    "asked_at": asked_at,
+                    "reason": err.message,
+                },
+            )
+            return False
+        return True
 
     # --- input from participants ---------------------------------------------------------
 

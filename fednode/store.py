@@ -31,6 +31,7 @@ import os
 import tempfile
 import time
 from pathlib import Path
+from typing import Protocol
 
 from protocol.cid import (
     build_dag,
@@ -215,3 +216,37 @@ class BlockStore:
                     os.unlink(entry.path)
                     removed += 1
         return removed
+
+
+class ContentStore(Protocol):
+    """What a node needs of a content store: :class:`BlockStore` or ``fednode.ipfs.IpfsStore``.
+
+    Both take and give whole files by the CID ``protocol.cid`` computes, and both re-hash
+    every block they read, so callers never see unverified bytes.
+    """
+
+    def has(self, cid: str) -> bool: ...
+    def put_block(self, cid: str, data: bytes) -> None: ...
+    def get_block(self, cid: str) -> bytes: ...
+    def put(self, data: bytes, *, pin: bool = True, cid_version: int = 1) -> str: ...
+    def get(self, cid: str) -> bytes: ...
+    def size(self, cid: str) -> int: ...
+    def pin(self, cid: str) -> None: ...
+    def unpin(self, cid: str) -> None: ...
+    def pins(self) -> list[str]: ...
+    def gc(self) -> int: ...
+
+
+def open_store(root: Path, ipfs_api: str = "") -> ContentStore:
+    """The node's store: the embedded one under ``root``, or the IPFS daemon at ``ipfs_api``.
+
+    The daemon is asked its version at once, so a node told to use a daemon that is down
+    refuses to start (IPFS_UNAVAILABLE) instead of failing at its first model.
+    """
+    if not ipfs_api:
+        return BlockStore(root)
+    from fednode.ipfs import IpfsStore
+
+    store = IpfsStore(ipfs_api)
+    store.version()
+    return store

@@ -26,19 +26,23 @@ Sources the encoding follows (read, not copied):
 * An empty file is one empty chunk; its dag-pb leaf carries no UnixFS ``Data`` field
   (kubo's QmbFMke1KXqnYyBBWxB74N4c5SBnJMVAiMNRcGu6x1AwQH is ``0a 04 08 02 18 00``).
 
-Only the protobuf wire format (varints, length-delimited fields) is hand-written;
-multihash, CID and multibase come from the ``multiformats`` package. Everything here is
-pure: bytes in, CIDs out.
+Hand-written: the protobuf wire format (varints, length-delimited fields) and, for the two
+canonical text forms only (CIDv1 sha2-256 in base32, CIDv0 in base58btc), the CID's binary
+layout and its multibase text, because ``multiformats``' pure-Python encoders cost about
+0.7 ms per CID, which was 80 % of the time of a CID of a 100 MB file (docs/benchmarks.md).
+``multiformats`` still parses every other form, and the tests check the hand-written forms
+against it. Everything here is pure: bytes in, CIDs out.
 """
 
 from __future__ import annotations
 
+import base64
 import functools
 import hashlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from multiformats import CID, multihash
+from multiformats import CID
 
 from protocol.errors import CIDError
 
@@ -46,6 +50,11 @@ CHUNK_SIZE = 262144
 MAX_LINKS = 174
 
 _CODECS = ("raw", "dag-pb")
+_CODEC_CODES = {"raw": 0x55, "dag-pb": 0x70}  # multicodec table; both fit one varint byte
+_CODEC_NAMES = {code: name for name, code in _CODEC_CODES.items()}
+_SHA2_256 = b"\x12\x20"  # multihash: sha2-256, 32-byte digest
+_B58 = "123456789ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz"
+_B58_INDEX = {c: i for i, c in enumerate(_B58)}
 _UNIXFS_FILE = 2
 _BAD_CID_HINT = "a CID looks like Qm... (v0) or bafk.../bafy... (v1); check where it came from"
 _MAX_CID_TEXT = 200  # a sha2-256 CIDv1 in base32 is 59 characters; be generous, not unbounded
@@ -161,6 +170,13 @@ def _unixfs_file(
     return out
 
 
+def _pb_leaf(chunk: bytes | memoryview) -> bytes:
+    """``_pb_node([], _unixfs_file(data=chunk, filesize=n))`` for n > 0, with one copy."""
+    n = _varint(len(chunk))
+    unixfs_len = 3 + len(n) + len(chunk) + 1 + len(n)  # 08 02 | 12 n chunk | 18 n
+    return b"".join((b"\x0a", _varint(unixfs_len), b"\x08\x02\x12", n, chunk, b"\x18", n))
+
+
 def _pb_node(node_links: list[tuple[bytes, int]], data: bytes) -> bytes:
     """Encode a PBNode: every link first (Hash, empty Name, Tsize), then Data."""
     out = bytearray()
@@ -174,23 +190,73 @@ def _pb_node(node_links: list[tuple[bytes, int]], data: bytes) -> bytes:
 # --- CIDs ---------------------------------------------------------------------------------
 
 
-def _make_cid(data: bytes, version: int, codec: str) -> CID:
-    digest = multihash.digest(data, "sha2-256")
+def _cid_binary(data: bytes | memoryview, version: int, codec: str) -> bytes:
+    """The binary CID of a block: the bare multihash (v0) or 01 <codec> <multihash> (v1)."""
+    mh = _SHA2_256 + hashlib.sha256(data).digest()
     if version == 0:
-        return CID("base58btc", 0, "dag-pb", digest)
-    return CID("base32", 1, codec, digest)
+        return mh
+    return bytes((1, _CODEC_CODES[codec])) + mh
+
+
+def _b58encode(raw: bytes) -> str:
+    n = int.from_bytes(raw, "big")
+    out = []
+    while n:
+        n, r = divmod(n, 58)
+        out.append(_B58[r])
+    return "1" * (len(raw) - len(raw.lstrip(b"\0"))) + "".join(reversed(out))
+
+
+def _b58decode(text: str) -> bytes | None:
+    n = 0
+    for c in text:
+        i = _B58_INDEX.get(c)
+        if i is None:
+            return None
+        n = n * 58 + i
+    zeros = len(text) - len(text.lstrip("1"))
+    return b"\0" * zeros + n.to_bytes((n.bit_length() + 7) // 8, "big")
+
+
+def _cid_text(raw: bytes) -> str:
+    """Canonical text of a binary CID made here: base58btc for v0, "b" + base32 for v1."""
+    if len(raw) == 34:
+        return _b58encode(raw)
+    return "b" + base64.b32encode(raw).decode("ascii").lower().rstrip("=")
+
+
+@functools.lru_cache(maxsize=16384)
+def _fast_parse(cid: str) -> tuple[int, str, bytes] | None:
+    """(version, codec, digest) of a CID in one of the two canonical forms, else None.
+
+    Only exact canonical spellings pass (re-encoding gives the same text); anything else
+    goes through multiformats in :func:`_parse_cid`, which also produces the errors.
+    """
+    if len(cid) == 46 and cid.startswith("Qm"):
+        raw = _b58decode(cid)
+        if raw is not None and len(raw) == 34 and raw[:2] == _SHA2_256 and _b58encode(raw) == cid:
+            return 0, "dag-pb", raw[2:]
+    elif len(cid) == 59 and cid.startswith("b") and cid.islower() and cid.isalnum():
+        try:
+            raw = base64.b32decode(cid[1:].upper() + "======")
+        except ValueError:
+            return None
+        codec = _CODEC_NAMES.get(raw[1]) if len(raw) == 36 else None
+        if raw[0] == 1 and codec and raw[2:4] == _SHA2_256 and _cid_text(raw) == cid:
+            return 1, codec, raw[4:]
+    return None
 
 
 def block_cid(data: bytes, codec: str) -> str:
     """CIDv1 (sha2-256, base32) of one block; ``codec`` is "raw" or "dag-pb"."""
     if codec not in _CODECS:
         raise CIDError(f"unsupported codec {codec!r}; expected one of {_CODECS}")
-    return str(_make_cid(data, 1, codec))
+    return _cid_text(_cid_binary(data, 1, codec))
 
 
 def block_cid_v0(data: bytes) -> str:
     """CIDv0 ("Qm...", dag-pb, sha2-256) of one dag-pb block."""
-    return str(_make_cid(data, 0, "dag-pb"))
+    return _cid_text(_cid_binary(data, 0, "dag-pb"))
 
 
 def parse_cid(cid: str) -> CID:
@@ -237,6 +303,8 @@ def normalize_cid(cid: str) -> str:
 
     Stores key blocks by this string so that one block never sits under two names.
     """
+    if isinstance(cid, str) and _fast_parse(cid) is not None:
+        return cid
     parsed = parse_cid(cid)
     if parsed.version == 0:
         return str(parsed)
@@ -245,18 +313,29 @@ def normalize_cid(cid: str) -> str:
 
 def cid_codec(cid: str) -> str:
     """The codec of a CID: "raw" or "dag-pb" (CIDError for anything else)."""
+    fast = _fast_parse(cid) if isinstance(cid, str) else None
+    if fast is not None:
+        return fast[1]
     return str(parse_cid(cid).codec.name)
 
 
 def verify_block(cid: str, data: bytes) -> None:
     """Raise CIDError unless sha2-256 of ``data`` is the digest inside ``cid``."""
-    parsed = parse_cid(cid)
-    if hashlib.sha256(data).digest() != bytes(parsed.raw_digest):
+    fast = _fast_parse(cid) if isinstance(cid, str) else None
+    digest = fast[2] if fast is not None else bytes(parse_cid(cid).raw_digest)
+    if hashlib.sha256(data).digest() != digest:
         raise CIDError(f"block {cid} does not match its CID: the data was altered")
 
 
 @functools.lru_cache(maxsize=16384)  # multibase text encoding is the slow part of a walk
 def _cid_string(cid_bytes: bytes) -> str:
+    if (len(cid_bytes) == 34 and cid_bytes[:2] == _SHA2_256) or (
+        len(cid_bytes) == 36
+        and cid_bytes[0] == 1
+        and cid_bytes[1] in _CODEC_NAMES
+        and cid_bytes[2:4] == _SHA2_256
+    ):
+        return _cid_text(bytes(cid_bytes))  # one of the two forms made here: valid as is
     try:
         if len(cid_bytes) == 34 and cid_bytes[:2] == b"\x12\x20":
             text = str(CID("base58btc", 0, "dag-pb", cid_bytes))
@@ -378,7 +457,7 @@ def unixfs_file_size(cid: str, data: bytes) -> int:
 
 @dataclass(frozen=True)
 class _Node:
-    cid: CID
+    cid: bytes  # binary CID
     tsize: int  # serialized size of the node plus everything under it
     filesize: int  # file bytes under it
 
@@ -398,31 +477,51 @@ def build_dag(
     ``raw_leaves`` defaults to true for CIDv1 and false for CIDv0, and raw leaves are always
     CIDv1 even when the internal nodes are CIDv0.
     """
+    blocks: dict[str, Block] = {}
+    root = _import(data, cid_version, raw_leaves, chunk_size, max_links, blocks)
+    ordered = [block for key, block in blocks.items() if key != root]
+    ordered.append(blocks[root])
+    return root, ordered
+
+
+def file_cid(data: bytes, cid_version: int = 1) -> str:
+    """The CID kubo prints for ``ipfs add -Q --only-hash [--cid-version=1]`` of ``data``."""
+    return _import(data, cid_version, None, CHUNK_SIZE, MAX_LINKS, None)
+
+
+def _import(
+    data: bytes,
+    cid_version: int,
+    raw_leaves: bool | None,
+    chunk_size: int,
+    max_links: int,
+    blocks: dict[str, Block] | None,
+) -> str:
+    """The root CID; every block goes into ``blocks`` unless it is None (only the CID)."""
     if cid_version not in (0, 1):
         raise ValueError(f"cid_version must be 0 or 1, not {cid_version!r}")
     if chunk_size < 1 or max_links < 2:
         raise ValueError("chunk_size must be >= 1 and max_links >= 2")
     if raw_leaves is None:
         raw_leaves = cid_version == 1
-    data = bytes(data)
+    view = memoryview(bytes(data) if not isinstance(data, bytes) else data)
 
-    blocks: dict[str, Block] = {}
-
-    def emit(block_data: bytes, version: int, codec: str) -> CID:
-        cid = _make_cid(block_data, version, codec)
-        text = str(cid)
-        if text not in blocks:
-            blocks[text] = Block(text, block_data)
+    def emit(block_data: bytes | memoryview, version: int, codec: str) -> bytes:
+        cid = _cid_binary(block_data, version, codec)
+        if blocks is not None:
+            text = _cid_text(cid)
+            if text not in blocks:
+                blocks[text] = Block(text, bytes(block_data))
         return cid
 
     level: list[_Node] = []
-    for start in range(0, max(len(data), 1), chunk_size):
-        chunk = data[start : start + chunk_size]
+    for start in range(0, max(len(view), 1), chunk_size):
+        chunk = view[start : start + chunk_size]  # no copy unless a block is kept
         if raw_leaves:
             cid = emit(chunk, 1, "raw")
             level.append(_Node(cid, len(chunk), len(chunk)))
         else:
-            leaf = _pb_node([], _unixfs_file(data=chunk, filesize=len(chunk)))
+            leaf = _pb_leaf(chunk) if len(chunk) else _pb_node([], _unixfs_file(filesize=0))
             cid = emit(leaf, cid_version, "dag-pb")
             level.append(_Node(cid, len(leaf), len(chunk)))
 
@@ -432,18 +531,10 @@ def build_dag(
             children = level[start : start + max_links]
             sizes = tuple(child.filesize for child in children)
             unixfs = _unixfs_file(filesize=sum(sizes), blocksizes=sizes)
-            encoded = _pb_node([(bytes(c.cid), c.tsize) for c in children], unixfs)
+            encoded = _pb_node([(c.cid, c.tsize) for c in children], unixfs)
             cid = emit(encoded, cid_version, "dag-pb")
             tsize = len(encoded) + sum(child.tsize for child in children)
             parents.append(_Node(cid, tsize, sum(sizes)))
         level = parents
 
-    root = str(level[0].cid)
-    ordered = [block for key, block in blocks.items() if key != root]
-    ordered.append(blocks[root])
-    return root, ordered
-
-
-def file_cid(data: bytes, cid_version: int = 1) -> str:
-    """The CID kubo prints for ``ipfs add -Q --only-hash [--cid-version=1]`` of ``data``."""
-    return build_dag(data, cid_version)[0]
+    return _cid_text(level[0].cid)

@@ -36,8 +36,12 @@ def encode(obj: Any) -> bytes:
     return cbor2.dumps(obj, canonical=True)
 
 
-def _no_tags(decoder: Any, tag: Any) -> Any:
-    raise DecodeError(f"CBOR tag {tag.tag} is not allowed in fednode frames")
+def _no_tags(*args: Any) -> Any:
+    """Refuse every CBOR tag. cbor2 calls tag hooks as (decoder, tag) in some releases and
+    (tag, immutable) in others (6.x), so find the tag among the arguments."""
+    tag = next((a for a in args if isinstance(a, cbor2.CBORTag)), None)
+    number = tag.tag if tag is not None else "?"
+    raise DecodeError(f"CBOR tag {number} is not allowed in fednode frames")
 
 
 def decode(data: bytes, *, what: str = "frame") -> Any:
@@ -49,6 +53,8 @@ def decode(data: bytes, *, what: str = "frame") -> Any:
     except DecodeError:
         raise
     except Exception as exc:  # cbor2 raises many types; none may escape as-is
+        if isinstance(exc.__cause__, DecodeError):  # our tag refusal, wrapped by cbor2
+            raise DecodeError(f"{what}: {exc.__cause__.message}") from None
         raise DecodeError(f"{what} is not valid CBOR: {type(exc).__name__}: {exc}") from None
 
 

@@ -106,6 +106,13 @@ SCHEMA: dict[str, dict[str, Field]] = {
         "hidden": Field("int_list", [128, 128], "hidden layer widths (mlp)", 1, 65_536),
         "classes": Field("int", 10, "output classes", 2, 100_000),
         "seed": Field("int", 0, "torch seed of the initial model", 0, 2**31 - 1),
+        "fetch": Field(
+            "choice",
+            "coordinator",
+            "where participants fetch each round's model: from the coordinator, or from ipfs "
+            "(their own daemon, fednode run --ipfs-api; else from the coordinator)",
+            choices=("coordinator", "ipfs"),
+        ),
     },
     "training": {
         "local_epochs": Field("int", 2, "epochs over local data per round", 1, 1000),
@@ -149,6 +156,25 @@ SCHEMA: dict[str, dict[str, Field]] = {
             "clamped); smaller leaves more fixed-point bits, so a smaller bits and fewer bytes",
             1,
             2**30,
+        ),
+    },
+    "rollback": {
+        "enabled": Field(
+            "bool",
+            True,
+            "go back to the best model so far when the global model diverges: non-finite "
+            "weights, or accuracy more than margin below the best for `rounds` rounds in a row",
+        ),
+        "margin": Field(
+            "float",
+            0.05,
+            "accuracy fall, as a fraction (0.05 = 5 points), below the best so far that "
+            "counts as diverging",
+            0.001,
+            1.0,
+        ),
+        "rounds": Field(
+            "int", 2, "consecutive rounds below the margin before rolling back", 1, 1000
         ),
     },
 }

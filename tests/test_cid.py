@@ -14,6 +14,15 @@ Sources of the literals:
     (raw CIDv1 leaves under CIDv0 parents, as ``ipfs add --raw-leaves``).
 [JS-UNIXFS] ipld/js-unixfs test/file.spec.js (CIDv1 with dag-pb leaves, 262144 chunks).
 [BRIEF] the empty-file CIDs given in the project brief (also [KUBO-0.22] for v0).
+[JS-IPFS] js-ipfs 0.66.1 (npm ``ipfs``: ipfs-core 0.18.1, ipfs-unixfs-importer 12.0.1) on
+    node 20.20.2 with a ``Promise.withResolvers`` polyfill: ``jsipfs add -Q --only-hash FILE``
+    (CIDv0) and ``jsipfs add -Q --only-hash --cid-version=1 FILE`` (CIDv1, raw leaves). It
+    prints CIDv1 in base58btc ("z..."); the values here are the same CIDs in base32. Run on
+    this project's behalf, not published.
+
+Kubo 0.22's AddFile has no CID-version setting, so the CIDv1 values of REAL_IMPLEMENTATIONS
+come from js-ipfs only (same importer defaults: 262144-byte chunks, balanced, 174 links, raw
+leaves for v1); the CIDv0 values were given identically by kubo 0.22.0 and js-ipfs 0.66.1.
 """
 
 from __future__ import annotations
@@ -23,6 +32,7 @@ import contextlib
 import functools
 import hashlib
 
+import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -72,6 +82,58 @@ KUBO_V0_LARGE = [  # [KUBO-0.22]; 174 and 175 chunks: the edge of the one-level 
     (lambda: bytes(TWO_LEVEL), "QmehMASWcBsX7VcEQqs6rpR5AHoBfKyBVEgmkJHjpPg8jq"),
     (lambda: pattern(TWO_LEVEL), "QmTedsTekQQkgACJXb1sPZSW8bLdS9LPMrT7L4YdjNRd4n"),
 ]
+
+
+@functools.cache
+def rng_bytes(n: int) -> bytes:
+    """The inputs of REAL_IMPLEMENTATIONS: ``numpy.random.default_rng(n).bytes(n)``."""
+    return np.random.default_rng(n).bytes(n)
+
+
+# (size, CIDv0 from [KUBO-0.22] and [JS-IPFS] alike, CIDv1 from [JS-IPFS]) of rng_bytes(size)
+REAL_IMPLEMENTATIONS = [
+    (
+        0,
+        "QmbFMke1KXqnYyBBWxB74N4c5SBnJMVAiMNRcGu6x1AwQH",
+        "bafkreihdwdcefgh4dqkjv67uzcmw7ojee6xedzdetojuzjevtenxquvyku",
+    ),
+    (
+        1,
+        "QmarNgpyJHwcrLfjPzFsLiPmLukU3uYqqofHoYHbnUfErn",
+        "bafkreificafonkqzidilmy53ghgumykc5o632umhcmnzfwjydcmhqmxlre",
+    ),
+    (
+        K,
+        "QmRJwAHP3r2pqJJvqqGShnvT58ssWwamjsMKcg9Av5wpKJ",
+        "bafkreie3vebjoxbyrtuee4d6cmvsglbwdcluzi23xygbnzkrkv5u3pbk2m",
+    ),
+    (
+        K + 1,
+        "QmYvA67jMTnjJZvrLd5n1RPTrYF8oaHvSgKqG6xYuMMCYM",
+        "bafybeihkusfgpa7f7yst3hlxj6r7gu37i2pybopluslojj364j6kgyu6vq",
+    ),
+    (
+        TWO_LEVEL,  # 174 * 262144 + 1: the first size whose DAG has two levels
+        "QmNR9nKuS6x247ko5CEPGU3MyCFU7AFToYdREHrqoATcAQ",
+        "bafybeidzgb3jwg24kp6cicljultsyiaoma4a6oeukm5hw7nu4dcmlrnmji",
+    ),
+    (
+        5_000_000,
+        "QmPKRdmVCPphyjzKewyvkX2j4nLFwN2wSnbYP1Qo937Xi7",
+        "bafybeiefcu2jlvngh37rl7z6rcomvuea7vf7mjsw6ztk63cqgsvjst52oi",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("size", "v0", "v1"), REAL_IMPLEMENTATIONS, ids=[str(r[0]) for r in REAL_IMPLEMENTATIONS]
+)
+def test_cids_match_kubo_and_js_ipfs(size: int, v0: str, v1: str) -> None:
+    data = rng_bytes(size)
+    assert len(data) == size
+    assert file_cid(data, cid_version=0) == v0
+    assert file_cid(data, cid_version=1) == v1
+
 
 V1_RAW = [
     (b"", "bafkreihdwdcefgh4dqkjv67uzcmw7ojee6xedzdetojuzjevtenxquvyku"),  # [BRIEF]
@@ -357,3 +419,40 @@ def test_arbitrary_dag_pb_bytes_raise_only_ciderror(data: bytes) -> None:
         verify_block(_REAL_DAG.cid, data)
     except CIDError:
         assert data != _REAL_DAG.data
+
+
+# --- the hand-written fast paths agree with multiformats --------------------------------------
+
+
+@settings(max_examples=300)
+@given(
+    digest=st.binary(min_size=32, max_size=32),
+    version=st.sampled_from([0, 1]),
+    codec=st.sampled_from(["raw", "dag-pb"]),
+)
+def test_hand_written_cid_text_matches_multiformats(digest: bytes, version: int, codec: str):
+    from multiformats import CID, multihash
+
+    from protocol.cid import _cid_string, _cid_text, _fast_parse
+
+    if version == 0:
+        codec = "dag-pb"
+    mh = multihash.wrap(digest, "sha2-256")
+    reference = CID("base58btc" if version == 0 else "base32", version, codec, mh)
+    raw = bytes(reference)
+    assert _cid_text(raw) == str(reference) == _cid_string(raw)
+    assert _fast_parse(str(reference)) == (version, codec, digest)
+    assert normalize_cid(str(reference)) == str(reference)
+    if version == 1:  # other spellings of the same CID take the slow path to the same answer
+        for other in (reference.set(base="base58btc"), reference.set(base="base32upper")):
+            assert _fast_parse(str(other)) is None
+            assert normalize_cid(str(other)) == str(reference)
+
+
+@pytest.mark.parametrize("size", [1, 127, 128, 16383, 16384, K])
+def test_fast_leaf_encoding_is_the_generic_one(size: int) -> None:
+    from protocol.cid import _pb_leaf, _pb_node, _unixfs_file
+
+    chunk = pattern(size)
+    assert _pb_leaf(chunk) == _pb_node([], _unixfs_file(data=chunk, filesize=size))
+    assert _pb_leaf(memoryview(chunk)) == _pb_leaf(chunk)

@@ -231,8 +231,22 @@ def test_full_lifecycle_and_summary(led: Ledger) -> None:
         "bytes_down": 3700,
         "ledger": str(led.path),
         "history": [
-            {"round": 1, "accuracy": 0.8, "loss": 0.6, "duration_s": 2.5, "participants": 2},
-            {"round": 2, "accuracy": 0.9, "loss": 0.3, "duration_s": 1.0, "participants": 2},
+            {
+                "round": 1,
+                "accuracy": 0.8,
+                "loss": 0.6,
+                "duration_s": 2.5,
+                "participants": 2,
+                "rolled_back": False,
+            },
+            {
+                "round": 2,
+                "accuracy": 0.9,
+                "loss": 0.3,
+                "duration_s": 1.0,
+                "participants": 2,
+                "rolled_back": False,
+            },
         ],
     }
     json.dumps(s)  # plain values only

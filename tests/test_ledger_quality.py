@@ -87,7 +87,7 @@ def test_schema_2_file_migrates_to_3(tmp_path: Path) -> None:
     db.close()
 
     with Ledger(path) as led:
-        assert led.schema_version == 3 == len(ledger_mod.MIGRATIONS)
+        assert led.schema_version == len(ledger_mod.MIGRATIONS) >= 3
         tables = set(led.db.table_names())
         assert {
             "participant_quality_metrics",
@@ -109,7 +109,7 @@ def test_schema_2_file_migrates_to_3(tmp_path: Path) -> None:
         assert led.get_participant("pOld")["excluded"] is True
     with Ledger(path) as led:  # and reopening runs nothing again
         versions = [r["version"] for r in led.db.query("SELECT version FROM schema_migrations")]
-        assert versions == [1, 2, 3]
+        assert versions == list(range(1, len(ledger_mod.MIGRATIONS) + 1))
 
 
 def test_exact_column_names(led: Ledger) -> None:

@@ -840,7 +840,8 @@ def test_healthy_session_raises_nothing() -> None:
 def test_alert_types_cover_the_table() -> None:
     assert set(q.ALERT_SEVERITY.values()) <= set(q.SEVERITIES)
     assert q.ALERT_SEVERITY["security_violation"] == "critical"
-    assert len(q.ALERT_SEVERITY) == 16
+    assert q.ALERT_SEVERITY["model_divergence"] == "high"
+    assert len(q.ALERT_SEVERITY) == 17
 
 
 # --- properties ---------------------------------------------------------------------------------

@@ -154,3 +154,43 @@ def test_files(tmp_path) -> None:
         spec.load(bad)
     with pytest.raises(SpecError, match="cannot read"):
         spec.load(tmp_path / "missing.toml")
+
+
+def test_rollback_defaults_and_template() -> None:
+    assert spec.defaults()["rollback"] == {"enabled": True, "margin": 0.05, "rounds": 2}
+    text = spec.template()
+    assert "\n[rollback]\n" in text
+    for line in ("enabled = true", "margin = 0.05", "rounds = 2"):
+        assert line in text
+    assert "(0.001..1)" in text and "(1..1000)" in text
+    got = spec.validate({"rollback": {"enabled": False, "margin": 0.1, "rounds": 3}})
+    assert got["rollback"] == {"enabled": False, "margin": 0.1, "rounds": 3}
+    assert spec.validate({"rollback": {"margin": 1}})["rollback"]["margin"] == 1.0
+
+
+@pytest.mark.parametrize(
+    ("raw", "field", "accepted"),
+    [
+        ({"enabled": "yes"}, "rollback.enabled", "true or false"),
+        ({"enabled": 1}, "rollback.enabled", "true or false"),
+        ({"margin": 0.0}, "rollback.margin", "[0.001, 1]"),
+        ({"margin": 1.5}, "rollback.margin", "[0.001, 1]"),
+        ({"margin": "5%"}, "rollback.margin", "a number"),
+        ({"margin": float("nan")}, "rollback.margin", "a number"),
+        ({"rounds": 0}, "rollback.rounds", "[1, 1000]"),
+        ({"rounds": 1001}, "rollback.rounds", "[1, 1000]"),
+        ({"rounds": 2.0}, "rollback.rounds", "an integer"),
+        ({"rounds": True}, "rollback.rounds", "an integer"),
+    ],
+)
+def test_bad_rollback_values_name_field_and_range(raw: dict, field: str, accepted: str) -> None:
+    with pytest.raises(SpecError) as exc:
+        spec.validate({"rollback": raw})
+    msg = exc.value.message + " " + exc.value.hint
+    assert field in msg and accepted in msg and exc.value.code == "SPEC_INVALID"
+
+
+def test_unknown_rollback_field_refused() -> None:
+    with pytest.raises(SpecError, match=r"unknown field rollback\.k") as exc:
+        spec.validate({"rollback": {"k": 2}})
+    assert "margin" in exc.value.hint

@@ -328,3 +328,14 @@ def test_rotation_chain_on_arbitrary_structures(chain: object) -> None:
 
     with contextlib.suppress(FednodeError):
         aliases(chain, Identity.generate().public_key)
+
+
+def test_cbor_tags_are_refused_by_name() -> None:
+    """A tagged value (e.g. a CID as tag 42) in a frame is a DecodeError that says so."""
+    import cbor2
+
+    from protocol.envelope import decode
+    from protocol.errors import DecodeError
+
+    with pytest.raises(DecodeError, match="CBOR tag 42 is not allowed"):
+        decode(cbor2.dumps({"x": cbor2.CBORTag(42, b"\x00")}))
