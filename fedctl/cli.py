@@ -532,6 +532,14 @@ def model_list(session_id: str, as_json: Json = False) -> None:
     run(_json(as_json), lambda: call(G.target, "model.list", session_id=session_id), human)
 
 
+def _offline_store(data_dir: Path) -> Any:
+    """A stopped node's embedded store, read in place (what `--data-dir` means for models)."""
+    from fednode.home import NodeHome
+    from fednode.store import BlockStore
+
+    return BlockStore(NodeHome(data_dir).store_root)
+
+
 @model_app.command("get")
 def model_get(
     cid: str,
@@ -548,10 +556,7 @@ def model_get(
 
     def go() -> dict[str, Any]:
         if data_dir is not None:
-            from fednode.home import NodeHome
-            from fednode.store import BlockStore
-
-            data = BlockStore(NodeHome(data_dir).store_root).get(cid)
+            data = _offline_store(data_dir).get(cid)
         else:
             data = call(G.target, "model.get", cid=cid)["data"]
         if file_cid(data) != cid:
@@ -580,10 +585,7 @@ def model_export(
     def go() -> dict[str, Any]:
         root = normalize_cid(cid)
         if data_dir is not None:
-            from fednode.home import NodeHome
-            from fednode.store import BlockStore
-
-            blocks = list(walk_dag(root, BlockStore(NodeHome(data_dir).store_root).get_block))
+            blocks = list(walk_dag(root, _offline_store(data_dir).get_block))
         else:
             reply = call(G.target, "model.export", cid=root)
             try:

@@ -44,7 +44,7 @@ from protocol.cid import (
     links,
     normalize_cid,
     parse_cid,
-    unixfs_file_data,
+    read_file,
     unixfs_file_size,
     verify_block,
 )
@@ -338,25 +338,18 @@ class IpfsStore:
 
     def get(self, cid: str) -> bytes:
         """Reassemble a file, every block fetched from the daemon and re-hashed here."""
-        out = bytearray()
-        seen: dict[str, bytes] = {}  # a file of repeated chunks asks for each chunk once
-        stack = [iter([cid])]
-        while stack:
-            child = next(stack[-1], None)
-            if child is None:
-                stack.pop()
-                continue
+        leaves: dict[str, bytes] = {}  # a file of repeated chunks asks for each chunk once
+
+        def block(child: str) -> bytes:
             key = normalize_cid(child)
-            block = seen.get(key)
-            if block is None:
-                block = self.get_block(key)
-                if not links(key, block):
-                    seen[key] = block
-            out += unixfs_file_data(key, block)
-            children = links(key, block)
-            if children:
-                stack.append(iter(children))
-        return bytes(out)
+            if key not in leaves:
+                data = self.get_block(key)
+                if links(key, data):
+                    return data  # internal nodes are few; only leaves repeat
+                leaves[key] = data
+            return leaves[key]
+
+        return read_file(cid, block)
 
     def size(self, cid: str) -> int:
         return unixfs_file_size(cid, self.get_block(cid))

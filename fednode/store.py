@@ -37,7 +37,7 @@ from protocol.cid import (
     build_dag,
     links,
     normalize_cid,
-    unixfs_file_data,
+    read_file,
     unixfs_file_size,
     verify_block,
 )
@@ -131,20 +131,7 @@ class BlockStore:
 
     def get(self, cid: str) -> bytes:
         """Reassemble a file, verifying every block on the way down."""
-        out = bytearray()
-        # Depth-first, left to right; a stack of iterators keeps memory to one path.
-        stack = [iter([cid])]
-        while stack:
-            child = next(stack[-1], None)
-            if child is None:
-                stack.pop()
-                continue
-            block = self.get_block(child)
-            out += unixfs_file_data(child, block)
-            children = links(child, block)
-            if children:
-                stack.append(iter(children))
-        return bytes(out)
+        return read_file(cid, self.get_block)
 
     def size(self, cid: str) -> int:
         """File size recorded in the root block (no need for the rest of the DAG)."""

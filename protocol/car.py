@@ -33,7 +33,7 @@ from typing import Any
 import cbor2
 from multiformats import CID
 
-from protocol.cid import Block, links, normalize_cid, parse_cid, verify_block
+from protocol.cid import Block, links, normalize_cid, parse_cid, varint, verify_block
 from protocol.errors import CIDError, DecodeError
 
 __all__ = ["Car", "decode_car", "encode_car", "walk_dag"]
@@ -57,18 +57,6 @@ class Car:
 
 
 # --- varints (unsigned LEB128, as multiformats' unsigned-varint) -----------------------------
-
-
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte = n & 0x7F
-        n >>= 7
-        if n:
-            out.append(byte | 0x80)
-        else:
-            out.append(byte)
-            return bytes(out)
 
 
 def _read_varint(buf: bytes | memoryview, pos: int, what: str) -> tuple[int, int]:
@@ -238,12 +226,12 @@ def _parse_header(data: bytes) -> list[str]:
 def encode_car(root: str, blocks: Iterable[Block]) -> bytes:
     """A CAR v1 with one root and ``blocks`` in the order given (each re-hashed first)."""
     header = _header_bytes(root)
-    out = bytearray(_varint(len(header)))
+    out = bytearray(varint(len(header)))
     out += header
     for block in blocks:
         verify_block(block.cid, block.data)
         cid = _cid_bytes(block.cid)
-        out += _varint(len(cid) + len(block.data))
+        out += varint(len(cid) + len(block.data))
         out += cid
         out += block.data
     return bytes(out)

@@ -39,7 +39,7 @@ from __future__ import annotations
 import base64
 import functools
 import hashlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from multiformats import CID
@@ -72,8 +72,10 @@ __all__ = [
     "normalize_cid",
     "parse_cid",
     "pb_links",
+    "read_file",
     "unixfs_file_data",
     "unixfs_file_size",
+    "varint",
     "verify_block",
 ]
 
@@ -89,7 +91,8 @@ class Block:
 # --- protobuf wire format -----------------------------------------------------------------
 
 
-def _varint(n: int) -> bytes:
+def varint(n: int) -> bytes:
+    """Unsigned LEB128, as multiformats' unsigned-varint (also CAR's section lengths)."""
     if n < 0:
         raise ValueError("varints here are unsigned")
     out = bytearray()
@@ -104,15 +107,15 @@ def _varint(n: int) -> bytes:
 
 
 def _key(field: int, wire_type: int) -> bytes:
-    return _varint((field << 3) | wire_type)
+    return varint((field << 3) | wire_type)
 
 
 def _uint_field(field: int, value: int) -> bytes:
-    return _key(field, 0) + _varint(value)
+    return _key(field, 0) + varint(value)
 
 
 def _bytes_field(field: int, value: bytes) -> bytes:
-    return _key(field, 2) + _varint(len(value)) + value
+    return _key(field, 2) + varint(len(value)) + value
 
 
 def _read_varint(buf: bytes, pos: int) -> tuple[int, int]:
@@ -172,9 +175,9 @@ def _unixfs_file(
 
 def _pb_leaf(chunk: bytes | memoryview) -> bytes:
     """``_pb_node([], _unixfs_file(data=chunk, filesize=n))`` for n > 0, with one copy."""
-    n = _varint(len(chunk))
+    n = varint(len(chunk))
     unixfs_len = 3 + len(n) + len(chunk) + 1 + len(n)  # 08 02 | 12 n chunk | 18 n
-    return b"".join((b"\x0a", _varint(unixfs_len), b"\x08\x02\x12", n, chunk, b"\x18", n))
+    return b"".join((b"\x0a", varint(unixfs_len), b"\x08\x02\x12", n, chunk, b"\x18", n))
 
 
 def _pb_node(node_links: list[tuple[bytes, int]], data: bytes) -> bytes:
@@ -482,6 +485,28 @@ def build_dag(
     ordered = [block for key, block in blocks.items() if key != root]
     ordered.append(blocks[root])
     return root, ordered
+
+
+def read_file(cid: str, get_block: Callable[[str], bytes]) -> bytes:
+    """Reassemble a UnixFS file from its root, asking ``get_block`` for each block.
+
+    Depth-first, left to right; a stack of iterators keeps memory to one path. Verifying
+    what ``get_block`` returns is the caller's job (both stores re-hash every block); the
+    walk itself is the same whatever the blocks come from.
+    """
+    out = bytearray()
+    stack = [iter([cid])]
+    while stack:
+        child = next(stack[-1], None)
+        if child is None:
+            stack.pop()
+            continue
+        block = get_block(child)
+        out += unixfs_file_data(child, block)
+        children = links(child, block)
+        if children:
+            stack.append(iter(children))
+    return bytes(out)
 
 
 def file_cid(data: bytes, cid_version: int = 1) -> str:
