@@ -1,9 +1,15 @@
-"""`fedctl`: the operator CLI. Every command has --help; every report takes --json."""
+"""`fedctl`: the operator CLI. Every command has --help; every report takes --json.
+
+Human output prints what the coordinator answered as literal text (fedctl.output.plain and
+line build rich ``Text``): names, messages and datasets are other machines' words, and a
+table cell given as a plain str would be parsed as rich markup.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -12,8 +18,9 @@ import typer
 from rich.table import Table
 
 from fedctl.client import AdminClient, Target, call, operator_identity
-from fedctl.output import emit_json, fail, run, stderr, stdout
+from fedctl.output import emit_json, fail, line, plain, run, stderr, stdout
 from fedctl.render import print_summary, session_line
+from fednode.files import PRIVATE_UMASK
 from protocol import spec as specmod
 from protocol.errors import FednodeError
 
@@ -72,7 +79,7 @@ def whoami(as_json: Json = False) -> None:
     run(
         _json(as_json),
         lambda: {"peer_id": operator_identity(G.target.key).peer_id},
-        lambda r: stdout.print(r["peer_id"]),
+        lambda r: stdout.print(plain(r["peer_id"])),
     )
 
 
@@ -128,7 +135,7 @@ def invite(
             uses=uses,
         )
 
-    run(_json(as_json), go, lambda r: stdout.print(r["token"], soft_wrap=True))
+    run(_json(as_json), go, lambda r: stdout.print(plain(r["token"]), soft_wrap=True))
 
 
 # --- sessions ------------------------------------------------------------------------
@@ -155,7 +162,7 @@ def session_init(
         if file is None:
             sys.stdout.write(text)
         else:
-            stderr.print(f"wrote {file}")
+            stderr.print(line("wrote ", str(file)))
 
     run(_json(as_json), go, human)
 
@@ -168,14 +175,14 @@ def session_create(spec: Path, as_json: Json = False) -> None:
         checked = specmod.load(spec)  # refuse bad specs before dialling anyone
         return call(G.target, "session.create", spec=checked)
 
-    run(_json(as_json), go, lambda r: stdout.print(r["session_id"]))
+    run(_json(as_json), go, lambda r: stdout.print(plain(r["session_id"])))
 
 
 def _action(action: str, session_id: str, as_json: bool) -> None:
     run(
         _json(as_json),
         lambda: call(G.target, f"session.{action}", session_id=session_id),
-        lambda r: stdout.print(f"{r['session_id']}: {r['status']}"),
+        lambda r: stdout.print(line(f"{r['session_id']}: {r['status']}")),
     )
 
 
@@ -216,7 +223,7 @@ def session_rollback(
     def human(r: dict[str, Any]) -> None:
         when = "now" if r["applied"] else "before the next round"
         stdout.print(
-            f"{r['session_id']}: back to round {r['to_round']}'s model {r['to_cid']} ({when})"
+            line(f"{r['session_id']}: back to round {r['to_round']}'s model {r['to_cid']} ({when})")
         )
 
     run(
@@ -245,12 +252,12 @@ def session_list(as_json: Json = False) -> None:
         for s in r["sessions"]:
             acc = "" if s["accuracy"] is None else f"{s['accuracy']:.4f}"
             t.add_row(
-                s["session_id"],
-                s["name"],
-                s["status"],
-                f"{s['round']}/{s['rounds']}",
-                str(s["participants"]),
-                acc,
+                plain(s["session_id"]),
+                plain(s["name"]),
+                plain(s["status"]),
+                plain(f"{s['round']}/{s['rounds']}"),
+                plain(s["participants"]),
+                plain(acc),
             )
         stdout.print(t)
 
@@ -270,8 +277,10 @@ def session_watch(session_id: str, as_json: Json = False) -> None:
                 emit_json({"kind": "snapshot", "session_id": session_id, "data": snap})
             else:
                 stderr.print(
-                    f"watching {session_id}: {status}, round "
-                    f"{snap['session']['rounds_completed']}/{snap['session']['rounds']}"
+                    line(
+                        f"watching {session_id}: {status}, round "
+                        f"{snap['session']['rounds_completed']}/{snap['session']['rounds']}"
+                    )
                 )
             if status in ("completed", "failed", "stopped"):
                 return snap["session"]
@@ -281,9 +290,9 @@ def session_watch(session_id: str, as_json: Json = False) -> None:
                         {"kind": ev.kind, "session_id": session_id, "ts": ev.ts, "data": ev.data}
                     )
                 else:
-                    line = session_line(ev.kind, ev.data, snap["session"]["rounds"])
-                    if line:
-                        stdout.print(line)
+                    text = session_line(ev.kind, ev.data, snap["session"]["rounds"])
+                    if text is not None:
+                        stdout.print(text)
                 if ev.kind == "session" and ev.data.get("status") in (
                     "completed",
                     "failed",
@@ -312,36 +321,64 @@ def participants_list(as_json: Json = False) -> None:
     """Peers seen: online or not, quality score, latency, last seen."""
 
     def human(r: dict[str, Any]) -> None:
-        from datetime import UTC, datetime
-
-        t = Table("peer", "online", "status", "score", "uptime", "latency", "rounds", "last seen")
-        for p in r["participants"]:
-            seen = (
-                datetime.fromtimestamp(p["last_seen"], UTC).strftime("%H:%M:%S")
-                if p["last_seen"]
-                else ""
-            )
-            status = p["status"]
-            t.add_row(
-                p["peer_id"],
-                "[green]yes[/]" if p["online"] else "[red]no[/]",
-                f"[red]{status}[/]" if status in ("excluded", "alerted") else status,
-                _fmt(p.get("quality_score"), "{:.1f}"),
-                _fmt(p.get("uptime"), "{:.1f} %"),
-                _fmt(p.get("latency_ms"), "{:.1f} ms"),
-                str(p.get("rounds_completed") or 0),
-                seen,
-            )
-        stdout.print(t)
+        stdout.print(participants_table(r["participants"]))
 
     run(_json(as_json), lambda: call(G.target, "participants.list"), human)
+
+
+def participants_table(rows: list[dict[str, Any]]) -> Table:
+    t = Table(
+        "peer", "dataset", "online", "status", "score", "uptime", "latency", "rounds", "last seen"
+    )
+    for p in rows:
+        status = str(p["status"])
+        t.add_row(
+            plain(p["peer_id"]),
+            plain(p.get("dataset")),  # what the participant declared: its words, literally
+            plain("yes", "green") if p["online"] else plain("no", "red"),
+            plain(status, "red" if status in ("excluded", "alerted") else ""),
+            plain(_fmt(p.get("quality_score"), "{:.1f}")),
+            plain(_fmt(p.get("uptime"), "{:.1f} %")),
+            plain(_fmt(p.get("latency_ms"), "{:.1f} ms")),
+            plain(p.get("rounds_completed") or 0),
+            plain(_clock(p["last_seen"])),
+        )
+    return t
 
 
 def _fmt(value: Any, pattern: str) -> str:
     return "" if value is None else pattern.format(value)
 
 
+def _clock(ts: Any) -> str:
+    """HH:MM:SS (UTC) of a unix time; "" for none or for a value that is not a time."""
+    from datetime import UTC, datetime
+
+    if not ts or isinstance(ts, bool) or not isinstance(ts, int | float):
+        return ""
+    try:
+        return datetime.fromtimestamp(ts, UTC).strftime("%H:%M:%S")
+    except (OverflowError, OSError, ValueError):
+        return ""
+
+
 SEVERITY_STYLE = {"critical": "bold red", "high": "red", "medium": "yellow", "low": "dim"}
+
+
+def alerts_table(rows: list[dict[str, Any]]) -> Table:
+    t = Table("id", "severity", "type", "entity", "status", "since", "message")
+    for a in rows:
+        sev = str(a["severity"])
+        t.add_row(
+            plain(a["id"]),
+            plain(sev, SEVERITY_STYLE.get(sev, "")),
+            plain(a["alert_type"]),
+            plain(a["entity_id"]),
+            plain(a["status"]),
+            plain(_clock(a["created_at"])),
+            plain(a["message"]),  # may quote a peer's words (security violations)
+        )
+    return t
 
 
 @alerts_app.command("list")
@@ -359,21 +396,7 @@ def alerts_list(
     wanted = [s.strip().lower() for s in severity.split(",") if s.strip()]
 
     def human(r: dict[str, Any]) -> None:
-        from datetime import UTC, datetime
-
-        t = Table("id", "severity", "type", "entity", "status", "since", "message")
-        for a in r["alerts"]:
-            sev = a["severity"]
-            t.add_row(
-                str(a["id"]),
-                f"[{SEVERITY_STYLE.get(sev, '')}]{sev}[/]",
-                a["alert_type"],
-                a["entity_id"] or "",
-                a["status"],
-                datetime.fromtimestamp(a["created_at"], UTC).strftime("%H:%M:%S"),
-                a["message"],
-            )
-        stdout.print(t if r["alerts"] else "no alerts")
+        stdout.print(alerts_table(r["alerts"]) if r["alerts"] else plain("no alerts"))
 
     run(
         _json(as_json),
@@ -388,7 +411,7 @@ def alerts_ack(alert_id: int, as_json: Json = False) -> None:
     run(
         _json(as_json),
         lambda: call(G.target, "alerts.ack", alert_id=alert_id),
-        lambda r: stdout.print(f"alert {r['alert']['id']}: {r['alert']['status']}"),
+        lambda r: stdout.print(line(f"alert {r['alert']['id']}: {r['alert']['status']}")),
     )
 
 
@@ -411,20 +434,25 @@ def quality_session(session_id: str, as_json: Json = False) -> None:
         )
         for q in r["rounds"]:
             t.add_row(
-                str(q["round"]),
-                _fmt(q["health_score"], "{:.1f}"),
-                _fmt(q["convergence"], "{:.1f}"),
-                _fmt(q["participant_quality"], "{:.1f}"),
-                _fmt(q["data_integrity"], "{:.1f}"),
-                _fmt(q["network_efficiency"], "{:.1f}"),
-                _fmt(q["security_score"], "{:.1f}"),
-                _fmt(q["privacy_compliance"], "{:.1f}"),
-                _fmt(q["participant_retention"], "{:.1f}"),
-                _fmt(q["model_stability"], "{:.1f}"),
+                plain(q["round"]),
+                *(
+                    plain(_fmt(q[key], "{:.1f}"))
+                    for key in (
+                        "health_score",
+                        "convergence",
+                        "participant_quality",
+                        "data_integrity",
+                        "network_efficiency",
+                        "security_score",
+                        "privacy_compliance",
+                        "participant_retention",
+                        "model_stability",
+                    )
+                ),
             )
         stdout.print(t)
         health = r["health_score"]
-        stdout.print(f"health {_fmt(health, '{:.1f}') or 'not measured yet'}")
+        stdout.print(line(f"health {_fmt(health, '{:.1f}') or 'not measured yet'}"))
 
     run(_json(as_json), lambda: call(G.target, "quality.session", session_id=session_id), human)
 
@@ -480,7 +508,7 @@ def report(
 
     def human(r: dict[str, Any]) -> None:
         if output is not None:
-            stderr.print(f"wrote {r['bytes']:,} bytes ({r['format']}) to {r['path']}")
+            stderr.print(line(f"wrote {r['bytes']:,} bytes ({r['format']}) to {r['path']}"))
         else:
             sys.stdout.write(r["text"] + ("" if r["text"].endswith("\n") else "\n"))
 
@@ -491,7 +519,9 @@ def _exclusion(op: str, peer_id: str, reason: str, as_json: bool) -> None:
     run(
         _json(as_json),
         lambda: call(G.target, op, peer_id=peer_id, reason=reason),
-        lambda r: stdout.print(f"{r['participant']['peer_id']}: {r['participant']['status']}"),
+        lambda r: stdout.print(
+            line(f"{r['participant']['peer_id']}: {r['participant']['status']}")
+        ),
     )
 
 
@@ -520,13 +550,18 @@ def model_list(session_id: str, as_json: Json = False) -> None:
         style = {"current": "green", "rolled_back": "red"}
         for m in r["models"]:
             acc = "" if m["accuracy"] is None else f"{m['accuracy']:.4f}"
-            parent = "…" + m["parent_cid"][-8:] if m.get("parent_cid") else ""
+            parent = "…" + str(m["parent_cid"])[-8:] if m.get("parent_cid") else ""
             status = str(m.get("status", "")).replace("_", " ")
             if m.get("rolled_back_to") is not None:
                 status += f" (to round {m['rolled_back_to']})"
-            if m.get("status") in style:
-                status = f"[{style[m['status']]}]{status}[/]"
-            t.add_row(str(m["round"]), m["cid"], parent, acc, f"{m['size']:,}", status)
+            t.add_row(
+                plain(m["round"]),
+                plain(m["cid"]),
+                plain(parent),
+                plain(acc),
+                plain(f"{m['size']:,}"),
+                plain(status, style.get(str(m.get("status")), "")),
+            )
         stdout.print(t)
 
     run(_json(as_json), lambda: call(G.target, "model.list", session_id=session_id), human)
@@ -564,7 +599,11 @@ def model_get(
         output.write_bytes(data)
         return {"cid": cid, "path": str(output), "size": len(data)}
 
-    run(_json(as_json), go, lambda r: stderr.print(f"wrote {r['size']:,} bytes to {r['path']}"))
+    run(
+        _json(as_json),
+        go,
+        lambda r: stderr.print(line(f"wrote {r['size']:,} bytes to {r['path']}")),
+    )
 
 
 @model_app.command("export")
@@ -615,7 +654,9 @@ def model_export(
     run(
         _json(as_json),
         go,
-        lambda r: stderr.print(f"wrote {r['blocks']} blocks ({r['size']:,} bytes) to {r['path']}"),
+        lambda r: stderr.print(
+            line(f"wrote {r['blocks']} blocks ({r['size']:,} bytes) to {r['path']}")
+        ),
     )
 
 
@@ -646,7 +687,9 @@ def ledger_verify(
     run(
         _json(as_json),
         go,
-        lambda r: stdout.print(f"[green]intact[/]: {r['events']} events in {r['ledger']}"),
+        lambda r: stdout.print(
+            line(("intact", "green"), f": {r['events']} events in {r['ledger']}")
+        ),
     )
 
 
@@ -670,6 +713,8 @@ def dashboard(
 
 
 def main() -> None:
+    # fedctl writes the operator's key, reports and the demo's node homes: its user's alone.
+    os.umask(PRIVATE_UMASK)
     app()
 
 

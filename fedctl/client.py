@@ -3,6 +3,12 @@
 fedctl and the dashboard dial the coordinator, prove their operator key in the same
 handshake participants use, and send signed ``admin`` messages. Replies are matched to
 requests by id; pushed ``event`` messages go to a queue for watchers.
+
+A coordinator is no more trusted than a participant, and it relays participants' words
+(alert messages, task errors, dataset names). Every reply and every event is therefore
+cleaned here, at receipt, with protocol.text.clean_tree: fedctl and the dashboard
+(tui/source.py wraps this client) see no control character and no string longer than
+protocol.text.MAX_TEXT, whatever was sent. Bytes (models, blocks) pass untouched.
 """
 
 from __future__ import annotations
@@ -17,8 +23,9 @@ from typing import Any
 
 from websockets.exceptions import ConnectionClosed
 
+from fednode.files import private_dir
 from fednode.transport import Connection, dial
-from protocol import messages
+from protocol import messages, text
 from protocol.errors import FednodeError
 from protocol.identity import Identity, public_key_from_peer_id
 
@@ -41,7 +48,7 @@ def default_key_path() -> Path:
 def operator_identity(key: Path | None) -> Identity:
     """The operator key, created (mode 0600) on first use."""
     path = key or default_key_path()
-    path.parent.mkdir(parents=True, exist_ok=True)
+    private_dir(path.parent)  # ~/.fedctl holds the operator's key: 0700
     return Identity.load_or_create(path)
 
 
@@ -81,7 +88,13 @@ class AdminClient:
         self._reader: asyncio.Task[None] | None = None
 
     async def __aenter__(self) -> AdminClient:
-        self.conn = await dial(self.target.url, self.identity, self.target.coordinator_id)
+        try:
+            self.conn = await dial(self.target.url, self.identity, self.target.coordinator_id)
+        except FednodeError as err:  # a refusal in the handshake quotes the coordinator
+            err.message = text.clean(err.message)
+            err.hint = text.clean(err.hint)
+            err.code = text.clean(err.code, 64)
+            raise
         assert self.conn.welcome is not None
         self.role = self.conn.welcome.role
         if self.role not in ("operator", "viewer"):
@@ -115,18 +128,19 @@ class AdminClient:
                     if fut is None or fut.done():
                         continue
                     if msg.ok:
-                        fut.set_result(msg.result)
+                        fut.set_result(text.clean_tree(msg.result))
                     else:
-                        e = msg.error
+                        e = text.clean_tree(msg.error)
                         fut.set_exception(
                             FednodeError(
-                                str(e.get("message")),
-                                code=str(e.get("code")),
-                                hint=str(e.get("hint") or ""),
+                                text.clean(str(e.get("message"))),
+                                code=text.clean(str(e.get("code")), 64),
+                                hint=text.clean(str(e.get("hint") or "")),
                             )
                         )
                 elif isinstance(msg, messages.Event):
-                    self.events.put_nowait(ClientEvent(msg.kind, env.session, msg.ts, msg.data))
+                    data = text.clean_tree(msg.data)
+                    self.events.put_nowait(ClientEvent(msg.kind, env.session, msg.ts, data))
                 elif isinstance(msg, messages.Error):
                     err = FednodeError(msg.message, code=msg.code, hint=msg.hint)
         finally:

@@ -25,8 +25,9 @@ from typing import IO, Any
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from fedctl.client import AdminClient, Target, call, operator_identity
-from fedctl.output import stderr, stdout
+from fedctl.output import line, stderr, stdout
 from fedctl.render import session_line
+from fednode.files import private_dir
 from fednode.home import NodeHome, default_home
 from protocol import spec as specmod
 from protocol.errors import FednodeError
@@ -171,7 +172,7 @@ def _prepare_workdir(workdir: Path | None) -> Path:
                 hint="choose another --workdir",
             )
         shutil.rmtree(root)
-    root.mkdir(parents=True)
+    private_dir(root)  # the demo nodes' homes, keys and ledgers
     (root / _MARKER).write_text("made by fedctl demo; wiped by the next demo\n")
     (root / "logs").mkdir()
     return root
@@ -222,8 +223,10 @@ def run_demo(opts: DemoOptions) -> dict[str, Any]:
             names.append(name)
         out = stderr if opts.as_json else stdout
         out.print(
-            f"coordinator {coord_id.peer_id} at {ready['url']}; "
-            f"{opts.participants} participants; nodes in {root}"
+            line(
+                f"coordinator {coord_id.peer_id} at {ready['url']}; "
+                f"{opts.participants} participants; nodes in {root}"
+            )
         )
         return asyncio.run(_drive(target, sid, spec, opts, procs, names[len(names) - opts.drop :]))
     finally:
@@ -301,13 +304,13 @@ async def _session(
             async for ev in client.stream():
                 if ev.session_id not in ("", sid):
                     continue
-                line = session_line(ev.kind, ev.data, rounds)
-                if line:
-                    bar.console.print(line)
+                shown = session_line(ev.kind, ev.data, rounds)  # rich Text: never markup
+                if shown is not None:
+                    bar.console.print(shown)
                 if ev.kind == "round_started" and ev.data["round"] == 2 and to_drop:
                     for name in to_drop:
                         procs.kill(name)
-                        bar.console.print(f"[yellow]killed {name} during round 2[/]")
+                        bar.console.print(line((f"killed {name} during round 2", "yellow")))
                     to_drop = []
                 if ev.kind == "round_completed":
                     bar.update(task, completed=ev.data["round"])

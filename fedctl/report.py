@@ -16,12 +16,13 @@ so even a rendering slip could not make the page run or fetch something.
 from __future__ import annotations
 
 import math
-import re
 import textwrap
 from collections.abc import Callable, Iterable, Sequence
 from datetime import UTC, datetime
 from html import escape
 from typing import Any
+
+from protocol.text import clean
 
 DASH = "–"
 NO_DATA = "no data yet"
@@ -59,8 +60,6 @@ HEALTH_PARTS = (
     ("accuracy_improvement", "accuracy improvement"),
 )
 
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
-
 
 # --- coercion: figures and strings from other machines ----------------------------------
 
@@ -79,10 +78,11 @@ def _int(v: Any) -> int | None:
 
 
 def _s(v: Any) -> str:
-    """Printable text: control characters (ESC, newlines, NUL) become U+FFFD."""
+    """Printable text: control and format characters (ESC, newlines, NUL, bidi overrides)
+    become U+FFFD, so the reader sees that something was there (protocol.text.clean)."""
     if v is None:
         return ""
-    return _CONTROL.sub("\ufffd", str(v))
+    return clean(str(v), None, replacement="\ufffd")
 
 
 def _fmt(v: Any, pattern: str = "{:.4f}") -> str:

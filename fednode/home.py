@@ -13,6 +13,7 @@ import os
 import time
 from pathlib import Path
 
+from fednode.files import private_dir
 from protocol.envelope import decode, encode
 from protocol.errors import FednodeError, IdentityError
 from protocol.identity import Identity
@@ -43,8 +44,7 @@ class NodeHome:
 
     def init(self) -> tuple[Identity, bool]:
         """Create the directory and key if missing; returns (identity, created)."""
-        self.root.mkdir(parents=True, exist_ok=True)
-        os.chmod(self.root, 0o700)
+        private_dir(self.root)
         if self.key_path.exists():
             return Identity.load(self.key_path), False
         ident = Identity.generate()

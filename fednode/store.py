@@ -33,6 +33,7 @@ import time
 from pathlib import Path
 from typing import Protocol
 
+from fednode.files import private_dir
 from protocol.cid import (
     build_dag,
     links,
@@ -55,8 +56,8 @@ class BlockStore:
         self._blocks = self.root / "blocks"
         self._pins = self.root / "pins"
         self._fsync = fsync
-        self._blocks.mkdir(parents=True, exist_ok=True)
-        self._pins.mkdir(parents=True, exist_ok=True)
+        for d in (self.root, self._blocks, self._pins):
+            private_dir(d)
 
     # --- paths ----------------------------------------------------------------------------
 
@@ -69,7 +70,7 @@ class BlockStore:
         return key, self._pins / key
 
     def _write_atomic(self, path: Path, data: bytes) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        private_dir(path.parent)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_TMP_PREFIX)
         try:
             with os.fdopen(fd, "wb") as handle:

@@ -17,11 +17,13 @@ from __future__ import annotations
 
 import hashlib
 import math
+import re
 from dataclasses import dataclass
 from typing import Any
 
 import cbor2
 
+from protocol import text
 from protocol.errors import DecodeError, ReplayError, SignatureError
 from protocol.identity import Identity, verify
 
@@ -29,6 +31,12 @@ PROTOCOL_VERSION = 1
 MAX_CLOCK_SKEW_S = 300.0
 _SIGNING_DOMAIN = b"fednode/envelope/v1\x00"
 _FRAME_KEYS = {"v", "t", "s", "f", "n", "ts", "p", "sig"}
+# The type names a message kind (protocol.messages) and the session is an ID such as
+# s-0123456789ab: both short identifiers. Anything else is not a fednode frame, and since
+# both end up in logs, errors, the ledger and operators' terminals, it is refused here,
+# before any of that, instead of being carried along.
+TYPE_RE = re.compile(r"[a-z][a-z0-9_]{0,31}")
+SESSION_RE = re.compile(r"[A-Za-z0-9._-]{0,64}")
 
 
 def encode(obj: Any) -> bytes:
@@ -55,7 +63,9 @@ def decode(data: bytes, *, what: str = "frame") -> Any:
     except Exception as exc:  # cbor2 raises many types; none may escape as-is
         if isinstance(exc.__cause__, DecodeError):  # our tag refusal, wrapped by cbor2
             raise DecodeError(f"{what}: {exc.__cause__.message}") from None
-        raise DecodeError(f"{what} is not valid CBOR: {type(exc).__name__}: {exc}") from None
+        # cbor2's messages are its own, but bound them anyway: they may quote the input
+        reason = text.clean(str(exc), 200)
+        raise DecodeError(f"{what} is not valid CBOR: {type(exc).__name__}: {reason}") from None
 
 
 def _signing_bytes(
@@ -158,9 +168,20 @@ def open_frame(
     sig = _field(frame, "sig", bytes, "signature")
     if not math.isfinite(ts):
         raise DecodeError("envelope timestamp is not a finite number")
+    if not TYPE_RE.fullmatch(type_):
+        raise DecodeError(
+            f"envelope type {text.shown(type_)} is not a message type name "
+            "(lower-case letters, digits and _, at most 32)"
+        )
+    if not SESSION_RE.fullmatch(session):
+        raise DecodeError(
+            f"envelope session {text.shown(session)} is not a session ID "
+            "(letters, digits, '.', '_' and '-', at most 64)"
+        )
     if sender != sender_peer_id:
         raise SignatureError(
-            f"envelope claims sender {sender} on a connection authenticated as {sender_peer_id}",
+            f"envelope claims sender {text.shown(sender)} on a connection authenticated as "
+            f"{sender_peer_id}",
             hint="a peer may only speak for itself",
         )
     verify(

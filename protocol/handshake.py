@@ -25,6 +25,7 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
+from protocol import text
 from protocol.envelope import decode, encode
 from protocol.errors import FednodeError, HandshakeError, PeerMismatch, SignatureError
 from protocol.identity import Identity, peer_id_from_public_key, verify
@@ -60,12 +61,15 @@ def _message(frame: bytes, expected: str) -> dict[str, Any]:
         raise HandshakeError(f"expected a handshake {expected!r} frame")
     if msg["hs"] == "error":
         raise HandshakeError(
-            f"peer refused the handshake: {msg.get('code')}: {msg.get('message')}",
-            hint=str(msg.get("hint") or HandshakeError.hint),
-            code=str(msg.get("code")),
+            # The peer's words, bounded and without control characters: they reach logs and
+            # the operator's terminal.
+            f"peer refused the handshake: {text.clean(str(msg.get('code')), 64)}: "
+            f"{text.clean(str(msg.get('message')), 500)}",
+            hint=text.clean(str(msg.get("hint") or HandshakeError.hint), 500),
+            code=text.clean(str(msg.get("code")), 64),
         )
     if msg["hs"] != expected:
-        raise HandshakeError(f"expected handshake {expected!r}, got {msg['hs']!r}")
+        raise HandshakeError(f"expected handshake {expected!r}, got {text.shown(msg['hs'])}")
     return msg
 
 
@@ -79,7 +83,7 @@ def _bytes(msg: dict[str, Any], key: str, size: int) -> bytes:
 def _check_proto(msg: dict[str, Any]) -> None:
     if msg.get("proto") != PROTOCOL:
         raise HandshakeError(
-            f"peer speaks {msg.get('proto')!r}, this node speaks {PROTOCOL!r}",
+            f"peer speaks {text.shown(msg.get('proto'))}, this node speaks {PROTOCOL!r}",
             hint="run the same fednode version on both machines",
         )
 
@@ -168,7 +172,9 @@ class ServerHandshake:
         nonce_c = _bytes(msg, "nonce", NONCE_BYTES)
         to = msg.get("to")
         if not isinstance(to, str) or to not in self._names:
-            raise PeerMismatch(f"client wants peer {to!r}, this node is {self.identity.peer_id}")
+            raise PeerMismatch(
+                f"client wants peer {text.shown(to)}, this node is {self.identity.peer_id}"
+            )
         self._client_aliases = tuple(aliases(msg.get("rot"), pub_c))
         self._transcript = _Transcript(nonce_c, self.nonce, pub_c, self.identity.public_key, to)
         return encode(

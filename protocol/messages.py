@@ -20,66 +20,133 @@ import dataclasses
 import math
 import types
 import typing
+from collections.abc import Callable
 from typing import Any, ClassVar
 
+from protocol import text
 from protocol.errors import ValidationError
 
-MAX_STR = 4096
+MAX_STR = text.MAX_TEXT
 MAX_ID = 128
 
 
-def _check_value(name: str, value: Any, hint: Any) -> None:
+def _check_value(name: str, value: Any, hint: Any) -> Any:
+    """``value`` checked against the type ``hint``, as it is to be kept: every string in it
+    cleaned (protocol.text.clean). Errors quote the value only through ``text.shown``."""
     origin = typing.get_origin(hint)
     if origin in (typing.Union, types.UnionType):
         errors = []
         for option in typing.get_args(hint):
             try:
-                _check_value(name, value, option)
-                return
+                return _check_value(name, value, option)
             except ValidationError as exc:
                 errors.append(exc)
         raise errors[0]
     if hint is type(None):
         if value is not None:
             raise ValidationError(f"field {name!r} must be null")
-        return
+        return None
     if origin is list:
         if not isinstance(value, list):
             raise ValidationError(f"field {name!r} must be a list")
         (item,) = typing.get_args(hint)
-        for i, v in enumerate(value):
-            _check_value(f"{name}[{i}]", v, item)
-        return
+        return [_check_value(f"{name}[{i}]", v, item) for i, v in enumerate(value)]
     if origin is dict or hint is dict:
         if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
             raise ValidationError(f"field {name!r} must be a map with text keys")
-        return
+        return value  # its structure is checked by whoever reads it (spec, secagg, admin)
     if hint is Any:
-        return
+        return value
     if hint is float:
         ok = isinstance(value, int | float) and not isinstance(value, bool)
         if not ok or not math.isfinite(value):
-            raise ValidationError(f"field {name!r} must be a finite number, got {value!r}")
-        return
+            raise ValidationError(
+                f"field {name!r} must be a finite number, got {text.shown(value)}"
+            )
+        return value
     if hint is int:
         if not isinstance(value, int) or isinstance(value, bool):
-            raise ValidationError(f"field {name!r} must be an integer, got {value!r}")
-        return
+            raise ValidationError(f"field {name!r} must be an integer, got {text.shown(value)}")
+        return value
     if hint is bool:
         if not isinstance(value, bool):
-            raise ValidationError(f"field {name!r} must be true or false, got {value!r}")
-        return
+            raise ValidationError(f"field {name!r} must be true or false, got {text.shown(value)}")
+        return value
     if hint is str:
         if not isinstance(value, str):
             raise ValidationError(f"field {name!r} must be text, got {type(value).__name__}")
         if len(value) > MAX_STR:
             raise ValidationError(f"field {name!r} is longer than {MAX_STR} characters")
-        return
+        return text.clean(value, MAX_STR)
     if hint is bytes:
         if not isinstance(value, bytes):
             raise ValidationError(f"field {name!r} must be bytes, got {type(value).__name__}")
-        return
+        return value
     raise TypeError(f"unsupported field type {hint!r}")  # a bug in this module, not input
+
+
+# What fednode.quality.data_report produces, and the most a peer may send of it: the report
+# is a participant's claim about its data, stored and scored by the coordinator.
+REPORT_COUNTS = ("rows", "missing", "duplicates")
+MAX_LABELS = 1000
+MAX_LABEL_CHARS = 64
+MAX_COUNT = 2**63 - 1
+
+
+def _count(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_COUNT:
+        raise ValidationError(
+            f"field {name!r} must be an integer >= 0, got {text.shown(value)}",
+            hint="the participant's data report is malformed; update that participant",
+        )
+    return value
+
+
+def _data_report(name: str, value: dict[str, Any]) -> dict[str, Any]:
+    """``{}`` (not measured) or exactly {rows, missing, duplicates, label_counts}, every
+    count an integer >= 0, at most MAX_LABELS labels of at most MAX_LABEL_CHARS characters
+    (cleaned). Whether the counts agree with each other is fednode.quality's business."""
+    if not value:
+        return {}
+    hint = "the participant's data report is malformed; update that participant"
+    wanted = {*REPORT_COUNTS, "label_counts"}
+    if set(value) != wanted:
+        odd = sorted(set(value) ^ wanted)
+        raise ValidationError(
+            f"field {name!r} must have exactly the keys {', '.join(sorted(wanted))}; "
+            f"not {text.shown(odd)}",
+            hint=hint,
+        )
+    out: dict[str, Any] = {k: _count(f"{name}.{k}", value[k]) for k in REPORT_COUNTS}
+    labels = value["label_counts"]
+    where = f"{name}.label_counts"
+    if not isinstance(labels, dict):
+        raise ValidationError(f"field {where!r} must be a map of label to count", hint=hint)
+    if len(labels) > MAX_LABELS:
+        raise ValidationError(
+            f"field {where!r} has {len(labels)} labels, more than {MAX_LABELS}", hint=hint
+        )
+    counts: dict[str, int] = {}
+    for label, count in labels.items():
+        if not isinstance(label, str) or len(label) > MAX_LABEL_CHARS:
+            raise ValidationError(
+                f"field {where!r} has a label that is not text of at most {MAX_LABEL_CHARS} "
+                f"characters: {text.shown(label)}",
+                hint=hint,
+            )
+        key = text.clean(label, MAX_LABEL_CHARS)
+        if key in counts:
+            raise ValidationError(f"field {where!r} repeats label {key!r}", hint=hint)
+        counts[key] = _count(f"{where}[{key!r}]", count)
+    out["label_counts"] = counts
+    return out
+
+
+# Fields whose content is checked beyond their type: (message type, field) -> checker, which
+# returns the value to keep.
+_FIELD_CHECKS: dict[tuple[str, str], Callable[[str, Any], Any]] = {
+    ("register", "data_report"): _data_report,
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -381,19 +448,25 @@ _HINTS = {name: typing.get_type_hints(cls) for name, cls in MESSAGES.items()}
 
 
 def parse(type_: str, payload: dict[str, Any]) -> Message:
-    """A checked, typed message from a verified envelope's type and payload."""
+    """A checked, typed message from a verified envelope's type and payload; every string
+    in its typed fields cleaned (protocol.text), every quoted peer value bounded."""
     cls = MESSAGES.get(type_)
     if cls is None:
         raise ValidationError(
-            f"unknown message type {type_!r}",
+            f"unknown message type {text.shown(type_)}",
             hint="the peer runs a newer or different protocol",
             code="UNKNOWN_TYPE",
         )
     fields = {f.name: f for f in dataclasses.fields(cls)}
-    extra = set(payload) - set(fields)
+    extra = [k for k in payload if k not in fields]
     if extra:
-        raise ValidationError(f"message {type_!r} has unknown field(s): {sorted(extra)}")
+        # keys may be of any CBOR type: sort by text, and quote a bounded excerpt only
+        extra.sort(key=lambda k: (not isinstance(k, str), str(k)[: text.SHOWN]))
+        raise ValidationError(
+            f"message {type_!r} has {len(extra)} unknown field(s): {text.shown(extra)}"
+        )
     hints = _HINTS[type_]
+    values: dict[str, Any] = {}
     for name, f in fields.items():
         if name not in payload:
             no_default = (
@@ -402,8 +475,11 @@ def parse(type_: str, payload: dict[str, Any]) -> Message:
             if no_default:
                 raise ValidationError(f"message {type_!r} is missing field {name!r}")
             continue
-        _check_value(f"{type_}.{name}", payload[name], hints[name])
-    msg = cls(**payload)
+        where = f"{type_}.{name}"
+        value = _check_value(where, payload[name], hints[name])
+        check = _FIELD_CHECKS.get((type_, name))
+        values[name] = value if check is None else check(where, value)
+    msg = cls(**values)
     msg.validate()
     return msg
 

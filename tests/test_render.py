@@ -3,9 +3,17 @@ and none raises (a KeyError here would end a watch mid-session)."""
 
 from __future__ import annotations
 
-from fedctl.render import session_line
+from typing import Any
+
+from fedctl.render import session_line as rich_line
 
 PEER = "12D3KooWQVsrDgbA12sQVgA7zfm4F6rjAU4boHnH9owEfvoEPbmE"
+
+
+def session_line(kind: str, data: dict[str, Any], rounds: int) -> str | None:
+    """The line's plain text (session_line returns rich Text, so no markup is parsed)."""
+    line = rich_line(kind, data, rounds)
+    return None if line is None else line.plain
 
 
 def test_participant_events_of_both_shapes() -> None:

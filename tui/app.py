@@ -24,6 +24,7 @@ from textual.binding import Binding, BindingType
 from textual.screen import Screen
 
 from protocol.errors import FednodeError
+from protocol.text import clean
 from tui.messages import ConnectionChanged, SnapshotLoaded, StateChanged
 from tui.screens import ConfirmScreen, DashScreen, HelpScreen, SessionScreen, SessionsScreen
 from tui.source import Link, Source
@@ -41,9 +42,10 @@ def backoff_delays(first: float = BACKOFF[0], cap: float = BACKOFF[1]) -> Iterat
 
 
 def reason_of(err: BaseException) -> str:
+    """One line for the status bar or a notification; a refusal may quote the coordinator."""
     if isinstance(err, FednodeError):
-        return err.message
-    return f"{type(err).__name__}: {err}" if str(err) else type(err).__name__
+        return clean(err.message)
+    return clean(f"{type(err).__name__}: {err}" if str(err) else type(err).__name__)
 
 
 @dataclass
@@ -274,7 +276,7 @@ class DashboardApp(App[None]):
         try:
             change = await self._load(link, model, session_id)
         except FednodeError as err:
-            self.notify(err.message, title=err.code, severity="error")
+            self.notify(reason_of(err), title=clean(err.code, 64), severity="error", markup=False)
             return
         if self.model is model:  # not a stale answer from before a reconnect
             self.post_message(StateChanged(change))
@@ -293,18 +295,29 @@ class DashboardApp(App[None]):
     async def _call(self, op: str, args: dict[str, Any], done: str) -> None:
         link = self.link
         if link is None:
-            self.notify("not connected to the coordinator", title="DISCONNECTED", severity="error")
+            self.notify(
+                "not connected to the coordinator",
+                title="DISCONNECTED",
+                severity="error",
+                markup=False,
+            )
             return
         try:
             await link.call(op, **args)
         except FednodeError as err:
-            hint = f"\n{err.hint}" if err.hint else ""
-            self.notify(err.message + hint, title=err.code, severity="error", timeout=8)
+            hint = f"\n{clean(err.hint)}" if err.hint else ""
+            self.notify(
+                reason_of(err) + hint,
+                title=clean(err.code, 64),
+                severity="error",
+                timeout=8,
+                markup=False,
+            )
             return
         except Exception as err:  # never let a failed call take the dashboard down
-            self.notify(reason_of(err), title="ERROR", severity="error", timeout=8)
+            self.notify(reason_of(err), title="ERROR", severity="error", timeout=8, markup=False)
             return
-        self.notify(done)
+        self.notify(done, markup=False)
 
     # --- app keys ----------------------------------------------------------------------
 

@@ -106,16 +106,19 @@ class DashScreen(Screen[None]):
         return None
 
     def on_data_table_row_selected(self, event: DataTable.RowSelected) -> None:
-        """Enter on an alert: its whole message, which a narrow table cuts."""
+        """Enter on an alert: its whole message, which a narrow table cuts. The message may
+        quote a peer (a security violation): shown as plain text, never parsed as markup."""
         if event.data_table.id == "alerts" and event.row_key.value is not None:
             alert = self.dash.model.alerts.get(int(event.row_key.value))
             if alert is not None:
-                self.notify(alert.message, title=f"{alert.severity} {alert.alert_type}")
+                self.notify(
+                    alert.message, title=f"{alert.severity} {alert.alert_type}", markup=False
+                )
 
     def _lifecycle(self, action: str) -> None:
         sid = self.target_session()
         if sid is None:
-            self.notify("no session selected", severity="warning")
+            self.notify("no session selected", severity="warning", markup=False)
             return
         info = self.dash.model.sessions.get(sid)
         verb, consequence = LIFECYCLE[action]
@@ -145,10 +148,12 @@ class DashScreen(Screen[None]):
         alert_id = table.selected_alert()
         alert = self.dash.model.alerts.get(alert_id) if alert_id is not None else None
         if alert is None:
-            self.notify("no alert selected (Tab to the alerts panel)", severity="warning")
+            self.notify(
+                "no alert selected (Tab to the alerts panel)", severity="warning", markup=False
+            )
             return
         if alert.status == "acknowledged":
-            self.notify(f"alert {alert.id} is already acknowledged")
+            self.notify(f"alert {alert.id} is already acknowledged", markup=False)
             return
         who = short(alert.entity_id) if alert.entity_id else "the node"
         self.dash.confirm(
@@ -375,12 +380,12 @@ class SessionScreen(DashScreen):
     def _peer_action(self, action: str) -> None:
         pid = self.query_one(ParticipantsTable).selected_key()
         if pid is None:
-            self.notify("no participant selected", severity="warning")
+            self.notify("no participant selected", severity="warning", markup=False)
             return
         p = self.dash.model.participants.get(pid)
         if action == "exclude":
             if p is not None and p.excluded:
-                self.notify(f"{short(pid)} is already excluded")
+                self.notify(f"{short(pid)} is already excluded", markup=False)
                 return
             self.dash.confirm(
                 f"Exclude participant {short(pid)}?",
@@ -391,7 +396,7 @@ class SessionScreen(DashScreen):
             )
         else:
             if p is not None and not p.excluded:
-                self.notify(f"{short(pid)} is not excluded")
+                self.notify(f"{short(pid)} is not excluded", markup=False)
                 return
             self.dash.confirm(
                 f"Readmit participant {short(pid)}?",
@@ -435,8 +440,9 @@ class ConfirmScreen(ModalScreen[bool]):
 
     def compose(self) -> ComposeResult:
         with Vertical(id="dialog"):
-            yield Label(self.question, id="question")
-            yield Label(self.consequence, id="consequence")
+            # the question names a session and an alert: coordinator text, never markup
+            yield Label(self.question, id="question", markup=False)
+            yield Label(self.consequence, id="consequence", markup=False)
             with Horizontal(id="buttons"):
                 yield Button("Yes (y)", id="yes", variant="warning")
                 yield Button("No (n)", id="no", variant="primary")

@@ -5,6 +5,13 @@ The data worker applies the ``subscribe`` snapshot once and then every pushed ev
 only those parts (one table row, one progress panel) instead of everything. Nothing here
 imports Textual or does I/O, so the rules (who is late, what a round adds to the history,
 what an alert change does) are unit-tested on their own and cost microseconds per event.
+
+Everything the coordinator says is untrusted text (and some of it, alert messages, task
+errors, dataset names, it relays from participants): each ``apply_*`` entry point passes
+what it is given through protocol.text.clean_tree first, so no control character or
+over-long string gets into the model, whatever source fed it. Widgets then render it as
+rich ``Text``, never as markup. An event whose data is not what its kind carries changes
+nothing but still gets a log line: a hostile coordinator cannot stop the dashboard.
 """
 
 from __future__ import annotations
@@ -13,12 +20,18 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
+from protocol.text import clean, clean_tree
+
 SEVERITIES = ("critical", "high", "medium", "low")
 TERMINAL = frozenset({"completed", "failed", "stopped"})
 EVENTS_KEPT = 200
 # Pushed but not ledger events: one per participant per round, already shown by the round
 # panel; logging them would push the rare, interesting lines (alerts, failures) out.
 NOT_LOGGED = frozenset({"update_received", "secagg", "lagged"})
+# How much of one peer-written message (a task error, an alert) a log line keeps.
+LINE_TEXT = 300
+# What malformed data of a known kind raises in the handlers and in ``describe``.
+_MALFORMED = (KeyError, TypeError, ValueError, AttributeError, IndexError)
 
 
 def short(peer_id: str | None, n: int = 8) -> str:
@@ -26,6 +39,16 @@ def short(peer_id: str | None, n: int = 8) -> str:
     if not peer_id:
         return "–"
     return peer_id if len(peer_id) <= n + 1 else "…" + peer_id[-n:]
+
+
+def _str(v: Any) -> str:
+    """Text for the model: cleaned, and a non-text value as its (cleaned) repr."""
+    return clean(v if isinstance(v, str) else str(v))
+
+
+def _words(v: Any) -> str:
+    """A peer-written phrase for one log line: cleaned and cut to LINE_TEXT."""
+    return clean("" if v is None else v if isinstance(v, str) else str(v), LINE_TEXT)
 
 
 def _float(v: Any) -> float | None:
@@ -52,9 +75,9 @@ class SessionInfo:
     @classmethod
     def from_row(cls, row: dict[str, Any]) -> SessionInfo:
         return cls(
-            session_id=str(row["session_id"]),
-            name=str(row.get("name") or ""),
-            status=str(row.get("status") or "created"),
+            session_id=_str(row["session_id"]),
+            name=_str(row.get("name") or ""),
+            status=_str(row.get("status") or "created"),
             round=_int(row.get("round")),
             rounds=_int(row.get("rounds")),
             participants=_int(row.get("participants")),
@@ -139,13 +162,13 @@ class Participant:
     def from_row(cls, row: dict[str, Any]) -> Participant:
         lr = row.get("last_round")
         last = (
-            LastRound(str(lr.get("session_id") or ""), _int(lr.get("round")), _float(lr.get("at")))
+            LastRound(_str(lr.get("session_id") or ""), _int(lr.get("round")), _float(lr.get("at")))
             if isinstance(lr, dict)
             else None
         )
-        status = str(row.get("status") or "active")
+        status = _str(row.get("status") or "active")
         return cls(
-            peer_id=str(row["peer_id"]),
+            peer_id=_str(row["peer_id"]),
             online=bool(row.get("online")),
             status=status,
             quality_score=_float(row.get("quality_score")),
@@ -155,7 +178,7 @@ class Participant:
             rounds_completed=_int(row.get("rounds_completed")),
             last_round=last,
             excluded=bool(row.get("excluded", False)),
-            dataset=str(row.get("dataset") or ""),
+            dataset=_str(row.get("dataset") or ""),
         )
 
 
@@ -175,12 +198,12 @@ class Alert:
     def from_row(cls, row: dict[str, Any]) -> Alert:
         return cls(
             id=_int(row.get("id")),
-            severity=str(row.get("severity") or "low"),
-            alert_type=str(row.get("alert_type") or ""),
-            entity_id=str(row.get("entity_id") or ""),
-            session_id=str(row.get("session_id") or ""),
-            message=str(row.get("message") or ""),
-            status=str(row.get("status") or "open"),
+            severity=_str(row.get("severity") or "low"),
+            alert_type=_str(row.get("alert_type") or ""),
+            entity_id=_str(row.get("entity_id") or ""),
+            session_id=_str(row.get("session_id") or ""),
+            message=_str(row.get("message") or ""),
+            status=_str(row.get("status") or "open"),
             created_at=_float(row.get("created_at")),
             updated_at=_float(row.get("updated_at")),
         )
@@ -235,12 +258,19 @@ class Change:
 
 
 def describe(kind: str, data: dict[str, Any], rounds: int = 0) -> tuple[str, str]:
-    """A pushed or ledger event as one line of text and its level."""
+    """A pushed or ledger event as one line of text and its level; never raises."""
+    try:
+        return _describe(kind, data, rounds)
+    except _MALFORMED:
+        return f"{_words(kind)} (unexpected data)", "warn"
+
+
+def _describe(kind: str, data: dict[str, Any], rounds: int) -> tuple[str, str]:
     of = f"/{rounds}" if rounds else ""
     peer = short(data.get("peer_id") or data.get("participant") or data.get("entity_id"))
     if kind == "session":
         status = data.get("status", "?")
-        err = f": {data['error']}" if data.get("error") else ""
+        err = f": {_words(data['error'])}" if data.get("error") else ""
         level = {"completed": "good", "failed": "bad", "paused": "warn", "stopped": "warn"}
         return f"session {status}{err}", level.get(str(status), "")
     if kind == "round_started":
@@ -256,7 +286,11 @@ def describe(kind: str, data: dict[str, Any], rounds: int = 0) -> tuple[str, str
             "good",
         )
     if kind == "round_failed":
-        return f"round {data.get('round')} {data.get('status')}: {data.get('reason', '')}", "bad"
+        reason = _words(data.get("reason", ""))
+        return f"round {data.get('round')} {data.get('status')}: {reason}", "bad"
+    if kind == "task_error":  # the participant's own code and message, as plain words
+        code, message = _words(data.get("code")), _words(data.get("message"))
+        return f"{peer} could not do round {data.get('round')}: {code}: {message}", "bad"
     if kind == "participant":
         if "excluded" in data:
             word = "excluded by an operator" if data["excluded"] else "readmitted"
@@ -280,18 +314,19 @@ def describe(kind: str, data: dict[str, Any], rounds: int = 0) -> tuple[str, str
         if action == "excluded_from_selection":
             return f"{peer} left out of round {data.get('round')} (open critical alert)", "warn"
         if action == "pause":
-            return f"session paused: {data.get('reason', '')}", "bad"
-        reason = f" ({data['reason']})" if data.get("reason") else ""
+            return f"session paused: {_words(data.get('reason', ''))}", "bad"
+        reason = f" ({_words(data['reason'])})" if data.get("reason") else ""
         return f"{action} {peer}{reason}", "warn"
     if kind == "anomaly":
         return f"anomaly: {peer} round {data.get('round')}", "warn"
     if kind == "security":
-        return f"security: {data.get('code', '')} {data.get('message', '')}".strip(), "bad"
+        code, message = _words(data.get("code", "")), _words(data.get("message", ""))
+        return f"security: {code} {message}".strip(), "bad"
     if kind == "invite":
         return f"invite issued ({data.get('uses', '?')} uses)", ""
     if kind == "update_received":
         return f"{peer} trained round {data.get('round')}", ""
-    return kind, ""
+    return _words(kind), ""
 
 
 def _num(v: float | None, digits: int = 4) -> str:
@@ -316,6 +351,7 @@ class DashboardState:
 
     def apply_snapshot(self, snap: dict[str, Any]) -> Change:
         """Replace everything with the answer to ``subscribe`` (after a (re)connect)."""
+        snap = clean_tree(snap)
         self.sessions = {
             s.session_id: s for s in (SessionInfo.from_row(r) for r in snap.get("sessions") or [])
         }
@@ -338,11 +374,12 @@ class DashboardState:
 
     def apply_status(self, summary: dict[str, Any]) -> Change:
         """A ``session.status`` answer: the history and current round of one session."""
-        sid = str(summary["session_id"])
+        summary = clean_tree(summary)
+        sid = _str(summary["session_id"])
         info = self.sessions.get(sid) or SessionInfo(sid)
         self.sessions[sid] = info
-        info.name = str(summary.get("name") or info.name)
-        info.status = str(summary.get("status") or info.status)
+        info.name = _str(summary.get("name") or info.name)
+        info.status = _str(summary.get("status") or info.status)
         info.round = _int(summary.get("rounds_completed"), info.round)
         info.rounds = _int(summary.get("rounds"), info.rounds)
         info.participants = _int(summary.get("participants"), info.participants)
@@ -351,9 +388,9 @@ class DashboardState:
         old = self.details.get(sid)
         det = SessionDetail(
             sid,
-            strategy=str(summary.get("strategy") or ""),
+            strategy=_str(summary.get("strategy") or ""),
             secure_aggregation=bool(summary.get("secure_aggregation")),
-            model_cid=str(summary.get("model_cid") or ""),
+            model_cid=_str(summary.get("model_cid") or ""),
             health_score=old.health_score if old else None,
         )
         for h in summary.get("history") or []:
@@ -369,7 +406,7 @@ class DashboardState:
         if isinstance(cur, dict):
             det.current = CurrentRound(
                 round=_int(cur.get("round")),
-                phase=str(cur.get("phase") or "training"),
+                phase=_str(cur.get("phase") or "training"),
                 selected=list(cur.get("selected") or []),
                 received=list(cur.get("received") or []),
                 failed=dict(cur.get("failed") or {}),
@@ -384,6 +421,7 @@ class DashboardState:
 
     def apply_quality(self, session_id: str, answer: dict[str, Any]) -> Change:
         """A ``quality.session`` answer: the health score before the next round's event."""
+        session_id, answer = _str(session_id), clean_tree(answer)
         health = _float(answer.get("health_score"))
         if health is not None:
             self._detail(session_id).health_score = health
@@ -392,14 +430,14 @@ class DashboardState:
     def apply_events_list(self, rows: list[dict[str, Any]]) -> Change:
         """An ``events.list`` answer (oldest first): the log starts from these."""
         self.events.clear()
-        for row in rows:
+        for row in clean_tree(rows):
             self._log_ledger_row(row)
         return Change(full=True)
 
     def _log_ledger_row(self, row: dict[str, Any]) -> None:
         data = row.get("data") if isinstance(row.get("data"), dict) else {}
-        sid = str(row.get("session_id") or "")
-        kind = str(row.get("kind") or "")
+        sid = _str(row.get("session_id") or "")
+        kind = _str(row.get("kind") or "")
         if row.get("entity_id") and "peer_id" not in data:
             data = {**data, "entity_id": row["entity_id"]}
         info = self.sessions.get(sid)
@@ -410,8 +448,14 @@ class DashboardState:
 
     def apply_event(self, kind: str, session_id: str, ts: float, data: dict[str, Any]) -> Change:
         """One pushed event; unknown kinds only reach the log."""
+        kind, session_id, data = _str(kind), _str(session_id), clean_tree(data)
+        if not isinstance(data, dict):
+            data = {}
         handler = getattr(self, "_on_" + kind, None)
-        change = handler(session_id, ts, data) if handler is not None else Change()
+        try:
+            change = handler(session_id, ts, data) if handler is not None else Change()
+        except _MALFORMED:  # data not of its kind's shape: log it, change nothing else
+            change = Change()
         if kind not in NOT_LOGGED:
             info = self.sessions.get(session_id)
             text, level = describe(kind, data, info.rounds if info else 0)
@@ -455,10 +499,10 @@ class DashboardState:
         if not sid:
             return change
         info = self._session(sid, change)
-        info.status = str(data.get("status") or info.status)
-        info.error = str(data.get("error") or "")
+        info.status = _str(data.get("status") or info.status)
+        info.error = _str(data.get("error") or "")
         if data.get("name"):
-            info.name = str(data["name"])
+            info.name = _str(data["name"])
         det = self.details.get(sid)
         if det and det.current and info.status in TERMINAL and det.current.phase != "done":
             det.current.phase = "aborted" if info.status == "stopped" else det.current.phase
@@ -487,7 +531,7 @@ class DashboardState:
 
     def _on_update_received(self, sid: str, ts: float, data: dict[str, Any]) -> Change:
         change = Change(rounds={sid})
-        peer = str(data.get("participant") or "")
+        peer = _str(data.get("participant") or "")
         rnd = _int(data.get("round"))
         det = self._detail(sid)
         cur = det.current
@@ -506,7 +550,7 @@ class DashboardState:
     def _on_round_completed(self, sid: str, ts: float, data: dict[str, Any]) -> Change:
         change = Change(history={sid}, rounds={sid})
         rnd = _int(data.get("round"))
-        contributors = [str(p) for p in data.get("participants") or []]
+        contributors = [_str(p) for p in data.get("participants") or []]
         info = self._session(sid, change)
         info.round = max(info.round, rnd)
         acc = _float(data.get("accuracy"))
@@ -517,11 +561,11 @@ class DashboardState:
         det.history[rnd] = RoundPoint(
             rnd, acc, _float(data.get("loss")), _float(data.get("duration_s")), len(contributors)
         )
-        det.model_cid = str(data.get("model_cid") or det.model_cid)
+        det.model_cid = _str(data.get("model_cid") or det.model_cid)
         if det.current and det.current.round == rnd:
             det.current.phase = "done"
             for p in data.get("dropped") or []:
-                det.current.failed.setdefault(str(p), "dropped")
+                det.current.failed.setdefault(_str(p), "dropped")
         for peer in contributors:
             part = self._participant(peer, change)
             if part.last_round is None or (part.last_round.session_id, part.last_round.round) != (
@@ -536,7 +580,7 @@ class DashboardState:
         change = Change(rounds={sid})
         det = self._detail(sid)
         if det.current and det.current.round == _int(data.get("round")):
-            det.current.phase = str(data.get("status") or "failed")
+            det.current.phase = _str(data.get("status") or "failed")
         return change
 
     def _on_participant(self, sid: str, ts: float, data: dict[str, Any]) -> Change:
@@ -544,12 +588,12 @@ class DashboardState:
         peer = data.get("peer_id")
         if not peer:
             return change
-        p = self._participant(str(peer), change)
+        p = self._participant(_str(peer), change)
         if "online" in data:
             p.online = bool(data["online"])
             p.last_seen = ts
         if data.get("dataset"):
-            p.dataset = str(data["dataset"])
+            p.dataset = _str(data["dataset"])
         if "excluded" in data:
             p.excluded = bool(data["excluded"])
             self._restatus(p)
