@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import re
 import signal
 import sys
 from pathlib import Path
@@ -12,12 +14,15 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from fedctl.output import emit_json, fail, run, stdout
+from fednode.files import PRIVATE_UMASK
 from fednode.home import NodeHome
 from protocol.errors import FednodeError
 from protocol.identity import public_key_from_peer_id
+from protocol.modelspec import default_max_params, format_size
 
 if TYPE_CHECKING:
     from fednode.data import DatasetRef
+    from fednode.participant import Attack, Limits
     from protocol.identity import Identity
 
 app = typer.Typer(
@@ -111,6 +116,52 @@ def _hostport(listen: str, option: str = "--listen") -> tuple[str, int]:
     return host, int(port)
 
 
+_SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:I?B)?\s*$", re.IGNORECASE)
+
+
+def parse_size(text: str, option: str = "--max-memory") -> int:
+    """'4G', '512M', '1.5GiB', '1048576' -> bytes (K, M, G, T are powers of 1024)."""
+    m = _SIZE_RE.match(text)
+    if m is None:
+        raise FednodeError(
+            f"{option} {text!r} is not a size",
+            code="USAGE",
+            hint="give bytes or a number with K, M, G or T (powers of 1024), e.g. 4G or 512M",
+        )
+    n = int(float(m.group(1)) * _SIZE_UNITS[m.group(2).upper()])
+    if n < 1:
+        raise FednodeError(f"{option} {text!r} is not a positive size", code="USAGE")
+    return n
+
+
+def _default_memory() -> int:
+    """What fednode.participant.default_max_memory gives, without importing torch here."""
+    import psutil
+
+    from protocol.modelspec import default_max_memory
+
+    return default_max_memory(psutil.virtual_memory().total)
+
+
+def _attack(scale: float, claim: int) -> Attack:
+    from fednode.participant import Attack
+
+    return Attack(scale, claim)
+
+
+def _participant_limits(max_params: int | None, max_memory: str, max_train_s: float) -> Limits:
+    """The participant's limits: the options given, this machine's defaults for the rest
+    (the parameter default follows --max-memory when only that is given)."""
+    from fednode.participant import Limits
+
+    return Limits.for_machine(
+        max_params=max_params,
+        max_memory=parse_size(max_memory) if max_memory else None,
+        max_train_s=max_train_s,
+    )
+
+
 @app.command("run")
 def run_node(
     role: Annotated[str, typer.Option(help="coordinator or participant")],
@@ -146,6 +197,22 @@ def run_node(
         typer.Option(
             help="participant: in this round, send weights scaled by a large negative factor "
             "(testing rollback)",
+            hidden=True,
+        ),
+    ] = 0,
+    attack_scale: Annotated[
+        float,
+        typer.Option(
+            help="participant: every round, multiply the trained weights by this (testing the "
+            "aggregation bounds; 0 = off)",
+            hidden=True,
+        ),
+    ] = 0.0,
+    attack_claim: Annotated[
+        int,
+        typer.Option(
+            help="participant: every round, claim this many examples (testing the aggregation "
+            "bounds; 0 = off)",
             hidden=True,
         ),
     ] = 0,
@@ -189,6 +256,42 @@ def run_node(
             help="coordinator: serve Prometheus metrics on HOST:PORT (e.g. 127.0.0.1:9100)"
         ),
     ] = "",
+    max_params: Annotated[
+        int | None,
+        typer.Option(
+            "--max-params",
+            min=1,
+            help="participant: decline a session whose model has more parameters than this "
+            "(LIMIT_PARAMS). Default: the --max-memory budget / 48 bytes, what a parameter costs "
+            "at most outside secure aggregation (4 bytes for each of 12 copies: weights, "
+            "gradients, two Adam moments, three step temporaries, the load copy, and four "
+            "copies of the model the node holds); "
+            f"{default_max_params(_default_memory()):,} on this machine",
+            show_default=False,
+        ),
+    ] = None,
+    max_memory: Annotated[
+        str,
+        typer.Option(
+            "--max-memory",
+            help="participant: decline a session whose local training needs more memory than "
+            "this (LIMIT_MEMORY), e.g. 4G, 512M or a number of bytes (K/M/G/T are powers of "
+            "1024). Default: half of this machine's RAM (psutil), since the estimate is a "
+            f"floor and the machine has other work: {format_size(_default_memory())} here",
+            show_default=False,
+        ),
+    ] = "",
+    max_train_seconds: Annotated[
+        float,
+        typer.Option(
+            "--max-train-seconds",
+            min=0,
+            help="participant: seconds of local training per round before it is cancelled "
+            "(TRAIN_DEADLINE); the round's own deadline applies as well. 0 = only the round's "
+            "deadline. Default: one hour, so that a session cannot take this machine's CPU "
+            "for a day per round (round_timeout_s goes to 86400)",
+        ),
+    ] = 3600.0,
     ipfs_api: Annotated[
         str,
         typer.Option(
@@ -259,6 +362,7 @@ def run_node(
             from fednode.data import parse_dataset_spec
 
             ref = parse_dataset_spec(dataset)
+            limits = _participant_limits(max_params, max_memory, max_train_seconds)
             asyncio.run(
                 _run_participant(
                     home,
@@ -270,12 +374,17 @@ def run_node(
                     train_delay,
                     poison_round,
                     ipfs_api=ipfs_api,
+                    limits=limits,
+                    attack=_attack(attack_scale, attack_claim),
                 )
             )
     except FednodeError as err:
         fail(err, as_json=False)
     finally:
         home.unlock()
+
+
+LOCK_WAIT_S = 0.5
 
 
 def _stop_event() -> asyncio.Event:
@@ -302,7 +411,9 @@ async def _run_coordinator(
 
     stop = _stop_event()
     store = open_store(home.store_root, ipfs_api)
-    with Ledger(home.ledger_path) as ledger:
+    # A short lock wait: the event loop must never stall on another process's lock;
+    # fednode.storage_guard pauses sessions through a longer one.
+    with Ledger(home.ledger_path, busy_timeout_s=LOCK_WAIT_S) as ledger:
         coord = Coordinator(ident, ledger, store, **options)
         ssl = None
         if tls:
@@ -332,6 +443,7 @@ async def _run_coordinator(
             )
         await stop.wait()
         await coord.monitor.stop()
+        await coord.guard.stop()
         server.close()
         await server.wait_closed()
         if coord.monitor.metrics is not None:
@@ -348,6 +460,8 @@ async def _run_participant(
     train_delay: float,
     poison_round: int = 0,
     ipfs_api: str = "",
+    limits: Limits | None = None,
+    attack: Attack | None = None,
 ) -> None:
     from fednode.ledger import Ledger
     from fednode.participant import Participant
@@ -367,12 +481,29 @@ async def _run_participant(
             train_delay_s=train_delay,
             poison_round=poison_round,
             chain=home.chain(),
+            limits=limits,
+            attack=attack,
         )
-        emit_json({"event": "started", "peer_id": ident.peer_id, "coordinator": url})
+        lim = node.limits
+        emit_json(
+            {
+                "event": "started",
+                "peer_id": ident.peer_id,
+                "coordinator": url,
+                "limits": {
+                    "max_params": lim.max_params,
+                    "max_memory": lim.max_memory,
+                    "max_train_s": lim.max_train_s,
+                },
+            }
+        )
         await node.run(stop)
 
 
 def main() -> None:
+    # Everything a node writes (ledger, store, logs, keys) is its operator's alone: files
+    # 0600 and folders 0700 by construction, whatever the shell's umask.
+    os.umask(PRIVATE_UMASK)
     try:
         app()
     except KeyboardInterrupt:

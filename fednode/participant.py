@@ -4,6 +4,14 @@ Raw data never leaves this process: what goes out is the trained weights (safete
 a few numbers (examples, loss, time). The global model is fetched by CID and its hash is
 checked before it is parsed; a model whose bytes do not match is refused. The connection is
 kept up with heartbeats and re-dialled with backoff if it drops.
+
+The coordinator chooses the model and the training, so it chooses what this machine spends:
+the participant's own operator bounds that with Limits (fednode run --max-params,
+--max-memory, --max-train-seconds). A task is priced by arithmetic (protocol.modelspec)
+before anything is fetched or allocated, and declined with a task_error (LIMIT_PARAMS,
+LIMIT_MEMORY) when it is beyond them; training is cancelled at the round's deadline or the
+operator's time limit (TRAIN_DEADLINE). Every task ends with a status in this node's ledger
+(done, declined or failed) and, while the connection is up, a task_error for any failure.
 """
 
 from __future__ import annotations
@@ -14,6 +22,7 @@ import dataclasses
 import hashlib
 import logging
 import math
+import threading
 import time
 from typing import Any
 
@@ -21,16 +30,17 @@ import psutil
 import torch
 from websockets.exceptions import ConnectionClosed
 
-from fednode import __version__, quality, training, weights
+from fednode import __version__, bounds, quality, training, weights
 from fednode.data import DatasetRef, load_partition
 from fednode.ledger import Ledger
 from fednode.session import model_spec
 from fednode.store import BlockStore
 from fednode.transport import Connection, dial
-from protocol import messages, secagg, spec
+from protocol import messages, modelspec, secagg, spec
 from protocol.cid import file_cid
-from protocol.errors import CIDError, FednodeError
+from protocol.errors import CIDError, FednodeError, SpecError
 from protocol.identity import Identity
+from protocol.modelspec import format_size
 from protocol.rotation import Rotation
 
 log = logging.getLogger("fednode.participant")
@@ -42,16 +52,121 @@ ADMIT_TIMEOUT_S = 30.0
 POISON_FACTOR = -10.0
 
 
+@dataclasses.dataclass(frozen=True)
+class Attack:
+    """Test options (hidden: fednode run --attack-scale / --attack-claim) that make this node
+    the admitted participant the probe was: every round it multiplies its trained weights by
+    ``scale`` and claims ``claim`` examples (in a secure round: uses that weight, up to
+    max_weight, instead of the one assigned, and skips the norm clip). 0 = off."""
+
+    scale: float = 0.0
+    claim: int = 0
+
+    @property
+    def on(self) -> bool:
+        return bool(self.scale or self.claim)
+
+    def weights(self, w: weights.Weights) -> weights.Weights:
+        return {k: v * self.scale for k, v in w.items()} if self.scale else w
+
+
+# Default limits (fednode run --max-memory / --max-params / --max-train-seconds): half of the
+# machine's RAM, the parameters that budget holds at 48 bytes each (Adam with weight decay:
+# protocol.modelspec.MAX_PLAIN_BYTES_PER_PARAM), and one hour of training per round
+# (round_timeout_s goes to a day).
+DEFAULT_MAX_TRAIN_S = 3600.0
+# Training must end this long before the round's deadline so the update can still travel:
+# 10% of the round's time, at most 5 s.
+UPLOAD_MARGIN_S = 5.0
+UPLOAD_MARGIN_FRACTION = 0.1
+MAX_ERROR_CHARS = 1000  # a task_error's message (the wire allows 4096)
+
+
+class LimitExceeded(FednodeError):
+    """A task beyond what this participant's operator allows; the code names the limit."""
+
+    code = "LIMIT_MEMORY"
+    hint = "use a smaller model or batch, or ask the participant's operator to raise the limit"
+
+
+def default_max_memory() -> int:
+    """modelspec.DEFAULT_MEMORY_FRACTION of this machine's total RAM (psutil)."""
+    return modelspec.default_max_memory(psutil.virtual_memory().total)
+
+
+@dataclasses.dataclass(frozen=True)
+class Limits:
+    """What this participant's operator lets a coordinator spend here."""
+
+    max_params: int  # parameters of the model
+    max_memory: int  # bytes local training may need (protocol.modelspec.training_memory)
+    max_train_s: float  # seconds of local training per round; 0 = only the round's deadline
+
+    @classmethod
+    def for_machine(
+        cls,
+        *,
+        max_params: int | None = None,
+        max_memory: int | None = None,
+        max_train_s: float = DEFAULT_MAX_TRAIN_S,
+    ) -> Limits:
+        """The defaults of this machine, for each limit not given."""
+        memory = default_max_memory() if max_memory is None else max_memory
+        params = modelspec.default_max_params(memory) if max_params is None else max_params
+        return cls(max_params=params, max_memory=memory, max_train_s=max_train_s)
+
+    def check(self, s: dict[str, Any], n_examples: int, *, secure: bool = False) -> None:
+        """Raise LimitExceeded if the validated spec ``s`` is beyond a limit; nothing is
+        allocated to find out (protocol.modelspec works on the spec's numbers)."""
+        m = model_spec(s)
+        params = modelspec.param_count(m)
+        if params > self.max_params:
+            raise LimitExceeded(
+                f"the model has {params:,} parameters (model.kind = {m['kind']!r}, inputs = "
+                f"{m['inputs']}, hidden = {m['hidden']}, classes = {m['classes']}), above this "
+                f"participant's limit of {self.max_params:,} (--max-params)",
+                code="LIMIT_PARAMS",
+                hint="use a smaller model (model.hidden, model.inputs), or ask this "
+                "participant's operator to raise --max-params",
+            )
+        need = modelspec.training_memory(m, s["training"], n_examples, secure=secure)
+        if need > self.max_memory:
+            raise LimitExceeded(
+                f"local training would need about {format_size(need)} ({need:,} bytes for "
+                f"{params:,} parameters, optimizer {s['training']['optimizer']}, batch_size "
+                f"{s['training']['batch_size']}, {n_examples:,} examples"
+                f"{', secure aggregation' if secure else ''}), above this participant's limit "
+                f"of {format_size(self.max_memory)} (--max-memory)",
+                code="LIMIT_MEMORY",
+                hint="use a smaller model or batch_size, or ask this participant's operator "
+                "to raise --max-memory",
+            )
+
+
+def upload_margin(deadline_s: float) -> float:
+    """Seconds kept after training for the upload, out of a round of ``deadline_s``."""
+    return min(UPLOAD_MARGIN_S, UPLOAD_MARGIN_FRACTION * deadline_s)
+
+
+def _bounded(text: str) -> str:
+    return text if len(text) <= MAX_ERROR_CHARS else text[: MAX_ERROR_CHARS - 1] + "…"
+
+
 # The data as loaded, before any session's features or partition: what the checks look at.
 _AS_LOADED = {"partition": "iid", "seed": 0, "features": "none", "alpha": 0.5, "labels_per_part": 2}
 
 
 def _timed_train(
-    mspec: dict[str, Any], w: weights.Weights, data: Any, cfg: training.TrainConfig
+    mspec: dict[str, Any],
+    w: weights.Weights,
+    data: Any,
+    cfg: training.TrainConfig,
+    deadline: float | None = None,
+    stop: threading.Event | None = None,
 ) -> tuple[training.TrainResult, float]:
     """Train in a worker thread and return the CPU time that thread spent."""
     start = time.thread_time()
-    result = training.train(mspec, w, data, cfg)
+    result = training.train(mspec, w, data, cfg, deadline=deadline, stop=stop)
     return result, time.thread_time() - start
 
 
@@ -75,8 +190,13 @@ class Participant:
         train_delay_s: float = 0.0,
         poison_round: int = 0,
         chain: list[Rotation] | None = None,
+        limits: Limits | None = None,
+        attack: Attack | None = None,
     ):
         self.chain = chain or []
+        self.attack = attack or Attack()  # a test option: a hostile participant
+        self.limits = limits if limits is not None else Limits.for_machine()
+        self.num_examples = 0  # set by run(), from the data as loaded
         self.identity = identity
         self.ledger = ledger
         self.store = store
@@ -209,7 +329,11 @@ class Participant:
                             env.session,
                         )
                         continue
-                    self._task = asyncio.create_task(self._do_round(conn, env.session, msg))
+                    # The round's deadline counts from now, not from when training starts.
+                    arrived = time.monotonic()
+                    self._task = asyncio.create_task(
+                        self._do_round(conn, env.session, msg, arrived)
+                    )
                 elif isinstance(msg, messages.SECAGG_TO_PARTICIPANT):
                     self._secagg_inbox.put_nowait(msg)
                 elif isinstance(msg, messages.Block):
@@ -302,12 +426,26 @@ class Participant:
         return data
 
     async def _train(
-        self, conn: Connection, session: str, task: messages.RoundStart, s: dict[str, Any]
+        self,
+        conn: Connection,
+        session: str,
+        task: messages.RoundStart,
+        s: dict[str, Any],
+        round_end: float,
     ) -> training.TrainResult:
-        """Fetch the round's model by CID, train on the local data, return the result."""
+        """Fetch the round's model by CID, train on the local data, return the result.
+
+        Training stops at ``round_end`` (monotonic: the round's deadline less the upload
+        margin) or after --max-train-seconds, whichever comes first (TRAIN_DEADLINE). When
+        this coroutine is cancelled the worker thread is told to stop too: a thread cannot
+        be killed, but it checks its stop flag before every batch.
+        """
         blob = await self._fetch(conn, session, task.model_cid, s["model"]["fetch"])
         mspec = model_spec(s)
-        global_w = weights.from_bytes(blob, expect=training.expected_shapes(mspec))
+        # The header is checked against the spec's shapes before anything is allocated.
+        shapes = training.expected_shapes(mspec)
+        global_w = await asyncio.to_thread(weights.from_bytes, blob, expect=shapes)
+        del blob
         data = await asyncio.to_thread(self._load_data, s["data"])
         t = s["training"]
         cfg = training.TrainConfig(
@@ -322,7 +460,26 @@ class Participant:
         wall0, proc0 = time.perf_counter(), self._proc.cpu_times()
         if self.train_delay_s:  # a test option: the delay counts as (slow) training time
             await asyncio.sleep(self.train_delay_s)
-        result, thread_cpu = await asyncio.to_thread(_timed_train, mspec, global_w, data, cfg)
+        deadline = round_end
+        why = (
+            f"the round's deadline: round_timeout_s {task.deadline_s:g} s from round_start, "
+            f"less {upload_margin(task.deadline_s):g} s for the upload"
+        )
+        own_limit = time.monotonic() + self.limits.max_train_s
+        if self.limits.max_train_s > 0 and own_limit < deadline:
+            deadline = own_limit
+            why = f"this participant's --max-train-seconds {self.limits.max_train_s:g}"
+        stop = threading.Event()
+        try:
+            result, thread_cpu = await asyncio.to_thread(
+                _timed_train, mspec, global_w, data, cfg, deadline, stop
+            )
+        except training.TrainingStopped as err:
+            if err.code != "TRAIN_DEADLINE":
+                raise
+            raise training.TrainingStopped(f"{err.message} ({why})") from None
+        finally:
+            stop.set()  # cancelled (connection lost, node stopping): the thread stops too
         wall, proc1 = time.perf_counter() - wall0, self._proc.cpu_times()
         threads = torch.get_num_threads()
         # One torch thread computes in the calling thread, whose CPU clock is precise; with a
@@ -336,28 +493,97 @@ class Participant:
             self._cpu_efficiency = min(100.0, 100.0 * cpu / (wall * threads))
         return dataclasses.replace(result, duration_s=wall)
 
-    async def _do_round(self, conn: Connection, session: str, task: messages.RoundStart) -> None:
-        started = time.time()
-        # What the coordinator asked of this node, in its own ledger, before doing any of it.
-        task_id = self.ledger.record_task_start(
-            session,
-            task.round,
-            coordinator=conn.peer_id,
-            model_cid=task.model_cid,
-            deadline_s=task.deadline_s,
-            secure=bool(task.secagg),
-            asked_at=started,
-        )
+    def _close_task(self, task_id: int | None, status: str, started: float, error: str) -> None:
+        """End a task that did not complete; a ledger failure is logged, not raised, so the
+        coordinator still hears of the task (the caller sends the task_error next)."""
+        if task_id is None:  # its start could not be recorded either
+            return
         try:
+            self.ledger.finish_task(
+                task_id,
+                status=status,
+                finished_at=time.time(),
+                total_s=time.time() - started,
+                error=_bounded(error),
+            )
+        except Exception:
+            log.exception("could not record the end of task %d (%s)", task_id, status)
+
+    async def _task_failed(
+        self,
+        conn: Connection,
+        session: str,
+        task: messages.RoundStart,
+        task_id: int | None,
+        started: float,
+        err: FednodeError,
+        *,
+        status: str = "failed",
+    ) -> None:
+        """Record a task that ends without an update and tell the coordinator why, so the
+        round stops waiting for this node at once instead of at its timeout."""
+        message = _bounded(err.message)
+        try:
+            self.ledger.append_event(
+                "task_declined" if status == "declined" else "task_failed",
+                session_id=session,
+                data={"round": task.round, "code": err.code, "message": message},
+            )
+        except Exception:
+            log.exception("could not record the %s task of round %d", status, task.round)
+        self._close_task(task_id, status, started, f"{err.code}: {message}")
+        try:
+            await conn.send(
+                messages.TaskError(round=task.round, code=err.code, message=message), session
+            )
+        except ConnectionClosed:
+            pass
+        except Exception:
+            log.exception("could not send the task_error of round %d", task.round)
+
+    async def _do_round(
+        self,
+        conn: Connection,
+        session: str,
+        task: messages.RoundStart,
+        arrived: float | None = None,
+    ) -> None:
+        """One task, from round_start to a final status: done, declined or failed."""
+        arrived = time.monotonic() if arrived is None else arrived
+        started = time.time()
+        task_id: int | None = None
+        try:
+            # What the coordinator asked of this node, in its own ledger, before doing any of it.
+            task_id = self.ledger.record_task_start(
+                session,
+                task.round,
+                coordinator=conn.peer_id,
+                model_cid=task.model_cid,
+                deadline_s=task.deadline_s,
+                secure=bool(task.secagg),
+                asked_at=started,
+            )
             s = spec.validate(task.spec)
+            # Priced before anything is fetched or allocated: beyond a limit, declined.
+            self.limits.check(s, self.num_examples, secure=bool(task.secagg))
+            round_end = arrived + task.deadline_s - upload_margin(task.deadline_s)
             if task.secagg:
-                result, sent = await self._secure_round(conn, session, task, s)
+                result, sent = await self._secure_round(conn, session, task, s, arrived, round_end)
+                own = await asyncio.to_thread(weights.to_bytes, result.weights)
             else:
-                result = await self._train(conn, session, task, s)
+                result = await self._train(conn, session, task, s, round_end)
                 if task.round == self.poison_round:  # the test option: a diverging update
                     poisoned = {k: v * POISON_FACTOR for k, v in result.weights.items()}
                     result = dataclasses.replace(result, weights=poisoned)
-                out = weights.to_bytes(result.weights)
+                if self.attack.on:  # the test option: the probe's scaled weights and claim
+                    result = dataclasses.replace(
+                        result,
+                        weights=self.attack.weights(result.weights),
+                        num_examples=self.attack.claim or result.num_examples,
+                    )
+                if not math.isfinite(result.loss):  # train() refuses these; never send one
+                    raise training.NonFiniteUpdate(f"the training loss is {result.loss}")
+                own = out = await asyncio.to_thread(weights.to_bytes, result.weights)
                 sent = await conn.send(
                     messages.Update(
                         round=task.round,
@@ -375,7 +601,7 @@ class Participant:
                     session,
                 )
             # The participant keeps its own update: its data, its audit trail.
-            own_cid = self.store.put(weights.to_bytes(result.weights), pin=False)
+            own_cid = self.store.put(own, pin=False)
             self.ledger.append_event(
                 "task_done",
                 session_id=session,
@@ -402,35 +628,31 @@ class Participant:
                 bytes_up=sent,
                 bytes_down=self._fetched.pop(task.model_cid, (0, 0.0))[0],
             )
+        except (LimitExceeded, SpecError) as err:  # what this node will not do: declined
+            log.warning("declined round %d: %s: %s", task.round, err.code, err.message)
+            await self._task_failed(conn, session, task, task_id, started, err, status="declined")
         except FednodeError as err:
-            log.error("round %d failed here: %s", task.round, err.message)
-            self.ledger.append_event(
-                "task_failed",
-                session_id=session,
-                data={"round": task.round, "code": err.code, "message": err.message},
-            )
-            self.ledger.finish_task(
-                task_id,
-                status="failed",
-                finished_at=time.time(),
-                total_s=time.time() - started,
-                error=f"{err.code}: {err.message}",
-            )
-            with contextlib.suppress(ConnectionClosed):
-                await conn.send(
-                    messages.TaskError(round=task.round, code=err.code, message=err.message),
-                    session,
-                )
+            log.error("round %d failed here: %s: %s", task.round, err.code, err.message)
+            await self._task_failed(conn, session, task, task_id, started, err)
         except (ConnectionClosed, asyncio.CancelledError) as exc:
-            self.ledger.finish_task(
+            self._close_task(
                 task_id,
-                status="failed",
-                finished_at=time.time(),
-                total_s=time.time() - started,
-                error="the connection to the coordinator closed during the task",
+                "failed",
+                started,
+                "the connection to the coordinator closed during the task"
+                if isinstance(exc, ConnectionClosed)
+                else "the task was cancelled (the connection closed or the node is stopping)",
             )
             if isinstance(exc, asyncio.CancelledError):
                 raise
+        except Exception as exc:  # MemoryError, a torch RuntimeError, a bug: still end the task
+            log.exception("round %d failed here with an unexpected error", task.round)
+            internal = FednodeError(
+                _bounded(f"{type(exc).__name__}: {exc}"),
+                code="INTERNAL",
+                hint="a bug or a resource failure on the participant; see its log",
+            )
+            await self._task_failed(conn, session, task, task_id, started, internal)
 
     async def _next(self, want: type[messages.Message], round_: int, end: float) -> Any:
         """The next secure-aggregation message of this round, or a timeout error."""
@@ -447,35 +669,72 @@ class Participant:
                 return msg
             log.warning("ignoring %s for round %s", msg.TYPE, getattr(msg, "round", "?"))
 
+    async def _next_unless_failed(
+        self,
+        want: type[messages.Message],
+        round_: int,
+        end: float,
+        training_task: asyncio.Task[training.TrainResult],
+    ) -> Any:
+        """``_next``, but a training that fails meanwhile ends the wait with its error, so the
+        coordinator hears of it now rather than after the next protocol step."""
+        nxt = asyncio.ensure_future(self._next(want, round_, end))
+        try:
+            await asyncio.wait({nxt, training_task}, return_when=asyncio.FIRST_COMPLETED)
+            if not nxt.done() and training_task.done() and not training_task.cancelled():
+                err = training_task.exception()
+                if err is not None:
+                    raise err
+            return await nxt
+        finally:
+            nxt.cancel()
+
     async def _secure_round(
-        self, conn: Connection, session: str, task: messages.RoundStart, s: dict[str, Any]
+        self,
+        conn: Connection,
+        session: str,
+        task: messages.RoundStart,
+        s: dict[str, Any],
+        arrived: float,
+        round_end: float,
     ) -> tuple[training.TrainResult, int]:
-        """The participant's side of protocol.secagg: keys, shares, masked input, unmask."""
+        """The participant's side of protocol.secagg: keys, shares, masked input, unmask.
+
+        Training has the same deadline as in a plain round (``round_end``); the protocol's
+        own messages are awaited until the round's deadline itself (``arrived`` plus
+        deadline_s). A failure in training surfaces here and ends the task like any other.
+        """
         p = secagg.params_from_wire(task.secagg)
+        weight, max_norm = secagg.assignment_from_wire(task.secagg, p)
         n = task.round
-        end = time.monotonic() + task.deadline_s
+        end = arrived + task.deadline_s
         self._secagg_inbox = asyncio.Queue()
         client = secagg.Client(self.identity.peer_id, p)
         keys = client.advertise()
         sent = await conn.send(messages.SecaggKeys(round=n, **keys), session)
-        training_task = asyncio.create_task(self._train(conn, session, task, s))
+        training_task = asyncio.create_task(self._train(conn, session, task, s, round_end))
         try:
-            roster = await self._next(messages.SecaggRoster, n, end)
+            roster = await self._next_unless_failed(messages.SecaggRoster, n, end, training_task)
             shares = client.share_keys(roster.roster)
             sent += await conn.send(messages.SecaggShares(round=n, shares=shares), session)
-            relay = await self._next(messages.SecaggRelay, n, end)
+            relay = await self._next_unless_failed(messages.SecaggRelay, n, end, training_task)
             result = await training_task
             shapes = training.expected_shapes(model_spec(s))
-            flat = weights.flatten(result.weights, shapes)
             # The update is masked, not the model: w - g against the model trained from, which
             # _train fetched and verified by CID (now in the local store); the coordinator adds
-            # g back. The weight bound is the coordinator's (p.max_weight): frac_bits fits it.
-            base = weights.from_bytes(
-                await self._fetch(conn, session, task.model_cid), expect=shapes
+            # g back. The weight is the one the coordinator assigned (it checks their sum after
+            # unmasking), and the update is clipped to its L2 bound here, since nobody else
+            # sees it: the coordinator can only check the sum's norm.
+            base = await asyncio.to_thread(
+                weights.from_bytes, await self._fetch(conn, session, task.model_cid), expect=shapes
             )
-            x, clipped = secagg.encode_update(
-                flat, weights.flatten(base, shapes), min(result.num_examples, p.max_weight), p
-            )
+            if self.attack.on:  # the test option: its own weight, no norm clip, scaled
+                weight = min(self.attack.claim, p.max_weight) if self.attack.claim else weight
+                max_norm = 0.0
+                result = dataclasses.replace(result, weights=self.attack.weights(result.weights))
+            bounded, norm, scale = bounds.clip_update(result.weights, base, max_norm)
+            flat = weights.flatten(bounded, shapes)
+            x, clipped = secagg.encode_update(flat, weights.flatten(base, shapes), weight, p)
             if clipped:
                 log.warning(
                     "round %d: the update exceeded clip %g in %d of %d coordinates (clipped)",
@@ -493,7 +752,10 @@ class Participant:
                     "round": n,
                     "update_cid": own_cid,
                     "samples": result.num_examples,
-                    "weight": min(result.num_examples, p.max_weight),
+                    "weight": weight,
+                    "update_norm": norm,
+                    "max_update_norm": max_norm,
+                    "norm_scale": scale,  # 1.0 when the update was within the bound
                     "clip": p.clip,
                     "clipped": clipped,  # coordinates of w - g that the clip cut
                     "bits": p.bits,
@@ -518,5 +780,7 @@ class Participant:
             out = client.unmask(req.survivors, req.dropped)
             sent += await conn.send(messages.SecaggUnmask(round=n, b=out["b"], s=out["s"]), session)
         finally:
-            training_task.cancel()
+            training_task.cancel()  # its own finally tells the training thread to stop
+            if training_task.done() and not training_task.cancelled():
+                training_task.exception()  # retrieved: it is reported through this task
         return result, sent

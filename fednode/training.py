@@ -4,13 +4,20 @@ Weights cross this module's boundary as `dict[str, np.ndarray]` (float32, torch 
 names and order) so that the rest of the node never holds torch objects: strategies,
 secure aggregation and the content store work on plain arrays.
 
+Training runs in a worker thread (asyncio.to_thread), and a thread cannot be killed: so
+`train` checks a deadline and a stop flag before every batch and gives up with a
+TrainingStopped error. It also refuses to return what it cannot send: a non-finite loss or
+non-finite weights raise NonFiniteUpdate instead of becoming an update that the coordinator
+would refuse at parsing.
+
 Differential privacy (DP-SGD with Opacus) belongs in `train`, wrapping the model, optimizer
 and batches before the loop; it is not implemented in this version.
 """
 
 from __future__ import annotations
 
-import functools
+import math
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -21,10 +28,29 @@ from torch import nn
 
 from fednode.data import Dataset
 from fednode.weights import Weights
-from protocol.errors import DataError, ValidationError
+from protocol import modelspec
+from protocol.errors import DataError, FednodeError, ValidationError
 
-MODEL_KINDS = ("mlp", "logreg")
+MODEL_KINDS = modelspec.MODEL_KINDS
 OPTIMIZERS = ("sgd", "adam")
+
+
+class TrainingStopped(FednodeError):
+    """Local training gave up before its end: its deadline passed (TRAIN_DEADLINE) or its
+    stop flag was set (TRAIN_CANCELLED: the task was cancelled, e.g. the connection closed)."""
+
+    code = "TRAIN_DEADLINE"
+    hint = (
+        "lower training.local_epochs or the model size, raise round_timeout_s, or ask the "
+        "participant's operator to raise --max-train-seconds"
+    )
+
+
+class NonFiniteUpdate(FednodeError):
+    """Training diverged: the loss or the trained weights are NaN or infinite."""
+
+    code = "NON_FINITE_UPDATE"
+    hint = "lower training.lr (or use plain sgd without momentum); check the local data"
 
 
 def build_model(kind: str, inputs: int, hidden: list[int], classes: int) -> nn.Module:
@@ -156,12 +182,50 @@ def _optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     return torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
+def _check_stop(
+    deadline: float | None,
+    stop: threading.Event | None,
+    *,
+    started: float,
+    epoch: int,
+    epochs: int,
+    steps: int,
+) -> None:
+    """Raise TrainingStopped if the deadline (monotonic) has passed or the flag is set."""
+    cancelled = stop is not None and stop.is_set()
+    late = deadline is not None and time.monotonic() >= deadline
+    if not (cancelled or late):
+        return
+    ran = time.monotonic() - started
+    progress = f"after {epoch} of {epochs} epochs ({steps} steps, {ran:.2f} s)"
+    if cancelled:
+        raise TrainingStopped(f"local training was cancelled {progress}", code="TRAIN_CANCELLED")
+    assert deadline is not None
+    raise TrainingStopped(
+        f"local training stopped at its deadline {progress}; the limit was "
+        f"{max(0.0, deadline - started):.2f} s"
+    )
+
+
 def train(
-    model_spec: dict[str, Any], weights: Weights, data: Dataset, cfg: TrainConfig
+    model_spec: dict[str, Any],
+    weights: Weights,
+    data: Dataset,
+    cfg: TrainConfig,
+    *,
+    deadline: float | None = None,
+    stop: threading.Event | None = None,
 ) -> TrainResult:
-    """Train from `weights` on local data; deterministic for a given cfg.seed and threads."""
+    """Train from `weights` on local data; deterministic for a given cfg.seed and threads.
+
+    `deadline` (time.monotonic() seconds) and `stop` are checked before every batch, so
+    training ends within one batch of either: TrainingStopped (code TRAIN_DEADLINE, or
+    TRAIN_CANCELLED for the flag). A non-finite batch loss stops training at once, and
+    non-finite trained weights are refused: NonFiniteUpdate (code NON_FINITE_UPDATE).
+    """
     cfg.validate()
     start = time.perf_counter()
+    began = time.monotonic()
     x, y = _tensors(model_spec, data)
     model = _model_from_spec(model_spec)
     set_weights(model, weights)
@@ -173,13 +237,23 @@ def train(
     n = x.shape[0]
     steps = 0
     epoch_loss = 0.0
-    for _ in range(cfg.local_epochs):
+    for epoch in range(cfg.local_epochs):
         perm = torch.randperm(n, generator=gen)
         total = 0.0
         for i in range(0, n, cfg.batch_size):
+            _check_stop(
+                deadline, stop, started=began, epoch=epoch, epochs=cfg.local_epochs, steps=steps
+            )
             idx = perm[i : i + cfg.batch_size]
             opt.zero_grad(set_to_none=True)
             loss = loss_fn(model(x[idx]), y[idx])
+            value = float(loss.detach())
+            if not math.isfinite(value):
+                # Every later step would only spread the NaN: give up now, and say where.
+                raise NonFiniteUpdate(
+                    f"the training loss became {value} at epoch {epoch + 1} of "
+                    f"{cfg.local_epochs}, step {steps + 1}; no update is sent"
+                )
             objective = loss
             if anchor is not None:
                 # FedProx: keep the local model near the global one it started from.
@@ -190,10 +264,17 @@ def train(
             objective.backward()
             opt.step()
             steps += 1
-            total += float(loss.detach()) * len(idx)
+            total += value * len(idx)
         epoch_loss = total / n
+    trained = get_weights(model)
+    for name, v in trained.items():
+        if not np.isfinite(v).all():
+            raise NonFiniteUpdate(
+                f"the trained tensor {name!r} has non-finite values (NaN or inf) after "
+                f"{cfg.local_epochs} epochs ({steps} steps); no update is sent"
+            )
     return TrainResult(
-        weights=get_weights(model),
+        weights=trained,
         num_examples=int(n),
         loss=float(epoch_loss),
         duration_s=time.perf_counter() - start,
@@ -233,19 +314,7 @@ def warm_up() -> None:
     torch.optim.Adam([torch.zeros(1, requires_grad=True)], lr=0.1)
 
 
-@functools.lru_cache(maxsize=64)
-def _shapes(kind: str, inputs: int, hidden: tuple[int, ...], classes: int) -> dict[str, tuple]:
-    model = build_model(kind, inputs, list(hidden), classes)
-    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
-
-
 def expected_shapes(model_spec: dict[str, Any]) -> dict[str, tuple[int, ...]]:
-    """Tensor name -> shape of a model spec (cached: checked on every update received)."""
-    return dict(
-        _shapes(
-            model_spec["kind"],
-            model_spec["inputs"],
-            tuple(model_spec["hidden"]),
-            model_spec["classes"],
-        )
-    )
+    """Tensor name -> shape of a model spec, by arithmetic (protocol.modelspec): no torch
+    model is built, so asking costs nothing whatever size the spec names."""
+    return modelspec.shapes(model_spec)

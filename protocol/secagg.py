@@ -1171,6 +1171,26 @@ def params_to_wire(p: Params) -> dict[str, Any]:
     }
 
 
+def assignment_from_wire(d: dict[str, Any], p: Params) -> tuple[int, float]:
+    """This participant's weight and update-norm bound from round_start.secagg.
+
+    The coordinator assigns both (it checks the weights' sum after unmasking and bounds the
+    sum's norm), so a participant encodes with exactly this weight and clips its update to
+    this norm; 0 means no norm bound.
+    """
+    weight, norm = d.get("weight"), d.get("max_update_norm", 0.0)
+    if not _is_int(weight) or not 1 <= weight <= p.max_weight:
+        raise ValidationError(
+            f"round_start.secagg.weight must be an integer in [1, {p.max_weight}], "
+            f"got {str(weight)[:40]!r}"
+        )
+    if isinstance(norm, bool) or not isinstance(norm, int | float) or not math.isfinite(norm):
+        raise ValidationError("round_start.secagg.max_update_norm must be a finite number")
+    if norm < 0:
+        raise ValidationError("round_start.secagg.max_update_norm must be >= 0 (0 = no bound)")
+    return int(weight), float(norm)
+
+
 def params_from_wire(d: dict[str, Any]) -> Params:
     try:
         p = Params(
