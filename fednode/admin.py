@@ -19,10 +19,17 @@ from websockets.exceptions import ConnectionClosed
 
 from fednode import quality, versions
 from fednode.session import TERMINAL
+from fednode.storage_guard import describe, is_storage_fault
 from protocol import messages, spec, tokens
 from protocol.car import walk_dag
 from protocol.cid import normalize_cid
-from protocol.errors import FednodeError, NotAuthorized, StateError, ValidationError
+from protocol.errors import (
+    FednodeError,
+    NotAuthorized,
+    StateError,
+    StorageUnavailable,
+    ValidationError,
+)
 
 if TYPE_CHECKING:
     from fednode.coordinator import Coordinator
@@ -128,6 +135,14 @@ class AdminAPI:
             return messages.AdminReply(id=msg.id, ok=True, result=result, error={})
         except FednodeError as err:
             return messages.AdminReply(id=msg.id, ok=False, result={}, error=err.to_dict())
+        except Exception as exc:
+            if not is_storage_fault(exc):
+                raise
+            # A write that met a full disk or a held lock: nothing was committed (each write
+            # is one transaction); the operator is told, the node keeps serving.
+            self.coord.guard.fault(exc)
+            err = StorageUnavailable(f"{msg.op!r} could not be written: {describe(exc)}")
+            return messages.AdminReply(id=msg.id, ok=False, result={}, error=err.to_dict())
 
     # --- operations --------------------------------------------------------------------
 
@@ -179,6 +194,8 @@ class AdminAPI:
         )
         summary["rounds"] = run.spec["rounds"]
         summary["name"] = run.spec["name"]
+        summary["storage"] = self.coord.guard.info()["state"]  # ok | retrying | down
+        summary["paused_for_storage"] = run.paused_for_storage
         return summary
 
     def session_list(self, args: dict[str, Any]) -> dict[str, Any]:
@@ -266,6 +283,10 @@ class AdminAPI:
         rows = self.coord.ledger.alerts(
             status=status, severity=set(severity) or None, session_id=session_id
         )
+        outage = self.coord.storage_alert()  # not in the ledger until storage is back
+        shown = status in ("active", "open", "all") and not session_id
+        if outage is not None and shown and (not severity or outage["severity"] in severity):
+            rows = [outage, *rows]
         return {"alerts": rows}
 
     def alerts_ack(self, args: dict[str, Any]) -> dict[str, Any]:
@@ -428,7 +449,7 @@ class AdminAPI:
         snapshot: dict[str, Any] = {
             "participants": self.participants_list({})["participants"],
             "sessions": self.session_list({})["sessions"],
-            "alerts": self.coord.ledger.alerts(status="active"),
+            "alerts": self.alerts_list({})["alerts"],
             "events": self.events_list({"session_id": session_id})["events"],
         }
         if session_id:

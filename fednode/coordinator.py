@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 import uuid
 from dataclasses import dataclass
+from pathlib import Path
 from ssl import SSLContext
 from typing import Any
 
@@ -25,8 +27,9 @@ from fednode.admin import AdminAPI
 from fednode.events import EventBus
 from fednode.ledger import Ledger
 from fednode.monitor import QualityMonitor
-from fednode.quality import SLA
+from fednode.quality import ALERT_SEVERITY, SLA
 from fednode.session import TERMINAL, SessionRun, SessionState
+from fednode.storage_guard import StorageGuard, is_storage_fault, probe_paths
 from fednode.store import ContentStore
 from fednode.transport import (
     DEFAULT_RATE,
@@ -37,12 +40,21 @@ from fednode.transport import (
     ws_options,
 )
 from protocol import messages, tokens
-from protocol.errors import FednodeError, NotAuthorized, NotFound, ValidationError
+from protocol import spec as spec_mod
+from protocol.errors import (
+    FednodeError,
+    NotAuthorized,
+    NotFound,
+    StorageUnavailable,
+    ValidationError,
+)
 from protocol.handshake import error_frame
 from protocol.identity import Identity
 from protocol.rotation import Rotation
 
 log = logging.getLogger("fednode.coordinator")
+# A participant's answers to a round: when one is refused, the round hears of it at once.
+UPDATE_TYPES = frozenset({"update", "secagg_masked", "secagg_keys", "secagg_shares"})
 HEARTBEAT_S = 5.0
 MAX_PENDING_HANDSHAKES = 64
 REGISTER_TIMEOUT_S = 10.0
@@ -88,6 +100,16 @@ class Coordinator:
         self.peers: dict[str, Peer] = {}
         self.sessions: dict[str, SessionRun] = {}
         self.events = EventBus()
+        store_root = getattr(store, "root", None)  # the embedded store's folder; IPFS has none
+        self.guard = StorageGuard(
+            functools.partial(
+                probe_paths,
+                ledger.path,
+                [ledger.path.parent] + ([Path(store_root)] if store_root is not None else []),
+            ),
+            on_down=self._storage_down,
+            on_up=self._storage_up,
+        )
         self.admin = AdminAPI(self)
         self.monitor = QualityMonitor(self, self.sla, heartbeat_s)
         self.started_at = time.time()
@@ -102,6 +124,8 @@ class Coordinator:
         self.ledger.mark_all_offline()
         for row in self.ledger.list_sessions():
             state = SessionState(row["status"])
+            with contextlib.suppress(FednodeError):  # fields added since take their defaults
+                row["spec"] = spec_mod.validate(row["spec"])
             if state in (SessionState.RUNNING, SessionState.PAUSED):
                 self.ledger.update_session(
                     row["session_id"],
@@ -125,10 +149,102 @@ class Coordinator:
         ledger: bool = True,
         entity_id: str | None = None,
     ) -> None:
-        """Push an event to subscribers and (by default) append it to the ledger's chain."""
-        if ledger:
+        """Append an event to the ledger's chain (by default), then push it to subscribers:
+        one road, in that order, also when storage is failing (fednode.storage_guard keeps
+        the write, and the publication waits for it)."""
+        if not ledger:
+            self.events.publish(kind, data, session_id)
+            return
+
+        def write() -> None:
             self.ledger.append_event(kind, session_id=session_id, entity_id=entity_id, data=data)
-        self.events.publish(kind, data, session_id)
+            self.events.publish(kind, data, session_id)
+
+        self.guard.write(write)
+
+    def raise_alert(
+        self, alert_type: str, entity_id: str, session_id: str | None, message: str
+    ) -> None:
+        """An alert for something that happened (fednode.quality.ALERT_SEVERITY gives the
+        severity): in the ledger, then to subscribers."""
+        now = time.time()
+
+        def write() -> None:
+            alert = self.ledger.raise_event_alert(
+                alert_type, ALERT_SEVERITY[alert_type], entity_id, session_id, message, now
+            )
+            self.events.publish("alert", {"change": "raised", **alert}, session_id)
+
+        self.guard.write(write)
+
+    def registered_examples(self, peer_id: str) -> int:
+        """The example count a connected participant registered (0 if it left)."""
+        peer = self.peers.get(peer_id)
+        return peer.num_examples if peer is not None else 0
+
+    # --- storage faults (fednode.storage_guard decides when) ------------------------------
+
+    def storage_alert(self) -> dict[str, Any] | None:
+        """The outage's alert while storage is down: it cannot be in the ledger yet."""
+        if self.guard.state != "down":
+            return None
+        info = self.guard.info()
+        return {
+            "id": -1,
+            "alert_type": "storage_unavailable",
+            "severity": ALERT_SEVERITY["storage_unavailable"],
+            "entity_id": self.identity.peer_id,
+            "session_id": None,
+            "message": f"storage unavailable since {info['since']:.0f}: {info['error']}; "
+            f"{info['queued']} writes kept in memory; running sessions paused",
+            "status": "open",
+            "created_at": info["since"],
+            "updated_at": time.time(),
+        }
+
+    def _storage_down(self, info: dict[str, Any]) -> None:
+        """Pause what is running; connections stay up; say so (in memory until it heals)."""
+        alert = self.storage_alert()
+        if alert is not None:
+            self.events.publish("alert", {"change": "raised", **alert})
+        for run in self.sessions.values():
+            if run.state == SessionState.RUNNING:
+                run.paused_for_storage = True
+                run.act("pause")
+                self.record(
+                    "action",
+                    run.session_id,
+                    {"action": "pause", "reason": f"storage unavailable: {info['error']}"},
+                )
+
+    def _storage_up(self, info: dict[str, Any]) -> None:
+        """Record the outage (raised and resolved, with its figures), resume what it paused."""
+        since, until = info["since"] or info["until"], info["until"]
+        self.events.publish("alert", {"change": "resolved", "id": -1})
+        message = (
+            f"storage was unavailable for {until - since:.1f} s ({info['error']}); "
+            f"{info['replayed']} writes kept and replayed, {info['lost']} lost"
+        )
+        me = self.identity.peer_id
+
+        def write() -> None:  # raised and resolved in the chain, with the figures
+            severity = ALERT_SEVERITY["storage_unavailable"]
+            self.ledger.raise_event_alert("storage_unavailable", severity, me, None, message, since)
+            resolved = self.ledger.resolve_event_alerts("storage_unavailable", me, message, until)
+            for alert in resolved:
+                self.events.publish("alert", {"change": "resolved", **alert})
+
+        self.guard.write(write)
+        for run in self.sessions.values():
+            if run.paused_for_storage:
+                run.paused_for_storage = False
+                if run.state == SessionState.PAUSED:
+                    run.act("resume")
+                    self.record(
+                        "action",
+                        run.session_id,
+                        {"action": "resume", "reason": "storage is back"},
+                    )
 
     def online_participants(self) -> list[str]:
         return sorted(self.peers)
@@ -184,7 +300,8 @@ class Coordinator:
         return await serve(self._handle, host, port, ssl=ssl, **ws_options())
 
     async def _refused(self, conn: Connection | None, address: str, err: FednodeError) -> None:
-        self.ledger.append_event(
+        self.guard.write(
+            self.ledger.append_event,
             "security",
             entity_id=conn.peer_id if conn else None,
             data={"address": address, "code": err.code, "message": err.message},
@@ -192,6 +309,11 @@ class Coordinator:
         # A registered participant whose own signed stream broke the rules is a security
         # violation (strangers failing the handshake are not: they could pause any session).
         peer = self.peers.get(conn.peer_id) if conn is not None else None
+        env = getattr(err, "envelope", None)
+        if peer is not None and peer.conn is conn and env is not None and env.session:
+            run = self.sessions.get(env.session)
+            if run is not None and env.type in UPDATE_TYPES:  # the round stops waiting for it
+                run.on_refused_update(conn.peer_id, env.type, err)
         if peer is not None and peer.conn is conn and is_untrustworthy(err):
             self.monitor.on_security_violation(conn.peer_id, err.code, err.message)
 
@@ -307,6 +429,14 @@ class Coordinator:
                 raise tokens.TokenError(
                     f"join token {tok.token_id} is not in this coordinator's ledger"
                 ) from None
+            except Exception as exc:  # counting a use is a write: it may meet a storage fault
+                if not is_storage_fault(exc):
+                    raise
+                self.guard.fault(exc)
+                raise StorageUnavailable(
+                    "this coordinator cannot record the invite's use now (storage unavailable)",
+                    hint="the participant retries by itself",
+                ) from None
         names = {peer_id, *aliases}
         sessions = [r.session_id for r in self._open_sessions() if names & self.allowed(r)]
         if not sessions:
@@ -325,7 +455,8 @@ class Coordinator:
         now = time.time()
         self.peers[pid] = Peer(conn, reg.dataset, reg.num_examples, now, now)
         self.monitor.on_connect(pid, now, reg.data_report)
-        self.ledger.upsert_participant(
+        self.guard.write(
+            self.ledger.upsert_participant,
             pid,
             address=conn.address,
             dataset=reg.dataset,
@@ -351,7 +482,9 @@ class Coordinator:
             if self.peers.get(pid) is not None and self.peers[pid].conn is conn:
                 del self.peers[pid]
                 self.monitor.on_disconnect(pid, time.time())
-                self.ledger.upsert_participant(pid, online=0, last_seen=time.time())
+                self.guard.write(
+                    self.ledger.upsert_participant, pid, online=0, last_seen=time.time()
+                )
                 self.record("participant", None, {"peer_id": pid, "online": False}, entity_id=pid)
                 self.wake_sessions(pid, "disconnected during the round")
 
@@ -360,7 +493,7 @@ class Coordinator:
     ) -> None:
         if isinstance(msg, messages.Heartbeat):
             now = time.time()
-            self.ledger.upsert_participant(conn.peer_id, last_seen=now)
+            self.guard.write(self.ledger.upsert_participant, conn.peer_id, last_seen=now)
             self.monitor.on_heartbeat(conn.peer_id, now, msg.cpu_efficiency, msg.memory_efficiency)
         elif isinstance(msg, messages.Fetch):
             # In a thread: with --ipfs-api every block is a request to the daemon.
@@ -374,15 +507,13 @@ class Coordinator:
             self.session(session_id).on_secagg(conn.peer_id, msg, size)
         elif isinstance(msg, messages.TaskError):
             log.warning(
-                "participant %s failed round %d: %s %s",
+                "participant %s could not do round %d: %s %s",
                 conn.peer_id,
                 msg.round,
                 msg.code,
                 msg.message,
             )
-            self.session(session_id).on_peer_lost(
-                conn.peer_id, f"task error {msg.code}: {msg.message}"
-            )
+            self.session(session_id).on_task_error(conn.peer_id, msg)
         else:
             raise ValidationError(
                 f"a participant may not send {msg.TYPE!r}", code="UNEXPECTED_MESSAGE"

@@ -12,7 +12,9 @@ enough to resume after a crash and to explain afterwards what happened in a sess
 Schema 3 adds quality: per-peer and per-session quality snapshots, network measurements,
 alerts whose every state change is also a chained event (written in the same transaction),
 and, on participants, the log of the training tasks they took. Schema 4 marks model
-versions that were rolled back (``rolled_back_at``, ``rolled_back_to``).
+versions that were rolled back (``rolled_back_at``, ``rolled_back_to``). Schema 5 keeps
+what each participant registered for a session (``session_claims``: its examples, the most
+its weight may count).
 
 Transactions use sqlite-utils' ``atomic()`` rather than ``with conn:``: sqlite-utils 4 wraps
 its own writes in ``atomic()``, which nests as a savepoint inside ours, whereas an inner
@@ -27,6 +29,7 @@ import hashlib
 import json
 import math
 import numbers
+import os
 import sqlite3
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -43,20 +46,24 @@ from protocol.errors import NotFound, StateError
 GENESIS_HASH = "0" * 64
 
 SESSION_STATUSES = frozenset({"created", "running", "paused", "completed", "failed", "stopped"})
-ROUND_STATUSES = frozenset({"running", "completed", "failed", "aborted"})
+# rejected: the round's aggregate was refused (not finite, or its loss jumped) and never
+# published; the next round starts from the model this one started from.
+ROUND_STATUSES = frozenset({"running", "completed", "failed", "aborted", "rejected"})
 FINISHED_ROUND_STATUSES = ROUND_STATUSES - {"running"}
 UPDATE_STATUSES = frozenset({"accepted", "rejected"})
 
 # --- quality: the vocabulary is fednode.quality's (the rules live there), checked here too
 SEVERITIES = frozenset(quality.SEVERITIES)
-EVENT_ALERT_TYPES = frozenset({"security_violation", "model_divergence"})
+EVENT_ALERT_TYPES = frozenset(
+    {"security_violation", "model_divergence", "aggregate_rejected", "storage_unavailable"}
+)
 RULE_ALERT_TYPES = frozenset(quality.ALERT_SEVERITY) - EVENT_ALERT_TYPES
 ALERT_TYPES = RULE_ALERT_TYPES | EVENT_ALERT_TYPES
 ALERT_STATUSES = frozenset({"open", "acknowledged", "resolved"})
 ACTIVE_ALERT_STATUSES = ("open", "acknowledged")
 ALERT_FILTERS = frozenset({"active", "all"}) | ALERT_STATUSES
 NETWORK_DIRECTIONS = frozenset({"ping", "down", "up"})
-TASK_STATUSES = frozenset({"running", "done", "failed"})
+TASK_STATUSES = frozenset({"running", "done", "failed", "declined"})
 FINISHED_TASK_STATUSES = TASK_STATUSES - {"running"}
 TRENDS = frozenset({"improving", "stable", "declining"})
 
@@ -527,11 +534,26 @@ def _m004_rollback(db: Database) -> None:
     db.execute("ALTER TABLE model_versions ADD COLUMN rolled_back_to INTEGER")
 
 
+def _m005_claims(db: Database) -> None:
+    """What each participant registered for a session: the most examples it may claim."""
+    db.execute(
+        """CREATE TABLE session_claims (
+            session_id TEXT NOT NULL REFERENCES sessions(session_id),
+            peer_id TEXT NOT NULL,
+            num_examples INTEGER NOT NULL,
+            first_at REAL NOT NULL,
+            updated_at REAL NOT NULL,
+            PRIMARY KEY (session_id, peer_id)
+        )"""
+    )
+
+
 MIGRATIONS: list[Callable[[Database], None]] = [
     _m001_initial,
     _m002_admission,
     _m003_quality,
     _m004_rollback,
+    _m005_claims,
 ]
 """Ordered; migration ``i`` (0-based) brings the schema to version ``i + 1``."""
 
@@ -575,13 +597,23 @@ def _event_row(row: dict[str, Any]) -> dict[str, Any]:
 class Ledger:
     """One node's ledger file. Open it once per process; close it (or use ``with``)."""
 
-    def __init__(self, path: Path | str) -> None:
+    def __init__(self, path: Path | str, *, busy_timeout_s: float = 5.0) -> None:
+        """``busy_timeout_s``: how long a write waits for another process's lock. A running
+        node passes a short one: its event loop must not stall, and fednode.storage_guard
+        handles a longer lock."""
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        # The ledger says who took part, when and with what: owner-only, like the key.
+        # Created 0600 before SQLite opens it, because SQLite gives its -wal and -shm files
+        # the database file's mode; a file made by an older version is narrowed here.
+        os.close(os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600))
+        for f in (self.path, Path(f"{self.path}-wal"), Path(f"{self.path}-shm")):
+            if f.exists() and f.stat().st_mode & 0o077:
+                os.chmod(f, 0o600)
         self.db = Database(self.path, execute_plugins=False)
         try:
             # busy_timeout first: a second process (fedctl ledger verify) may hold a lock.
-            self.db.execute("PRAGMA busy_timeout=5000")
+            self.db.execute(f"PRAGMA busy_timeout={int(busy_timeout_s * 1000)}")
             self.db.enable_wal()
             self.db.execute("PRAGMA synchronous=NORMAL")
             self.db.execute("PRAGMA foreign_keys=ON")
@@ -1097,6 +1129,30 @@ class Ledger:
                 }
             )
         return "admitted"
+
+    def record_claims(
+        self, session_ids: Iterable[str], peer_id: str, num_examples: int, now: float
+    ) -> None:
+        """A participant registered ``num_examples`` for these sessions. A session keeps the
+        smallest count the peer ever registered for it: a claim cannot grow mid-session."""
+        with self.transaction():
+            for sid in session_ids:
+                self.db.execute(
+                    """INSERT INTO session_claims
+                           (session_id, peer_id, num_examples, first_at, updated_at)
+                       VALUES (?, ?, ?, ?, ?)
+                       ON CONFLICT (session_id, peer_id) DO UPDATE SET
+                           num_examples = MIN(num_examples, excluded.num_examples),
+                           updated_at = excluded.updated_at""",
+                    (sid, peer_id, int(num_examples), float(now), float(now)),
+                )
+
+    def claims(self, session_id: str) -> dict[str, int]:
+        """peer ID -> the most examples it may claim in this session."""
+        rows = self.db.query(
+            "SELECT peer_id, num_examples FROM session_claims WHERE session_id = ?", [session_id]
+        )
+        return {r["peer_id"]: int(r["num_examples"]) for r in rows}
 
     def members(self, session_id: str) -> set[str]:
         rows = self.db.query(
@@ -1639,6 +1695,33 @@ class Ledger:
             alert = self._row("quality_alerts", alert_id)
             self._alert_event("alert_raised", alert, t)
             return alert
+
+    def resolve_event_alerts(
+        self, alert_type: str, entity_id: str, message: str, now: float
+    ) -> list[dict[str, Any]]:
+        """Resolve the active event alerts of this type and entity (their cause is over:
+        storage is back), each with an "alert_resolved" event, in ONE transaction."""
+        _choice("alert_type", alert_type, EVENT_ALERT_TYPES)
+        t = _real("now", now, optional=False)
+        out = []
+        with self.transaction():
+            rows = list(
+                self.db.query(
+                    "SELECT id FROM quality_alerts WHERE source = 'event' AND alert_type = ? "
+                    "AND entity_id = ? AND status IN ('open', 'acknowledged') ORDER BY id",
+                    (alert_type, entity_id),
+                )
+            )
+            for r in rows:
+                self.db.execute(
+                    "UPDATE quality_alerts SET status = 'resolved', resolved_at = ?, "
+                    "updated_at = ?, message = ? WHERE id = ?",
+                    (t, t, _text("message", message), r["id"]),
+                )
+                alert = self._row("quality_alerts", r["id"])
+                self._alert_event("alert_resolved", alert, t)
+                out.append(alert)
+        return out
 
     def ack_alert(self, alert_id: int, by: str, now: float) -> dict[str, Any]:
         """An operator has seen the alert: it leaves 'open' but stays active.

@@ -137,11 +137,16 @@ class QualityMonitor:
         if msg.memory_efficiency is not None:
             st.memory_efficiency = msg.memory_efficiency
         if msg.fetch_bytes > 0 and msg.fetch_s > 0:
-            row = self.coord.ledger.record_network(
-                peer_id, session_id, now, "down", bytes=msg.fetch_bytes, transfer_s=msg.fetch_s
+            self.coord.guard.write(
+                self.coord.ledger.record_network,
+                peer_id,
+                session_id,
+                now,
+                "down",
+                bytes=msg.fetch_bytes,
+                transfer_s=msg.fetch_s,
             )
-            if row.get("bandwidth_mbps") is not None:
-                st.bandwidth_mbps.append(row["bandwidth_mbps"])
+            st.bandwidth_mbps.append(msg.fetch_bytes * 8 / 1e6 / msg.fetch_s)  # as the ledger
 
     def on_model_quality(self, peer_id: str, score: float) -> None:
         self._peer(peer_id, time.time()).model_quality.append(score)
@@ -157,25 +162,18 @@ class QualityMonitor:
         ]
         for run in runs or [None]:
             sid = run.session_id if run else None
-            alert = self.coord.ledger.raise_event_alert(
+            self.coord.raise_alert(
                 "security_violation",
-                "critical",
                 peer_id,
                 sid,
                 f"security violation by {peer_id}: {code}: {message}",
-                now,
             )
-            self.coord.events.publish("alert", {"change": "raised", **alert}, sid)
             if run is not None:
                 run.act("pause")
                 self.coord.record(
                     "action",
                     sid,
-                    {
-                        "action": "pause",
-                        "reason": f"security violation by {peer_id} ({code})",
-                        "alert_id": alert["id"],
-                    },
+                    {"action": "pause", "reason": f"security violation by {peer_id} ({code})"},
                     entity_id=peer_id,
                 )
 
@@ -225,6 +223,21 @@ class QualityMonitor:
                 (peer_id, RECENT_TASKS),
             )
         )
+        # A task the participant declined because the spec exceeds the limits its own operator
+        # set (LIMIT_*) is the operator's choice, not unreliability: it is not counted at all.
+        # A training deadline or a crash is (it said yes and did not deliver).
+        sessions = sorted({r["session_id"] for r in rows})
+        declined = {
+            (d["session_id"], d["round"])
+            for d in self.coord.ledger.db.query(
+                "SELECT session_id, json_extract(data, '$.round') AS round FROM events "
+                f"WHERE session_id IN ({','.join('?' * len(sessions))}) "  # idx_events_session
+                "AND kind = 'task_error' AND entity_id = ? "
+                "AND json_extract(data, '$.code') LIKE 'LIMIT\\_%' ESCAPE '\\'",
+                (*sessions, peer_id),
+            )
+        }
+        rows = [r for r in rows if (r["session_id"], r["round"]) not in declined]
         if not rows:
             return 0, 0, 0
         done = 0
@@ -310,8 +323,12 @@ class QualityMonitor:
             ]
             if write:
                 self.peers[pid].history.append(scores.overall)
-                self.coord.ledger.record_participant_quality(
-                    pid, session_id, now, self.metrics_row(obs, scores)
+                self.coord.guard.write(
+                    self.coord.ledger.record_participant_quality,
+                    pid,
+                    session_id,
+                    now,
+                    self.metrics_row(obs, scores),
                 )
             if self.metrics is not None:
                 self.metrics.participant(pid, obs, scores, self.peers[pid].online)
@@ -319,12 +336,15 @@ class QualityMonitor:
         return out
 
     def _sync(self, entities: list[str], conditions: list[dict[str, Any]], now: float) -> None:
-        changes = self.coord.ledger.sync_alerts(entities, conditions, now)
-        for change in ("raised", "resolved"):
-            for alert in changes[change]:
-                self.coord.events.publish(
-                    "alert", {"change": change, **alert}, alert.get("session_id")
-                )
+        def write() -> None:
+            changes = self.coord.ledger.sync_alerts(entities, conditions, now)
+            for change in ("raised", "resolved"):
+                for alert in changes[change]:
+                    self.coord.events.publish(
+                        "alert", {"change": change, **alert}, alert.get("session_id")
+                    )
+
+        self.coord.guard.write(write)
 
     def alerted(self) -> set[str]:
         """Peers under an open (unacknowledged) critical alert: left out of selection."""
@@ -351,7 +371,9 @@ class QualityMonitor:
         now = time.time()
         row = s.to_dict()
         row["health_score"] = row.pop("health")
-        self.coord.ledger.record_session_quality(run.session_id, rnd.number, now, row)
+        self.coord.guard.write(
+            self.coord.ledger.record_session_quality, run.session_id, rnd.number, now, row
+        )
         conds = [c.to_dict() for c in quality.session_alerts(obs, s, self.sla)]
         self._sync([run.session_id], conds, now)
         self.coord.events.publish("quality", {"round": rnd.number, **row}, run.session_id)
@@ -432,6 +454,8 @@ class QualityMonitor:
     async def _loop(self) -> None:
         while True:
             await asyncio.sleep(self.heartbeat_s)
+            if not self.coord.guard.healthy:  # nothing to score against while it cannot write
+                continue
             try:
                 await asyncio.gather(*(self._ping(p) for p in list(self.coord.peers)))
                 self.evaluate_peers()
@@ -455,7 +479,8 @@ class QualityMonitor:
         now = time.time()
         self._peer(peer_id, now).rtts_ms.append(rtt)
         sid = self._session_of(peer_id)
-        self.coord.ledger.record_network(peer_id, sid, now, "ping", rtt_ms=rtt)
+        ledger = self.coord.ledger
+        self.coord.guard.write(ledger.record_network, peer_id, sid, now, "ping", rtt_ms=rtt)
 
     def _session_of(self, peer_id: str) -> str | None:
         for run in self.coord.sessions.values():

@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from protocol.errors import ValidationError
+from protocol.messages import MAX_LABEL_CHARS, MAX_LABELS
 
 # --- severities and alert types -------------------------------------------------------------
 
@@ -53,6 +54,8 @@ ALERT_SEVERITY: dict[str, str] = {
     "convergence": "low",
     "security_violation": "critical",
     "model_divergence": "high",
+    "aggregate_rejected": "high",
+    "storage_unavailable": "critical",
 }
 
 # Fixed thresholds of the participant rules (the others come from the SLA).
@@ -601,7 +604,30 @@ def _label_key(v: object) -> str:
     if isinstance(v, np.floating | float):
         f = float(v)
         return str(int(f)) if f.is_integer() else repr(f)
-    return str(v)
+    return str(v)[:MAX_LABEL_CHARS]  # a text label longer than the wire takes is cut
+
+
+OTHER_LABELS = "(other)"
+
+
+def _label_counts(labels: np.ndarray, counts: np.ndarray) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for lab, c in zip(labels, counts, strict=True):
+        key = _label_key(lab)  # two long labels may cut to one key: their counts add up
+        out[key] = out.get(key, 0) + int(c)
+    return out
+
+
+def _fold_labels(counts: dict[str, int]) -> dict[str, int]:
+    """At most MAX_LABELS labels, as the wire takes: beyond, the most frequent
+    MAX_LABELS - 1 are kept and the rest summed under OTHER_LABELS (the balance score is then
+    a little higher than exact, never a refusal of an honest participant)."""
+    if len(counts) <= MAX_LABELS:
+        return counts
+    ranked = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
+    kept = dict(ranked[: MAX_LABELS - 1])
+    kept[OTHER_LABELS] = sum(c for _, c in ranked[MAX_LABELS - 1 :])
+    return kept
 
 
 def data_report(x: np.ndarray, y: np.ndarray) -> dict[str, Any]:
@@ -641,7 +667,7 @@ def data_report(x: np.ndarray, y: np.ndarray) -> dict[str, Any]:
         "rows": n,
         "missing": int(n - np.count_nonzero(ok)),
         "duplicates": duplicates,
-        "label_counts": {_label_key(lab): int(c) for lab, c in zip(labels, counts, strict=True)},
+        "label_counts": _fold_labels(_label_counts(labels, counts)),
     }
 
 

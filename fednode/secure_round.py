@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import math
 import os
 import time
 from collections.abc import Awaitable, Callable
@@ -26,7 +27,7 @@ import numpy as np
 
 from fednode import weights
 from protocol import messages
-from protocol.errors import FednodeError, StateError, ValidationError
+from protocol.errors import AggregateRejected, FednodeError, StateError, ValidationError
 from protocol.secagg import (
     Server,
     decode_average,
@@ -56,14 +57,25 @@ class SecureRound:
         if run.global_weights is None or run.global_cid != rnd.model_cid:
             raise StateError(f"round {rnd.number}: the global model is not {rnd.model_cid}")
         self.base = weights.flatten(run.global_weights, run.shapes)
+        # The weight each participant must use: the coordinator checks their sum after the
+        # unmasking, and bounds what the whole sum may do, since it never sees one input.
+        self.assigned = run.assigned_weights(list(rnd.selected), self.params.max_weight)
+        self.max_norm = float(run.spec["aggregation"]["max_update_norm"])
         self.server = Server(self.params, self.dim)
         self.stage = STAGES[0]
         self.expected: set[str] = set(rnd.selected)
         self.answered: set[str] = set()
         self.in_sum: list[str] = []  # U3: whose models are in the aggregate
 
-    def wire(self) -> dict[str, Any]:
-        return {**params_to_wire(self.params), "participants": list(self.rnd.selected)}
+    def wire(self, peer: str) -> dict[str, Any]:
+        """round_start's secagg table for one participant: the round's parameters, the
+        participants, and this participant's weight and update-norm bound."""
+        return {
+            **params_to_wire(self.params),
+            "participants": list(self.rnd.selected),
+            "weight": self.assigned[peer],
+            "max_update_norm": self.max_norm,
+        }
 
     # --- input ---------------------------------------------------------------------------
 
@@ -156,6 +168,51 @@ class SecureRound:
         await self._stage("unmask", set(survivors), wait, end)
         total = await asyncio.to_thread(self.server.result)
         # g + the weighted mean of the updates (SecAggError if the sum holds no weight)
-        _, average = decode_average(total, self.base, self.params)
+        weight_sum, average = decode_average(total, self.base, self.params)
         assert set(self.in_sum) <= u3
+        self._check_sum(weight_sum, average)
         return weights.unflatten(average, self.run.shapes), self.in_sum
+
+    def _check_sum(self, weight_sum: float, average: np.ndarray) -> None:
+        """What the coordinator can check of a sum it cannot take apart: the weights are the
+        ones it assigned, and the mean update keeps the bounds every honest input keeps
+        (each coordinate within clip, the L2 norm within max_update_norm), up to the
+        fixed point's rounding. A participant that broke them poisons the whole sum, so the
+        aggregate is rejected, with the figures."""
+        expected = sum(self.assigned[p] for p in self.in_sum)
+        step = 2.0 ** -(self.params.frac_bits + 1)  # the largest rounding of one mean value
+        update = average - self.base
+        norm = float(np.linalg.norm(update))
+        peak = float(np.max(np.abs(update))) if update.size else 0.0
+        self.run.coord.record(
+            "aggregation",
+            self.run.session_id,
+            {
+                "round": self.rnd.number,
+                "secure": True,
+                "weighting": self.run.spec["aggregation"]["weighting"],
+                "max_weight_share": self.run.spec["aggregation"]["max_weight_share"],
+                "max_update_norm": self.max_norm,
+                "assigned": {p: self.assigned[p] for p in sorted(self.assigned)},
+                "in_sum": list(self.in_sum),
+                "weight_sum": weight_sum,
+                "expected_weight_sum": expected,
+                "norm": norm,
+                "peak": peak,
+            },
+        )
+        if abs(weight_sum - expected) > 0.5:
+            raise AggregateRejected(
+                f"the unmasked weights sum to {weight_sum:g}, but the participants in the sum "
+                f"were assigned {expected}: one of them used another weight"
+            )
+        if peak > self.params.clip + step:
+            raise AggregateRejected(
+                f"a coordinate of the mean update is {peak:.4g}, beyond clip "
+                f"{self.params.clip:g}: one input was out of bounds"
+            )
+        if self.max_norm > 0 and norm > self.max_norm + step * math.sqrt(update.size):
+            raise AggregateRejected(
+                f"the mean update's L2 norm is {norm:.4g}, beyond max_update_norm "
+                f"{self.max_norm:g}: one input was out of bounds"
+            )

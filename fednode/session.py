@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from fednode import quality, training, versions, weights
+from fednode import bounds, quality, training, versions, weights
 from fednode.data import load_eval
 from fednode.secure_round import SecureRound
 from fednode.strategies import get_strategy
@@ -41,7 +41,13 @@ from fednode.strategies.base import ClientUpdate
 from protocol import messages
 from protocol import spec as specmod
 from protocol.cid import file_cid
-from protocol.errors import FednodeError, NotFound, StateError, ValidationError
+from protocol.errors import (
+    AggregateRejected,
+    FednodeError,
+    NotFound,
+    StateError,
+    ValidationError,
+)
 
 if TYPE_CHECKING:
     from fednode.coordinator import Coordinator
@@ -124,12 +130,6 @@ class RoundRun:
         return set(self.selected) - set(self.received) - set(self.failed)
 
 
-class _NonFinite(FednodeError):
-    """The round's aggregate is not a usable model (caught in the round, never raised on)."""
-
-    code = "NON_FINITE_MODEL"
-
-
 class SessionRun:
     def __init__(
         self,
@@ -154,6 +154,7 @@ class SessionRun:
         self._task: asyncio.Task[None] | None = None
         self.pending_rollback: tuple[int, str, float] | None = None  # (round, by, asked at)
         self._idle = False  # the driver waits between rounds (paused): nothing is in flight
+        self.paused_for_storage = False  # paused by a storage outage: resumed when it heals
 
     # --- operator actions -----------------------------------------------------------
 
@@ -161,7 +162,9 @@ class SessionRun:
         target = next_state(self.state, action)
         if action == "start":
             self._task = asyncio.create_task(self._run(), name=f"session-{self.session_id}")
-            self.coord.ledger.update_session(self.session_id, started_at=time.time())
+            self.coord.guard.write(
+                self.coord.ledger.update_session, self.session_id, started_at=time.time()
+            )
         elif action == "stop" and self._task is not None:
             self._task.cancel()
         self._set_state(target)
@@ -178,7 +181,7 @@ class SessionRun:
             fields["ended_at"] = time.time()
         if error:
             fields["error"] = error
-        self.coord.ledger.update_session(self.session_id, **fields)
+        self.coord.guard.write(self.coord.ledger.update_session, self.session_id, **fields)
         self.coord.record("session", self.session_id, {"status": state.value, "error": error or ""})
 
     async def _wait(self, timeout: float | None) -> None:
@@ -226,8 +229,9 @@ class SessionRun:
         self.shapes = weights.shapes(w)
         acc, loss = await asyncio.to_thread(training.evaluate, model_spec(spec), w, self.eval_data)
         self.base_loss = loss
-        cid, size = self._store_model(w)
-        self.coord.ledger.record_model(
+        cid, size = await self._store_model(w)
+        await self.coord.guard.run(
+            self.coord.ledger.record_model,
             self.session_id,
             0,
             cid=cid,
@@ -238,10 +242,10 @@ class SessionRun:
             created_at=time.time(),
         )
 
-    def _store_model(self, w: weights.Weights) -> tuple[str, int]:
+    async def _store_model(self, w: weights.Weights) -> tuple[str, int]:
         """Put a global model in the content store and make it the current one."""
         blob = weights.to_bytes(w)
-        cid = self.coord.store.put(blob)
+        cid = await self.coord.guard.run(self.coord.store.put, blob)
         self.global_cid, self.global_weights = cid, w
         return cid, len(blob)
 
@@ -297,7 +301,13 @@ class SessionRun:
         self._apply_pending_rollback()  # an operator's rollback takes effect between rounds
         self._log_exclusions(number)
         rnd = self.round = RoundRun(number, self.global_cid, selected)
-        self.coord.ledger.start_round(
+        # What each selected peer registered is the most its weight may count in this session
+        # (it only ever goes down); then the round itself, before anyone is asked to train.
+        await self.coord.guard.run(
+            self._record_claims, {p: self.coord.registered_examples(p) for p in selected}
+        )
+        await self.coord.guard.run(
+            self.coord.ledger.start_round,
             self.session_id,
             number,
             selected=selected,
@@ -322,14 +332,14 @@ class SessionRun:
             self.secure = None
             self._finish_round_failed("aborted", f"secure aggregation cannot start: {err.message}")
             raise StateError(f"round {number} cannot run: {err.message}", hint=err.hint) from None
-        task = messages.RoundStart(
-            round=number,
-            model_cid=self.global_cid,
-            spec=spec,
-            deadline_s=spec["round_timeout_s"],
-            secagg=self.secure.wire() if self.secure else {},
-        )
         for peer in selected:
+            task = messages.RoundStart(
+                round=number,
+                model_cid=self.global_cid,
+                spec=spec,
+                deadline_s=spec["round_timeout_s"],
+                secagg=self.secure.wire(peer) if self.secure else {},
+            )
             if not await self.coord.send_to(peer, task, self.session_id):
                 rnd.failed[peer] = "offline when the round started"
         end = time.monotonic() + spec["round_timeout_s"]
@@ -346,11 +356,9 @@ class SessionRun:
             if number == NAN_ROUND:  # the test option: this round's aggregate diverges
                 new = {k: np.full_like(v, np.nan) for k, v in new.items()}
             if not versions.is_finite(new):
-                raise _NonFinite(
-                    "the aggregate has non-finite weights (NaN or inf); it was not published"
-                )
-        except _NonFinite as err:
-            self._non_finite(number, err.message)
+                raise AggregateRejected("the aggregate has non-finite weights (NaN or inf)")
+        except AggregateRejected as err:
+            self._reject(rnd, err.message)
             return
         except FednodeError as err:
             reason = f"{err.message}; " + "; ".join(f"{p[-8:]}: {r}" for p, r in rnd.failed.items())
@@ -359,8 +367,8 @@ class SessionRun:
                 self.rounds_done = number  # counts as run; the next round starts from this model
                 return
             raise StateError(f"round {number} failed: {reason}") from None
-        await self._complete(rnd, new, contributors)
-        self._check_divergence(number)
+        if await self._complete(rnd, new, contributors):
+            self._check_divergence(number)
 
     async def _send(self, peer: str, msg: messages.Message) -> bool:
         sent = await self.coord.send_to(peer, msg, self.session_id)
@@ -383,8 +391,83 @@ class SessionRun:
         assert self.global_weights is not None
         judged = await asyncio.to_thread(self._judge_updates, updates)
         self._record_judgement(rnd, judged)
-        new = await asyncio.to_thread(self.strategy.aggregate, self.global_weights, updates)
+        claims = self.coord.ledger.claims(self.session_id)
+        bounded, figures = await asyncio.to_thread(self._bound, updates, claims)
+        self._record_bounds(rnd, figures)
+        new = await asyncio.to_thread(self.strategy.aggregate, self.global_weights, bounded)
         return new, sorted(rnd.received)
+
+    def _bound(
+        self, updates: list[ClientUpdate], claims: dict[str, int]
+    ) -> tuple[list[ClientUpdate], dict[str, dict[str, Any]]]:
+        """Each update's weight and step bounded (fednode.bounds), with the figures of the
+        decision. A claim counts at most what the participant registered (``claims``).
+        Runs in a worker thread, so it only computes."""
+        assert self.global_weights is not None
+        agg = self.spec["aggregation"]
+        raw = {
+            u.peer_id: bounds.bounded_weight(
+                u.num_examples,
+                claims.get(u.peer_id),
+                weighting=agg["weighting"],
+                max_examples=agg["max_examples"],
+            )
+            for u in updates
+        }
+        shares = bounds.capped_shares(raw, agg["max_weight_share"])
+        out, figures = [], {}
+        for u in updates:
+            w, norm, scale = bounds.clip_update(
+                u.weights, self.global_weights, agg["max_update_norm"]
+            )
+            out.append(ClientUpdate(u.peer_id, w, u.num_examples, u.loss, shares[u.peer_id]))
+            figures[u.peer_id] = {
+                "claimed": u.num_examples,
+                "registered": claims.get(u.peer_id),
+                "weight": raw[u.peer_id],
+                "share": shares[u.peer_id],
+                "norm": norm,
+                "scale": scale,
+            }
+        return out, figures
+
+    def _record_bounds(self, rnd: RoundRun, figures: dict[str, dict[str, Any]]) -> None:
+        agg = self.spec["aggregation"]
+        self.coord.record(
+            "aggregation",
+            self.session_id,
+            {
+                "round": rnd.number,
+                "secure": self.secure is not None,
+                "weighting": agg["weighting"],
+                "max_examples": agg["max_examples"],
+                "max_weight_share": agg["max_weight_share"],
+                "max_update_norm": agg["max_update_norm"],
+                "updates": figures,
+            },
+        )
+
+    def _record_claims(self, examples: dict[str, int]) -> None:
+        for peer, n in examples.items():
+            self.coord.ledger.record_claims([self.session_id], peer, n, time.time())
+
+    def assigned_weights(self, selected: list[str], max_weight: int) -> dict[str, int]:
+        """Secure rounds: the whole-number weight each selected participant must use, from
+        what it registered, bounded as a plain round bounds a claim. The coordinator checks
+        their sum after unmasking; it cannot see a single one."""
+        agg = self.spec["aggregation"]
+        claims = self.coord.ledger.claims(self.session_id)
+        raw = {
+            p: bounds.bounded_weight(
+                claims.get(p, 0),
+                claims.get(p),
+                weighting=agg["weighting"],
+                max_examples=agg["max_examples"],
+            )
+            for p in selected
+        }
+        shares = bounds.capped_shares(raw, agg["max_weight_share"])
+        return bounds.integer_weights(shares, sum(raw.values()), max_weight)
 
     def _judge_updates(self, updates: list[ClientUpdate]) -> dict[str, tuple[float, float]]:
         """Each plain update alone on the validation data (its loss) and its L2 distance from
@@ -417,15 +500,27 @@ class SessionRun:
                 entity_id=peer,
             )
 
-    async def _complete(self, rnd: RoundRun, new: weights.Weights, contributors: list[str]) -> None:
+    async def _complete(self, rnd: RoundRun, new: weights.Weights, contributors: list[str]) -> bool:
+        """Evaluate the candidate; publish and commit it, or reject it. Whether published."""
         rnd.phase = RoundPhase.EVALUATING
         acc, loss = await asyncio.to_thread(
             training.evaluate, model_spec(self.spec), new, self.eval_data
         )
+        factor = self.spec["aggregation"]["max_loss_factor"]
+        if bounds.loss_jumped(loss, self.base_loss, factor):
+            self._reject(
+                rnd,
+                f"its validation loss {loss:.4g} is over {factor:g} x the current model's "
+                f"{self.base_loss:.4g} (accuracy {acc:.4f})"
+                if math.isfinite(loss)
+                else "its validation loss is not finite",
+            )
+            return False
         parent = self.global_cid
-        cid, size = self._store_model(new)
+        cid, size = await self._store_model(new)
         now = time.time()
-        self.coord.ledger.complete_round(
+        await self.coord.guard.run(
+            self.coord.ledger.complete_round,
             self.session_id,
             rnd.number,
             ended_at=now,
@@ -461,12 +556,30 @@ class SessionRun:
         for peer in rnd.selected:
             await self.coord.send_to(peer, end, self.session_id)
         self.coord.monitor.after_round(self, rnd, rnd.anomalous_pct)
+        return True
+
+    def _reject(self, rnd: RoundRun, why: str) -> None:
+        """Not published: the round is recorded ``rejected`` with the reason, an alert is
+        raised, and the next round starts from the current model (the round counts as run,
+        as a rolled-back one does, so a persistent attacker cannot stall the session)."""
+        reason = f"aggregate rejected, not published: {why}"
+        log.warning("session %s round %d: %s", self.session_id, rnd.number, reason)
+        self._finish_round_failed("rejected", reason)
+        self.rounds_done = rnd.number
+        self.coord.raise_alert(
+            "aggregate_rejected",
+            self.session_id,
+            self.session_id,
+            f"round {rnd.number} of session {self.session_id}: {reason}; the next round "
+            f"starts from the current model {self.global_cid}",
+        )
 
     def _finish_round_failed(self, status: str, reason: str) -> None:
         rnd = self.round
         assert rnd is not None
         rnd.phase = RoundPhase.DONE
-        self.coord.ledger.finish_round(
+        self.coord.guard.write(
+            self.coord.ledger.finish_round,
             self.session_id,
             rnd.number,
             status=status,
@@ -510,25 +623,6 @@ class SessionRun:
         )
         self._rollback(target, reason=reason, trigger="accuracy", round_=number, by="")
 
-    def _non_finite(self, number: int, reason: str) -> None:
-        """A non-finite aggregate: the round is recorded (failed, with the reason), its model
-        is never stored, and the session goes back to the best version so far."""
-        rb = self._rollback_spec()
-        if not rb["enabled"]:
-            self._finish_round_failed("failed", reason)
-            if self.spec["on_round_failure"] == "continue":
-                self.rounds_done = number  # the next round starts from the same model
-                return
-            raise StateError(
-                f"round {number} failed: {reason}",
-                hint="enable [rollback] in the spec to continue from the last good model",
-            )
-        target = versions.best_round(self._history())
-        assert target is not None  # round 0's version always has an accuracy
-        self._finish_round_failed("failed", f"{reason}; rolled back to round {target}")
-        self._rollback(target, reason=reason, trigger="non_finite", round_=number, by="")
-        self.rounds_done = number
-
     def _rollback(self, to_round: int, *, reason: str, trigger: str, round_: int, by: str) -> None:
         """Make round ``to_round``'s version the global model again: mark the versions after
         it rolled back, log the "rollback" event and, for a divergence, raise its alert."""
@@ -538,15 +632,19 @@ class SessionRun:
         if target is None:
             raise StateError(f"round {to_round} has no live model version to go back to")
         w = weights.from_bytes(self.coord.store.get(target["cid"]), expect=self.shapes)
-        data = self.coord.ledger.rollback_models(
-            self.session_id,
-            to_round,
-            now=now,
-            data={"round": round_, "reason": reason, "trigger": trigger, "by": by},
-        )
+
+        def write() -> None:  # ledger first, then subscribers (kept in order in an outage)
+            data = self.coord.ledger.rollback_models(
+                self.session_id,
+                to_round,
+                now=now,
+                data={"round": round_, "reason": reason, "trigger": trigger, "by": by},
+            )
+            self.coord.events.publish("rollback", data, self.session_id)
+
+        self.coord.guard.write(write)
         self.global_cid, self.global_weights = target["cid"], w
         self.base_loss = target["loss"] if target["loss"] is not None else math.nan
-        self.coord.events.publish("rollback", data, self.session_id)
         log.warning(
             "session %s rolled back to round %d (%s): %s",
             self.session_id,
@@ -555,16 +653,13 @@ class SessionRun:
             reason,
         )
         if trigger != "operator":
-            alert = self.coord.ledger.raise_event_alert(
+            self.coord.raise_alert(
                 "model_divergence",
-                quality.ALERT_SEVERITY["model_divergence"],
                 self.session_id,
                 self.session_id,
                 f"session {self.session_id} diverged in round {round_} ({reason}); rolled back "
                 f"to round {to_round}'s model {target['cid']}",
-                now,
             )
-            self.coord.events.publish("alert", {"change": "raised", **alert}, self.session_id)
 
     def request_rollback(self, to_round: int, by: str) -> dict[str, Any]:
         """An operator's rollback: checked now, applied between rounds (at once when the
@@ -685,7 +780,7 @@ class SessionRun:
             )
             self.wake()
             raise
-        self.coord.store.put(msg.data, pin=False)
+        self.coord.guard.write(self.coord.store.put, msg.data, pin=False)  # the audit copy
         rnd.received[peer] = (msg, now)
         self._record_update(peer, msg, frame_bytes, now, "accepted", None)
         self.coord.monitor.on_update(peer, self.session_id, now, msg)
@@ -716,7 +811,8 @@ class SessionRun:
         reason: str | None,
     ) -> None:
         assert self.round is not None
-        self.coord.ledger.record_update(
+        self.coord.guard.write(
+            self.coord.ledger.record_update,
             self.session_id,
             msg.round,
             participant=peer,
@@ -745,7 +841,8 @@ class SessionRun:
         inside the mask too, so 0 here)."""
         assert self.round is not None
         now = time.time()
-        self.coord.ledger.record_update(
+        self.coord.guard.write(
+            self.coord.ledger.record_update,
             self.session_id,
             msg.round,
             participant=peer,
@@ -760,6 +857,41 @@ class SessionRun:
             received_at=now,
         )
         self.coord.monitor.on_update(peer, self.session_id, now, msg)
+
+    def on_task_error(self, peer: str, msg: messages.TaskError) -> None:
+        """A selected participant could not produce its update (it declined the task, its
+        training failed or diverged, its deadline passed): recorded, and the round stops
+        waiting for it at once instead of at the timeout."""
+        rnd = self.round
+        if rnd is None or msg.round != rnd.number or peer not in rnd.selected:
+            current = rnd.number if rnd else 0
+            raise ValidationError(
+                f"task error for round {msg.round}, but round {current} of session "
+                f"{self.session_id} did not select {peer}",
+                code="STALE_UPDATE",
+            )
+        self.coord.record(
+            "task_error",
+            self.session_id,
+            {"round": msg.round, "peer_id": peer, "code": msg.code, "message": msg.message},
+            entity_id=peer,
+        )
+        self.on_peer_lost(peer, f"task error {msg.code}: {msg.message}")
+
+    def on_refused_update(self, peer: str, frame_type: str, err: FednodeError) -> None:
+        """A selected participant's answer was refused before it could be parsed (invalid
+        fields, too large): recorded like a task error, and the round stops waiting for it."""
+        rnd = self.round
+        if rnd is None or rnd.phase != RoundPhase.TRAINING or peer not in rnd.outstanding:
+            return
+        message = f"its {frame_type} was refused: {err.message}"
+        self.coord.record(
+            "task_error",
+            self.session_id,
+            {"round": rnd.number, "peer_id": peer, "code": err.code, "message": message},
+            entity_id=peer,
+        )
+        self.on_peer_lost(peer, f"{err.code}: {message}")
 
     def on_peer_lost(self, peer: str, reason: str) -> None:
         if self.secure is not None:

@@ -148,8 +148,14 @@ class Connection:
             sender_public_key=self.public_key,
         )
         self._guard.check(env, now)
-        check_size(env.type, env.size)
-        return env, messages.parse(env.type, env.payload)
+        try:
+            check_size(env.type, env.size)
+            return env, messages.parse(env.type, env.payload)
+        except ValidationError as err:
+            # A well-signed but invalid message: who handles the refusal may need to know
+            # what it was (an update the round is waiting for, say).
+            err.envelope = env  # type: ignore[attr-defined]
+            raise
 
     async def messages(
         self, on_refusal: RefusalHook | None = None

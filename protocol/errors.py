@@ -115,3 +115,22 @@ class DataError(FednodeError):
 
     code = "DATA_INVALID"
     hint = "use digits:K/N or a local npz:/path or csv:/path file"
+
+
+class StorageUnavailable(FednodeError):
+    """The node's ledger or content store cannot be written now (locked, disk full, I/O)."""
+
+    code = "STORAGE_UNAVAILABLE"
+    hint = (
+        "the node's disk is full, its ledger is locked by another process, or its storage "
+        "failed; sessions continue by themselves once it can write again"
+    )
+
+
+class AggregateRejected(FednodeError):
+    """A round's aggregate that must not be published: not finite, its validation loss
+    jumped, or (secure aggregation) its sum breaks the bounds every honest participant keeps.
+    The round is recorded ``rejected``; the next round starts from the current model."""
+
+    code = "AGGREGATE_REJECTED"
+    hint = "see the round's reason and the session's alerts; a participant may be poisoning"

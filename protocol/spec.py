@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from protocol import secagg
+from protocol import limits, modelspec, secagg
 from protocol.errors import IdentityError, SpecError
 from protocol.identity import public_key_from_peer_id
 
@@ -148,6 +148,47 @@ SCHEMA: dict[str, dict[str, Field]] = {
             "bits, clip and max_weight must leave >= 8 fraction bits for the participants",
             32,
             64,
+        ),
+        "weighting": Field(
+            "choice",
+            "examples",
+            "how participants weigh in the aggregate: by their example counts (each count at "
+            "most what the participant registered for the session, and max_examples), or "
+            "uniform (every participant alike)",
+            choices=("examples", "uniform"),
+        ),
+        "max_examples": Field(
+            "int",
+            0,
+            "the most examples one participant's weight may count; 0 = no cap beyond what it "
+            "registered",
+            0,
+            2**40,
+        ),
+        "max_weight_share": Field(
+            "float",
+            0.5,
+            "no participant's share of the aggregate may exceed this (what it loses goes to the "
+            "others in proportion); below 1/participants every participant weighs the same",
+            0.01,
+            1.0,
+        ),
+        "max_update_norm": Field(
+            "float",
+            10.0,
+            "each update (trained model minus the round's model) is scaled down to at most this "
+            "L2 norm before it is aggregated (secure: by the participant, and the unmasked mean "
+            "is checked against it); 0 = no bound",
+            0.0,
+            1e6,
+        ),
+        "max_loss_factor": Field(
+            "float",
+            3.0,
+            "a new aggregate whose validation loss is over this factor times the current "
+            "model's (or not finite) is rejected, not published; 0 = only the finite check",
+            0.0,
+            1e6,
         ),
         "max_weight": Field(
             "int",
@@ -314,10 +355,42 @@ def _cross_checks(spec: dict[str, Any]) -> None:
         )
     if agg["secure"]:
         _check_fixed_point(spec)
+    if 0 < agg["max_loss_factor"] < 1:
+        raise SpecError(
+            f"aggregation.max_loss_factor = {agg['max_loss_factor']:g} would reject every "
+            "aggregate that does not lower the loss",
+            hint="use 0 (off) or a factor >= 1 (the default 3 rejects a loss that triples)",
+        )
     if spec["model"]["kind"] == "mlp" and not spec["model"]["hidden"]:
         raise SpecError(
             "model.hidden = [] leaves the mlp with no hidden layer",
             hint='give at least one width, or use model.kind = "logreg"',
+        )
+    _check_model_size(spec)
+
+
+# What a frame around a model's values holds besides them (the safetensors header, the
+# envelope's fields and signature); generous, so that a model this check passes is never
+# refused by the frame cap it is checked against.
+FRAME_OVERHEAD_BYTES = 1024 * 1024
+
+
+def _check_model_size(spec: dict[str, Any]) -> None:
+    """Refuse a model whose values cannot cross the wire: every round moves the model in one
+    frame (an update: float32 values; a masked input: ceil(bits / 8) bytes per value), and
+    frames are capped (protocol.limits). Counted by arithmetic, so a spec naming a 17 GB
+    model costs nothing to refuse."""
+    model = spec["model"]
+    n = modelspec.param_count({k: model[k] for k in ("kind", "inputs", "hidden", "classes")})
+    per_value = math.ceil(spec["aggregation"]["bits"] / 8) if spec["aggregation"]["secure"] else 4
+    frame = min(limits.MAX_BYTES["update"], limits.MAX_BYTES["secagg_masked"])
+    most = (frame - FRAME_OVERHEAD_BYTES) // max(per_value, modelspec.F32)
+    if n > most:
+        raise SpecError(
+            f"the model (kind {model['kind']}, inputs {model['inputs']}, hidden "
+            f"{model['hidden']}, classes {model['classes']}) has {n:,} parameters; a model "
+            f"must fit one {frame // limits.MIB} MiB frame: at most {most:,} parameters",
+            hint="use fewer or narrower hidden layers",
         )
 
 

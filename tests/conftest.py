@@ -66,6 +66,7 @@ class Cluster:
     procs: Processes
     participant_homes: list[NodeHome]
     ready: dict[str, Any] = field(default_factory=dict)  # the coordinator's ready line
+    coordinator_dir: Path | None = None  # where the coordinator's data dir is, if not root
 
     @property
     def peer_ids(self) -> list[str]:
@@ -73,7 +74,7 @@ class Cluster:
 
     @property
     def coordinator_home(self) -> NodeHome:
-        return NodeHome(self.root / "coordinator")
+        return NodeHome(self.coordinator_dir or self.root / "coordinator")
 
     def start_participant(self, k: int, n: int, *extra: str) -> NodeHome:
         home = NodeHome(self.root / f"participant-{k}")
@@ -84,16 +85,18 @@ class Cluster:
         return home
 
 
-def start_cluster(root: Path, participants: int, *coordinator_args: str) -> Cluster:
+def start_cluster(
+    root: Path, participants: int, *coordinator_args: str, coordinator_dir: Path | None = None
+) -> Cluster:
     (root / "logs").mkdir(parents=True)
     key = root / "operator.key"
     operator = Identity.generate()
     operator.save(key)
     procs = Processes(root / "logs")
-    home = NodeHome(root / "coordinator")
+    home = NodeHome(coordinator_dir or root / "coordinator")
     ident, _ = home.init()
     ready = procs.start_coordinator(home, operator.peer_id, *coordinator_args)
-    cluster = Cluster(root, ready["url"], ident.peer_id, key, procs, [], ready)
+    cluster = Cluster(root, ready["url"], ident.peer_id, key, procs, [], ready, coordinator_dir)
     for k in range(participants):
         cluster.start_participant(k, participants)
     return cluster

@@ -841,7 +841,9 @@ def test_alert_types_cover_the_table() -> None:
     assert set(q.ALERT_SEVERITY.values()) <= set(q.SEVERITIES)
     assert q.ALERT_SEVERITY["security_violation"] == "critical"
     assert q.ALERT_SEVERITY["model_divergence"] == "high"
-    assert len(q.ALERT_SEVERITY) == 17
+    assert len(q.ALERT_SEVERITY) == 19
+    assert q.ALERT_SEVERITY["storage_unavailable"] == "critical"
+    assert q.ALERT_SEVERITY["aggregate_rejected"] == "high"
 
 
 # --- properties ---------------------------------------------------------------------------------
@@ -966,3 +968,19 @@ def test_anomalous_flags_a_subset_with_every_non_finite(d: dict[str, float]) -> 
     out = q.anomalous(d)
     assert out <= set(d)
     assert {k for k, v in d.items() if not math.isfinite(v)} <= out
+
+
+def test_a_report_of_many_labels_fits_the_wire() -> None:
+    """An honest participant with more labels than the wire takes folds the rarest under
+    "(other)" instead of being refused at registration."""
+    from protocol import messages
+
+    y = np.concatenate([np.zeros(500), np.arange(1, 2501)])  # label 0 common, 2500 rare
+    r = q.data_report(np.arange(3000, dtype=float).reshape(-1, 1), y)
+    assert len(r["label_counts"]) == messages.MAX_LABELS
+    assert r["label_counts"]["0"] == 500
+    assert sum(r["label_counts"].values()) == 3000
+    assert r["label_counts"][q.OTHER_LABELS] == 2500 - (messages.MAX_LABELS - 2)
+    assert messages._data_report("data_report", r) == r
+    long = q.data_report(np.zeros((2, 1)), np.array(["x" * 100 + "a", "x" * 100 + "b"]))
+    assert long["label_counts"] == {"x" * messages.MAX_LABEL_CHARS: 2}

@@ -187,7 +187,7 @@ def test_schema_3_file_migrates_to_4(tmp_path: Path) -> None:
     db["model_versions"].insert({"session_id": "s", "round": 0, "cid": "c0", "created_at": 0.0})
     db.close()
     with Ledger(path) as led:
-        assert led.schema_version == 4 == len(ledger_mod.MIGRATIONS)
+        assert led.schema_version == len(ledger_mod.MIGRATIONS) >= 4
         (m,) = led.models("s")
         assert m["cid"] == "c0" and m["rolled_back_at"] is None and m["rolled_back_to"] is None
 
@@ -282,6 +282,9 @@ def test_diverging_round_is_rolled_back(fed: Cluster, tmp_path: Path) -> None:
         participants=ids,
         min_participants=3,
         rollback={"margin": 0.05, "rounds": 1},
+        # the poisoned update must reach the model for the rollback to have work to do: the
+        # bounds that keep it out (tests/test_hostile_weight.py) are off here
+        aggregation={"max_update_norm": 0, "max_weight_share": 1.0, "max_loss_factor": 0},
     )
     sid = create(fed, spec)
     join(fed)
@@ -382,9 +385,9 @@ def test_non_finite_aggregate_is_never_published(tmp_path: Path) -> None:
         status = run_to_end(c, sid)
         assert status["status"] == "completed" and status["rounds_completed"] == 2
         rounds = rounds_of(c, sid)
-        assert rounds[2]["status"] == "failed" and rounds[2]["model_cid"] is None
-        assert "non-finite" in rounds[2]["reason"]
-        assert "rolled back to round 1" in rounds[2]["reason"]
+        # rejected, not published; the next round starts from the current model (round 1's)
+        assert rounds[2]["status"] == "rejected" and rounds[2]["model_cid"] is None
+        assert "non-finite" in rounds[2]["reason"] and "not published" in rounds[2]["reason"]
         models = model_list(c, sid)
         assert sorted(models) == [0, 1, 3]  # no version for round 2
         assert rounds[3]["model_cid_in"] == models[1]["cid"] == models[3]["parent_cid"]
@@ -392,10 +395,10 @@ def test_non_finite_aggregate_is_never_published(tmp_path: Path) -> None:
         for m in models.values():
             assert math.isfinite(m["accuracy"])
             assert versions.is_finite(weights.from_bytes(store.get(m["cid"])))
-        (rb,) = events(c, sid, "rollback")
-        assert rb["trigger"] == "non_finite" and rb["round"] == 2
-        assert (rb["to_round"], rb["to_cid"], rb["rolled_back"]) == (1, models[1]["cid"], [])
-        (alert,) = divergence_alerts(c, sid)
+        assert events(c, sid, "rollback") == []  # nothing published, nothing to undo
+        alerts = admin(c, "alerts.list", status="all", session_id=sid)["alerts"]
+        (alert,) = [a for a in alerts if a["alert_type"] == "aggregate_rejected"]
         assert (alert["severity"], alert["entity_id"]) == ("high", sid)
+        assert "round 2" in alert["message"] and models[1]["cid"] in alert["message"]
     finally:
         c.procs.stop_all()

@@ -17,6 +17,9 @@ class ClientUpdate:
     weights: Weights
     num_examples: int
     loss: float
+    # the update's weight in the aggregate, when the round bounded it (fednode.bounds);
+    # None = its example count
+    weight: float | None = None
 
 
 class Strategy(Protocol):
