@@ -19,10 +19,14 @@ from rich.table import Table
 
 from fedctl.client import AdminClient, Target, call, operator_identity
 from fedctl.output import emit_json, fail, line, plain, run, stderr, stdout
-from fedctl.render import print_summary, session_line
-from fednode.files import PRIVATE_UMASK
+from fedctl.render import SEVERITY_STYLE, print_summary, session_line
+from fednode.api import PRIVATE_UMASK
 from protocol import spec as specmod
 from protocol.errors import FednodeError
+from protocol.events import Session as SessionEvent
+from protocol.events import parse_event
+from protocol.lifecycle import is_terminal
+from protocol.operations import Op
 
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, help="Drive and watch fednode sessions."
@@ -129,7 +133,7 @@ def invite(
     def go() -> dict[str, Any]:
         return call(
             G.target,
-            "invite.create",
+            Op.INVITE_CREATE,
             session_id=session,
             expires_s=parse_duration(expires),
             uses=uses,
@@ -173,7 +177,7 @@ def session_create(spec: Path, as_json: Json = False) -> None:
 
     def go() -> dict[str, Any]:
         checked = specmod.load(spec)  # refuse bad specs before dialling anyone
-        return call(G.target, "session.create", spec=checked)
+        return call(G.target, Op.SESSION_CREATE, spec=checked)
 
     run(_json(as_json), go, lambda r: stdout.print(plain(r["session_id"])))
 
@@ -228,7 +232,7 @@ def session_rollback(
 
     run(
         _json(as_json),
-        lambda: call(G.target, "session.rollback", session_id=session_id, round=to_round),
+        lambda: call(G.target, Op.SESSION_ROLLBACK, session_id=session_id, round=to_round),
         human,
     )
 
@@ -238,7 +242,7 @@ def session_status(session_id: str, as_json: Json = False) -> None:
     """State, rounds, participants, accuracy and the per-round history."""
     run(
         _json(as_json),
-        lambda: call(G.target, "session.status", session_id=session_id),
+        lambda: call(G.target, Op.SESSION_STATUS, session_id=session_id),
         print_summary,
     )
 
@@ -261,7 +265,7 @@ def session_list(as_json: Json = False) -> None:
             )
         stdout.print(t)
 
-    run(_json(as_json), lambda: call(G.target, "session.list"), human)
+    run(_json(as_json), lambda: call(G.target, Op.SESSION_LIST), human)
 
 
 @session_app.command("watch")
@@ -271,7 +275,7 @@ def session_watch(session_id: str, as_json: Json = False) -> None:
 
     async def go() -> dict[str, Any]:
         async with AdminClient(G.target) as client:
-            snap = (await client.call("subscribe", session_id=session_id))["snapshot"]
+            snap = (await client.call(Op.SUBSCRIBE, session_id=session_id))["snapshot"]
             status = snap["session"]["status"]
             if as_json:
                 emit_json({"kind": "snapshot", "session_id": session_id, "data": snap})
@@ -282,7 +286,7 @@ def session_watch(session_id: str, as_json: Json = False) -> None:
                         f"{snap['session']['rounds_completed']}/{snap['session']['rounds']}"
                     )
                 )
-            if status in ("completed", "failed", "stopped"):
+            if is_terminal(status):
                 return snap["session"]
             async for ev in client.stream():
                 if as_json:
@@ -293,12 +297,9 @@ def session_watch(session_id: str, as_json: Json = False) -> None:
                     text = session_line(ev.kind, ev.data, snap["session"]["rounds"])
                     if text is not None:
                         stdout.print(text)
-                if ev.kind == "session" and ev.data.get("status") in (
-                    "completed",
-                    "failed",
-                    "stopped",
-                ):
-                    return await client.call("session.status", session_id=session_id)
+                event = parse_event(ev.kind, ev.data)
+                if isinstance(event, SessionEvent) and is_terminal(event.status):
+                    return await client.call(Op.SESSION_STATUS, session_id=session_id)
             raise FednodeError("the coordinator went away", code="DISCONNECTED")
 
     def wrapped() -> dict[str, Any]:
@@ -323,7 +324,7 @@ def participants_list(as_json: Json = False) -> None:
     def human(r: dict[str, Any]) -> None:
         stdout.print(participants_table(r["participants"]))
 
-    run(_json(as_json), lambda: call(G.target, "participants.list"), human)
+    run(_json(as_json), lambda: call(G.target, Op.PARTICIPANTS_LIST), human)
 
 
 def participants_table(rows: list[dict[str, Any]]) -> Table:
@@ -362,9 +363,6 @@ def _clock(ts: Any) -> str:
         return ""
 
 
-SEVERITY_STYLE = {"critical": "bold red", "high": "red", "medium": "yellow", "low": "dim"}
-
-
 def alerts_table(rows: list[dict[str, Any]]) -> Table:
     t = Table("id", "severity", "type", "entity", "status", "since", "message")
     for a in rows:
@@ -400,7 +398,7 @@ def alerts_list(
 
     run(
         _json(as_json),
-        lambda: call(G.target, "alerts.list", severity=wanted, status=status, session_id=session),
+        lambda: call(G.target, Op.ALERTS_LIST, severity=wanted, status=status, session_id=session),
         human,
     )
 
@@ -410,7 +408,7 @@ def alerts_ack(alert_id: int, as_json: Json = False) -> None:
     """Acknowledge an alert (a critical one then no longer keeps its peer out of rounds)."""
     run(
         _json(as_json),
-        lambda: call(G.target, "alerts.ack", alert_id=alert_id),
+        lambda: call(G.target, Op.ALERTS_ACK, alert_id=alert_id),
         lambda r: stdout.print(line(f"alert {r['alert']['id']}: {r['alert']['status']}")),
     )
 
@@ -454,7 +452,7 @@ def quality_session(session_id: str, as_json: Json = False) -> None:
         health = r["health_score"]
         stdout.print(line(f"health {_fmt(health, '{:.1f}') or 'not measured yet'}"))
 
-    run(_json(as_json), lambda: call(G.target, "quality.session", session_id=session_id), human)
+    run(_json(as_json), lambda: call(G.target, Op.QUALITY_SESSION, session_id=session_id), human)
 
 
 @app.command()
@@ -484,9 +482,7 @@ def report(
 
     def go() -> dict[str, Any]:
         if data_dir is not None:
-            from fednode.home import NodeHome
-            from fednode.ledger import Ledger
-            from fednode.reporting import build_report
+            from fednode.api import Ledger, NodeHome, build_report
 
             path = NodeHome(data_dir).ledger_path
             if not path.exists():
@@ -494,7 +490,7 @@ def report(
             with Ledger(path) as ledger:
                 rep = build_report(ledger, session_id)
         else:
-            rep = call(G.target, "report", session_id=session_id)
+            rep = call(G.target, Op.REPORT, session_id=session_id)
         if format == "json":
             text = json.dumps(rep, indent=2, sort_keys=True)
         elif format == "html":
@@ -532,13 +528,13 @@ def participants_exclude(
     as_json: Json = False,
 ) -> None:
     """Keep a participant out of every session's selection until it is readmitted."""
-    _exclusion("participants.exclude", peer_id, reason, as_json)
+    _exclusion(Op.PARTICIPANTS_EXCLUDE, peer_id, reason, as_json)
 
 
 @participants_app.command("readmit")
 def participants_readmit(peer_id: str, as_json: Json = False) -> None:
     """Let an excluded participant be selected again."""
-    _exclusion("participants.readmit", peer_id, "", as_json)
+    _exclusion(Op.PARTICIPANTS_READMIT, peer_id, "", as_json)
 
 
 @model_app.command("list")
@@ -564,13 +560,12 @@ def model_list(session_id: str, as_json: Json = False) -> None:
             )
         stdout.print(t)
 
-    run(_json(as_json), lambda: call(G.target, "model.list", session_id=session_id), human)
+    run(_json(as_json), lambda: call(G.target, Op.MODEL_LIST, session_id=session_id), human)
 
 
 def _offline_store(data_dir: Path) -> Any:
     """A stopped node's embedded store, read in place (what `--data-dir` means for models)."""
-    from fednode.home import NodeHome
-    from fednode.store import BlockStore
+    from fednode.api import BlockStore, NodeHome
 
     return BlockStore(NodeHome(data_dir).store_root)
 
@@ -593,7 +588,7 @@ def model_get(
         if data_dir is not None:
             data = _offline_store(data_dir).get(cid)
         else:
-            data = call(G.target, "model.get", cid=cid)["data"]
+            data = call(G.target, Op.MODEL_GET, cid=cid)["data"]
         if file_cid(data) != cid:
             raise CIDError(f"the bytes received do not hash to {cid}")
         output.write_bytes(data)
@@ -626,7 +621,7 @@ def model_export(
         if data_dir is not None:
             blocks = list(walk_dag(root, _offline_store(data_dir).get_block))
         else:
-            reply = call(G.target, "model.export", cid=root)
+            reply = call(G.target, Op.MODEL_EXPORT, cid=root)
             try:
                 got = {normalize_cid(b["cid"]): bytes(b["data"]) for b in reply["blocks"]}
             except (KeyError, TypeError) as exc:
@@ -666,8 +661,7 @@ def ledger_verify(
     as_json: Json = False,
 ) -> None:
     """Check the ledger's event hash chain (offline, on the node's data dir)."""
-    from fednode.home import NodeHome
-    from fednode.ledger import Ledger
+    from fednode.api import Ledger, NodeHome
 
     def go() -> dict[str, Any]:
         path = NodeHome(data_dir).ledger_path
@@ -675,7 +669,7 @@ def ledger_verify(
             raise FednodeError(f"no ledger at {path}", code="NOT_FOUND")
         with Ledger(path) as ledger:
             ok, bad = ledger.verify_chain()
-            count = ledger.db["events"].count
+            count = ledger.event_count()
         if not ok:
             raise FednodeError(
                 f"the ledger's hash chain breaks at event {bad}",

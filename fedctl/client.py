@@ -23,8 +23,7 @@ from typing import Any
 
 from websockets.exceptions import ConnectionClosed
 
-from fednode.files import private_dir
-from fednode.transport import Connection, dial
+from fednode.api import Connection, dial, private_dir
 from protocol import messages, text
 from protocol.errors import FednodeError
 from protocol.identity import Identity, public_key_from_peer_id

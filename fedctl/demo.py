@@ -27,10 +27,12 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from fedctl.client import AdminClient, Target, call, operator_identity
 from fedctl.output import line, stderr, stdout
 from fedctl.render import session_line
-from fednode.files import private_dir
-from fednode.home import NodeHome, default_home
+from fednode.api import NodeHome, default_home, private_dir
+from protocol import events
 from protocol import spec as specmod
 from protocol.errors import FednodeError
+from protocol.lifecycle import is_terminal
+from protocol.operations import Op
 
 READY_TIMEOUT_S = 60.0
 JOIN_TIMEOUT_S = 120.0
@@ -81,16 +83,24 @@ class Processes:
         self.procs[name] = proc
         return proc
 
-    def start_coordinator(self, home: NodeHome, operator_id: str, *extra: str) -> dict[str, Any]:
-        """A coordinator on a free loopback port; returns its ready line (url, peer_id)."""
+    def start_coordinator(
+        self,
+        home: NodeHome,
+        operator_id: str,
+        *extra: str,
+        listen: str = "127.0.0.1:0",
+        name: str = "coordinator",
+    ) -> dict[str, Any]:
+        """A coordinator (by default on a free loopback port); returns its ready line (url,
+        peer_id). ``listen`` and ``name`` let a test restart it where participants look."""
         proc = self.start(
-            "coordinator",
+            name,
             [
                 "run",
                 "--role",
                 "coordinator",
                 "--listen",
-                "127.0.0.1:0",
+                listen,
                 "--data-dir",
                 str(home.root),
                 "--operator",
@@ -99,7 +109,7 @@ class Processes:
             ],
             pipe_stdout=True,
         )
-        return read_ready_line(proc, "the coordinator", self.log_dir / "coordinator.log")
+        return read_ready_line(proc, "the coordinator", self.log_dir / f"{name}.log")
 
     def start_participant(
         self, name: str, home: NodeHome, ready: dict[str, Any], dataset: str, *extra: str
@@ -207,9 +217,9 @@ def run_demo(opts: DemoOptions) -> dict[str, Any]:
         ready = procs.start_coordinator(coord_home, operator.peer_id)
         target = Target(ready["url"], coord_id.peer_id, opts.key)
         # The session first, then an invite for exactly N participants: they join with it.
-        sid = call(target, "session.create", spec=spec)["session_id"]
+        sid = call(target, Op.SESSION_CREATE, spec=spec)["session_id"]
         token = call(
-            target, "invite.create", session_id=sid, uses=opts.participants, expires_s=3600.0
+            target, Op.INVITE_CREATE, session_id=sid, uses=opts.participants, expires_s=3600.0
         )["token"]
         names = []
         for k in range(opts.participants):
@@ -272,7 +282,7 @@ async def _session(
 ) -> dict[str, Any]:
     out = stderr if opts.as_json else stdout
     async with AdminClient(target) as client:
-        snap = (await client.call("subscribe"))["snapshot"]
+        snap = (await client.call(Op.SUBSCRIBE))["snapshot"]
         online = {p["peer_id"] for p in snap["participants"] if p["online"]}
         try:
             async with asyncio.timeout(JOIN_TIMEOUT_S):
@@ -280,9 +290,9 @@ async def _session(
                     ev = await client.events.get()
                     if ev is None:
                         raise FednodeError("the coordinator went away", code="DISCONNECTED")
-                    if ev.kind == "participant":
-                        pid = ev.data["peer_id"]
-                        (online.add if ev.data["online"] else online.discard)(pid)
+                    joined = events.parse_event(ev.kind, ev.data)
+                    if isinstance(joined, events.Participant) and joined.online is not None:
+                        (online.add if joined.online else online.discard)(joined.peer_id)
         except TimeoutError:
             raise FednodeError(
                 f"only {len(online)} of {opts.participants} participants "
@@ -290,7 +300,7 @@ async def _session(
                 code="JOIN_TIMEOUT",
                 hint="see the participant logs in the demo directory",
             ) from None
-        await client.call("session.start", session_id=sid)
+        await client.call(Op.SESSION_START, session_id=sid)
         rounds = spec["rounds"]
         with Progress(
             TextColumn("{task.description}"),
@@ -307,13 +317,14 @@ async def _session(
                 shown = session_line(ev.kind, ev.data, rounds)  # rich Text: never markup
                 if shown is not None:
                     bar.console.print(shown)
-                if ev.kind == "round_started" and ev.data["round"] == 2 and to_drop:
+                event = events.parse_event(ev.kind, ev.data)
+                if isinstance(event, events.RoundStarted) and event.round == 2 and to_drop:
                     for name in to_drop:
                         procs.kill(name)
                         bar.console.print(line((f"killed {name} during round 2", "yellow")))
                     to_drop = []
-                if ev.kind == "round_completed":
-                    bar.update(task, completed=ev.data["round"])
-                if ev.kind == "session" and ev.data["status"] in ("completed", "failed", "stopped"):
+                if isinstance(event, events.RoundCompleted):
+                    bar.update(task, completed=event.round)
+                if isinstance(event, events.Session) and is_terminal(event.status):
                     break
-        return await client.call("session.status", session_id=sid)
+        return await client.call(Op.SESSION_STATUS, session_id=sid)

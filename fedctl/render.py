@@ -14,27 +14,35 @@ from rich.table import Table
 from rich.text import Text
 
 from fedctl.output import line, plain, stdout
+from protocol import events as ev
 from protocol import text
+from protocol.alerts import AlertChange, Severity
+from protocol.lifecycle import SessionState
 
 # How much of one peer-written message a live line shows; the whole text is in --json.
 LINE_TEXT = 300
 
-_STATUS_STYLE = {
-    "completed": "green",
-    "running": "cyan",
-    "paused": "yellow",
-    "failed": "red",
-    "stopped": "magenta",
-    "created": "white",
+_STATUS_STYLE: dict[str, str] = {
+    SessionState.COMPLETED: "green",
+    SessionState.RUNNING: "cyan",
+    SessionState.PAUSED: "yellow",
+    SessionState.FAILED: "red",
+    SessionState.STOPPED: "magenta",
+    SessionState.CREATED: "white",
 }
-_SEVERITY_STYLE = {"critical": "bold red", "high": "red", "medium": "yellow", "low": "dim"}
+SEVERITY_STYLE: dict[str, str] = {
+    Severity.CRITICAL: "bold red",
+    Severity.HIGH: "red",
+    Severity.MEDIUM: "yellow",
+    Severity.LOW: "dim",
+}
 
 
 def short(peer_id: Any) -> str:
     return "…" + text.clean(str(peer_id))[-6:]
 
 
-def _fmt(v: float | None, pattern: str = "{:.4f}") -> str:
+def _fmt(v: float | None, pattern: str = "{:.4f}") -> str:  # ints are floats here
     return "–" if v is None else pattern.format(v)
 
 
@@ -87,86 +95,97 @@ def print_summary(s: dict[str, Any]) -> None:
         stdout.print(renderable)
 
 
+# The kinds a watcher gets a line for; the others (secagg, invite, anomaly, sla, …) are
+# followed in the dashboard and the ledger, not in a terminal.
+SHOWN = frozenset(
+    {
+        ev.RoundStarted.KIND,
+        ev.UpdateReceived.KIND,
+        ev.RoundCompleted.KIND,
+        ev.RoundFailed.KIND,
+        ev.TaskError.KIND,
+        ev.Session.KIND,
+        ev.Participant.KIND,
+        ev.Alert.KIND,
+        ev.Action.KIND,
+        ev.Quality.KIND,
+        ev.Lagged.KIND,
+    }
+)
+
+
 def session_line(kind: str, data: dict[str, Any], rounds: int) -> Text | None:
     """One line of live progress for an event, or None for events not worth a line.
 
-    A watcher must outlive whatever a coordinator pushes: an event of a known kind whose
-    data is not what that kind carries gets a plain line saying so, never an exception.
+    A watcher must outlive whatever a coordinator pushes: the payload is read through
+    protocol.events.parse_event, and an event of a known kind whose data is not what that
+    kind carries gets a plain line saying so, never an exception.
     """
-    try:
-        return _session_line(kind, data, rounds)
-    except (KeyError, TypeError, ValueError, AttributeError, IndexError):
+    if kind not in SHOWN:
+        return None
+    parsed = ev.parse_event(kind, data)
+    if isinstance(parsed, ev.UnknownEvent | ev.MalformedEvent):
         return line((f"  {_words(kind)} event with unexpected data", "dim"))
+    return _session_line(parsed, rounds)
 
 
-def _session_line(kind: str, data: dict[str, Any], rounds: int) -> Text | None:
-    if kind == "round_started":
-        return line(
-            f"round {data['round']}/{rounds} started: {len(data['selected'])} participants selected"
-        )
-    if kind == "update_received":
-        return line(
-            f"  {short(data['participant'])} trained round {data['round']}: "
-            f"{data['samples']} examples, loss {data['loss']:.4f}, {data['train_s']:.2f} s "
-            f"({data['received']}/{data['selected']})"
-        )
-    if kind == "round_completed":
-        who = ", ".join(short(p) for p in data["participants"])
-        dropped = f", dropped {len(data['dropped'])}" if data["dropped"] else ""
-        return line(
-            (f"round {data['round']}/{rounds}", "bold"),
-            " accuracy ",
-            (f"{data['accuracy']:.4f}", "bold green"),
-            f" loss {data['loss']:.4f} {data['duration_s']:.2f} s  trained: {who}{dropped}",
-        )
-    if kind == "round_failed":
-        return line(
-            (f"round {data['round']} {data['status']}", "red"), ": ", _words(data["reason"])
-        )
-    if kind == "task_error":
-        # the participant's own code and message: its words, shown as written
-        return line(
-            f"  {short(data['peer_id'])} could not do round {data['round']}: ",
-            (_words(data.get("code")), "red"),
-            ": ",
-            _words(data.get("message")),
-        )
-    if kind == "session":
-        status = str(data["status"])
-        err = f": {_words(data['error'])}" if data.get("error") else ""
-        return line("session ", (status, _STATUS_STYLE.get(status, "white")), err)
-    if kind == "participant":
-        if "excluded" in data:
-            state = "excluded by an operator" if data["excluded"] else "readmitted"
-        else:
-            state = "online" if data.get("online") else "offline"
-        return line(f"  participant {short(data['peer_id'])} {state}")
-    if kind == "alert":
-        severity = str(data.get("severity") or "")
-        change = data.get("change", "raised")
-        if change == "raised":
+def _session_line(e: ev.Payload, rounds: int) -> Text | None:
+    match e:
+        case ev.RoundStarted():
             return line(
-                "  ",
-                (f"alert {severity}", _SEVERITY_STYLE.get(severity, "white")),
-                " ",
-                _words(data.get("message", "")),
+                f"round {e.round}/{rounds} started: {len(e.selected)} participants selected"
             )
-        return line(f"  alert {data.get('id')} {data.get('alert_type')} {change}")
-    if kind == "action":
-        peer = f" {short(data['peer_id'])}" if data.get("peer_id") else ""
-        return line(
-            "  ",
-            ("action", "yellow"),
-            f" {data.get('action')}{peer}: ",
-            _words(data.get("reason", "")),
-        )
-    if kind == "quality":
-        health = data.get("health_score")
-        if health is None:
-            return None
-        return line(f"  health after round {data['round']}: {health:.1f}")
-    if kind == "lagged":
-        return line(
-            ("  " + f"{data.get('dropped', 0)} events were dropped (slow terminal)", "yellow")
-        )
+        case ev.UpdateReceived():
+            return line(
+                f"  {short(e.participant)} trained round {e.round}: "
+                f"{_fmt(e.samples, '{}')} examples, loss {_fmt(e.loss)}, "
+                f"{_fmt(e.train_s, '{:.2f}')} s "
+                f"({_fmt(e.received, '{}')}/{_fmt(e.selected, '{}')})"
+            )
+        case ev.RoundCompleted():
+            who = ", ".join(short(p) for p in e.participants)
+            dropped = f", dropped {len(e.dropped)}" if e.dropped else ""
+            return line(
+                (f"round {e.round}/{rounds}", "bold"),
+                " accuracy ",
+                (_fmt(e.accuracy), "bold green"),
+                f" loss {_fmt(e.loss)} {_fmt(e.duration_s, '{:.2f}')} s  trained: {who}{dropped}",
+            )
+        case ev.RoundFailed():
+            return line((f"round {e.round} {_words(e.status)}", "red"), ": ", _words(e.reason))
+        case ev.TaskError():
+            # the participant's own code and message: its words, shown as written
+            return line(
+                f"  {short(e.peer_id)} could not do round {e.round}: ",
+                (_words(e.code), "red"),
+                ": ",
+                _words(e.message),
+            )
+        case ev.Session():
+            err = f": {_words(e.error)}" if e.error else ""
+            return line("session ", (e.status, _STATUS_STYLE.get(e.status, "white")), err)
+        case ev.Participant():
+            if e.excluded is not None:
+                state = "excluded by an operator" if e.excluded else "readmitted"
+            else:
+                state = "online" if e.online else "offline"
+            return line(f"  participant {short(e.peer_id)} {state}")
+        case ev.Alert():
+            if e.change == AlertChange.RAISED:
+                return line(
+                    "  ",
+                    (f"alert {e.severity}", SEVERITY_STYLE.get(e.severity, "white")),
+                    " ",
+                    _words(e.message),
+                )
+            return line(f"  alert {e.id} {e.alert_type} {_words(e.change)}")
+        case ev.Action():
+            peer = f" {short(e.peer_id)}" if e.peer_id else ""
+            return line("  ", ("action", "yellow"), f" {e.action}{peer}: ", _words(e.reason))
+        case ev.Quality():
+            if e.health_score is None:
+                return None
+            return line(f"  health after round {e.round}: {e.health_score:.1f}")
+        case ev.Lagged():
+            return line(("  " + f"{e.dropped} events were dropped (slow terminal)", "yellow"))
     return None

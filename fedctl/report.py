@@ -1,7 +1,7 @@
 """The session report of `fedctl report ID` as plain text or one self-contained HTML page.
 
 Input is the dict the coordinator's admin op ``report`` returns (brief "quality interfaces"):
-``session`` (the CLI.md summary with ``history``), ``name``, ``rounds``, and the optional
+``session`` (the session summary of docs/cli.md, with ``history``), ``name``, ``rounds``, and the optional
 ``quality``, ``participants``, ``alerts``, ``sla`` and ``generated_at``. Both renderers are
 pure (no network, no files) so the CLI decides where the text goes and tests can read it back.
 
@@ -22,13 +22,14 @@ from datetime import UTC, datetime
 from html import escape
 from typing import Any
 
+from protocol.alerts import SEVERITIES
+from protocol.lifecycle import SessionState
 from protocol.text import clean
 
 DASH = "–"
 NO_DATA = "no data yet"
 
-SEVERITIES = ("critical", "high", "medium", "low")
-_SEVERITY_RANK = {s: i for i, s in enumerate(SEVERITIES)}
+_SEVERITY_RANK = {s.value: i for i, s in enumerate(SEVERITIES)}
 
 # unit of each SLA key (brief, SLA_FIELDS); unknown keys are shown without a unit
 SLA_UNITS = {
@@ -894,5 +895,5 @@ received</footer>
 """
 
 
-_STATUS_CLASSES = {"created", "running", "paused", "completed", "failed", "stopped"}
+_STATUS_CLASSES = frozenset(s.value for s in SessionState)
 _TRENDS = {"improving", "stable", "declining"}

@@ -18,11 +18,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fednode.admin import READ_OPS, AdminAPI
+from fednode.admin import AdminAPI
 from fednode.store import BlockStore
 from protocol.car import decode_car, encode_car, walk_dag
 from protocol.cid import CHUNK_SIZE, Block, block_cid, build_dag, links, unixfs_file_data
 from protocol.errors import CIDError, DecodeError, NotFound
+from protocol.operations import READ_OPS
 from tests.conftest import cli, cli_json
 
 K = CHUNK_SIZE

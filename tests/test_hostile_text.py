@@ -539,8 +539,10 @@ def test_a_malformed_reply_is_a_bad_reply_error_not_a_traceback(
     wrong type, ends fedctl with BAD_REPLY (exit 1) and a short, cleaned message."""
     import typer
 
+    from fednode import output as conventions  # fedctl.output re-exports it (fednode.api)
+
     buf = io.StringIO()
-    monkeypatch.setattr(output, "stderr", Console(file=buf, width=200, color_system=None))
+    monkeypatch.setattr(conventions, "stderr", Console(file=buf, width=200, color_system=None))
 
     def table(reply: dict[str, Any]) -> None:
         for row in reply["sessions"]:  # the reply below has no such list

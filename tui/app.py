@@ -24,11 +24,13 @@ from textual.binding import Binding, BindingType
 from textual.screen import Screen
 
 from protocol.errors import FednodeError
+from protocol.lifecycle import TERMINAL
+from protocol.operations import Op
 from protocol.text import clean
 from tui.messages import ConnectionChanged, SnapshotLoaded, StateChanged
 from tui.screens import ConfirmScreen, DashScreen, HelpScreen, SessionScreen, SessionsScreen
 from tui.source import Link, Source
-from tui.state import TERMINAL, Change, DashboardState
+from tui.state import Change, DashboardState
 
 BACKOFF = (0.5, 5.0)  # first delay, longest delay (seconds)
 
@@ -152,12 +154,12 @@ class DashboardApp(App[None]):
 
     async def _serve(self, link: Link) -> bool:
         """Snapshot, then events until the stream ends; True means: re-snapshot now."""
-        snap = (await link.call("subscribe", session_id=""))["snapshot"]
+        snap = (await link.call(Op.SUBSCRIBE, session_id=""))["snapshot"]
         model = DashboardState()
         model.apply_snapshot(snap)
         if "events" not in snap:  # a coordinator without it: ask, or start the log empty
             with contextlib.suppress(FednodeError, KeyError):
-                model.apply_events_list((await link.call("events.list", limit=50))["events"])
+                model.apply_events_list((await link.call(Op.EVENTS_LIST, limit=50))["events"])
         for sid in self._wanted(model):
             with contextlib.suppress(FednodeError):
                 await self._load(link, model, sid)
@@ -185,11 +187,11 @@ class DashboardApp(App[None]):
     @staticmethod
     async def _load(link: Link, model: DashboardState, session_id: str) -> Change:
         """One session's history and round in flight, and its health so far."""
-        change = model.apply_status(await link.call("session.status", session_id=session_id))
+        change = model.apply_status(await link.call(Op.SESSION_STATUS, session_id=session_id))
         with contextlib.suppress(FednodeError):  # quality is optional: show without it
             change.merge(
                 model.apply_quality(
-                    session_id, await link.call("quality.session", session_id=session_id)
+                    session_id, await link.call(Op.QUALITY_SESSION, session_id=session_id)
                 )
             )
         return change

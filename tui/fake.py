@@ -17,6 +17,10 @@ from typing import Any
 
 from fedctl.client import ClientEvent
 from protocol.errors import FednodeError
+from protocol.lifecycle import ACTIONS, Action
+from protocol.operations import Op, lifecycle_op
+
+LIFECYCLE_OPS = {lifecycle_op(a): a for a in Action}
 
 NOW = 1767268800.0  # 2026-01-01T12:00:00Z: the fixed clock of tests and screenshots
 TZ = UTC
@@ -57,33 +61,31 @@ class FakeLink:
         self.calls.append((op, args))
         if op in self.handlers:
             return self.handlers[op](args)
-        if op == "subscribe":
+        if op == Op.SUBSCRIBE:
             return {"snapshot": copy.deepcopy(self.snapshot)}
-        if op == "session.status":
+        if op == Op.SESSION_STATUS:
             sid = args["session_id"]
             if sid not in self.statuses:
                 raise FednodeError(f"no session {sid}", code="NOT_FOUND")
             return copy.deepcopy(self.statuses[sid])
-        if op == "quality.session":
+        if op == Op.QUALITY_SESSION:
             sid = args["session_id"]
             health = self.statuses.get(sid, {}).get("health_score")
             return {"session_id": sid, "health_score": health, "rounds": []}
-        if op == "events.list":
+        if op == Op.EVENTS_LIST:
             return {"events": copy.deepcopy(self.snapshot.get("events", []))}
         if self.role != "operator":
             raise FednodeError(f"a viewer may not call {op!r}", code="NOT_AUTHORIZED")
-        if op.startswith("session."):
-            status = {"start": "running", "pause": "paused", "resume": "running"}.get(
-                op.removeprefix("session."), "stopped"
-            )
+        if op in LIFECYCLE_OPS:
+            status = ACTIONS[LIFECYCLE_OPS[op]][1]
             self.push("session", {"status": status, "error": ""}, args["session_id"])
             return {"session_id": args["session_id"], "status": status}
-        if op == "alerts.ack":
+        if op == Op.ALERTS_ACK:
             alert = next(a for a in self.snapshot["alerts"] if a["id"] == args["alert_id"])
             row = {**alert, "status": "acknowledged"}
             self.push("alert", {"change": "acknowledged", **row}, row.get("session_id") or "")
             return {"alert": row}
-        if op in ("participants.exclude", "participants.readmit"):
+        if op in (Op.PARTICIPANTS_EXCLUDE, Op.PARTICIPANTS_READMIT):
             excluded = op.endswith("exclude")
             self.push("participant", {"peer_id": args["peer_id"], "excluded": excluded})
             return {"participant": {"peer_id": args["peer_id"], "excluded": excluded}}

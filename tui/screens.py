@@ -7,7 +7,9 @@ changes something asks for a confirmation first, and is hidden and refused for a
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, ClassVar, cast
+from collections.abc import Callable
+from datetime import tzinfo
+from typing import Any, ClassVar, Protocol, cast
 
 from rich.table import Table
 from rich.text import Text
@@ -18,7 +20,10 @@ from textual.screen import ModalScreen, Screen
 from textual.widget import Widget
 from textual.widgets import Button, DataTable, Footer, Label, Static
 
-from tui.state import Change, short
+from protocol.lifecycle import allowed_actions
+from protocol.operations import Op, lifecycle_op
+from tui.source import Source
+from tui.state import Change, DashboardState, short
 from tui.widgets import (
     AlertsTable,
     EventsLog,
@@ -31,8 +36,34 @@ from tui.widgets import (
 )
 from tui.widgets.participants import participant_cells
 
-if TYPE_CHECKING:
-    from tui.app import DashboardApp
+
+class ConnView(Protocol):
+    """The connection as the status bar shows it (tui.app.ConnState)."""
+
+    state: str
+    role: str
+    reason: str
+    retry_in: float
+
+
+class Dash(Protocol):
+    """What the screens use of the app (tui.app.DashboardApp, which imports the screens):
+    they read its model and ask it to act; they never import it."""
+
+    model: DashboardState
+    conn: ConnView
+    source: Source
+    clock: Callable[[], float]
+    tz: tzinfo | None
+
+    @property
+    def is_operator(self) -> bool: ...
+    def open_session(self, session_id: str) -> None: ...
+    def close_session(self, screen: SessionScreen) -> None: ...
+    def confirm(
+        self, question: str, consequence: str, op: str, args: dict[str, Any], done: str
+    ) -> None: ...
+
 
 # Actions that change something on the coordinator: operator keys only.
 OPERATOR_ACTIONS = frozenset({"start", "pause", "resume", "stop", "ack", "exclude", "readmit"})
@@ -42,13 +73,6 @@ LIFECYCLE: dict[str, tuple[str, str]] = {  # action: (verb, what happens)
     "pause": ("Pause", "The round in flight completes; no new round starts until resumed."),
     "resume": ("Resume", "The next round starts as soon as enough participants are online."),
     "stop": ("Stop", "The round in flight is aborted. A stopped session cannot be restarted."),
-}
-
-
-ALLOWED: dict[str, frozenset[str]] = {  # session status: lifecycle actions that apply
-    "created": frozenset({"start", "stop"}),
-    "running": frozenset({"pause", "stop"}),
-    "paused": frozenset({"resume", "stop"}),
 }
 
 
@@ -71,8 +95,8 @@ class DashScreen(Screen[None]):
     ]
 
     @property
-    def dash(self) -> DashboardApp:
-        return cast("DashboardApp", self.app)
+    def dash(self) -> Dash:
+        return cast("Dash", self.app)
 
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
         """A viewer key gets no action keys at all: hidden from the footer and refused.
@@ -83,7 +107,7 @@ class DashScreen(Screen[None]):
         if action in LIFECYCLE:
             sid = self.target_session()
             info = self.dash.model.sessions.get(sid) if sid else None
-            return info is None or action in ALLOWED.get(info.status, frozenset())
+            return info is None or action in allowed_actions(info.status)
         return True
 
     def on_mount(self) -> None:
@@ -126,7 +150,7 @@ class DashScreen(Screen[None]):
         self.dash.confirm(
             f"{verb} session {name}?",
             consequence,
-            f"session.{action}",
+            lifecycle_op(action),
             {"session_id": sid},
             f"{verb.lower()} sent to {sid}",
         )
@@ -159,7 +183,7 @@ class DashScreen(Screen[None]):
         self.dash.confirm(
             f"Acknowledge alert {alert.id}: {alert.severity} {alert.alert_type} on {who}?",
             "An acknowledged critical alert no longer keeps its peer out of rounds.",
-            "alerts.ack",
+            Op.ALERTS_ACK,
             {"alert_id": alert.id},
             f"alert {alert.id} acknowledged",
         )
@@ -390,7 +414,7 @@ class SessionScreen(DashScreen):
             self.dash.confirm(
                 f"Exclude participant {short(pid)}?",
                 "It is left out of every round of every session until readmitted.",
-                "participants.exclude",
+                Op.PARTICIPANTS_EXCLUDE,
                 {"peer_id": pid, "reason": "excluded from the dashboard"},
                 f"{short(pid)} excluded",
             )
@@ -401,7 +425,7 @@ class SessionScreen(DashScreen):
             self.dash.confirm(
                 f"Readmit participant {short(pid)}?",
                 "It can be selected again from the next round on.",
-                "participants.readmit",
+                Op.PARTICIPANTS_READMIT,
                 {"peer_id": pid},
                 f"{short(pid)} readmitted",
             )

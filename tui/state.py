@@ -20,10 +20,11 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
+from protocol.alerts import HOLDS_SELECTION, is_severe, severity_rank
+from protocol.events import MalformedEvent, UnknownEvent, parse_event
+from protocol.lifecycle import TERMINAL
 from protocol.text import clean, clean_tree
 
-SEVERITIES = ("critical", "high", "medium", "low")
-TERMINAL = frozenset({"completed", "failed", "stopped"})
 EVENTS_KEPT = 200
 # Pushed but not ledger events: one per participant per round, already shown by the round
 # panel; logging them would push the rare, interesting lines (alerts, failures) out.
@@ -210,8 +211,7 @@ class Alert:
 
     def rank(self) -> tuple[int, float]:
         """Most severe first, then newest first: the order an operator reads them in."""
-        sev = SEVERITIES.index(self.severity) if self.severity in SEVERITIES else len(SEVERITIES)
-        return (sev, -(self.created_at or 0.0))
+        return (severity_rank(self.severity), -(self.created_at or 0.0))
 
 
 @dataclass(frozen=True)
@@ -258,7 +258,10 @@ class Change:
 
 
 def describe(kind: str, data: dict[str, Any], rounds: int = 0) -> tuple[str, str]:
-    """A pushed or ledger event as one line of text and its level; never raises."""
+    """A pushed or ledger event as one line of text and its level; never raises. Its shape
+    is protocol.events.parse_event's call: a malformed payload is worded as such."""
+    if isinstance(parse_event(kind, data), MalformedEvent):
+        return f"{_words(kind)} (unexpected data)", "warn"
     try:
         return _describe(kind, data, rounds)
     except _MALFORMED:
@@ -303,7 +306,7 @@ def _describe(kind: str, data: dict[str, Any], rounds: int) -> tuple[str, str]:
         if change == "alert":
             change = "raised"
         sev = data.get("severity", "")
-        level = "bad" if change == "raised" and sev in ("critical", "high") else ""
+        level = "bad" if change == "raised" and is_severe(sev) else ""
         if change == "raised" and not level:
             level = "warn"
         return f"alert {change}: {sev} {data.get('alert_type', '')} {peer}", level
@@ -451,7 +454,12 @@ class DashboardState:
         kind, session_id, data = _str(kind), _str(session_id), clean_tree(data)
         if not isinstance(data, dict):
             data = {}
-        handler = getattr(self, "_on_" + kind, None)
+        parsed = parse_event(kind, data)  # the shape check: a bad payload changes nothing
+        handler = (
+            None
+            if isinstance(parsed, UnknownEvent | MalformedEvent)
+            else getattr(self, "_on_" + kind, None)
+        )
         try:
             change = handler(session_id, ts, data) if handler is not None else Change()
         except _MALFORMED:  # data not of its kind's shape: log it, change nothing else
@@ -489,7 +497,7 @@ class DashboardState:
         """The coordinator's rule: excluded by an operator, or alerted while an open
         critical alert keeps it out of selection, or active."""
         held = any(
-            a.entity_id == p.peer_id and a.severity == "critical" and a.status == "open"
+            a.entity_id == p.peer_id and a.severity == HOLDS_SELECTION and a.status == "open"
             for a in self.alerts.values()
         )
         p.status = "excluded" if p.excluded else "alerted" if held else "active"

@@ -1,0 +1,444 @@
+"""Event kinds and their payloads: what a coordinator records in its hash chain and pushes
+to subscribers (``event`` messages), and the one parser every client uses.
+
+Each kind is a frozen dataclass below whose ``KIND`` is the word on the wire and in the
+ledger's ``events`` table, and whose fields are the payload (``data``) the coordinator
+writes. ``parse_event(kind, data)`` is tolerant, because a client must outlive whatever a
+coordinator sends (a newer one, or a hostile one): it never raises, and returns
+
+* the typed payload, every string in it cleaned (protocol.text.clean); fields the payload
+  lacks take their defaults and keys this version does not know are ignored, so a newer
+  coordinator may add fields;
+* ``UnknownEvent`` for a kind this version does not know;
+* ``MalformedEvent`` naming the field, when a required field is missing or a field has the
+  wrong type.
+
+fedctl's live lines (fedctl.render), its demo and the dashboard's model (tui.state) all
+read events through it; none of them indexes a raw payload.
+
+Kinds (who writes them): ``session``, ``round_started``, ``update_received`` (push only),
+``round_completed``, ``round_failed``, ``round_aborted``, ``coordinator_restarted``,
+``coordinator_stopped``,
+``task_error``, ``participant``, ``action``, ``anomaly``, ``aggregation``, ``secagg`` (push
+only), ``rollback``, ``invite``, ``quality`` (push only), ``sla`` and ``security`` (ledger
+only), the ledger's alert trail ``alert_raised``/``alert_resolved``/``alert_acked`` and the
+pushed ``alert`` (with ``change``), ``lagged`` (made by the admin channel for a subscriber
+that fell behind), and a participant's own ledger: ``joined``, ``task_done``,
+``task_failed``, ``task_declined``, ``secagg_input``.
+
+Pure: no I/O.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import typing
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from protocol import text
+from protocol.errors import ValidationError
+from protocol.messages import check_value
+
+
+class Payload:
+    """Base of every event payload; ``KIND`` is its word."""
+
+    KIND: ClassVar[str] = ""
+
+
+# --- sessions and rounds ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Session(Payload):
+    """The session changed state (protocol.lifecycle.SessionState); ``name`` on creation."""
+
+    KIND: ClassVar[str] = "session"
+    status: str
+    error: str = ""
+    name: str = ""
+
+
+@dataclass(frozen=True)
+class RoundStarted(Payload):
+    KIND: ClassVar[str] = "round_started"
+    round: int
+    selected: list[str]
+    model_cid: str = ""
+    started_at: float | None = None
+    deadline_s: float | None = None
+
+
+@dataclass(frozen=True)
+class UpdateReceived(Payload):
+    """One selected participant's update was accepted (``received`` of ``selected`` now)."""
+
+    KIND: ClassVar[str] = "update_received"
+    round: int
+    participant: str
+    samples: int | None = None
+    loss: float | None = None
+    train_s: float | None = None
+    bytes: int | None = None
+    received: int | None = None
+    selected: int | None = None
+
+
+@dataclass(frozen=True)
+class RoundCompleted(Payload):
+    KIND: ClassVar[str] = "round_completed"
+    round: int
+    accuracy: float | None = None
+    loss: float | None = None
+    model_cid: str = ""
+    duration_s: float | None = None
+    participants: list[str] = field(default_factory=list)
+    dropped: list[str] = field(default_factory=list)
+    bytes_up: int | None = None
+    bytes_down: int | None = None
+
+
+@dataclass(frozen=True)
+class RoundFailed(Payload):
+    """A round that published nothing: ``status`` is a protocol.lifecycle.RoundStatus
+    (failed, aborted or rejected)."""
+
+    KIND: ClassVar[str] = "round_failed"
+    round: int
+    status: str = "failed"
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class RoundAborted(Payload):
+    """The round in flight when the coordinator stopped; it runs again (``attempt``)."""
+
+    KIND: ClassVar[str] = "round_aborted"
+    round: int
+    attempt: int = 1
+    started_at: float | None = None
+    selected: list[str] = field(default_factory=list)
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class CoordinatorRestarted(Payload):
+    KIND: ClassVar[str] = "coordinator_restarted"
+    restarts: int = 0
+    clean: bool = False
+    aborted_rounds: list[int] = field(default_factory=list)
+    status: str = ""
+
+
+@dataclass(frozen=True)
+class CoordinatorStopped(Payload):
+    """A clean stop (SIGTERM) while the session was live; ``round`` was in flight (0: none)."""
+
+    KIND: ClassVar[str] = "coordinator_stopped"
+    round: int = 0
+
+
+@dataclass(frozen=True)
+class TaskError(Payload):
+    """A participant could not do its task; ``code`` and ``message`` are its own words."""
+
+    KIND: ClassVar[str] = "task_error"
+    round: int
+    peer_id: str
+    code: str = ""
+    message: str = ""
+
+
+@dataclass(frozen=True)
+class Participant(Payload):
+    """A participant came online or went offline (``online``), or an operator excluded or
+    readmitted it (``excluded``, ``reason``); ``None`` = the event does not say."""
+
+    KIND: ClassVar[str] = "participant"
+    peer_id: str
+    online: bool | None = None
+    dataset: str = ""
+    excluded: bool | None = None
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class Action(Payload):
+    """Something done to a session or a peer: by an operator (``exclude``, ``readmit``),
+    or by the node itself (``pause``/``resume`` for storage or a security violation,
+    ``excluded_from_selection``, ``rollback_skipped``)."""
+
+    KIND: ClassVar[str] = "action"
+    action: str
+    reason: str = ""
+    peer_id: str = ""
+    round: int | None = None
+    by: str = ""
+    to_round: int | None = None
+
+
+@dataclass(frozen=True)
+class Anomaly(Payload):
+    KIND: ClassVar[str] = "anomaly"
+    round: int
+    peer_id: str
+    distance: float | None = None
+
+
+@dataclass(frozen=True)
+class Aggregation(Payload):
+    """How a round's updates were weighed and bounded (docs/architecture.md, "Bounds")."""
+
+    KIND: ClassVar[str] = "aggregation"
+    round: int
+    secure: bool = False
+    weighting: str = ""
+    max_weight_share: float | None = None
+    max_update_norm: float | None = None
+    max_examples: int | None = None
+    updates: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Secagg(Payload):
+    KIND: ClassVar[str] = "secagg"
+    round: int
+    stage: str = ""
+    participant: str = ""
+
+
+@dataclass(frozen=True)
+class Rollback(Payload):
+    KIND: ClassVar[str] = "rollback"
+    to_round: int
+    to_cid: str = ""
+    from_round: int | None = None
+    from_cid: str = ""
+    rolled_back: list[int] = field(default_factory=list)
+    reason: str = ""
+    trigger: str = ""  # accuracy | operator
+    round: int | None = None
+    by: str = ""
+
+
+@dataclass(frozen=True)
+class Invite(Payload):
+    KIND: ClassVar[str] = "invite"
+    token_id: str = ""
+    uses: int | None = None
+    expires_at: float | None = None
+
+
+@dataclass(frozen=True)
+class Quality(Payload):
+    """A session's scores after a round (fednode.quality.SessionScores, ``health_score``)."""
+
+    KIND: ClassVar[str] = "quality"
+    round: int
+    health_score: float | None = None
+
+
+@dataclass(frozen=True)
+class Sla(Payload):
+    KIND: ClassVar[str] = "sla"
+    sla: dict[str, Any] = field(default_factory=dict)
+    heartbeat_s: float | None = None
+
+
+@dataclass(frozen=True)
+class Security(Payload):
+    """A frame or a handshake refused (fednode.transport's bad-input policy)."""
+
+    KIND: ClassVar[str] = "security"
+    code: str = ""
+    message: str = ""
+    address: str = ""
+
+
+# --- alerts (protocol.alerts has the words) ------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Alert(Payload):
+    """A pushed alert change: ``change`` (protocol.alerts.AlertChange) and the alert's row.
+    ``id`` -1 is the storage outage shown from memory; ``None``: the event does not say."""
+
+    KIND: ClassVar[str] = "alert"
+    change: str = "raised"
+    id: int | None = None
+    alert_type: str = ""
+    severity: str = ""
+    entity_id: str | None = None
+    session_id: str | None = None
+    message: str = ""
+    status: str = ""
+    created_at: float | None = None
+    updated_at: float | None = None
+
+
+@dataclass(frozen=True)
+class AlertRaised(Alert):
+    KIND: ClassVar[str] = "alert_raised"
+
+
+@dataclass(frozen=True)
+class AlertResolved(Alert):
+    KIND: ClassVar[str] = "alert_resolved"
+    change: str = "resolved"
+
+
+@dataclass(frozen=True)
+class AlertAcked(Alert):
+    KIND: ClassVar[str] = "alert_acked"
+    change: str = "acknowledged"
+
+
+@dataclass(frozen=True)
+class Lagged(Payload):
+    """Made by the admin channel: this subscriber fell behind and ``dropped`` events."""
+
+    KIND: ClassVar[str] = "lagged"
+    dropped: int = 0
+
+
+# --- a participant's own ledger ------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Joined(Payload):
+    KIND: ClassVar[str] = "joined"
+
+
+@dataclass(frozen=True)
+class TaskDone(Payload):
+    KIND: ClassVar[str] = "task_done"
+    round: int | None = None
+
+
+@dataclass(frozen=True)
+class TaskFailed(Payload):
+    KIND: ClassVar[str] = "task_failed"
+    round: int | None = None
+    code: str = ""
+    message: str = ""
+
+
+@dataclass(frozen=True)
+class TaskDeclined(TaskFailed):
+    KIND: ClassVar[str] = "task_declined"
+
+
+@dataclass(frozen=True)
+class SecaggInput(Payload):
+    KIND: ClassVar[str] = "secagg_input"
+    round: int | None = None
+
+
+EVENTS: dict[str, type[Payload]] = {
+    cls.KIND: cls
+    for cls in (
+        Session,
+        RoundStarted,
+        UpdateReceived,
+        RoundCompleted,
+        RoundFailed,
+        RoundAborted,
+        CoordinatorRestarted,
+        CoordinatorStopped,
+        TaskError,
+        Participant,
+        Action,
+        Anomaly,
+        Aggregation,
+        Secagg,
+        Rollback,
+        Invite,
+        Quality,
+        Sla,
+        Security,
+        Alert,
+        AlertRaised,
+        AlertResolved,
+        AlertAcked,
+        Lagged,
+        Joined,
+        TaskDone,
+        TaskFailed,
+        TaskDeclined,
+        SecaggInput,
+    )
+}
+#: Every event kind this version knows.
+KINDS: frozenset[str] = frozenset(EVENTS)
+#: The kinds that carry an alert (the pushed one and the ledger's trail).
+ALERT_KINDS: frozenset[str] = frozenset(k for k, cls in EVENTS.items() if issubclass(cls, Alert))
+
+
+@dataclass(frozen=True)
+class UnknownEvent:
+    """A kind this version does not know: shown by name, acted on by nobody."""
+
+    kind: str
+    data: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class MalformedEvent:
+    """A known kind whose payload is not its shape; ``reason`` names the field."""
+
+    kind: str
+    data: dict[str, Any]
+    reason: str
+
+
+Parsed = Payload | UnknownEvent | MalformedEvent
+
+
+def parse_event(kind: Any, data: Any) -> Parsed:
+    """The typed payload of one event, or why not; never raises (see the module doc)."""
+    name = text.clean(kind if isinstance(kind, str) else str(kind))
+    raw: dict[str, Any] = data if isinstance(data, dict) else {}
+    cls = EVENTS.get(name) if isinstance(kind, str) else None
+    if cls is None:
+        return UnknownEvent(name, raw)
+    if not isinstance(data, dict):
+        return MalformedEvent(name, {}, f"the data of a {name!r} event must be a map")
+    values: dict[str, Any] = {}
+    for fname, hint, required in _shape(cls):
+        if fname not in data:
+            if required:
+                return MalformedEvent(name, raw, f"field {fname!r} is missing")
+            continue
+        value = data[fname]
+        try:
+            if isinstance(value, str) and (hint is str or str in typing.get_args(hint)):
+                # Peer-written text (an alert message, a task error) is cut, not refused.
+                values[fname] = text.clean(value, text.MAX_TEXT)
+            else:
+                values[fname] = check_value(fname, value, hint)
+        except ValidationError as err:
+            return MalformedEvent(name, raw, err.message)
+    return cls(**values)
+
+
+@functools.cache
+def _shape(cls: type[Payload]) -> tuple[tuple[str, Any, bool], ...]:
+    """(field, type, required) of a payload class, worked out once per class."""
+    hints = typing.get_type_hints(cls)
+    return tuple(
+        (
+            f.name,
+            hints[f.name],
+            f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING,
+        )
+        for f in dataclasses.fields(cls)  # type: ignore[arg-type]
+    )
+
+
+def describe_malformed(event: UnknownEvent | MalformedEvent) -> str:
+    """One cleaned line saying what was wrong with an event (for a log or a live line)."""
+    if isinstance(event, UnknownEvent):
+        return f"{event.kind} (an event kind this version does not know)"
+    return f"{event.kind} event with unexpected data: {text.clean(event.reason, 200)}"
