@@ -19,10 +19,10 @@ from typing import Any
 import numpy as np
 
 from protocol.errors import DataError
+from protocol.plugins import Registry
 
 FEATURES = ("scale16", "standardize", "none")
 PARTITIONS = ("iid", "stratified", "sequential", "dirichlet", "label_skew", "group")
-SPEC_FORMS = "digits:K/N (shard K of N, 0 <= K < N), npz:/path/file.npz or csv:/path/file.csv"
 DIGITS_TEST_SIZE = 0.2
 
 
@@ -67,8 +67,8 @@ class DatasetRef:
     path: Path | None = None
 
     def __str__(self) -> str:
-        if self.kind == "digits":
-            return f"digits:{self.shard}/{self.num_shards}"
+        if self.path is None:  # a shard of a source every node holds (digits)
+            return f"{self.kind}:{self.shard}/{self.num_shards}"
         return f"{self.kind}:{self.path}"
 
 
@@ -280,30 +280,63 @@ def partition_indices(
 
 # ---------------------------------------------------------------------- dataset specs
 
-_DIGITS_RE = re.compile(r"^digits:(\d+)/(\d+)$")
+# A data source is one kind of dataset value, ``name:argument`` (a participant's --dataset,
+# the spec's data.dataset); SOURCES finds it by the name before the colon.
+
+
+@dataclass(frozen=True)
+class DataSource:
+    form: str  # how its values are written, for error messages: "npz:/path/file.npz"
+    # (the whole value, the argument after "name:") -> a ref; DataError if malformed
+    parse: Callable[[str, str], DatasetRef]
+    # a participant's training data: (ref, features, partition, seed, alpha, labels_per_part)
+    train: Callable[[DatasetRef, str, str, int, float, int], Dataset]
+    # the coordinator's evaluation data: (the spec's data.dataset value, features, seed)
+    evaluate: Callable[[str, str, int], Dataset]
+
+
+SOURCES: Registry[DataSource] = Registry(
+    "data source", "use digits:K/N or a local npz:/path or csv:/path file"
+)
+
+
+def spec_forms() -> str:
+    """Every registered way to write a dataset value, for error messages."""
+    return ", ".join(source.form for source in map(SOURCES.get, SOURCES))
 
 
 def parse_dataset_spec(spec: str) -> DatasetRef:
     if not isinstance(spec, str):
-        raise DataError(f"dataset spec must be a string, got {spec!r}; accepted: {SPEC_FORMS}")
-    s = spec.strip()
-    m = _DIGITS_RE.match(s)
-    if m:
-        k, n = int(m.group(1)), int(m.group(2))
-        if n < 1 or k >= n:
-            raise DataError(
-                f"dataset {spec!r}: shard {k} of {n} does not exist (need 0 <= K < N, N >= 1); "
-                f"accepted: {SPEC_FORMS}"
-            )
-        return DatasetRef("digits", shard=k, num_shards=n)
-    for kind in ("npz", "csv"):
-        prefix = kind + ":"
-        if s.startswith(prefix):
-            path = s[len(prefix) :]
-            if not path:
-                raise DataError(f"dataset {spec!r} names no file; accepted: {SPEC_FORMS}")
-            return DatasetRef(kind, path=Path(path).expanduser())
-    raise DataError(f"dataset {spec!r} is not understood; accepted: {SPEC_FORMS}")
+        raise DataError(f"dataset spec must be a string, got {spec!r}; accepted: {spec_forms()}")
+    name, colon, argument = spec.strip().partition(":")
+    if not colon or name not in SOURCES:
+        raise DataError(f"dataset {spec!r} is not understood; accepted: {spec_forms()}")
+    return SOURCES.get(name).parse(spec, argument)
+
+
+_SHARD_RE = re.compile(r"^(\d+)/(\d+)$")
+
+
+def _parse_digits(spec: str, argument: str) -> DatasetRef:
+    m = _SHARD_RE.match(argument)
+    if not m:
+        raise DataError(f"dataset {spec!r} is not understood; accepted: {spec_forms()}")
+    k, n = int(m.group(1)), int(m.group(2))
+    if n < 1 or k >= n:
+        raise DataError(
+            f"dataset {spec!r}: shard {k} of {n} does not exist (need 0 <= K < N, N >= 1); "
+            f"accepted: {spec_forms()}"
+        )
+    return DatasetRef("digits", shard=k, num_shards=n)
+
+
+def _file_parser(kind: str) -> Callable[[str, str], DatasetRef]:
+    def parse(spec: str, argument: str) -> DatasetRef:
+        if not argument:
+            raise DataError(f"dataset {spec!r} names no file; accepted: {spec_forms()}")
+        return DatasetRef(kind, path=Path(argument).expanduser())
+
+    return parse
 
 
 # ------------------------------------------------------------------------ file loading
@@ -392,12 +425,14 @@ def _load_csv(path: Path) -> Dataset:
     return _validate(arr[:, :-1], arr[:, -1], str(path))
 
 
+_FILE_LOADERS: dict[str, Callable[[Path], Dataset]] = {"npz": _load_npz, "csv": _load_csv}
+
+
 def load_file(ref: DatasetRef) -> Dataset:
-    if ref.kind == "npz" and ref.path is not None:
-        return _load_npz(ref.path)
-    if ref.kind == "csv" and ref.path is not None:
-        return _load_csv(ref.path)
-    raise DataError(f"dataset {ref} is not a file")
+    loader = _FILE_LOADERS.get(ref.kind)
+    if loader is None or ref.path is None:
+        raise DataError(f"dataset {ref} is not a file")
+    return loader(ref.path)
 
 
 def _featurize_own(ds: Dataset, features: str) -> Dataset:
@@ -425,8 +460,13 @@ def load_partition(
     """
     if isinstance(ref, str):
         ref = parse_dataset_spec(ref)
-    if ref.kind != "digits":
-        return _featurize_own(load_file(ref), features)
+    source = SOURCES.get(ref.kind)
+    return source.train(ref, features, partition, seed, alpha, labels_per_part)
+
+
+def _digits_train(
+    ref: DatasetRef, features: str, partition: str, seed: int, alpha: float, labels_per_part: int
+) -> Dataset:
     x_train, y_train, _, _ = digits_split(seed)
     x_train, _ = apply_features(x_train, None, features)
     parts = partition_indices(
@@ -443,15 +483,42 @@ def load_partition(
 
 def load_eval(dataset: str, *, features: str, seed: int) -> Dataset:
     """The coordinator's evaluation data: the digits test split, or a local file."""
-    if dataset == "digits":
-        x_train, _, x_test, y_test = digits_split(seed)
-        _, x_test_f = apply_features(x_train, x_test, features)
-        assert x_test_f is not None
-        return Dataset(x_test_f, y_test)
-    ref = parse_dataset_spec(dataset)
-    if ref.kind == "digits":
+    name = dataset.partition(":")[0] if isinstance(dataset, str) else dataset
+    if name not in SOURCES:
+        parse_dataset_spec(dataset)  # its error lists every source
+    return SOURCES.get(name).evaluate(dataset, features, seed)
+
+
+def _digits_eval(dataset: str, features: str, seed: int) -> Dataset:
+    if dataset != "digits":
         raise DataError(
             f"evaluation dataset {dataset!r}: use plain 'digits' (the embedded test split), "
             "not a shard",
         )
+    x_train, _, x_test, y_test = digits_split(seed)
+    _, x_test_f = apply_features(x_train, x_test, features)
+    assert x_test_f is not None
+    return Dataset(x_test_f, y_test)
+
+
+def _file_train(
+    ref: DatasetRef, features: str, partition: str, seed: int, alpha: float, labels_per_part: int
+) -> Dataset:
+    # A participant's own file is used whole: partition, alpha and labels_per_part do not apply.
     return _featurize_own(load_file(ref), features)
+
+
+def _file_eval(dataset: str, features: str, seed: int) -> Dataset:
+    return _featurize_own(load_file(parse_dataset_spec(dataset)), features)
+
+
+SOURCES.register(
+    "digits",
+    DataSource("digits:K/N (shard K of N, 0 <= K < N)", _parse_digits, _digits_train, _digits_eval),
+)
+SOURCES.register(
+    "npz", DataSource("npz:/path/file.npz", _file_parser("npz"), _file_train, _file_eval)
+)
+SOURCES.register(
+    "csv", DataSource("csv:/path/file.csv", _file_parser("csv"), _file_train, _file_eval)
+)

@@ -10,15 +10,18 @@ TrainingStopped error. It also refuses to return what it cannot send: a non-fini
 non-finite weights raise NonFiniteUpdate instead of becoming an update that the coordinator
 would refuse at parsing.
 
-Differential privacy (DP-SGD with Opacus) belongs in `train`, wrapping the model, optimizer
-and batches before the loop; it is not implemented in this version.
+Differential privacy (DP-SGD with Opacus) goes in a privacy mechanism (fednode.privacy),
+which wraps `train`; only "none" exists in this version. Model kinds are found by name in
+MODELS (register_model).
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,8 +33,8 @@ from fednode.data import Dataset
 from fednode.weights import Weights
 from protocol import modelspec
 from protocol.errors import DataError, FednodeError, ValidationError
+from protocol.plugins import Registry
 
-MODEL_KINDS = modelspec.MODEL_KINDS
 OPTIMIZERS = ("sgd", "adam")
 
 
@@ -53,36 +56,54 @@ class NonFiniteUpdate(FednodeError):
     hint = "lower training.lr (or use plain sgd without momentum); check the local data"
 
 
+# A model builder: the widths from input to output ([inputs, *hidden, classes]) -> an
+# nn.Sequential, so that state_dict names are stable ("0.weight", "2.bias", ...) and match
+# protocol.modelspec.shapes, which prices a spec before any of this is built.
+Builder = Callable[[list[int]], nn.Module]
+MODELS: Registry[Builder] = Registry("model kind", "set model.kind to a registered kind")
+
+
+def register_model(name: str, hidden: modelspec.HiddenWidths, build: Builder) -> None:
+    """A new model kind: its hidden widths from a model spec (protocol.modelspec.KINDS, which
+    prices and validates specs) and its torch builder, under one name."""
+    modelspec.KINDS.register(name, hidden)
+    MODELS.register(name, build)
+
+
+def _mlp(widths: list[int]) -> nn.Module:
+    layers: list[nn.Module] = []
+    for a, b in itertools.pairwise(widths[:-1]):  # each hidden layer: Linear then ReLU
+        layers += [nn.Linear(a, b), nn.ReLU()]
+    layers.append(nn.Linear(widths[-2], widths[-1]))
+    return nn.Sequential(*layers)
+
+
+def _logreg(widths: list[int]) -> nn.Module:
+    return nn.Sequential(nn.Linear(widths[0], widths[-1]))
+
+
+# The built-in kinds' widths are registered by protocol.modelspec itself (specs name them).
+MODELS.register("mlp", _mlp)
+MODELS.register("logreg", _logreg)
+
+
 def build_model(kind: str, inputs: int, hidden: list[int], classes: int) -> nn.Module:
-    """An nn.Sequential, so that state_dict names are stable ("0.weight", "2.bias", ...)."""
+    """The registered model ``kind`` with these sizes (a kind without hidden layers, such as
+    logreg, ignores ``hidden``)."""
+    build = MODELS.get(kind)
     if inputs < 1 or classes < 1 or any(h < 1 for h in hidden):
         raise ValidationError(
             f"model sizes must be positive: inputs={inputs}, hidden={hidden}, classes={classes}"
         )
-    if kind == "mlp":
-        layers: list[nn.Module] = []
-        width = inputs
-        for h in hidden:
-            layers += [nn.Linear(width, h), nn.ReLU()]
-            width = h
-        layers.append(nn.Linear(width, classes))
-        return nn.Sequential(*layers)
-    if kind == "logreg":
-        return nn.Sequential(nn.Linear(inputs, classes))
-    raise ValidationError(f"unknown model kind {kind!r}; accepted: {', '.join(MODEL_KINDS)}")
+    widths = modelspec.layer_widths(
+        {"kind": kind, "inputs": inputs, "hidden": list(hidden), "classes": classes}
+    )
+    return build(widths)
 
 
 def _model_from_spec(model_spec: dict[str, Any]) -> nn.Module:
-    try:
-        kind = model_spec["kind"]
-        inputs = int(model_spec["inputs"])
-        classes = int(model_spec["classes"])
-        hidden = [int(h) for h in model_spec.get("hidden", [])] if kind == "mlp" else []
-    except KeyError as e:
-        raise ValidationError(f"model spec lacks field {e.args[0]!r}") from None
-    except (TypeError, ValueError) as e:
-        raise ValidationError(f"model spec has a bad value ({e})") from None
-    return build_model(kind, inputs, hidden, classes)
+    build = MODELS.get(model_spec.get("kind"))
+    return build(modelspec.layer_widths(model_spec))
 
 
 def get_weights(model: nn.Module) -> Weights:

@@ -40,6 +40,14 @@ class ValidationError(FednodeError):
     hint = "the named field must be fixed by the sender"
 
 
+class Unsupported(ValidationError):
+    """A name or setting this node has not registered (a strategy, codec, privacy mechanism,
+    model kind, data source or round setting): looked up, never imported (protocol.plugins)."""
+
+    code = "UNSUPPORTED"
+    hint = "use a name this node lists, or update the node that lacks it"
+
+
 class SignatureError(FednodeError):
     """A signature that does not verify under the sender's key."""
 

@@ -23,7 +23,7 @@ import typing
 from collections.abc import Callable
 from typing import Any, ClassVar
 
-from protocol import text
+from protocol import plugins, text
 from protocol.errors import ValidationError
 
 MAX_STR = text.MAX_TEXT
@@ -85,6 +85,10 @@ def _check_value(name: str, value: Any, hint: Any) -> Any:
     raise TypeError(f"unsupported field type {hint!r}")  # a bug in this module, not input
 
 
+#: The same check for other typed payloads of the protocol (protocol.events).
+check_value = _check_value
+
+
 # What fednode.quality.data_report produces, and the most a peer may send of it: the report
 # is a participant's claim about its data, stored and scored by the coordinator.
 REPORT_COUNTS = ("rows", "missing", "duplicates")
@@ -142,10 +146,55 @@ def _data_report(name: str, value: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+# A round's strategy settings (round_start.strategy): a few scalars by name. What each means
+# is the participant's business (fednode.round_config); this bounds what it has to look at.
+MAX_SETTINGS = 16
+MAX_SETTING_CHARS = 256
+
+
+def _settings(name: str, value: dict[str, Any]) -> dict[str, Any]:
+    """At most MAX_SETTINGS keys, each a plug-in name (protocol.plugins.NAME_RE), each value
+    a bool, an integer, a finite number or text of at most MAX_SETTING_CHARS (cleaned)."""
+    hint = "the coordinator's strategy sent a malformed round configuration"
+    if len(value) > MAX_SETTINGS:
+        raise ValidationError(
+            f"field {name!r} has {len(value)} settings, more than {MAX_SETTINGS}", hint=hint
+        )
+    out: dict[str, Any] = {}
+    for key, v in value.items():
+        if not plugins.NAME_RE.match(key):
+            raise ValidationError(
+                f"field {name!r} has a key that is not a setting name: {text.shown(key)}",
+                hint=hint,
+            )
+        where = f"{name}.{key}"
+        integer = isinstance(v, int) and abs(v) <= MAX_COUNT  # bool is an int too
+        if integer or (isinstance(v, float) and math.isfinite(v)):
+            out[key] = v
+        elif isinstance(v, str) and len(v) <= MAX_SETTING_CHARS:
+            out[key] = text.clean(v, MAX_SETTING_CHARS)
+        else:
+            raise ValidationError(
+                f"field {where!r} must be true/false, a number or text of at most "
+                f"{MAX_SETTING_CHARS} characters, got {text.shown(v)}",
+                hint=hint,
+            )
+    return out
+
+
+def _plugin_name(name: str, value: str) -> str:
+    if not plugins.NAME_RE.match(value):
+        raise ValidationError(f"field {name!r} is not a plug-in name: {text.shown(value)}")
+    return value
+
+
 # Fields whose content is checked beyond their type: (message type, field) -> checker, which
 # returns the value to keep.
 _FIELD_CHECKS: dict[tuple[str, str], Callable[[str, Any], Any]] = {
     ("register", "data_report"): _data_report,
+    ("round_start", "strategy"): _settings,
+    ("round_start", "codec"): _plugin_name,
+    ("round_start", "privacy"): _plugin_name,
 }
 
 
@@ -278,6 +327,13 @@ class RoundStart(Message):
     deadline_s: float
     # secure aggregation of this round: parameters, graph seed, round tag, participants
     secagg: dict[str, Any] = dataclasses.field(default_factory=dict)
+    # the strategy's settings for this round (fednode.strategies: round_config), e.g. FedProx's
+    # {"mu": 0.01}; the participant applies each or declines the task (fednode.round_config)
+    strategy: dict[str, Any] = dataclasses.field(default_factory=dict)
+    # how the participant encodes its update (fednode.codec) and what wraps its local
+    # training (fednode.privacy): names it must have registered
+    codec: str = plugins.IDENTITY_CODEC
+    privacy: str = plugins.NO_PRIVACY
 
     def validate(self) -> None:
         _nonneg(self, "round", "deadline_s")

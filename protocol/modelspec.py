@@ -7,7 +7,7 @@ computed from the spec's numbers: no torch, no numpy, no I/O. fednode/training.p
 the same networks (an ``nn.Sequential`` of ``Linear`` and ``ReLU``), and the tests check
 that these shapes are exactly the ones torch's ``state_dict()`` gives.
 
-The model part of a spec is ``{"kind": "mlp" | "logreg", "inputs", "hidden", "classes"}``
+The model part of a spec is ``{"kind", "inputs", "hidden", "classes"}``, kind one of KINDS
 (fednode.session.model_spec). An mlp is ``Linear, ReLU, Linear, ReLU, ..., Linear``, so its
 linear layers sit at even Sequential indices: ``0.weight``, ``0.bias``, ``2.weight``, ...
 A logreg is one ``Linear(inputs, classes)`` and ignores ``hidden``.
@@ -17,12 +17,12 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from protocol.errors import ValidationError
+from protocol.plugins import Registry
 
-MODEL_KINDS = ("mlp", "logreg")
 F32 = 4  # bytes per weight, gradient, optimizer slot and activation (float32)
 LABEL_BYTES = 8  # int64 class labels, as torch's cross-entropy wants them
 # Copies of the model, besides the torch parameters, that a participant holds while it
@@ -53,28 +53,34 @@ def _size(model: Mapping[str, Any], key: str, value: Any) -> int:
     return value
 
 
+def _mlp_hidden(model: Mapping[str, Any]) -> list[int]:
+    raw = model.get("hidden", [])
+    if not isinstance(raw, list | tuple):
+        raise ValidationError(f"model.hidden = {raw!r} is not a list of widths")
+    return [_size(model, f"hidden[{i}]", h) for i, h in enumerate(raw)]
+
+
+# A model kind, by name -> its hidden widths from the model spec. Every kind is a stack of
+# dense layers (Linear, ReLU, ..., Linear), so its widths are all that shapes, parameters and
+# training memory need; fednode.training registers the torch builder under the same name
+# (fednode.training.register_model registers both).
+HiddenWidths = Callable[[Mapping[str, Any]], list[int]]
+KINDS: Registry[HiddenWidths] = Registry("model kind", "set model.kind to a registered kind")
+KINDS.register("mlp", _mlp_hidden)
+KINDS.register("logreg", lambda model: [])  # one Linear(inputs, classes); hidden is ignored
+
+
 def layer_widths(model: Mapping[str, Any]) -> list[int]:
     """The widths from input to output: ``[inputs, *hidden, classes]`` (logreg: no hidden)."""
     if not isinstance(model, Mapping):
         raise ValidationError(f"a model spec must be a table, got {type(model).__name__}")
-    kind = model.get("kind")
-    if kind not in MODEL_KINDS:
-        raise ValidationError(
-            f"unknown model kind {kind!r}; accepted: {', '.join(MODEL_KINDS)}",
-            hint="set model.kind",
-        )
+    hidden_widths = KINDS.get(model.get("kind"))
     for key in ("inputs", "classes"):
         if key not in model:
             raise ValidationError(f"model spec lacks field {key!r}", hint="set model." + key)
     inputs = _size(model, "inputs", model["inputs"])
     classes = _size(model, "classes", model["classes"])
-    hidden: list[int] = []
-    if kind == "mlp":
-        raw = model.get("hidden", [])
-        if not isinstance(raw, list | tuple):
-            raise ValidationError(f"model.hidden = {raw!r} is not a list of widths")
-        hidden = [_size(model, f"hidden[{i}]", h) for i, h in enumerate(raw)]
-    return [inputs, *hidden, classes]
+    return [inputs, *hidden_widths(model), classes]
 
 
 def shapes(model: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:

@@ -2,7 +2,7 @@
 
 The schema below is the single source for validation, for ``fedctl session init`` (which
 writes every field with its comment and accepted values) and for the defaults, which are
-the demo's: they converge on the digits data (see ../shared/CLI.md). A spec is refused with
+the demo's: they converge on the digits data (`fedctl demo`). A spec is refused with
 a SpecError that names the field, the bad value and what is accepted: an unknown field, a
 wrong type and an out-of-range value alike. Secure aggregation is checked against the
 strategy (the coordinator sees only a sum, so only a weighted mean can be computed) and its
@@ -21,12 +21,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from protocol import limits, modelspec, secagg
+from protocol import limits, modelspec, plugins, secagg
 from protocol.errors import IdentityError, SpecError
 from protocol.identity import public_key_from_peer_id
 
 PARTITIONS = ("iid", "stratified", "sequential", "dirichlet", "label_skew", "group")
-STRATEGIES = ("fedavg",)
 FEATURES = ("standardize", "scale16", "none")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
 # With secure aggregation, the fixed point must fit the round's participants; when neither
@@ -42,6 +41,12 @@ class Field:
     lo: float | None = None
     hi: float | None = None
     choices: tuple[str, ...] = ()
+    # a "choice" among the names registered in a plug point (protocol.plugins), read when a
+    # spec is checked, so that a plug-in registered after import is accepted too
+    registry: plugins.Registry[Any] | None = None
+
+    def accepted(self) -> tuple[str, ...]:
+        return self.registry.names() if self.registry is not None else self.choices
 
 
 # Top-level fields first, then sections; order is the order `session init` writes.
@@ -62,7 +67,8 @@ SCHEMA: dict[str, dict[str, Field]] = {
         "participants": Field(
             "peer_list",
             [],
-            "peer IDs allowed to take part; empty = any participant connected to this coordinator",
+            "peer IDs admitted without an invite; empty = only participants holding an invite "
+            "for this session (`fedctl invite --session ID`)",
         ),
         "round_timeout_s": Field("float", 300.0, "seconds a round waits for updates", 1, 86_400),
         "on_round_failure": Field(
@@ -101,7 +107,7 @@ SCHEMA: dict[str, dict[str, Field]] = {
         "labels_per_part": Field("int", 2, "classes per shard (partition = label_skew)", 1, 1000),
     },
     "model": {
-        "kind": Field("choice", "mlp", "mlp or logreg", choices=("mlp", "logreg")),
+        "kind": Field("choice", "mlp", "the model's layout", registry=modelspec.KINDS),
         "inputs": Field("int", 64, "input features", 1, 1_000_000),
         "hidden": Field("int_list", [128, 128], "hidden layer widths (mlp)", 1, 65_536),
         "classes": Field("int", 10, "output classes", 2, 100_000),
@@ -123,7 +129,28 @@ SCHEMA: dict[str, dict[str, Field]] = {
         "weight_decay": Field("float", 0.0, "L2 penalty", 0.0, 1.0),
     },
     "aggregation": {
-        "strategy": Field("choice", "fedavg", "how updates are combined", choices=STRATEGIES),
+        "strategy": Field(
+            "choice",
+            "fedavg",
+            "how updates are combined: fedavg, or fedprox (fedavg's mean, local training "
+            "pulled toward the round's model by proximal_mu)",
+            registry=plugins.STRATEGIES,
+        ),
+        "proximal_mu": Field(
+            "float",
+            0.01,
+            "fedprox: weight mu of the proximal term (mu/2)·|w - g|² each participant adds to "
+            "its training loss; larger keeps local models nearer the round's model",
+            0.0,
+            100.0,
+        ),
+        "codec": Field(
+            "choice",
+            plugins.IDENTITY_CODEC,
+            "how a participant's trained weights are encoded for the wire (identity = "
+            "safetensors as is)",
+            registry=plugins.CODECS,
+        ),
         "secure": Field(
             "bool", False, "secure aggregation: the coordinator learns only the sum (SecAgg)"
         ),
@@ -199,6 +226,15 @@ SCHEMA: dict[str, dict[str, Field]] = {
             2**30,
         ),
     },
+    "privacy": {
+        "mechanism": Field(
+            "choice",
+            plugins.NO_PRIVACY,
+            "what wraps local training on each participant to make its update private "
+            "(none = plain training)",
+            registry=plugins.PRIVACY,
+        ),
+    },
     "rollback": {
         "enabled": Field(
             "bool",
@@ -253,8 +289,8 @@ def _check(section: str, key: str, f: Field, value: Any) -> Any:
             raise bad("true or false")
         return value
     if f.kind == "choice":
-        if value not in f.choices:
-            raise bad("one of " + ", ".join(f.choices))
+        if value not in f.accepted():
+            raise bad("one of " + ", ".join(f.accepted()))
         return value
     if f.kind == "name":
         if not isinstance(value, str) or not _NAME_RE.match(value):
@@ -348,10 +384,12 @@ def _cross_checks(spec: dict[str, Any]) -> None:
             hint="raise max_participants, or set it to 0 (all online)",
         )
     agg = spec["aggregation"]
-    if agg["secure"] and agg["strategy"] != "fedavg":
+    if agg["secure"] and not plugins.STRATEGIES.get(agg["strategy"]).supports_secure:
+        able = [n for n in plugins.STRATEGIES if plugins.STRATEGIES.get(n).supports_secure]
         raise SpecError(
-            f"aggregation.secure = true works with strategy fedavg, not {agg['strategy']!r}",
-            hint="the coordinator only sees the sum, so only a weighted mean can be computed",
+            f"aggregation.secure = true cannot compute strategy {agg['strategy']!r}",
+            hint="the coordinator only sees the sum of the updates; use a strategy whose "
+            f"aggregate a sum gives ({', '.join(able)}) or secure = false",
         )
     if agg["secure"]:
         _check_fixed_point(spec)
@@ -479,8 +517,8 @@ def template() -> str:
             lines += ["", f"[{section}]"]
         for key, f in fields.items():
             accepted = (
-                " | ".join(f.choices)
-                if f.choices
+                " | ".join(f.accepted())
+                if f.accepted()
                 else f"{_num(f.lo)}..{_num(f.hi)}"
                 if f.lo is not None
                 else ""
