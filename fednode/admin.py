@@ -9,7 +9,6 @@ and then streams ``event`` messages until the connection closes.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -17,10 +16,10 @@ from typing import TYPE_CHECKING, Any
 
 from websockets.exceptions import ConnectionClosed
 
-from fednode import quality, versions
-from fednode.session import TERMINAL
+from fednode import versions
 from fednode.storage_guard import describe, is_storage_fault
 from protocol import messages, spec, tokens
+from protocol.alerts import ALERT_FILTERS, SEVERITIES
 from protocol.car import walk_dag
 from protocol.cid import normalize_cid
 from protocol.errors import (
@@ -30,30 +29,16 @@ from protocol.errors import (
     StorageUnavailable,
     ValidationError,
 )
+from protocol.lifecycle import TERMINAL, Action, SessionState
+from protocol.operations import READ_OPS, Op
 
 if TYPE_CHECKING:
-    from fednode.coordinator import Coordinator
+    from fednode.services import AdminHost, SessionControl
     from fednode.transport import Connection
 
 log = logging.getLogger("fednode.admin")
 
 Handler = Callable[[dict[str, Any]], Awaitable[dict[str, Any]] | dict[str, Any]]
-READ_OPS = {
-    "session.status",
-    "session.list",
-    "participants.list",
-    "model.list",
-    "model.get",
-    "model.export",
-    "subscribe",
-    "node.info",
-    "alerts.list",
-    "quality.session",
-    "report",
-    "events.list",
-}
-SEVERITIES = quality.SEVERITIES
-ALERT_STATUSES = ("active", "open", "acknowledged", "resolved", "all")
 
 
 def _arg(args: dict[str, Any], name: str, kind: type = str) -> Any:
@@ -64,30 +49,30 @@ def _arg(args: dict[str, Any], name: str, kind: type = str) -> Any:
 
 
 class AdminAPI:
-    def __init__(self, coord: Coordinator):
+    def __init__(self, coord: AdminHost):
         self.coord = coord
         self.ops: dict[str, Handler] = {
-            "node.info": self.node_info,
-            "session.create": self.session_create,
-            "session.start": lambda a: self.session_action("start", a),
-            "session.stop": lambda a: self.session_action("stop", a),
-            "session.pause": lambda a: self.session_action("pause", a),
-            "session.resume": lambda a: self.session_action("resume", a),
-            "session.rollback": self.session_rollback,
-            "session.status": self.session_status,
-            "session.list": self.session_list,
-            "participants.list": self.participants_list,
-            "model.list": self.model_list,
-            "model.get": self.model_get,
-            "model.export": self.model_export,
-            "invite.create": self.invite_create,
-            "alerts.list": self.alerts_list,
-            "alerts.ack": self.alerts_ack,
-            "quality.session": self.quality_session,
-            "report": self.report,
-            "events.list": self.events_list,
-            "participants.exclude": lambda a: self.participant_exclusion(a, True),
-            "participants.readmit": lambda a: self.participant_exclusion(a, False),
+            Op.NODE_INFO: self.node_info,
+            Op.SESSION_CREATE: self.session_create,
+            Op.SESSION_START: lambda a: self.session_action(Action.START, a),
+            Op.SESSION_STOP: lambda a: self.session_action(Action.STOP, a),
+            Op.SESSION_PAUSE: lambda a: self.session_action(Action.PAUSE, a),
+            Op.SESSION_RESUME: lambda a: self.session_action(Action.RESUME, a),
+            Op.SESSION_ROLLBACK: self.session_rollback,
+            Op.SESSION_STATUS: self.session_status,
+            Op.SESSION_LIST: self.session_list,
+            Op.PARTICIPANTS_LIST: self.participants_list,
+            Op.MODEL_LIST: self.model_list,
+            Op.MODEL_GET: self.model_get,
+            Op.MODEL_EXPORT: self.model_export,
+            Op.INVITE_CREATE: self.invite_create,
+            Op.ALERTS_LIST: self.alerts_list,
+            Op.ALERTS_ACK: self.alerts_ack,
+            Op.QUALITY_SESSION: self.quality_session,
+            Op.REPORT: self.report,
+            Op.EVENTS_LIST: self.events_list,
+            Op.PARTICIPANTS_EXCLUDE: lambda a: self.participant_exclusion(a, True),
+            Op.PARTICIPANTS_READMIT: lambda a: self.participant_exclusion(a, False),
         }
 
     async def serve(self, conn: Connection, role: str) -> None:
@@ -119,7 +104,7 @@ class AdminAPI:
                     f"{conn.peer_id} is a viewer and may not call {msg.op!r}",
                     hint="ask for an operator key (--operator on the coordinator)",
                 )
-            if msg.op == "subscribe":
+            if msg.op == Op.SUBSCRIBE:
                 result = self.subscribe(conn, msg.args, forwarders)
             else:
                 handler = self.ops.get(msg.op)
@@ -162,8 +147,26 @@ class AdminAPI:
 
     def session_action(self, action: str, args: dict[str, Any]) -> dict[str, Any]:
         run = self.coord.session(_arg(args, "session_id"))
+        if action == "start" and run.state is SessionState.CREATED:
+            self._require_joinable(run)
         state = run.act(action)
         return {"session_id": run.session_id, "status": state.value}
+
+    def _require_joinable(self, run: SessionControl) -> None:
+        """Refuse to start a session that nobody may join (Coordinator.allowed): no peer
+        listed in its spec, nobody admitted by an invite yet, and no invite that can still
+        admit someone (unexpired, with uses left). Started, it would wait
+        wait_participants_s for nobody and fail; refused, the operator learns why now."""
+        sid = run.session_id
+        if run.spec["participants"] or self.coord.ledger.members(sid):
+            return
+        if not self.coord.ledger.has_usable_invite(sid, time.time()):
+            raise StateError(
+                f"session {sid} lists no participants and has no usable invite: nobody may join",
+                hint=f"invite participants with `fedctl invite --session {sid}` (each passes "
+                "the token to `fednode run --join-token`), or list their peer IDs in the "
+                "spec's participants and create the session again",
+            )
 
     def session_rollback(self, args: dict[str, Any]) -> dict[str, Any]:
         """Operator only: the next round starts from round ``round``'s version."""
@@ -269,9 +272,9 @@ class AdminAPI:
 
     def alerts_list(self, args: dict[str, Any]) -> dict[str, Any]:
         status = args.get("status", "active")
-        if status not in ALERT_STATUSES:
+        if status not in ALERT_FILTERS:
             raise ValidationError(
-                f"alert status {status!r} is not one of {', '.join(ALERT_STATUSES)}"
+                f"alert status {status!r} is not one of {', '.join(ALERT_FILTERS)}"
             )
         severity = args.get("severity") or []
         if not isinstance(severity, list) or not all(s in SEVERITIES for s in severity):
@@ -301,26 +304,9 @@ class AdminAPI:
         if not isinstance(limit, int) or isinstance(limit, bool) or not 1 <= limit <= 1000:
             raise ValidationError("limit must be an integer in [1, 1000]")
         session_id = args.get("session_id") or None
-        ledger = self.coord.ledger
-        if session_id is None:
-            sql = "SELECT * FROM events ORDER BY id DESC LIMIT ?"
-            rows = list(ledger.db.query(sql, (limit,)))
-        else:
-            sql = "SELECT * FROM events WHERE session_id = ? ORDER BY id DESC LIMIT ?"
-            rows = list(ledger.db.query(sql, (session_id, limit)))
-        out = []
-        for r in reversed(rows):
-            out.append(
-                {
-                    "id": r["id"],
-                    "ts": r["ts"],
-                    "kind": r["kind"],
-                    "session_id": r["session_id"],
-                    "entity_id": r["entity_id"],
-                    "data": json.loads(r["data"]),
-                }
-            )
-        return {"events": out}
+        keys = ("id", "ts", "kind", "session_id", "entity_id", "data")  # not the chain's hashes
+        rows = self.coord.ledger.latest_events(session_id, limit)
+        return {"events": [{k: r[k] for k in keys} for r in rows]}
 
     def participant_exclusion(self, args: dict[str, Any], exclude: bool) -> dict[str, Any]:
         """An operator's call: keep a peer out of every session's selection, or let it back."""

@@ -6,10 +6,15 @@ training times, each plain update's effect on the validation loss, refusals), tu
 
 * every ``HEARTBEAT`` interval it pings each participant and re-evaluates the participant
   alert rules (so an offline or silent peer is flagged between rounds, not only after one);
+  this runs on what it keeps in memory and touches the ledger only when the set of alerts
+  that hold changes, so a heartbeat, a ping or a quiet evaluation runs no SQL;
 * after every finished round it writes one ``participant_quality_metrics`` row per selected
-  peer and one ``session_quality_metrics`` row, and syncs the session's alerts.
+  peer and one ``session_quality_metrics`` row, syncs the session's alerts, and writes the
+  pings and transfers it measured since the last write (also every ``FLUSH_S``).
 
-Actions follow from alerts (each logged as an event): a peer under an *open* critical alert is
+It decides, it does not act: its evaluations return ``Action``s (raise an event alert, pause
+a session, a peer now left out of selection) that the coordinator applies
+(``Coordinator.apply``), logging each as an event. A peer under an *open* critical alert is
 left out of selection (acknowledging the alert readmits it: the operator's call); a security
 violation by a session's participant pauses that session until an operator resumes it.
 
@@ -26,16 +31,18 @@ import math
 import statistics
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from fednode import quality
+from fednode.ledger import Ledger, TaskOutcome
 from fednode.quality import SLA, ParticipantObservation, SessionObservation
+from fednode.storage_guard import is_storage_fault
 from protocol import messages
 
 if TYPE_CHECKING:
-    from fednode.coordinator import Coordinator
-    from fednode.session import RoundRun, SessionRun
+    from fednode.services import MonitorHost, RoundView, SessionControl
 
 log = logging.getLogger("fednode.monitor")
 
@@ -43,6 +50,42 @@ WINDOW_S = 600.0  # uptime and heartbeats look at most this far back
 RECENT_TASKS = 20  # task completion / error rate over a peer's last selections
 RECENT = 5  # medians of training time, bandwidth, model quality over the last few
 PING_TIMEOUT_FACTOR = 2.0
+FLUSH_S = 60.0  # pings and transfers measured between rounds are written at least this often
+MAX_PENDING_NETWORK = 10_000  # measurements kept until the next write; beyond, the oldest go
+
+# What the monitor asks the node to do (Coordinator.apply carries it out).
+ActionKind = Literal["raise_alert", "pause_session", "exclude_peer"]
+
+
+@dataclass(frozen=True, slots=True)
+class Action:
+    """One thing the monitor decided; pure data, applied by the coordinator.
+
+    ``raise_alert``: raise the event alert ``alert_type`` for ``peer_id`` in ``session_id``
+    with ``reason`` as its message. ``pause_session``: pause ``session_id`` because of
+    ``peer_id`` (logged as a ``pause`` action with ``reason``). ``exclude_peer``: the critical
+    rule alert ``alert_id`` was just raised for ``peer_id``, so selection leaves it out until
+    an operator acknowledges the alert (the open alert in the ledger is what selection reads).
+    """
+
+    kind: ActionKind
+    reason: str
+    session_id: str | None = None
+    peer_id: str | None = None
+    alert_id: int | None = None
+    alert_type: str | None = None
+
+
+Writer = Callable[..., None]  # StorageGuard.write: do fn(*args, **kwargs) now, or keep it
+Publisher = Callable[[str, dict[str, Any], str | None], None]  # EventBus.publish
+
+
+def _write_now(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
+    fn(*args, **kwargs)
+
+
+def _publish_nowhere(kind: str, data: dict[str, Any], session_id: str | None) -> None:
+    return None
 
 
 @dataclass
@@ -62,6 +105,12 @@ class PeerStats:
     data_quality: float | None = None
     security_violations: int = 0
     history: deque[float] = field(default_factory=lambda: deque(maxlen=RECENT))
+    # How its last selections ended (oldest first), the ledger's history read once on its
+    # first connection (tasks_loaded), then what this process observed at each round's end.
+    tasks: deque[TaskOutcome] = field(default_factory=lambda: deque(maxlen=RECENT_TASKS))
+    tasks_loaded: bool = False
+    answered: set[tuple[str, int]] = field(default_factory=set)  # (session, round) it delivered
+    declined: set[tuple[str, int]] = field(default_factory=set)  # ... refused for LIMIT_*
 
     @property
     def online(self) -> bool:
@@ -74,13 +123,32 @@ def _median(values: Any) -> float | None:
 
 
 class QualityMonitor:
-    def __init__(self, coord: Coordinator, sla: SLA, heartbeat_s: float):
-        self.coord = coord
+    """``write`` is how it writes to ``ledger`` (the coordinator's StorageGuard.write, so a
+    storage fault queues the write instead of raising), ``publish`` where alert changes and
+    quality rows go live (the coordinator's EventBus.publish)."""
+
+    def __init__(
+        self,
+        ledger: Ledger,
+        sla: SLA,
+        heartbeat_s: float,
+        *,
+        write: Writer = _write_now,
+        publish: Publisher = _publish_nowhere,
+    ):
+        self.ledger = ledger
         self.sla = sla
         self.heartbeat_s = heartbeat_s
+        self.write = write
+        self.publish = publish
         self.peers: dict[str, PeerStats] = {}
         self._task: asyncio.Task[None] | None = None
         self.metrics: Any = None  # fednode.metrics.Exporter when --metrics is given
+        # The rule alert types that held for each entity at its last sync with the ledger:
+        # an evaluation that finds the same ones has nothing to write.
+        self._synced: dict[str, frozenset[str]] = {}
+        self._network: deque[dict[str, Any]] = deque(maxlen=MAX_PENDING_NETWORK)
+        self._flushed_at = time.monotonic()
 
     # --- raw observations -----------------------------------------------------------
 
@@ -95,6 +163,16 @@ class QualityMonitor:
             st.spans[-1][1] = now
         st.spans.append([now, None])
         st.heartbeats.append(now)  # the registration counts as the first sign of life
+        if not st.tasks_loaded:  # once per peer and process: later rounds are observed here
+            try:
+                earlier = self.ledger.recent_task_outcomes(peer_id, RECENT_TASKS)
+            except Exception as exc:
+                if not is_storage_fault(exc):
+                    raise
+                log.warning("task history of %s not read now (%s)", peer_id, exc)
+            else:
+                st.tasks = deque([*(o for _s, _r, o in earlier), *st.tasks], maxlen=RECENT_TASKS)
+                st.tasks_loaded = True
         if data_report:
             try:
                 st.data_quality = quality.data_quality_score(data_report)
@@ -131,51 +209,64 @@ class QualityMonitor:
     ) -> None:
         """An accepted update (or masked input): its timings and the task's resource use."""
         st = self._peer(peer_id, now)
+        st.answered.add((session_id, msg.round))
         st.training_ms.append(msg.train_s * 1000.0)
         if msg.cpu_efficiency is not None:
             st.cpu_efficiency = msg.cpu_efficiency
         if msg.memory_efficiency is not None:
             st.memory_efficiency = msg.memory_efficiency
         if msg.fetch_bytes > 0 and msg.fetch_s > 0:
-            self.coord.guard.write(
-                self.coord.ledger.record_network,
-                peer_id,
-                session_id,
-                now,
-                "down",
-                bytes=msg.fetch_bytes,
-                transfer_s=msg.fetch_s,
+            self._network.append(
+                {
+                    "peer_id": peer_id,
+                    "session_id": session_id,
+                    "ts": now,
+                    "direction": "down",
+                    "bytes": msg.fetch_bytes,
+                    "transfer_s": msg.fetch_s,
+                }
             )
             st.bandwidth_mbps.append(msg.fetch_bytes * 8 / 1e6 / msg.fetch_s)  # as the ledger
+
+    def on_ping(self, peer_id: str, now: float, rtt_ms: float, session_id: str | None) -> None:
+        """A ping's round trip; ``session_id``: the session whose round the peer is in."""
+        self._peer(peer_id, now).rtts_ms.append(rtt_ms)
+        self._network.append(
+            {
+                "peer_id": peer_id,
+                "session_id": session_id,
+                "ts": now,
+                "direction": "ping",
+                "rtt_ms": rtt_ms,
+            }
+        )
+
+    def on_task_error(self, peer_id: str, session_id: str, round: int, code: str) -> None:
+        """A selected peer said it cannot do the round. A decline because the spec exceeds
+        the limits its own operator set (``LIMIT_*``) is that operator's choice, not
+        unreliability: the task is not counted at all. A training deadline or a crash is
+        (it said yes and did not deliver), like any other round it did not answer."""
+        if code.startswith("LIMIT_"):
+            self._peer(peer_id, time.time()).declined.add((session_id, round))
 
     def on_model_quality(self, peer_id: str, score: float) -> None:
         self._peer(peer_id, time.time()).model_quality.append(score)
 
-    def on_security_violation(self, peer_id: str, code: str, message: str) -> None:
-        """A participant's stream broke the rules: alert, and pause its running sessions."""
-        now = time.time()
-        self._peer(peer_id, now).security_violations += 1
-        runs = [
-            r
-            for r in self.coord.sessions.values()
-            if r.state.value == "running" and self.coord.names_of(peer_id) & self.coord.allowed(r)
-        ]
-        for run in runs or [None]:
-            sid = run.session_id if run else None
-            self.coord.raise_alert(
-                "security_violation",
-                peer_id,
-                sid,
-                f"security violation by {peer_id}: {code}: {message}",
-            )
-            if run is not None:
-                run.act("pause")
-                self.coord.record(
-                    "action",
-                    sid,
-                    {"action": "pause", "reason": f"security violation by {peer_id} ({code})"},
-                    entity_id=peer_id,
-                )
+    def on_security_violation(
+        self, peer_id: str, code: str, message: str, running: list[str]
+    ) -> list[Action]:
+        """A participant's stream broke the rules: an alert, and a pause of each session in
+        ``running`` (the running sessions it takes part in); one alert with no session if
+        there are none."""
+        self._peer(peer_id, time.time()).security_violations += 1
+        alert = f"security violation by {peer_id}: {code}: {message}"
+        actions: list[Action] = []
+        for sid in running or [None]:
+            actions.append(Action("raise_alert", alert, sid, peer_id, None, "security_violation"))
+            if sid is not None:
+                why = f"security violation by {peer_id} ({code})"
+                actions.append(Action("pause_session", why, sid, peer_id))
+        return actions
 
     # --- scoring ----------------------------------------------------------------------
 
@@ -214,41 +305,27 @@ class QualityMonitor:
         return 100.0 * good / (good + bad)
 
     def _tasks(self, peer_id: str) -> tuple[int, int, int]:
-        """(selected, completed, failed) over the peer's last finished selections."""
-        rows = list(
-            self.coord.ledger.db.query(
-                "SELECT r.session_id, r.round FROM training_rounds r, json_each(r.selected) j "
-                "WHERE j.value = ? AND r.status != 'running' "
-                "ORDER BY r.started_at DESC LIMIT ?",
-                (peer_id, RECENT_TASKS),
-            )
-        )
-        # A task the participant declined because the spec exceeds the limits its own operator
-        # set (LIMIT_*) is the operator's choice, not unreliability: it is not counted at all.
-        # A training deadline or a crash is (it said yes and did not deliver).
-        sessions = sorted({r["session_id"] for r in rows})
-        declined = {
-            (d["session_id"], d["round"])
-            for d in self.coord.ledger.db.query(
-                "SELECT session_id, json_extract(data, '$.round') AS round FROM events "
-                f"WHERE session_id IN ({','.join('?' * len(sessions))}) "  # idx_events_session
-                "AND kind = 'task_error' AND entity_id = ? "
-                "AND json_extract(data, '$.code') LIKE 'LIMIT\\_%' ESCAPE '\\'",
-                (*sessions, peer_id),
-            )
-        }
-        rows = [r for r in rows if (r["session_id"], r["round"]) not in declined]
-        if not rows:
-            return 0, 0, 0
-        done = 0
-        for r in rows:
-            hit = self.coord.ledger.db.execute(
-                "SELECT 1 FROM client_updates WHERE session_id = ? AND round = ? "
-                "AND participant = ? AND status = 'accepted' LIMIT 1",
-                (r["session_id"], r["round"], peer_id),
-            ).fetchone()
-            done += hit is not None
-        return len(rows), done, len(rows) - done
+        """(selected, completed, failed) over the peer's last finished selections, those it
+        declined for its own limits left out (on_task_error)."""
+        st = self.peers.get(peer_id)
+        counted = [o for o in st.tasks if o != "declined"] if st is not None else []
+        done = sum(1 for o in counted if o == "completed")
+        return len(counted), done, len(counted) - done
+
+    def _tasks_ended(self, session_id: str, number: int, selected: list[str]) -> None:
+        """A round ended: how each selected peer's task went, kept in memory."""
+        key = (session_id, number)
+        now = time.time()
+        for pid in selected:
+            st = self._peer(pid, now)
+            if key in st.declined:
+                outcome: TaskOutcome = "declined"
+            else:
+                outcome = "completed" if key in st.answered else "failed"
+            st.tasks.append(outcome)
+            # what is left is of rounds that never reported their end (none should)
+            st.answered = {k for k in st.answered if k[0] != session_id or k[1] > number}
+            st.declined = {k for k in st.declined if k[0] != session_id or k[1] > number}
 
     def observation(self, peer_id: str, now: float) -> ParticipantObservation:
         st = self._peer(peer_id, now)
@@ -308,9 +385,15 @@ class QualityMonitor:
         }
 
     def evaluate_peers(
-        self, peer_ids: list[str] | None = None, session_id: str | None = None, write: bool = False
-    ) -> dict[str, quality.ParticipantScores]:
-        """Score peers and sync their alerts; with ``write``, one metrics row each."""
+        self,
+        peer_ids: list[str] | None = None,
+        session_id: str | None = None,
+        write: bool = False,
+    ) -> tuple[dict[str, quality.ParticipantScores], list[Action]]:
+        """Score peers (all it knows by default) from memory and sync their alerts; with
+        ``write`` (after a round), one metrics row each and every alert's figures, else the
+        ledger only hears of alerts that came or went. Returns the scores, and an
+        ``exclude_peer`` action for each critical alert this raised."""
         now = time.time()
         ids = sorted(self.peers) if peer_ids is None else peer_ids
         conditions: list[dict[str, Any]] = []
@@ -323,8 +406,8 @@ class QualityMonitor:
             ]
             if write:
                 self.peers[pid].history.append(scores.overall)
-                self.coord.guard.write(
-                    self.coord.ledger.record_participant_quality,
+                self.write(
+                    self.ledger.record_participant_quality,
                     pid,
                     session_id,
                     now,
@@ -332,61 +415,99 @@ class QualityMonitor:
                 )
             if self.metrics is not None:
                 self.metrics.participant(pid, obs, scores, self.peers[pid].online)
-        self._sync(ids, conditions, now)
-        return out
+        raised = self._sync(ids, conditions, now, always=write)
+        actions = [
+            Action("exclude_peer", a["message"], a["session_id"], a["entity_id"], a["id"])
+            for a in raised
+            if a["severity"] == "critical"
+        ]
+        return out, actions
 
-    def _sync(self, entities: list[str], conditions: list[dict[str, Any]], now: float) -> None:
+    def _sync(
+        self, entities: list[str], conditions: list[dict[str, Any]], now: float, always: bool
+    ) -> list[dict[str, Any]]:
+        """Bring the entities' rule alerts in the ledger in step with ``conditions``: all of
+        them when ``always``, else only the entities whose set of alert types changed since
+        their last sync (figures of an alert that still holds wait for the next round).
+        Returns the alerts raised (none when storage is down: the write waits in the
+        guard's queue, and the exclusion it makes still holds once it is written)."""
+        held: dict[str, set[str]] = {e: set() for e in entities}
+        for c in conditions:
+            held.setdefault(c["entity_id"], set()).add(c["alert_type"])
+        changed = [e for e in entities if always or self._synced.get(e) != frozenset(held[e])]
+        if not changed:
+            return []
+        mine = [c for c in conditions if c["entity_id"] in set(changed)]
+        raised: list[dict[str, Any]] = []
+
         def write() -> None:
-            changes = self.coord.ledger.sync_alerts(entities, conditions, now)
+            changes = self.ledger.sync_alerts(changed, mine, now)
+            raised.extend(changes["raised"])
             for change in ("raised", "resolved"):
                 for alert in changes[change]:
-                    self.coord.events.publish(
-                        "alert", {"change": change, **alert}, alert.get("session_id")
-                    )
+                    self.publish("alert", {"change": change, **alert}, alert.get("session_id"))
 
-        self.coord.guard.write(write)
+        self.write(write)
+        for e in changed:
+            self._synced[e] = frozenset(held[e])
+        return raised
 
     def alerted(self) -> set[str]:
         """Peers under an open (unacknowledged) critical alert: left out of selection."""
-        rows = self.coord.ledger.alerts(status="open", severity={"critical"})
+        rows = self.ledger.alerts(status="open", severity={"critical"})
         return {r["entity_id"] for r in rows if r["entity_id"]}
 
     def excluded(self) -> set[str]:
         """Every peer left out of selection: alerted ones and those an operator excluded."""
-        return self.alerted() | self.coord.ledger.excluded_peers()
+        return self.alerted() | self.ledger.excluded_peers()
 
     # --- after a round ------------------------------------------------------------------
 
-    def after_round(self, run: SessionRun, rnd: RoundRun, anomalous_pct: float | None) -> None:
-        """Score the round's peers and the session; a bug here must not fail the session."""
+    def after_round(
+        self, run: SessionControl, rnd: RoundView, anomalous_pct: float | None
+    ) -> list[Action]:
+        """Count the round's tasks, score its peers and the session, write the figures; a
+        bug here must not fail the session. Returns what the node should do about it."""
         try:
-            self._after_round(run, rnd, anomalous_pct)
+            return self._after_round(run, rnd, anomalous_pct)
         except Exception:
             log.exception("quality evaluation after round %d failed", rnd.number)
+            return []
 
-    def _after_round(self, run: SessionRun, rnd: RoundRun, anomalous_pct: float | None) -> None:
-        scores = self.evaluate_peers(list(rnd.selected), run.session_id, write=True)
+    def _after_round(
+        self, run: SessionControl, rnd: RoundView, anomalous_pct: float | None
+    ) -> list[Action]:
+        self._tasks_ended(run.session_id, rnd.number, list(rnd.selected))
+        scores, actions = self.evaluate_peers(list(rnd.selected), run.session_id, write=True)
         obs = self.session_observation(run, scores, anomalous_pct)
         s = quality.session_scores(obs, self.sla)
         now = time.time()
         row = s.to_dict()
         row["health_score"] = row.pop("health")
-        self.coord.guard.write(
-            self.coord.ledger.record_session_quality, run.session_id, rnd.number, now, row
-        )
+        self.write(self.ledger.record_session_quality, run.session_id, rnd.number, now, row)
         conds = [c.to_dict() for c in quality.session_alerts(obs, s, self.sla)]
-        self._sync([run.session_id], conds, now)
-        self.coord.events.publish("quality", {"round": rnd.number, **row}, run.session_id)
+        self._sync([run.session_id], conds, now, always=True)
+        self.flush()
+        self.publish("quality", {"round": rnd.number, **row}, run.session_id)
         if self.metrics is not None:
             self.metrics.session(run.session_id, s)
+        return actions
+
+    def flush(self) -> None:
+        """Write the pings and transfers measured since the last write, in one transaction."""
+        self._flushed_at = time.monotonic()
+        if self._network:
+            rows = list(self._network)
+            self._network.clear()
+            self.write(self.ledger.record_network_many, rows)
 
     def session_observation(
         self,
-        run: SessionRun,
+        run: SessionControl,
         scores: dict[str, quality.ParticipantScores],
         anomalous_pct: float | None,
     ) -> SessionObservation:
-        ledger = self.coord.ledger
+        ledger = self.ledger
         sid = run.session_id
         models = ledger.models(sid)
         rounds = ledger.rounds(sid)
@@ -442,31 +563,42 @@ class QualityMonitor:
 
     # --- the periodic loop --------------------------------------------------------------
 
-    def start(self) -> None:
-        self._task = asyncio.create_task(self._loop(), name="quality-monitor")
+    def tick(self) -> list[Action]:
+        """The periodic evaluation, from memory: every peer's alerts (written only when they
+        change) and, every ``FLUSH_S``, the measurements kept since the last write."""
+        _scores, actions = self.evaluate_peers()
+        if time.monotonic() - self._flushed_at >= FLUSH_S:
+            self.flush()
+        return actions
+
+    def start(self, node: MonitorHost) -> None:
+        """Ping ``node``'s participants and evaluate every heartbeat interval; ``node``
+        applies what the evaluation decides."""
+        self._task = asyncio.create_task(self._loop(node), name="quality-monitor")
 
     async def stop(self) -> None:
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+        self.flush()
 
-    async def _loop(self) -> None:
+    async def _loop(self, node: MonitorHost) -> None:
         while True:
             await asyncio.sleep(self.heartbeat_s)
-            if not self.coord.guard.healthy:  # nothing to score against while it cannot write
+            if not node.guard.healthy:  # nothing to score against while it cannot write
                 continue
             try:
-                await asyncio.gather(*(self._ping(p) for p in list(self.coord.peers)))
-                self.evaluate_peers()
+                await asyncio.gather(*(self._ping(node, p) for p in list(node.peers)))
+                node.apply(self.tick())
             except asyncio.CancelledError:
                 raise
             except Exception:  # a bug here must not stop the node from serving
                 log.exception("quality evaluation failed")
 
-    async def _ping(self, peer_id: str) -> None:
+    async def _ping(self, node: MonitorHost, peer_id: str) -> None:
         """One websocket ping; its pong's round trip is the peer's latency."""
-        peer = self.coord.peers.get(peer_id)
+        peer = node.peers.get(peer_id)
         if peer is None:
             return
         start = time.perf_counter()
@@ -476,15 +608,13 @@ class QualityMonitor:
         except (TimeoutError, Exception):  # closed or silent: uptime/heartbeats will show it
             return
         rtt = 1000.0 * (time.perf_counter() - start)
-        now = time.time()
-        self._peer(peer_id, now).rtts_ms.append(rtt)
-        sid = self._session_of(peer_id)
-        ledger = self.coord.ledger
-        self.coord.guard.write(ledger.record_network, peer_id, sid, now, "ping", rtt_ms=rtt)
+        self.on_ping(peer_id, time.time(), rtt, _session_of(node, peer_id))
 
-    def _session_of(self, peer_id: str) -> str | None:
-        for run in self.coord.sessions.values():
-            live = run.state.value in ("running", "paused")
-            if live and run.round is not None and peer_id in run.round.selected:
-                return run.session_id
-        return None
+
+def _session_of(node: MonitorHost, peer_id: str) -> str | None:
+    """The live session whose current round selected the peer, if any."""
+    for run in node.sessions.values():
+        live = run.state.value in ("running", "paused")
+        if live and run.round is not None and peer_id in run.round.selected:
+            return run.session_id
+    return None

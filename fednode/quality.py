@@ -26,37 +26,14 @@ from typing import Any
 
 import numpy as np
 
+from protocol.alerts import ALERT_SEVERITY
 from protocol.errors import ValidationError
 from protocol.messages import MAX_LABEL_CHARS, MAX_LABELS
 
 # --- severities and alert types -------------------------------------------------------------
 
-SEVERITIES = ("critical", "high", "medium", "low")  # most severe first
-
-#: Every alert type with its severity. All but ``security_violation`` and
-#: ``model_divergence`` are rule-based and resolve automatically when their condition clears;
-#: those two are raised by an event and only ever acknowledged.
-ALERT_SEVERITY: dict[str, str] = {
-    "task_completion": "critical",
-    "uptime": "critical",
-    "quality_score": "high",
-    "error_rate": "high",
-    "latency": "medium",
-    "heartbeat": "medium",
-    "training_time": "medium",
-    "resource_efficiency": "low",
-    "connection_stability": "low",
-    "model_quality": "medium",
-    "data_quality": "medium",
-    "privacy_compliance": "high",
-    "anomaly": "medium",
-    "security_score": "high",
-    "convergence": "low",
-    "security_violation": "critical",
-    "model_divergence": "high",
-    "aggregate_rejected": "high",
-    "storage_unavailable": "critical",
-}
+# The words (severities, every alert type with its severity) are protocol.alerts'; the rules
+# that raise rule alerts are below.
 
 # Fixed thresholds of the participant rules (the others come from the SLA).
 TASK_COMPLETION_MIN = 80.0

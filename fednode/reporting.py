@@ -3,7 +3,6 @@ offline from a node's data dir after the node has stopped, as after `fedctl demo
 
 from __future__ import annotations
 
-import json
 from datetime import UTC, datetime
 from typing import Any
 
@@ -12,10 +11,8 @@ from fednode.ledger import Ledger
 
 def last_sla(ledger: Ledger) -> dict[str, Any] | None:
     """The SLA the coordinator ran with, as it recorded it at its last start."""
-    rows = list(
-        ledger.db.query("SELECT data FROM events WHERE kind = 'sla' ORDER BY id DESC LIMIT 1")
-    )
-    return json.loads(rows[0]["data"]).get("sla") if rows else None
+    event = ledger.latest_event("sla")
+    return event["data"].get("sla") if event is not None else None
 
 
 def build_report(

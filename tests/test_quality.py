@@ -23,6 +23,7 @@ from fednode.quality import (
     ParticipantScores,
     SessionObservation,
 )
+from protocol import alerts
 from protocol.errors import ValidationError
 
 DEFAULT = SLA()
@@ -709,7 +710,7 @@ def test_participant_rule_at_under_and_over_threshold(
     assert c.threshold == pytest.approx(at)
     assert c.value == pytest.approx(bad)
     assert f"({severity})" in c.message
-    assert q.ALERT_SEVERITY[alert_type] == severity
+    assert alerts.ALERT_SEVERITY[alert_type] == severity
 
 
 def test_alert_messages_read_as_the_brief_says() -> None:
@@ -838,12 +839,12 @@ def test_healthy_session_raises_nothing() -> None:
 
 
 def test_alert_types_cover_the_table() -> None:
-    assert set(q.ALERT_SEVERITY.values()) <= set(q.SEVERITIES)
-    assert q.ALERT_SEVERITY["security_violation"] == "critical"
-    assert q.ALERT_SEVERITY["model_divergence"] == "high"
-    assert len(q.ALERT_SEVERITY) == 19
-    assert q.ALERT_SEVERITY["storage_unavailable"] == "critical"
-    assert q.ALERT_SEVERITY["aggregate_rejected"] == "high"
+    assert set(alerts.ALERT_SEVERITY.values()) <= set(alerts.SEVERITIES)
+    assert alerts.ALERT_SEVERITY["security_violation"] == "critical"
+    assert alerts.ALERT_SEVERITY["model_divergence"] == "high"
+    assert len(alerts.ALERT_SEVERITY) == 19
+    assert alerts.ALERT_SEVERITY["storage_unavailable"] == "critical"
+    assert alerts.ALERT_SEVERITY["aggregate_rejected"] == "high"
 
 
 # --- properties ---------------------------------------------------------------------------------
