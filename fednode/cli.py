@@ -13,9 +13,9 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from fedctl.output import emit_json, fail, run, stdout
 from fednode.files import PRIVATE_UMASK
 from fednode.home import NodeHome
+from fednode.output import emit_json, fail, run, stdout
 from protocol.errors import FednodeError
 from protocol.identity import public_key_from_peer_id
 from protocol.modelspec import default_max_params, format_size
@@ -442,6 +442,8 @@ async def _run_coordinator(
                 "no --operator given: nobody can create or start sessions"
             )
         await stop.wait()
+        # Rounds in flight recorded aborted, sessions left live: the next start resumes them.
+        await coord.shutdown()
         await coord.monitor.stop()
         await coord.guard.stop()
         server.close()

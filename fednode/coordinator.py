@@ -26,9 +26,10 @@ from fednode import __version__
 from fednode.admin import AdminAPI
 from fednode.events import EventBus
 from fednode.ledger import Ledger
-from fednode.monitor import QualityMonitor
-from fednode.quality import ALERT_SEVERITY, SLA
-from fednode.session import TERMINAL, SessionRun, SessionState
+from fednode.monitor import Action, QualityMonitor
+from fednode.quality import SLA
+from fednode.resume import ResumePoint, resume_point
+from fednode.session import SessionRun
 from fednode.storage_guard import StorageGuard, is_storage_fault, probe_paths
 from fednode.store import ContentStore
 from fednode.transport import (
@@ -41,6 +42,7 @@ from fednode.transport import (
 )
 from protocol import messages, tokens
 from protocol import spec as spec_mod
+from protocol.alerts import ALERT_SEVERITY
 from protocol.errors import (
     FednodeError,
     NotAuthorized,
@@ -50,6 +52,7 @@ from protocol.errors import (
 )
 from protocol.handshake import error_frame
 from protocol.identity import Identity
+from protocol.lifecycle import TERMINAL, SessionState
 from protocol.rotation import Rotation
 
 log = logging.getLogger("fednode.coordinator")
@@ -111,8 +114,12 @@ class Coordinator:
             on_up=self._storage_up,
         )
         self.admin = AdminAPI(self)
-        self.monitor = QualityMonitor(self, self.sla, heartbeat_s)
+        self.monitor = QualityMonitor(
+            ledger, self.sla, heartbeat_s, write=self.guard.write, publish=self.events.publish
+        )
         self.started_at = time.time()
+        self.stopping = False  # set by shutdown(): live sessions are not ending
+        self._to_resume: dict[str, ResumePoint | None] = {}
         self._recover()
         # What the quality figures of this run are judged against, for reports made later.
         self.ledger.append_event(
@@ -120,22 +127,59 @@ class Coordinator:
         )
 
     def _recover(self) -> None:
-        """A restarted coordinator cannot continue rounds it lost track of: say so."""
+        """Take up what the ledger says was live: a running or paused session continues
+        from its last ended round once the node serves (``serve``); the round that was cut
+        is recorded aborted and runs again (fednode.resume)."""
         self.ledger.mark_all_offline()
         for row in self.ledger.list_sessions():
             state = SessionState(row["status"])
-            with contextlib.suppress(FednodeError):  # fields added since take their defaults
+            sid = row["session_id"]
+            try:  # fields added since take their defaults
                 row["spec"] = spec_mod.validate(row["spec"])
+            except FednodeError as err:
+                if state in (SessionState.RUNNING, SessionState.PAUSED):
+                    self.ledger.update_session(
+                        sid,
+                        status=SessionState.FAILED.value,
+                        ended_at=time.time(),
+                        error=f"its stored spec is no longer valid: {err.message}",
+                    )
+                    state = SessionState.FAILED
+            self.sessions[sid] = SessionRun(self, sid, row["spec"], state)
             if state in (SessionState.RUNNING, SessionState.PAUSED):
-                self.ledger.update_session(
-                    row["session_id"],
-                    status=SessionState.FAILED.value,
-                    ended_at=time.time(),
-                    error="coordinator stopped while the session ran",
+                info = self.ledger.restart_session(
+                    sid,
+                    reason="the coordinator stopped while the round ran; it runs again",
+                    now=time.time(),
                 )
-                state = SessionState.FAILED
-            self.sessions[row["session_id"]] = SessionRun(
-                self, row["session_id"], row["spec"], state
+                point = resume_point(self.ledger.rounds(sid), self.ledger.live_models(sid))
+                self._to_resume[sid] = point
+                log.warning(
+                    "session %s was %s: resuming after round %s (restart %d%s)",
+                    sid,
+                    state.value,
+                    point.rounds_done if point else 0,
+                    info["restarts"],
+                    f", round {info['aborted']} aborted" if info["aborted"] else "",
+                )
+
+    async def shutdown(self) -> None:
+        """A clean stop (SIGTERM, Ctrl-C): the round in flight of each live session is
+        recorded aborted, the sessions stay live in the ledger, and the next start of this
+        node takes them up again."""
+        self.stopping = True
+        live = [r for r in self.sessions.values() if r._task is not None and not r._task.done()]
+        for run in live:
+            run._task.cancel()
+        for run in live:
+            with contextlib.suppress(asyncio.CancelledError):
+                await run._task
+            # Last in the session's chain: the next start reads it as a clean stop.
+            self.guard.write(
+                self.ledger.append_event,
+                "coordinator_stopped",
+                session_id=run.session_id,
+                data={"round": run.round.number if run.round else 0},
             )
 
     # --- bookkeeping used by sessions and the admin API --------------------------------
@@ -176,6 +220,30 @@ class Coordinator:
             self.events.publish("alert", {"change": "raised", **alert}, session_id)
 
         self.guard.write(write)
+
+    def apply(self, actions: list[Action]) -> None:
+        """Carry out, in order, what the quality monitor decided (fednode.monitor.Action)."""
+        for a in actions:
+            if a.kind == "raise_alert" and a.alert_type and a.peer_id:
+                self.raise_alert(a.alert_type, a.peer_id, a.session_id, a.reason)
+            elif a.kind == "pause_session" and a.session_id in self.sessions:
+                run = self.sessions[a.session_id]
+                if run.state != SessionState.RUNNING:  # paused, stopped or ended meanwhile
+                    continue
+                run.act("pause")
+                self.record(
+                    "action",
+                    a.session_id,
+                    {"action": "pause", "reason": a.reason},
+                    entity_id=a.peer_id,
+                )
+            elif a.kind == "exclude_peer":  # selection reads the open alert: nothing to do now
+                log.warning(
+                    "peer %s is left out of selection until alert %s is acknowledged: %s",
+                    a.peer_id,
+                    a.alert_id,
+                    a.reason,
+                )
 
     def registered_examples(self, peer_id: str) -> int:
         """The example count a connected participant registered (0 if it left)."""
@@ -296,8 +364,12 @@ class Coordinator:
     # --- connections ---------------------------------------------------------------------
 
     async def serve(self, host: str, port: int, ssl: SSLContext | None = None) -> Any:
-        self.monitor.start()
-        return await serve(self._handle, host, port, ssl=ssl, **ws_options())
+        self.monitor.start(self)
+        server = await serve(self._handle, host, port, ssl=ssl, **ws_options())
+        for sid, point in self._to_resume.items():  # participants reconnect by themselves
+            self.sessions[sid].resume(point)
+        self._to_resume.clear()
+        return server
 
     async def _refused(self, conn: Connection | None, address: str, err: FednodeError) -> None:
         self.guard.write(
@@ -315,7 +387,13 @@ class Coordinator:
             if run is not None and env.type in UPDATE_TYPES:  # the round stops waiting for it
                 run.on_refused_update(conn.peer_id, env.type, err)
         if peer is not None and peer.conn is conn and is_untrustworthy(err):
-            self.monitor.on_security_violation(conn.peer_id, err.code, err.message)
+            pid = conn.peer_id
+            running = [
+                r.session_id
+                for r in self.sessions.values()
+                if r.state == SessionState.RUNNING and self.names_of(pid) & self.allowed(r)
+            ]
+            self.apply(self.monitor.on_security_violation(pid, err.code, err.message, running))
 
     async def _handle(self, ws: ServerConnection) -> None:
         addr = ws.remote_address

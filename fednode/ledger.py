@@ -36,35 +36,36 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, Literal
 
 from sqlite_utils import Database
 
-from fednode import quality
+from protocol import alerts, lifecycle
 from protocol.errors import NotFound, StateError
+from protocol.lifecycle import RoundStatus, SessionState, TaskStatus, UpdateStatus
 
 GENESIS_HASH = "0" * 64
 
-SESSION_STATUSES = frozenset({"created", "running", "paused", "completed", "failed", "stopped"})
+SESSION_STATUSES = frozenset(SessionState)
 # rejected: the round's aggregate was refused (not finite, or its loss jumped) and never
 # published; the next round starts from the model this one started from.
-ROUND_STATUSES = frozenset({"running", "completed", "failed", "aborted", "rejected"})
-FINISHED_ROUND_STATUSES = ROUND_STATUSES - {"running"}
-UPDATE_STATUSES = frozenset({"accepted", "rejected"})
+ROUND_STATUSES = frozenset(RoundStatus)
+FINISHED_ROUND_STATUSES = lifecycle.FINISHED_ROUND_STATUSES
+UPDATE_STATUSES = frozenset(UpdateStatus)
 
-# --- quality: the vocabulary is fednode.quality's (the rules live there), checked here too
-SEVERITIES = frozenset(quality.SEVERITIES)
-EVENT_ALERT_TYPES = frozenset(
-    {"security_violation", "model_divergence", "aggregate_rejected", "storage_unavailable"}
-)
-RULE_ALERT_TYPES = frozenset(quality.ALERT_SEVERITY) - EVENT_ALERT_TYPES
-ALERT_TYPES = RULE_ALERT_TYPES | EVENT_ALERT_TYPES
-ALERT_STATUSES = frozenset({"open", "acknowledged", "resolved"})
-ACTIVE_ALERT_STATUSES = ("open", "acknowledged")
-ALERT_FILTERS = frozenset({"active", "all"}) | ALERT_STATUSES
+# --- quality: the words are protocol.alerts' (the rules live in fednode.quality)
+SEVERITIES = frozenset(alerts.SEVERITIES)
+EVENT_ALERT_TYPES = alerts.EVENT_ALERT_TYPES
+RULE_ALERT_TYPES = alerts.RULE_ALERT_TYPES
+ALERT_TYPES = alerts.ALERT_TYPES
+ALERT_STATUSES = frozenset(alerts.ALERT_STATUSES)
+ACTIVE_ALERT_STATUSES = alerts.ACTIVE_ALERT_STATUSES
+ALERT_FILTERS = frozenset(alerts.ALERT_FILTERS)
 NETWORK_DIRECTIONS = frozenset({"ping", "down", "up"})
-TASK_STATUSES = frozenset({"running", "done", "failed", "declined"})
-FINISHED_TASK_STATUSES = TASK_STATUSES - {"running"}
+TASK_STATUSES = frozenset(TaskStatus)
+FINISHED_TASK_STATUSES = lifecycle.FINISHED_TASK_STATUSES
+# How a selection of a peer ended, as the coordinator counts it (Ledger.recent_task_outcomes).
+TaskOutcome = Literal["completed", "failed", "declined"]
 TRENDS = frozenset({"improving", "stable", "declining"})
 
 # Metric columns a caller may fill, with their kind: "real" (float or None = not measured),
@@ -243,6 +244,32 @@ def _metrics(what: str, metrics: Any, columns: dict[str, str]) -> dict[str, Any]
         else:  # trend
             out[key] = None if value is None else _choice(key, value, TRENDS)
     return out
+
+
+def _network_row(
+    peer_id: str,
+    session_id: str | None,
+    ts: float,
+    direction: str,
+    rtt_ms: float | None = None,
+    bytes: int | None = None,
+    transfer_s: float | None = None,
+) -> dict[str, Any]:
+    """A checked network_quality_metrics row (Ledger.record_network explains the fields)."""
+    row = {
+        "peer_id": _text("peer_id", peer_id),
+        "session_id": _text("session_id", session_id, optional=True),
+        "ts": _real("ts", ts, optional=False),
+        "direction": _choice("direction", direction, NETWORK_DIRECTIONS),
+        "rtt_ms": _real("rtt_ms", rtt_ms, minimum=0.0),
+        "bytes": _int("bytes", bytes, minimum=0),
+        "transfer_s": _real("transfer_s", transfer_s, minimum=0.0),
+    }
+    mbps = None
+    if row["bytes"] is not None and row["transfer_s"] is not None and row["transfer_s"] > 0:
+        mbps = row["bytes"] * 8 / 1e6 / row["transfer_s"]
+    row["bandwidth_mbps"] = mbps
+    return row
 
 
 def _condition(raw: Any) -> dict[str, Any]:
@@ -548,12 +575,23 @@ def _m005_claims(db: Database) -> None:
     )
 
 
+def _m006_resume(db: Database) -> None:
+    """What a restarted coordinator resumes from: a strategy's own state with each model
+    version (a CID in the content store; NULL = no state), how many times a round was
+    started (an aborted attempt is run again under the same number), and how many times
+    the coordinator restarted while a session ran."""
+    db.execute("ALTER TABLE model_versions ADD COLUMN state_cid TEXT")
+    db.execute("ALTER TABLE training_rounds ADD COLUMN attempts INTEGER NOT NULL DEFAULT 1")
+    db.execute("ALTER TABLE sessions ADD COLUMN restarts INTEGER NOT NULL DEFAULT 0")
+
+
 MIGRATIONS: list[Callable[[Database], None]] = [
     _m001_initial,
     _m002_admission,
     _m003_quality,
     _m004_rollback,
     _m005_claims,
+    _m006_resume,
 ]
 """Ordered; migration ``i`` (0-based) brings the schema to version ``i + 1``."""
 
@@ -744,6 +782,71 @@ class Ledger:
     def get_session(self, session_id: str) -> dict[str, Any]:
         return _session_row(self._require_session(session_id))
 
+    def restart_session(self, session_id: str, *, reason: str, now: float) -> dict[str, Any]:
+        """A coordinator that (re)started finds this session live: in ONE transaction, the
+        round that was cut (still ``running``; none after a clean stop, which aborted it
+        already) becomes ``aborted`` with its ``round_aborted`` event, the session's
+        ``restarts`` counts up, and a ``coordinator_restarted`` event says so. Returns
+        ``{"restarts": n, "aborted": [round numbers]}``."""
+        with self.transaction():
+            session = self._require_session(session_id)
+            last = self.db.execute(
+                "SELECT kind FROM events WHERE session_id = ? ORDER BY id DESC LIMIT 1",
+                (session_id,),
+            ).fetchone()
+            clean = last is not None and last[0] == "coordinator_stopped"
+            aborted = []
+            for r in self.rounds(session_id):
+                if r["status"] == "running":
+                    self._abort_round_tx(session_id, r, reason=reason, now=now)
+                    aborted.append(r["round"])
+            restarts = int(session.get("restarts") or 0) + 1
+            self.db["sessions"].update(session_id, {"restarts": restarts})
+            self.append_event(
+                "coordinator_restarted",
+                session_id=session_id,
+                data={
+                    "restarts": restarts,
+                    "clean": clean,  # the last stop was a clean one (SIGTERM), not a crash
+                    "aborted_rounds": aborted,
+                    "status": session["status"],
+                },
+            )
+        return {"restarts": restarts, "aborted": aborted, "clean": clean}
+
+    def abort_round(self, session_id: str, round: int, *, reason: str, now: float) -> None:
+        """The round in flight when the coordinator stops cleanly: ``aborted``, with its
+        ``round_aborted`` event, in ONE transaction; it runs again when the node is back."""
+        with self.transaction():
+            self._abort_round_tx(session_id, self._get_round(session_id, round), reason, now)
+
+    def _abort_round_tx(self, session_id: str, r: dict[str, Any], reason: str, now: float) -> None:
+        self._finish_round_tx(
+            session_id,
+            r["round"],
+            status="aborted",
+            ended_at=now,
+            model_cid=None,
+            accuracy=None,
+            loss=None,
+            participants=0,
+            dropped=0,
+            bytes_up=r["bytes_up"],
+            bytes_down=r["bytes_down"],
+            reason=reason,
+        )
+        self.append_event(
+            "round_aborted",
+            session_id=session_id,
+            data={
+                "round": r["round"],
+                "attempt": r.get("attempts", 1),
+                "started_at": r["started_at"],
+                "selected": r["selected"],
+                "reason": reason,
+            },
+        )
+
     def list_sessions(self) -> list[dict[str, Any]]:
         """Newest first (by creation time, then insertion order)."""
         rows = self.db.query("SELECT * FROM sessions ORDER BY created_at DESC, rowid DESC")
@@ -760,9 +863,34 @@ class Ledger:
         model_cid_in: str,
         started_at: float,
     ) -> dict[str, Any]:
-        """Open a round; starting the same round twice is a StateError (resume, don't redo)."""
+        """Open a round; starting the same round twice is a StateError (resume, don't redo).
+
+        A round whose last attempt was ``aborted`` (the coordinator stopped or crashed while
+        it ran) is started again under the same number: its row is reset to ``running`` and
+        ``attempts`` counts up; the aborted attempt stays in the chain as its
+        ``round_aborted`` event."""
         with self.transaction():
             self._require_session(session_id)
+            old = self.db.execute(
+                "SELECT status FROM training_rounds WHERE session_id = ? AND round = ?",
+                (session_id, int(round)),
+            ).fetchone()
+            if old is not None and old[0] == "aborted":
+                self.db.execute(
+                    "UPDATE training_rounds SET status = 'running', started_at = ?, "
+                    "ended_at = NULL, duration_s = NULL, selected = ?, participants = 0, "
+                    "dropped = 0, model_cid_in = ?, model_cid = NULL, accuracy = NULL, "
+                    "loss = NULL, bytes_up = 0, bytes_down = 0, reason = NULL, "
+                    "attempts = attempts + 1 WHERE session_id = ? AND round = ?",
+                    (
+                        float(started_at),
+                        canonical_json(list(selected)),
+                        model_cid_in,
+                        session_id,
+                        int(round),
+                    ),
+                )
+                return self._get_round(session_id, round)
             try:
                 self.db["training_rounds"].insert(
                     {
@@ -900,6 +1028,7 @@ class Ledger:
         bytes_down: int = 0,
         parent_cid: str | None = None,
         reason: str | None = None,
+        state_cid: str | None = None,
     ) -> dict[str, Any]:
         """Finish a round that produced a new global model, in ONE transaction.
 
@@ -935,6 +1064,7 @@ class Ledger:
                 loss=loss,
                 size=size,
                 created_at=ended_at,
+                state_cid=state_cid,
             )
         return self._get_round(session_id, round)
 
@@ -1069,6 +1199,50 @@ class Ledger:
             for r in rows
         }
 
+    def recent_task_outcomes(self, peer_id: str, limit: int) -> list[tuple[str, int, TaskOutcome]]:
+        """A peer's last ``limit`` finished selections, oldest first, as (session_id, round,
+        outcome): the history the coordinator's quality monitor starts from for a peer it
+        has not seen since this process started (it then keeps it in memory).
+
+        ``completed``: it has an accepted update (or masked input) in the round;
+        ``declined``: it sent a ``task_error`` whose code is ``LIMIT_*`` (the spec exceeds the
+        limits its own operator set: the operator's choice, not unreliability); ``failed``:
+        anything else (a training deadline, a crash, a rejected update, it left)."""
+        rows = list(
+            self.db.query(
+                "SELECT r.session_id, r.round FROM training_rounds r, json_each(r.selected) j "
+                "WHERE j.value = ? AND r.status NOT IN ('running', 'aborted') "
+                "ORDER BY r.started_at DESC LIMIT ?",
+                (peer_id, _int("limit", limit, optional=False, minimum=0)),
+            )
+        )
+        if not rows:
+            return []
+        sessions = sorted({r["session_id"] for r in rows})
+        declined = {
+            (d["session_id"], d["round"])
+            for d in self.db.query(
+                "SELECT session_id, json_extract(data, '$.round') AS round FROM events "
+                f"WHERE session_id IN ({','.join('?' * len(sessions))}) "  # idx_events_session
+                "AND kind = 'task_error' AND entity_id = ? "
+                "AND json_extract(data, '$.code') LIKE 'LIMIT\\_%' ESCAPE '\\'",
+                (*sessions, peer_id),
+            )
+        }
+        out: list[tuple[str, int, TaskOutcome]] = []
+        for r in reversed(rows):
+            key = (r["session_id"], r["round"])
+            outcome: TaskOutcome = "declined"
+            if key not in declined:
+                hit = self.db.execute(
+                    "SELECT 1 FROM client_updates WHERE session_id = ? AND round = ? "
+                    "AND participant = ? AND status = 'accepted' LIMIT 1",
+                    (*key, peer_id),
+                ).fetchone()
+                outcome = "completed" if hit is not None else "failed"
+            out.append((key[0], key[1], outcome))
+        return out
+
     def mark_all_offline(self) -> int:
         """At node start nobody is connected yet, whatever the last run left behind."""
         with self.transaction():
@@ -1130,6 +1304,17 @@ class Ledger:
             )
         return "admitted"
 
+    def has_usable_invite(self, session_id: str, now: float) -> bool:
+        """Whether an invite of the session can still admit someone: unexpired at ``now``,
+        with uses left."""
+        row = self._one(
+            "SELECT 1 AS x FROM join_tokens AS t WHERE t.session_id = ? AND t.expires_at > ? "
+            "AND (SELECT count(*) FROM session_members AS m WHERE m.token_id = t.token_id)"
+            " < t.max_uses LIMIT 1",
+            (session_id, _real("now", now, optional=False)),
+        )
+        return row is not None
+
     def record_claims(
         self, session_ids: Iterable[str], peer_id: str, num_examples: int, now: float
     ) -> None:
@@ -1173,6 +1358,7 @@ class Ledger:
         loss: float | None,
         size: int | None,
         created_at: float,
+        state_cid: str | None = None,
     ) -> None:
         try:
             self.db["model_versions"].insert(
@@ -1185,6 +1371,7 @@ class Ledger:
                     "loss": loss,
                     "size": size,
                     "created_at": float(created_at),
+                    "state_cid": state_cid,
                 }
             )
         except sqlite3.IntegrityError as exc:
@@ -1203,6 +1390,7 @@ class Ledger:
         loss: float | None,
         size: int | None,
         created_at: float,
+        state_cid: str | None = None,
     ) -> dict[str, Any]:
         """A model version outside a round's completion (e.g. the initial model, round 0)."""
         with self.transaction():
@@ -1216,6 +1404,7 @@ class Ledger:
                 loss=loss,
                 size=size,
                 created_at=created_at,
+                state_cid=state_cid,
             )
         return dict(self.db["model_versions"].get((session_id, int(round))))
 
@@ -1356,6 +1545,29 @@ class Ledger:
                 (session_id, since_id, limit),
             )
         return [_event_row(r) for r in rows]
+
+    def latest_events(self, session_id: str | None = None, limit: int = 50) -> list[dict[str, Any]]:
+        """The last ``limit`` events (of one session, or of the node), oldest first: the
+        tail an operator asks for (admin ``events.list``)."""
+        n = _int("limit", limit, optional=False, minimum=1)
+        if session_id is None:
+            rows = self.db.query("SELECT * FROM events ORDER BY id DESC LIMIT ?", (n,))
+        else:
+            rows = self.db.query(
+                "SELECT * FROM events WHERE session_id = ? ORDER BY id DESC LIMIT ?",
+                (session_id, n),
+            )
+        return [_event_row(r) for r in reversed(list(rows))]
+
+    def latest_event(self, kind: str) -> dict[str, Any] | None:
+        """The newest event of one kind (e.g. the ``sla`` a coordinator records at start)."""
+        row = self._one("SELECT * FROM events WHERE kind = ? ORDER BY id DESC LIMIT 1", (kind,))
+        return _event_row(row) if row is not None else None
+
+    def event_count(self) -> int:
+        """How many events the chain holds."""
+        row = self._one("SELECT count(*) AS n FROM events")
+        return int(row["n"]) if row is not None else 0
 
     def verify_chain(self) -> tuple[bool, int | None]:
         """Recompute every hash and link; returns (ok, id of the first bad event).
@@ -1531,22 +1743,20 @@ class Ledger:
         ``bandwidth_mbps`` (megabits per second) is computed here, from the same figures
         every time, when both bytes and a positive transfer time are given; else NULL.
         """
-        row = {
-            "peer_id": _text("peer_id", peer_id),
-            "session_id": _text("session_id", session_id, optional=True),
-            "ts": _real("ts", ts, optional=False),
-            "direction": _choice("direction", direction, NETWORK_DIRECTIONS),
-            "rtt_ms": _real("rtt_ms", rtt_ms, minimum=0.0),
-            "bytes": _int("bytes", bytes, minimum=0),
-            "transfer_s": _real("transfer_s", transfer_s, minimum=0.0),
-        }
-        mbps = None
-        if row["bytes"] is not None and row["transfer_s"] is not None and row["transfer_s"] > 0:
-            mbps = row["bytes"] * 8 / 1e6 / row["transfer_s"]
-        row["bandwidth_mbps"] = mbps
+        row = _network_row(peer_id, session_id, ts, direction, rtt_ms, bytes, transfer_s)
         with self.transaction():
             row_id = self._insert("network_quality_metrics", row)
             return self._row("network_quality_metrics", row_id)
+
+    def record_network_many(self, measurements: Iterable[Mapping[str, Any]]) -> int:
+        """Many measurements (each with ``record_network``'s arguments by name) in ONE
+        transaction: the quality monitor keeps pings and transfers in memory and writes
+        them once per round. All are checked before any is written. Returns how many."""
+        rows = [_network_row(**m) for m in measurements]
+        with self.transaction():
+            for row in rows:
+                self._insert("network_quality_metrics", row)
+        return len(rows)
 
     def network_metrics(
         self, peer_id: str, since: float = 0.0, direction: str | None = None
@@ -1891,7 +2101,7 @@ class Ledger:
     # --- summary ------------------------------------------------------------------------
 
     def summary(self, session_id: str, *, now: float | None = None) -> dict[str, Any]:
-        """The session summary of CLI.md, computed from rows (without the ``ok`` key).
+        """The session summary (docs/cli.md, `session status`), computed from rows (without the ``ok`` key).
 
         ``duration_s`` runs to ``ended_at``, or to ``now`` while the session is live, and is
         0 for a session never started; bytes and ``dropped`` are sums over its rounds;
@@ -1942,6 +2152,7 @@ class Ledger:
             "final_accuracy": session["final_accuracy"],
             "final_loss": session["final_loss"],
             "model_cid": session["model_cid"],
+            "restarts": session.get("restarts", 0),  # coordinator restarts while it ran
             "duration_s": duration,
             "bytes_up": int(totals[1]),
             "bytes_down": int(totals[2]),

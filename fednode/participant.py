@@ -22,6 +22,7 @@ import dataclasses
 import hashlib
 import logging
 import math
+import random
 import threading
 import time
 from typing import Any
@@ -30,15 +31,16 @@ import psutil
 import torch
 from websockets.exceptions import ConnectionClosed
 
-from fednode import __version__, bounds, quality, training, weights
+from fednode import __version__, bounds, quality, round_config, training, weights
 from fednode.data import DatasetRef, load_partition
 from fednode.ledger import Ledger
+from fednode.privacy import TrainFn
 from fednode.session import model_spec
 from fednode.store import BlockStore
 from fednode.transport import Connection, dial
 from protocol import messages, modelspec, secagg, spec
 from protocol.cid import file_cid
-from protocol.errors import CIDError, FednodeError, SpecError
+from protocol.errors import CIDError, FednodeError, SpecError, Unsupported
 from protocol.identity import Identity
 from protocol.modelspec import format_size
 from protocol.rotation import Rotation
@@ -163,10 +165,11 @@ def _timed_train(
     cfg: training.TrainConfig,
     deadline: float | None = None,
     stop: threading.Event | None = None,
+    train: TrainFn = training.train,  # what the round's privacy mechanism made of it
 ) -> tuple[training.TrainResult, float]:
     """Train in a worker thread and return the CPU time that thread spent."""
     start = time.thread_time()
-    result = training.train(mspec, w, data, cfg, deadline=deadline, stop=stop)
+    result = train(mspec, w, data, cfg, deadline=deadline, stop=stop)
     return result, time.thread_time() - start
 
 
@@ -247,8 +250,10 @@ class Participant:
                 else:
                     backoff = 0.5
                     log.warning("lost the coordinator; reconnecting")
+            # Jitter: after a coordinator restart, its participants must not all dial back
+            # in the same instant (half to all of the backoff, at random).
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), backoff)
+                await asyncio.wait_for(stop.wait(), backoff * random.uniform(0.5, 1.0))
             backoff = min(backoff * 2, MAX_BACKOFF_S)
 
     async def _connected(self, conn: Connection, stop: asyncio.Event) -> FednodeError | None:
@@ -448,6 +453,7 @@ class Participant:
         del blob
         data = await asyncio.to_thread(self._load_data, s["data"])
         t = s["training"]
+        plan = round_config.plan(task)  # checked in _do_round before anything was fetched
         cfg = training.TrainConfig(
             local_epochs=t["local_epochs"],
             batch_size=t["batch_size"],
@@ -456,6 +462,7 @@ class Participant:
             momentum=t["momentum"],
             weight_decay=t["weight_decay"],
             seed=shuffle_seed(s["data"]["seed"], task.round, self.identity.peer_id),
+            **plan.training,  # the strategy's settings for this round (FedProx: proximal_mu)
         )
         wall0, proc0 = time.perf_counter(), self._proc.cpu_times()
         if self.train_delay_s:  # a test option: the delay counts as (slow) training time
@@ -472,7 +479,14 @@ class Participant:
         stop = threading.Event()
         try:
             result, thread_cpu = await asyncio.to_thread(
-                _timed_train, mspec, global_w, data, cfg, deadline, stop
+                _timed_train,
+                mspec,
+                global_w,
+                data,
+                cfg,
+                deadline,
+                stop,
+                plan.privacy.wrap(training.train),
             )
         except training.TrainingStopped as err:
             if err.code != "TRAIN_DEADLINE":
@@ -566,6 +580,9 @@ class Participant:
             s = spec.validate(task.spec)
             # Priced before anything is fetched or allocated: beyond a limit, declined.
             self.limits.check(s, self.num_examples, secure=bool(task.secagg))
+            # The round's strategy settings, codec and privacy, each one this node has or
+            # declined (fednode.round_config says why a setting is never ignored).
+            plan = round_config.plan(task)
             round_end = arrived + task.deadline_s - upload_margin(task.deadline_s)
             if task.secagg:
                 result, sent = await self._secure_round(conn, session, task, s, arrived, round_end)
@@ -583,7 +600,7 @@ class Participant:
                     )
                 if not math.isfinite(result.loss):  # train() refuses these; never send one
                     raise training.NonFiniteUpdate(f"the training loss is {result.loss}")
-                own = out = await asyncio.to_thread(weights.to_bytes, result.weights)
+                own = out = await asyncio.to_thread(plan.codec.encode, result.weights)
                 sent = await conn.send(
                     messages.Update(
                         round=task.round,
@@ -615,6 +632,7 @@ class Participant:
                     "train_s": result.duration_s,
                     "bytes_up": sent,
                     "total_s": time.time() - started,
+                    "applied": plan.describe(),  # the round's settings as this node used them
                 },
             )
             self.ledger.finish_task(
@@ -628,7 +646,7 @@ class Participant:
                 bytes_up=sent,
                 bytes_down=self._fetched.pop(task.model_cid, (0, 0.0))[0],
             )
-        except (LimitExceeded, SpecError) as err:  # what this node will not do: declined
+        except (LimitExceeded, SpecError, Unsupported) as err:  # what it will not do: declined
             log.warning("declined round %d: %s: %s", task.round, err.code, err.message)
             await self._task_failed(conn, session, task, task_id, started, err, status="declined")
         except FednodeError as err:

@@ -9,8 +9,9 @@ Each stage waits until every participant expected at it has answered, left, or t
 deadline passed; whoever is missing is dropped from the later stages. The coordinator relays
 ciphertexts it cannot read and never holds an individual unmasked vector: what it decodes is
 the sum of U3's weighted updates against the round's model g (which it published, so it
-learns nothing more from g) and the sum of their example counts; g plus their ratio is
-FedAvg of U3's models.
+learns nothing more from g) and the sum of their example counts; g plus their ratio is the
+weighted mean of U3's models: the aggregate of every strategy that ``supports_secure``
+(protocol.plugins.STRATEGIES), whose state a secure round leaves as it was.
 """
 
 from __future__ import annotations
@@ -39,16 +40,27 @@ from protocol.secagg import (
 )
 
 if TYPE_CHECKING:
-    from fednode.session import RoundRun, SessionRun
+    from fednode.services import RoundView, SecureSession
 
 STAGES = ("keys", "shares", "masked", "unmask")
 
 
 class SecureRound:
-    def __init__(self, run: SessionRun, rnd: RoundRun):
+    def __init__(self, run: SecureSession, rnd: RoundView):
+        if not run.strategy.supports_secure:  # the spec check refuses it; this is the backstop
+            raise StateError(
+                f"strategy {run.strategy.name!r} cannot be computed from the sum of the updates, "
+                "which is all a secure round shows the coordinator",
+                hint="use a strategy that supports secure aggregation, or secure = false",
+            )
         self.run = run
         self.rnd = rnd
-        tag = hashlib.sha256(f"fednode/secagg/{run.session_id}/{rnd.number}".encode()).digest()
+        # Fresh for every attempt at a round: a round cut by a coordinator restart runs again
+        # under its number, and its keys (new on every participant) and this tag (new here)
+        # make sure that no KDF input, hence no mask, of the cut attempt is used twice.
+        tag = hashlib.sha256(
+            f"fednode/secagg/{run.session_id}/{rnd.number}/".encode() + os.urandom(16)
+        ).digest()
         self.params = params_from_spec(
             run.spec["aggregation"], len(rnd.selected), tag, os.urandom(32)
         )

@@ -27,20 +27,20 @@ import contextlib
 import logging
 import math
 import time
-from dataclasses import dataclass, field
-from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from fednode import bounds, quality, training, versions, weights
+from fednode import quality, rounds, training, versions, weights
+from fednode.codec import get_codec
 from fednode.data import load_eval
+from fednode.resume import ResumePoint
+from fednode.rounds import RoundRun
 from fednode.secure_round import SecureRound
 from fednode.strategies import get_strategy
-from fednode.strategies.base import ClientUpdate
-from protocol import messages
+from fednode.strategies.base import ClientUpdate, State
+from protocol import messages, plugins
 from protocol import spec as specmod
-from protocol.cid import file_cid
 from protocol.errors import (
     AggregateRejected,
     FednodeError,
@@ -48,9 +48,10 @@ from protocol.errors import (
     StateError,
     ValidationError,
 )
+from protocol.lifecycle import TERMINAL, RoundPhase, SessionState, next_state
 
 if TYPE_CHECKING:
-    from fednode.coordinator import Coordinator
+    from fednode.services import SessionHost
 
 log = logging.getLogger("fednode.session")
 
@@ -58,46 +59,10 @@ log = logging.getLogger("fednode.session")
 #: aggregate becomes NaN, to exercise the non-finite rollback. 0 = off.
 NAN_ROUND = 0
 
-
-class SessionState(StrEnum):
-    CREATED = "created"
-    RUNNING = "running"
-    PAUSED = "paused"
-    COMPLETED = "completed"
-    FAILED = "failed"
-    STOPPED = "stopped"
-
-
-class RoundPhase(StrEnum):
-    SELECTING = "selecting"
-    TRAINING = "training"
-    AGGREGATING = "aggregating"
-    EVALUATING = "evaluating"
-    DONE = "done"
-
-
-TERMINAL = {SessionState.COMPLETED, SessionState.FAILED, SessionState.STOPPED}
-# operator action -> (states it is allowed from, state it leads to)
-ACTIONS: dict[str, tuple[set[SessionState], SessionState]] = {
-    "start": ({SessionState.CREATED}, SessionState.RUNNING),
-    "pause": ({SessionState.RUNNING}, SessionState.PAUSED),
-    "resume": ({SessionState.PAUSED}, SessionState.RUNNING),
-    "stop": (
-        {SessionState.CREATED, SessionState.RUNNING, SessionState.PAUSED},
-        SessionState.STOPPED,
-    ),
-}
-
-
-def next_state(state: SessionState, action: str) -> SessionState:
-    """The state after an operator action, or StateError saying why it is not allowed."""
-    allowed, target = ACTIONS[action]
-    if state not in allowed:
-        raise StateError(
-            f"cannot {action} a session that is {state.value}",
-            hint="allowed from: " + ", ".join(sorted(s.value for s in allowed)),
-        )
-    return target
+#: After a restart, how long the first round waits at most for the participants of the round
+#: that was cut to reconnect (they re-dial with backoff of up to a few seconds), so that a
+#: crash does not change who trains; bounded by the spec's wait_participants_s.
+REGATHER_S = 15.0
 
 
 def model_spec(spec: dict[str, Any]) -> dict[str, Any]:
@@ -110,30 +75,10 @@ def model_spec(spec: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-@dataclass
-class RoundRun:
-    """What one round knows while it runs."""
-
-    number: int
-    model_cid: str
-    selected: list[str]
-    started_at: float = field(default_factory=time.time)
-    phase: RoundPhase = RoundPhase.SELECTING
-    received: dict[str, tuple[messages.Update, float]] = field(default_factory=dict)
-    failed: dict[str, str] = field(default_factory=dict)  # peer -> reason (left, error)
-    bytes_up: int = 0
-    bytes_down: int = 0
-    anomalous_pct: float | None = None  # plain rounds: share of updates that were outliers
-
-    @property
-    def outstanding(self) -> set[str]:
-        return set(self.selected) - set(self.received) - set(self.failed)
-
-
 class SessionRun:
     def __init__(
         self,
-        coord: Coordinator,
+        coord: SessionHost,
         session_id: str,
         spec: dict[str, Any],
         state: SessionState = SessionState.CREATED,
@@ -149,12 +94,20 @@ class SessionRun:
         self.shapes: dict[str, tuple[int, ...]] = {}
         self.base_loss = math.nan  # validation loss of the current global model
         self.strategy = get_strategy(spec["aggregation"]["strategy"])
+        # the strategy's own state, that of the current model version (model_versions.state_cid)
+        self.strategy_state: State = {}
+        # how plain updates are encoded; a spec stored before codecs existed and no longer valid
+        # (kept for a finished session) is read as it was: identity
+        self.codec = get_codec(spec["aggregation"].get("codec", plugins.IDENTITY_CODEC))
         self._wake = asyncio.Event()
         self.secure: SecureRound | None = None
         self._task: asyncio.Task[None] | None = None
         self.pending_rollback: tuple[int, str, float] | None = None  # (round, by, asked at)
         self._idle = False  # the driver waits between rounds (paused): nothing is in flight
         self.paused_for_storage = False  # paused by a storage outage: resumed when it heals
+        # after a restart: the peers of the cut round, and until when the first round waits
+        # for them to reconnect (rounds.regathered)
+        self._regather: tuple[tuple[str, ...], float] | None = None
 
     # --- operator actions -----------------------------------------------------------
 
@@ -192,9 +145,19 @@ class SessionRun:
 
     # --- the driver --------------------------------------------------------------------
 
-    async def _run(self) -> None:
+    def resume(self, point: ResumePoint | None) -> None:
+        """Drive a session that was live when the coordinator stopped (Coordinator.serve):
+        from ``point`` (fednode.resume), or from the start if it had no model yet. A paused
+        session's driver waits, paused, as it did."""
+        self._task = asyncio.create_task(self._run(point), name=f"session-{self.session_id}")
+
+    async def _run(self, resume_from: ResumePoint | None = None) -> None:
+        stopping = False
         try:
-            await self._prepare()
+            if resume_from is None:
+                await self._prepare()
+            else:
+                await self._restore(resume_from)
             while self.rounds_done < self.spec["rounds"]:
                 while self.state == SessionState.PAUSED:
                     self._idle = True
@@ -205,8 +168,20 @@ class SessionRun:
                 await self._one_round(self.rounds_done + 1)
             self._set_state(SessionState.COMPLETED)
         except asyncio.CancelledError:
+            stopping = self.coord.stopping
             if self.round is not None and self.round.phase != RoundPhase.DONE:
-                self._finish_round_failed("aborted", "session stopped by an operator")
+                if stopping:  # SIGTERM: the session stays live; the round runs again later
+                    self.round.phase = RoundPhase.DONE
+                    self.coord.guard.write(
+                        self.coord.ledger.abort_round,
+                        self.session_id,
+                        self.round.number,
+                        reason="the coordinator stopped (SIGTERM) while the round ran; it "
+                        "runs again when the coordinator is back",
+                        now=time.time(),
+                    )
+                else:
+                    self._finish_round_failed("aborted", "session stopped by an operator")
             raise
         except FednodeError as err:
             log.error("session %s failed: %s", self.session_id, err.message)
@@ -215,7 +190,8 @@ class SessionRun:
             log.exception("session %s crashed", self.session_id)
             self._set_state(SessionState.FAILED, f"INTERNAL: {type(exc).__name__}: {exc}")
         finally:
-            await self.coord.broadcast_session_end(self)
+            if not stopping:  # a stopping coordinator's sessions have not ended
+                await self.coord.broadcast_session_end(self)
 
     async def _prepare(self) -> None:
         spec = self.spec
@@ -242,6 +218,53 @@ class SessionRun:
             created_at=time.time(),
         )
 
+    async def _restore(self, point: ResumePoint) -> None:
+        """Take the session up where the ledger says it was: the current version's model
+        (from this node's own store, hash-checked), its loss, its strategy state."""
+        spec = self.spec
+        self.eval_data = await asyncio.to_thread(
+            load_eval,
+            spec["data"]["dataset"],
+            features=spec["data"]["features"],
+            seed=spec["data"]["seed"],
+        )
+        self.shapes = training.expected_shapes(model_spec(spec))
+        blob = await self.coord.guard.run(self.coord.store.get, point.model_cid)
+        w = await asyncio.to_thread(weights.from_bytes, blob, expect=self.shapes)
+        self.global_cid, self.global_weights = point.model_cid, w
+        self.base_loss = point.loss if point.loss is not None else math.nan
+        restore_state = getattr(self, "restore_strategy_state", None)
+        if restore_state is not None:
+            restore_state(point.state_cid)
+        self.rounds_done = point.rounds_done
+        grace = min(REGATHER_S, float(spec["wait_participants_s"]))
+        self._regather = (point.regather, time.monotonic() + grace)
+        log.warning(
+            "session %s resumed after round %d from round %d's model %s",
+            self.session_id,
+            point.rounds_done,
+            point.model_round,
+            point.model_cid,
+        )
+
+    async def _store_state(self, state: State) -> str | None:
+        """Put a strategy state in the content store (safetensors, like a model): its CID, or
+        None for no state (model_versions.state_cid stays NULL)."""
+        if not state:
+            return None
+        blob = await asyncio.to_thread(weights.to_bytes, state)
+        return await self.coord.guard.run(self.coord.store.put, blob)
+
+    def restore_strategy_state(self, state_cid: str | None) -> State:
+        """Make the state stored under ``state_cid`` (None: no state) the strategy's current
+        one, as it was when that model version was made: by rollback, and by resuming a session
+        after the coordinator restarted. The store checks the bytes against the CID."""
+        if state_cid is None:
+            self.strategy_state = {}
+        else:
+            self.strategy_state = weights.from_bytes(self.coord.store.get(state_cid))
+        return self.strategy_state
+
     async def _store_model(self, w: weights.Weights) -> tuple[str, int]:
         """Put a global model in the content store and make it the current one."""
         blob = weights.to_bytes(w)
@@ -250,10 +273,12 @@ class SessionRun:
         return cid, len(blob)
 
     def _eligible(self) -> list[str]:
-        allowed = self.coord.allowed(self)
-        online = [p for p in self.coord.online_participants() if self.coord.names_of(p) & allowed]
-        excluded = self.coord.monitor.excluded()
-        return [p for p in online if p not in excluded]
+        return rounds.eligible(
+            self.coord.online_participants(),
+            self.coord.names_of,
+            self.coord.allowed(self),
+            self.coord.monitor.excluded(),
+        )
 
     def _log_exclusions(self, number: int) -> None:
         """An admitted, online peer left out because of an open critical alert: say so."""
@@ -279,28 +304,34 @@ class SessionRun:
     async def _select(self) -> list[str]:
         spec = self.spec
         deadline = time.monotonic() + spec["wait_participants_s"]
-        while len(self._eligible()) < spec["min_participants"]:
+        while True:
+            candidates = self._eligible()
+            if self._regather is not None:
+                expected, until = self._regather
+                if not rounds.regathered(candidates, expected, time.monotonic(), until):
+                    await self._wait(until - time.monotonic())
+                    continue
+                self._regather = None
+            selected = rounds.select(candidates, spec["min_participants"], spec["max_participants"])
+            if selected is not None:
+                return selected
             left = deadline - time.monotonic()
             if left <= 0:
                 raise StateError(
-                    f"only {len(self._eligible())} of min_participants = "
+                    f"only {len(candidates)} of min_participants = "
                     f"{spec['min_participants']} admitted participants online after "
                     f"{spec['wait_participants_s']:.0f} s",
                     hint="start more participants (listed in the spec or holding an invite "
                     "from `fedctl invite`), or lower min_participants",
                 )
             await self._wait(left)
-        selected = self._eligible()
-        if spec["max_participants"]:
-            selected = selected[: spec["max_participants"]]
-        return selected
 
     async def _one_round(self, number: int) -> None:
         spec = self.spec
         selected = await self._select()
         self._apply_pending_rollback()  # an operator's rollback takes effect between rounds
         self._log_exclusions(number)
-        rnd = self.round = RoundRun(number, self.global_cid, selected)
+        rnd = self.round = RoundRun(number, self.global_cid, selected, time.time())
         # What each selected peer registered is the most its weight may count in this session
         # (it only ever goes down); then the round itself, before anyone is asked to train.
         await self.coord.guard.run(
@@ -332,6 +363,7 @@ class SessionRun:
             self.secure = None
             self._finish_round_failed("aborted", f"secure aggregation cannot start: {err.message}")
             raise StateError(f"round {number} cannot run: {err.message}", hint=err.hint) from None
+        config = self.strategy.round_config(number, spec)  # the same for every participant
         for peer in selected:
             task = messages.RoundStart(
                 round=number,
@@ -339,6 +371,9 @@ class SessionRun:
                 spec=spec,
                 deadline_s=spec["round_timeout_s"],
                 secagg=self.secure.wire(peer) if self.secure else {},
+                strategy=config,
+                codec=self.codec.name,
+                privacy=spec["privacy"]["mechanism"],
             )
             if not await self.coord.send_to(peer, task, self.session_id):
                 rnd.failed[peer] = "offline when the round started"
@@ -375,61 +410,28 @@ class SessionRun:
         return sent
 
     async def _collect_plain(self, rnd: RoundRun, end: float) -> tuple[weights.Weights, list[str]]:
-        while rnd.outstanding and time.monotonic() < end:
+        while not rnd.closed(time.monotonic(), end):
             await self._wait(end - time.monotonic())
-        for peer in rnd.outstanding:
-            rnd.failed[peer] = "no update before the round timeout"
+        rnd.time_out()
         if not rnd.received:
             raise StateError("no update arrived")
         rnd.phase = RoundPhase.AGGREGATING
         updates = [
-            ClientUpdate(
-                peer, weights.from_bytes(u.data, expect=self.shapes), u.num_examples, u.loss
-            )
+            ClientUpdate(peer, self.codec.decode(u.data, self.shapes), u.num_examples, u.loss)
             for peer, (u, _) in sorted(rnd.received.items())
         ]
         assert self.global_weights is not None
         judged = await asyncio.to_thread(self._judge_updates, updates)
         self._record_judgement(rnd, judged)
         claims = self.coord.ledger.claims(self.session_id)
-        bounded, figures = await asyncio.to_thread(self._bound, updates, claims)
+        bounded, figures = await asyncio.to_thread(
+            rounds.bound_updates, updates, self.global_weights, claims, self.spec["aggregation"]
+        )
         self._record_bounds(rnd, figures)
-        new = await asyncio.to_thread(self.strategy.aggregate, self.global_weights, bounded)
+        new, rnd.next_state = await asyncio.to_thread(
+            self.strategy.aggregate, self.global_weights, bounded, self.strategy_state
+        )
         return new, sorted(rnd.received)
-
-    def _bound(
-        self, updates: list[ClientUpdate], claims: dict[str, int]
-    ) -> tuple[list[ClientUpdate], dict[str, dict[str, Any]]]:
-        """Each update's weight and step bounded (fednode.bounds), with the figures of the
-        decision. A claim counts at most what the participant registered (``claims``).
-        Runs in a worker thread, so it only computes."""
-        assert self.global_weights is not None
-        agg = self.spec["aggregation"]
-        raw = {
-            u.peer_id: bounds.bounded_weight(
-                u.num_examples,
-                claims.get(u.peer_id),
-                weighting=agg["weighting"],
-                max_examples=agg["max_examples"],
-            )
-            for u in updates
-        }
-        shares = bounds.capped_shares(raw, agg["max_weight_share"])
-        out, figures = [], {}
-        for u in updates:
-            w, norm, scale = bounds.clip_update(
-                u.weights, self.global_weights, agg["max_update_norm"]
-            )
-            out.append(ClientUpdate(u.peer_id, w, u.num_examples, u.loss, shares[u.peer_id]))
-            figures[u.peer_id] = {
-                "claimed": u.num_examples,
-                "registered": claims.get(u.peer_id),
-                "weight": raw[u.peer_id],
-                "share": shares[u.peer_id],
-                "norm": norm,
-                "scale": scale,
-            }
-        return out, figures
 
     def _record_bounds(self, rnd: RoundRun, figures: dict[str, dict[str, Any]]) -> None:
         agg = self.spec["aggregation"]
@@ -452,22 +454,9 @@ class SessionRun:
             self.coord.ledger.record_claims([self.session_id], peer, n, time.time())
 
     def assigned_weights(self, selected: list[str], max_weight: int) -> dict[str, int]:
-        """Secure rounds: the whole-number weight each selected participant must use, from
-        what it registered, bounded as a plain round bounds a claim. The coordinator checks
-        their sum after unmasking; it cannot see a single one."""
-        agg = self.spec["aggregation"]
+        """Secure rounds: each selected participant's whole-number weight (rounds.py)."""
         claims = self.coord.ledger.claims(self.session_id)
-        raw = {
-            p: bounds.bounded_weight(
-                claims.get(p, 0),
-                claims.get(p),
-                weighting=agg["weighting"],
-                max_examples=agg["max_examples"],
-            )
-            for p in selected
-        }
-        shares = bounds.capped_shares(raw, agg["max_weight_share"])
-        return bounds.integer_weights(shares, sum(raw.values()), max_weight)
+        return rounds.secure_weights(selected, claims, self.spec["aggregation"], max_weight)
 
     def _judge_updates(self, updates: list[ClientUpdate]) -> dict[str, tuple[float, float]]:
         """Each plain update alone on the validation data (its loss) and its L2 distance from
@@ -479,8 +468,7 @@ class SessionRun:
         out: dict[str, tuple[float, float]] = {}
         for u in updates:
             _acc, loss = training.evaluate(mspec, u.weights, self.eval_data)
-            dist = math.sqrt(sum(float(np.sum((u.weights[k] - base[k]) ** 2)) for k in base))
-            out[u.peer_id] = (loss, dist)
+            out[u.peer_id] = (loss, rounds.update_distance(u.weights, base))
         return out
 
     def _record_judgement(self, rnd: RoundRun, judged: dict[str, tuple[float, float]]) -> None:
@@ -507,17 +495,14 @@ class SessionRun:
             training.evaluate, model_spec(self.spec), new, self.eval_data
         )
         factor = self.spec["aggregation"]["max_loss_factor"]
-        if bounds.loss_jumped(loss, self.base_loss, factor):
-            self._reject(
-                rnd,
-                f"its validation loss {loss:.4g} is over {factor:g} x the current model's "
-                f"{self.base_loss:.4g} (accuracy {acc:.4f})"
-                if math.isfinite(loss)
-                else "its validation loss is not finite",
-            )
+        decided = rounds.verdict(new, loss, acc, self.base_loss, factor)
+        if not decided.publish:
+            self._reject(rnd, decided.reason)
             return False
         parent = self.global_cid
         cid, size = await self._store_model(new)
+        state = self.strategy_state if rnd.next_state is None else rnd.next_state
+        state_cid = await self._store_state(state)
         now = time.time()
         await self.coord.guard.run(
             self.coord.ledger.complete_round,
@@ -533,7 +518,9 @@ class SessionRun:
             dropped=len(set(rnd.selected) - set(contributors)),
             bytes_up=rnd.bytes_up,
             bytes_down=rnd.bytes_down,
+            state_cid=state_cid,
         )
+        self.strategy_state = state
         rnd.phase = RoundPhase.DONE
         self.rounds_done = rnd.number
         self.base_loss = loss
@@ -555,7 +542,7 @@ class SessionRun:
         end = messages.RoundEnd(round=rnd.number, status="completed", model_cid=cid, accuracy=acc)
         for peer in rnd.selected:
             await self.coord.send_to(peer, end, self.session_id)
-        self.coord.monitor.after_round(self, rnd, rnd.anomalous_pct)
+        self.coord.apply(self.coord.monitor.after_round(self, rnd, rnd.anomalous_pct))
         return True
 
     def _reject(self, rnd: RoundRun, why: str) -> None:
@@ -595,7 +582,7 @@ class SessionRun:
             self.session_id,
             {"round": rnd.number, "status": status, "reason": reason},
         )
-        self.coord.monitor.after_round(self, rnd, None)
+        self.coord.apply(self.coord.monitor.after_round(self, rnd, None))
 
     # --- model versions and rollback -----------------------------------------------------
 
@@ -608,20 +595,11 @@ class SessionRun:
 
     def _check_divergence(self, number: int) -> None:
         """After a round's version is stored: has the model diverged? Then go back."""
-        rb = self._rollback_spec()
-        if not rb["enabled"]:
-            return
-        history = self._history()
-        target = versions.rollback_target(history, rb["margin"], rb["rounds"])
-        if target is None:
-            return
-        best = dict(history)[target]
-        acc = history[-1][1]
-        reason = (
-            f"accuracy {acc:.4f} after round {number} is more than {rb['margin']:g} below the "
-            f"best so far ({best:.4f}, round {target}) for {rb['rounds']} consecutive round(s)"
-        )
-        self._rollback(target, reason=reason, trigger="accuracy", round_=number, by="")
+        back = rounds.divergence(self._history(), self._rollback_spec(), number)
+        if back is not None:
+            self._rollback(
+                back.to_round, reason=back.reason, trigger="accuracy", round_=number, by=""
+            )
 
     def _rollback(self, to_round: int, *, reason: str, trigger: str, round_: int, by: str) -> None:
         """Make round ``to_round``'s version the global model again: mark the versions after
@@ -632,6 +610,7 @@ class SessionRun:
         if target is None:
             raise StateError(f"round {to_round} has no live model version to go back to")
         w = weights.from_bytes(self.coord.store.get(target["cid"]), expect=self.shapes)
+        self.restore_strategy_state(target.get("state_cid"))  # the state made with that model
 
         def write() -> None:  # ledger first, then subscribers (kept in order in an outage)
             data = self.coord.ledger.rollback_models(
@@ -746,33 +725,11 @@ class SessionRun:
         """Accept or reject one update; raises ValidationError with the reason."""
         rnd = self.round
         now = time.time()
-        if rnd is None or rnd.phase != RoundPhase.TRAINING or msg.round != rnd.number:
-            current = rnd.number if rnd else 0
-            raise ValidationError(
-                f"update for round {msg.round}, but round {current} of "
-                f"session {self.session_id} is not collecting updates",
-                code="STALE_UPDATE",
-            )
-        if peer not in rnd.selected:
-            raise ValidationError(
-                f"{peer} was not selected for round {rnd.number}", code="NOT_SELECTED"
-            )
-        if peer in rnd.received or peer in rnd.failed:
-            raise ValidationError(
-                f"{peer} already answered round {rnd.number}", code="DUPLICATE_UPDATE"
-            )
+        rounds.check_turn(rnd, self.session_id, peer, msg.round)
+        assert rnd is not None
         rnd.bytes_up += frame_bytes
         try:
-            if msg.base_cid != rnd.model_cid:
-                raise ValidationError(
-                    f"update trained on {msg.base_cid}, the round's model is {rnd.model_cid}",
-                    code="WRONG_BASE",
-                )
-            if file_cid(msg.data) != msg.update_cid:
-                raise ValidationError(
-                    "update bytes do not hash to their update_cid", code="CID_MISMATCH"
-                )
-            weights.from_bytes(msg.data, expect=self.shapes)  # shapes, dtype, finite
+            rounds.check_content(rnd, msg, lambda data: self.codec.decode(data, self.shapes))
         except ValidationError as err:
             rnd.failed[peer] = f"rejected: {err.message}"
             self._record_update(
@@ -876,6 +833,7 @@ class SessionRun:
             {"round": msg.round, "peer_id": peer, "code": msg.code, "message": msg.message},
             entity_id=peer,
         )
+        self.coord.monitor.on_task_error(peer, self.session_id, msg.round, msg.code)
         self.on_peer_lost(peer, f"task error {msg.code}: {msg.message}")
 
     def on_refused_update(self, peer: str, frame_type: str, err: FednodeError) -> None:

@@ -223,6 +223,7 @@ def test_full_lifecycle_and_summary(led: Ledger) -> None:
         "strategy": "fedavg",
         "secure_aggregation": True,
         "dropped": 1,
+        "restarts": 0,
         "final_accuracy": 0.9,
         "final_loss": 0.3,
         "model_cid": "cid2",

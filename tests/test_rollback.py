@@ -193,11 +193,11 @@ def test_schema_3_file_migrates_to_4(tmp_path: Path) -> None:
 
 
 def test_model_divergence_is_an_event_alert(tmp_path: Path) -> None:
-    from fednode import quality
+    from protocol import alerts
 
-    assert quality.ALERT_SEVERITY["model_divergence"] == "high"
-    assert "model_divergence" in ledger_mod.EVENT_ALERT_TYPES
-    assert "model_divergence" not in ledger_mod.RULE_ALERT_TYPES
+    assert alerts.ALERT_SEVERITY["model_divergence"] == "high"
+    assert "model_divergence" in alerts.EVENT_ALERT_TYPES
+    assert "model_divergence" not in alerts.RULE_ALERT_TYPES
     with Ledger(tmp_path / "l.db") as led:
         a = led.raise_event_alert("model_divergence", "high", "s1", "s1", "diverged", 1.0)
         assert (a["source"], a["entity_id"], a["status"]) == ("event", "s1", "open")

@@ -1,0 +1,253 @@
+"""A round's decisions, as plain functions over plain data: the pure core of the round engine.
+
+The coordinator's async driver (fednode.session) does the I/O — it waits, sends, writes the
+ledger, reads the clock — and asks this module every question whose answer must not depend
+on any of that:
+
+    who may take part, who is selected    eligible(), select(), regathered()
+    which update is accepted, and why     check_turn(), check_content(): ValidationError(code)
+    when the round stops waiting          RoundRun.closed(now, end)
+    what the aggregate is                 bound_updates() then Strategy.aggregate()
+    whether it is published               verdict()
+    whether to roll back                  divergence()
+    what a restarted session resumes from fednode.resume.resume_point()
+
+No asyncio, sockets, SQLite or clock here (tests/test_imports.py holds that): the times a
+decision needs come in as arguments, so each one can be tested, replayed and reasoned
+about on its own. The hardening checks of each round live here: a claim bounded by what the
+peer registered, the share cap, the update-norm clip, the loss-jump check.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from fednode import bounds, versions
+from fednode.strategies.base import ClientUpdate, State
+from fednode.weights import Weights
+from protocol import messages
+from protocol.cid import file_cid
+from protocol.errors import ValidationError
+from protocol.lifecycle import RoundPhase
+
+
+@dataclass
+class RoundRun:
+    """What one round knows while it runs (the driver owns one at a time)."""
+
+    number: int
+    model_cid: str
+    selected: list[str]
+    started_at: float  # wall clock, for the ledger; given by the driver
+    phase: RoundPhase = RoundPhase.SELECTING
+    received: dict[str, tuple[messages.Update, float]] = field(default_factory=dict)
+    failed: dict[str, str] = field(default_factory=dict)  # peer -> reason (left, error)
+    bytes_up: int = 0
+    bytes_down: int = 0
+    anomalous_pct: float | None = None  # plain rounds: share of updates that were outliers
+    # the strategy's state after this round's aggregate; it becomes the session's only when
+    # the round's model is published (None: the round left the state as it was)
+    next_state: State | None = None
+
+    @property
+    def outstanding(self) -> set[str]:
+        """Selected peers that have neither answered nor dropped out."""
+        return set(self.selected) - set(self.received) - set(self.failed)
+
+    def closed(self, now: float, end: float) -> bool:
+        """Whether the round stops waiting for updates: everyone answered or dropped out,
+        or the deadline ``end`` passed (``now`` and ``end`` on the same monotonic clock)."""
+        return not self.outstanding or now >= end
+
+    def time_out(self) -> None:
+        """At the deadline: whoever has not answered failed the round."""
+        for peer in self.outstanding:
+            self.failed[peer] = "no update before the round timeout"
+
+    @property
+    def dropped(self) -> list[str]:
+        return sorted(set(self.selected) - set(self.received))
+
+
+# --- selection ------------------------------------------------------------------------------
+
+
+def eligible(
+    online: Iterable[str],
+    names_of: Callable[[str], set[str]],
+    allowed: set[str],
+    excluded: set[str],
+) -> list[str]:
+    """The online peers this session admits (by peer ID or an invite's name, ``names_of``)
+    that no open critical alert or operator exclusion keeps out, in ``online``'s order."""
+    return [p for p in online if names_of(p) & allowed and p not in excluded]
+
+
+def select(candidates: list[str], min_participants: int, max_participants: int) -> list[str] | None:
+    """The round's participants, or None while fewer than ``min_participants`` can take part
+    (the driver waits, up to the spec's wait_participants_s). ``max_participants`` 0 = all."""
+    if len(candidates) < min_participants:
+        return None
+    return candidates[:max_participants] if max_participants else list(candidates)
+
+
+def regathered(candidates: list[str], expected: Iterable[str], now: float, until: float) -> bool:
+    """After a coordinator restart: may the first round select now? Yes once every peer of
+    the round that was cut (``expected``) is back among the candidates, or at ``until``
+    (a peer that does not come back is not waited for longer)."""
+    return set(expected) <= set(candidates) or now >= until
+
+
+# --- acceptance -----------------------------------------------------------------------------
+
+
+def check_turn(rnd: RoundRun | None, session_id: str, peer: str, round_no: int) -> None:
+    """Whether ``peer`` may answer round ``round_no`` now: the round is collecting, the peer
+    was selected and has not answered. Raises ValidationError (STALE_UPDATE, NOT_SELECTED,
+    DUPLICATE_UPDATE); such a refusal leaves the round as it was."""
+    if rnd is None or rnd.phase != RoundPhase.TRAINING or round_no != rnd.number:
+        current = rnd.number if rnd else 0
+        raise ValidationError(
+            f"update for round {round_no}, but round {current} of "
+            f"session {session_id} is not collecting updates",
+            code="STALE_UPDATE",
+        )
+    if peer not in rnd.selected:
+        raise ValidationError(
+            f"{peer} was not selected for round {rnd.number}", code="NOT_SELECTED"
+        )
+    if peer in rnd.received or peer in rnd.failed:
+        raise ValidationError(
+            f"{peer} already answered round {rnd.number}", code="DUPLICATE_UPDATE"
+        )
+
+
+def check_content(rnd: RoundRun, msg: messages.Update, decode: Callable[[bytes], Weights]) -> None:
+    """Whether an update's content may enter the aggregate: trained on the round's model, its
+    bytes hashing to the CID it names, and decodable to the model's shapes, dtype and finite
+    values (``decode``, the session's codec; checked after the CID so that a peer cannot make
+    the coordinator decode bytes it did not commit to). Raises ValidationError (WRONG_BASE,
+    CID_MISMATCH, or the codec's code); the peer has then failed the round."""
+    if msg.base_cid != rnd.model_cid:
+        raise ValidationError(
+            f"update trained on {msg.base_cid}, the round's model is {rnd.model_cid}",
+            code="WRONG_BASE",
+        )
+    if file_cid(msg.data) != msg.update_cid:
+        raise ValidationError("update bytes do not hash to their update_cid", code="CID_MISMATCH")
+    decode(msg.data)
+
+
+# --- the aggregate --------------------------------------------------------------------------
+
+
+def bound_updates(
+    updates: list[ClientUpdate],
+    base: Weights,
+    claims: Mapping[str, int],
+    agg: Mapping[str, Any],
+) -> tuple[list[ClientUpdate], dict[str, dict[str, Any]]]:
+    """Each update's weight and step bounded (fednode.bounds), with the figures of the
+    decision for the ledger. A claim counts at most what the participant registered
+    (``claims``); no share exceeds ``max_weight_share``; each step is clipped to
+    ``max_update_norm`` around ``base``, the round's model."""
+    raw = {
+        u.peer_id: bounds.bounded_weight(
+            u.num_examples,
+            claims.get(u.peer_id),
+            weighting=agg["weighting"],
+            max_examples=agg["max_examples"],
+        )
+        for u in updates
+    }
+    shares = bounds.capped_shares(raw, agg["max_weight_share"])
+    out, figures = [], {}
+    for u in updates:
+        w, norm, scale = bounds.clip_update(u.weights, base, agg["max_update_norm"])
+        out.append(ClientUpdate(u.peer_id, w, u.num_examples, u.loss, shares[u.peer_id]))
+        figures[u.peer_id] = {
+            "claimed": u.num_examples,
+            "registered": claims.get(u.peer_id),
+            "weight": raw[u.peer_id],
+            "share": shares[u.peer_id],
+            "norm": norm,
+            "scale": scale,
+        }
+    return out, figures
+
+
+def secure_weights(
+    selected: list[str], claims: Mapping[str, int], agg: Mapping[str, Any], max_weight: int
+) -> dict[str, int]:
+    """Secure rounds: the whole-number weight each selected participant must use, from what
+    it registered, bounded as a plain round bounds a claim (the coordinator checks their sum
+    after unmasking; it cannot see a single one)."""
+    raw = {
+        p: bounds.bounded_weight(
+            claims.get(p, 0),
+            claims.get(p),
+            weighting=agg["weighting"],
+            max_examples=agg["max_examples"],
+        )
+        for p in selected
+    }
+    shares = bounds.capped_shares(raw, agg["max_weight_share"])
+    return bounds.integer_weights(shares, sum(raw.values()), max_weight)
+
+
+def update_distance(w: Weights, base: Weights) -> float:
+    """L2 distance of a model from the round's model (the anomaly figure)."""
+    return math.sqrt(sum(float(((w[k] - base[k]) ** 2).sum()) for k in base))
+
+
+# --- publish or reject, roll back or not ----------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Verdict:
+    publish: bool
+    reason: str = ""  # why not, for the ledger and the alert
+
+
+def verdict(new: Weights, loss: float, accuracy: float, base_loss: float, factor: float) -> Verdict:
+    """Whether a candidate aggregate becomes the next model version: every weight finite and
+    its validation loss not over ``factor`` x the current model's (bounds.loss_jumped)."""
+    if not versions.is_finite(new):
+        return Verdict(False, "the aggregate has non-finite weights (NaN or inf)")
+    if bounds.loss_jumped(loss, base_loss, factor):
+        return Verdict(
+            False,
+            f"its validation loss {loss:.4g} is over {factor:g} x the current model's "
+            f"{base_loss:.4g} (accuracy {accuracy:.4f})"
+            if math.isfinite(loss)
+            else "its validation loss is not finite",
+        )
+    return Verdict(True)
+
+
+@dataclass(frozen=True)
+class Rollback:
+    to_round: int
+    reason: str
+
+
+def divergence(
+    history: versions.History, rb: Mapping[str, Any], after_round: int
+) -> Rollback | None:
+    """After a round's version is stored: has the live lineage diverged (spec [rollback])?
+    Then where to go back to, and why."""
+    if not rb["enabled"]:
+        return None
+    target = versions.rollback_target(history, rb["margin"], rb["rounds"])
+    if target is None:
+        return None
+    best = dict(history)[target]
+    acc = history[-1][1]
+    return Rollback(
+        target,
+        f"accuracy {acc:.4f} after round {after_round} is more than {rb['margin']:g} below the "
+        f"best so far ({best:.4f}, round {target}) for {rb['rounds']} consecutive round(s)",
+    )

@@ -1,0 +1,197 @@
+"""The round engine's pure core (fednode.rounds, fednode.resume): each decision on plain data."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from fednode import rounds
+from fednode.codec import get_codec
+from fednode.resume import resume_point
+from fednode.strategies import get_strategy
+from fednode.strategies.base import ClientUpdate
+from fednode.weights import to_bytes
+from protocol import messages
+from protocol import spec as specmod
+from protocol.cid import file_cid
+from protocol.errors import ValidationError
+from protocol.lifecycle import RoundPhase
+
+AGG = specmod.defaults()["aggregation"]
+BASE = {"w": np.zeros(4, dtype=np.float32)}
+
+
+def collecting(selected: list[str]) -> rounds.RoundRun:
+    rnd = rounds.RoundRun(3, "bafyround", selected, started_at=100.0)
+    rnd.phase = RoundPhase.TRAINING
+    return rnd
+
+
+def update(w: np.ndarray, *, round_no: int = 3, base: str = "bafyround") -> messages.Update:
+    data = to_bytes({"w": w})
+    return messages.Update(
+        round=round_no,
+        base_cid=base,
+        update_cid=file_cid(data),
+        data=data,
+        num_examples=10,
+        loss=0.5,
+        train_s=0.1,
+    )
+
+
+def decode(data: bytes) -> dict[str, np.ndarray]:
+    return get_codec("identity").decode(data, {"w": (4,)})
+
+
+# --- selection -----------------------------------------------------------------------------
+
+
+def test_eligible_keeps_admitted_online_peers_not_excluded_in_order() -> None:
+    names = {"a": {"a"}, "b": {"b", "invite:x"}, "c": {"c"}, "d": {"d"}}
+    got = rounds.eligible(["d", "a", "b", "c"], names.__getitem__, {"a", "invite:x", "c"}, {"c"})
+    assert got == ["a", "b"]  # d not admitted, c excluded; online order kept
+
+
+def test_select_waits_below_the_minimum_and_caps_at_the_maximum() -> None:
+    assert rounds.select(["a"], 2, 0) is None
+    assert rounds.select(["a", "b", "c"], 2, 0) == ["a", "b", "c"]
+    assert rounds.select(["a", "b", "c"], 2, 2) == ["a", "b"]
+
+
+def test_after_a_restart_the_first_round_waits_for_the_cut_rounds_peers_until_the_grace() -> None:
+    assert not rounds.regathered(["a", "b"], ("a", "b", "c"), now=1.0, until=5.0)
+    assert rounds.regathered(["c", "a", "b", "d"], ("a", "b", "c"), now=1.0, until=5.0)
+    assert rounds.regathered(["a"], ("a", "b", "c"), now=5.0, until=5.0)  # not forever
+
+
+# --- acceptance ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("peer", "round_no", "phase", "code"),
+    [
+        ("a", 2, RoundPhase.TRAINING, "STALE_UPDATE"),  # an earlier round
+        ("a", 3, RoundPhase.AGGREGATING, "STALE_UPDATE"),  # no longer collecting
+        ("z", 3, RoundPhase.TRAINING, "NOT_SELECTED"),
+        ("b", 3, RoundPhase.TRAINING, "DUPLICATE_UPDATE"),  # b already answered
+    ],
+)
+def test_turn_refusals_name_their_code_and_leave_the_round_alone(
+    peer: str, round_no: int, phase: RoundPhase, code: str
+) -> None:
+    rnd = collecting(["a", "b"])
+    rnd.phase = phase
+    rnd.received["b"] = (update(np.ones(4, np.float32)), 1.0)
+    with pytest.raises(ValidationError) as err:
+        rounds.check_turn(rnd, "s1", peer, round_no)
+    assert err.value.code == code
+    assert rnd.failed == {} and set(rnd.received) == {"b"}
+
+
+def test_no_round_at_all_is_stale() -> None:
+    with pytest.raises(ValidationError) as err:
+        rounds.check_turn(None, "s1", "a", 1)
+    assert err.value.code == "STALE_UPDATE"
+
+
+def test_a_good_update_passes_both_checks() -> None:
+    rnd = collecting(["a"])
+    rounds.check_turn(rnd, "s1", "a", 3)
+    rounds.check_content(rnd, update(np.ones(4, np.float32)), decode)
+
+
+def test_content_refusals() -> None:
+    rnd = collecting(["a"])
+    with pytest.raises(ValidationError) as err:
+        rounds.check_content(rnd, update(np.ones(4, np.float32), base="bafyother"), decode)
+    assert err.value.code == "WRONG_BASE"
+    forged = dataclasses.replace(update(np.ones(4, np.float32)), update_cid=file_cid(b"x"))
+    with pytest.raises(ValidationError) as err:
+        rounds.check_content(rnd, forged, decode)
+    assert err.value.code == "CID_MISMATCH"
+    with pytest.raises(ValidationError) as err:
+        rounds.check_content(rnd, update(np.full(4, np.nan, np.float32)), decode)
+    assert "finite" in err.value.message
+
+
+def test_the_round_closes_when_all_answered_or_at_the_deadline() -> None:
+    rnd = collecting(["a", "b", "c"])
+    assert not rnd.closed(now=5.0, end=10.0)
+    rnd.received["a"] = (update(np.ones(4, np.float32)), 1.0)
+    rnd.failed["b"] = "left"
+    assert not rnd.closed(now=5.0, end=10.0)
+    assert rnd.closed(now=10.0, end=10.0)
+    rnd.time_out()
+    assert rnd.failed["c"] == "no update before the round timeout"
+    assert rnd.closed(now=0.0, end=10.0) and rnd.dropped == ["b", "c"]
+
+
+# --- the aggregate -------------------------------------------------------------------------
+
+
+def test_bounded_updates_cap_a_claim_and_clip_a_step() -> None:
+    agg = {**AGG, "max_update_norm": 1.0, "max_weight_share": 0.5}
+    big = ClientUpdate("evil", {"w": np.full(4, 1000.0, np.float32)}, 10**12, 0.1)
+    ok = [ClientUpdate(p, {"w": np.full(4, 0.1, np.float32)}, 100, 0.1) for p in ("a", "b")]
+    out, figures = rounds.bound_updates([big, *ok], BASE, {"evil": 100, "a": 100, "b": 100}, agg)
+    assert figures["evil"]["weight"] == figures["a"]["weight"]  # counted as registered
+    assert max(f["share"] for f in figures.values()) <= 0.5
+    assert figures["evil"]["scale"] < 1e-3
+    assert np.linalg.norm(out[0].weights["w"]) == pytest.approx(1.0, rel=1e-5)
+    new, _ = get_strategy("fedavg").aggregate(BASE, out, {})
+    assert np.linalg.norm(new["w"]) < 1.0  # one peer cannot move the model further
+
+
+def test_secure_weights_are_whole_numbers_bounded_like_a_claim() -> None:
+    w = rounds.secure_weights(["a", "b", "c"], {"a": 10, "b": 10, "c": 10**9}, AGG, 1000)
+    assert all(isinstance(v, int) and 1 <= v <= 1000 for v in w.values())
+    assert w["a"] == w["b"]
+    assert w["c"] / sum(w.values()) <= AGG["max_weight_share"] + 0.01  # the cap holds
+
+
+# --- publish, roll back --------------------------------------------------------------------
+
+
+def test_verdict() -> None:
+    good = {"w": np.ones(4, np.float32)}
+    assert rounds.verdict(good, 0.5, 0.9, 0.6, 3.0).publish
+    jumped = rounds.verdict(good, 5.0, 0.1, 0.6, 3.0)
+    assert not jumped.publish and "over 3 x" in jumped.reason
+    assert not rounds.verdict(good, float("nan"), 0.1, 0.6, 3.0).publish
+    nan = rounds.verdict({"w": np.full(4, np.nan, np.float32)}, 0.5, 0.9, 0.6, 3.0)
+    assert not nan.publish and "non-finite" in nan.reason
+
+
+def test_divergence_goes_back_to_the_best_version() -> None:
+    rb = {"enabled": True, "margin": 0.05, "rounds": 2}
+    history = [(0, 0.1), (1, 0.8), (2, 0.9), (3, 0.7), (4, 0.6)]
+    back = rounds.divergence(history, rb, 4)
+    assert back is not None and back.to_round == 2 and "round 4" in back.reason
+    assert rounds.divergence(history[:4], rb, 3) is None  # one fall, two needed
+    assert rounds.divergence(history, {**rb, "enabled": False}, 4) is None
+
+
+# --- resume --------------------------------------------------------------------------------
+
+
+def test_resume_point_reruns_the_aborted_round_from_the_newest_live_version() -> None:
+    rows = [
+        {"round": 1, "status": "completed", "selected": ["a", "b", "c"]},
+        {"round": 2, "status": "rejected", "selected": ["a", "b"]},  # counted, no version
+        {"round": 3, "status": "aborted", "selected": ["a", "c"]},  # cut: runs again
+    ]
+    models = [
+        {"round": 0, "cid": "c0", "loss": 2.0, "state_cid": None},
+        {"round": 1, "cid": "c1", "loss": 1.0, "state_cid": "s1"},
+    ]
+    point = resume_point(rows, models)
+    assert point is not None
+    assert (point.rounds_done, point.model_round, point.model_cid) == (2, 1, "c1")
+    assert (point.loss, point.state_cid) == (1.0, "s1")
+    assert point.regather == ("a", "c")  # who the first round waits for
+    assert resume_point([], []) is None  # no initial model yet: start over
+    with pytest.raises(ValueError, match="still running"):
+        resume_point([{"round": 4, "status": "running"}], models)
