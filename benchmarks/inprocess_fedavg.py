@@ -1,8 +1,8 @@
 """A plain in-process FedAvg loop on digits: the reference the networked runs are held to.
 
 No networking, no processes: split, partition, train each participant in turn, aggregate,
-evaluate. `--preset bench` is the project's fixed benchmark task (see the session spec in
-CLI.md); `--preset demo` is the demo's defaults.
+evaluate. `--preset bench` is the project's fixed benchmark task (docs/benchmarks.md,
+"Round time of a real federation"); `--preset demo` is the demo's defaults.
 
     .venv/bin/python benchmarks/inprocess_fedavg.py --preset demo
     .venv/bin/python benchmarks/inprocess_fedavg.py --preset bench --hidden 1024 --json
@@ -82,7 +82,7 @@ def run(
             )
             res = train(spec, global_w, shard, cfg)
             updates.append(ClientUpdate(f"p{k}", res.weights, res.num_examples, res.loss))
-        global_w = strategy.aggregate(global_w, updates)
+        global_w, _ = strategy.aggregate(global_w, updates, {})
         t_train = time.perf_counter() - t0
         acc, loss = evaluate(spec, global_w, test)
         dt = time.perf_counter() - t0

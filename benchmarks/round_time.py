@@ -1,7 +1,7 @@
 """Per-round wall time and bytes of a real federation on this machine (the benchmark task).
 
 For each (N participants, H hidden width) this writes a session spec for the project's fixed
-benchmark task (CLI.md, "The benchmark task"), runs `fedctl demo --spec ... --json` as a
+benchmark task (docs/benchmarks.md, "Round time of a real federation"), runs `fedctl demo --spec ... --json` as a
 subprocess (a coordinator and N participants as separate processes on 127.0.0.1 talking
 over real websockets, with signatures, CIDs and the ledger), then reads the coordinator's
 ledger for per-round figures. As a reference it times the same rounds in one process with no
@@ -34,7 +34,7 @@ DEMO_TIMEOUT_S = 1800.0
 
 
 def spec_toml(participants: int, hidden: int, rounds: int) -> str:
-    """The benchmark task exactly as CLI.md fixes it."""
+    """The benchmark task exactly as docs/benchmarks.md fixes it."""
     return f"""\
 name = "bench-n{participants}-h{hidden}"
 rounds = {rounds}

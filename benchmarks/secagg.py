@@ -323,7 +323,7 @@ def plain_round(inp: Inputs) -> dict[str, Any]:
             decoded = weights.from_bytes(msg.data, expect=inp.shapes)
         updates.append(ClientUpdate(link.participant.peer_id, decoded, msg.num_examples, msg.loss))
     with coord("fedavg"):
-        new = get_strategy("fedavg").aggregate(inp.global_w, updates)
+        new, _ = get_strategy("fedavg").aggregate(inp.global_w, updates, {})
     return {
         "average": weights.flatten(new, inp.shapes),
         **_summary(parts, coord, links),
@@ -811,7 +811,7 @@ DELTA_RUNS: list[tuple[str, int, dict[str, dict[str, Any]]]] = [
     ("demo spec, adam lr 0.05", 3, {"training": {"optimizer": "adam", "lr": 0.05}}),
     ("demo spec, sgd lr 0.5 (diverges)", 3, {"training": {"lr": 0.5}}),
 ]
-# /work/shared/CLI.md: pixels/16, 1 local epoch, batch 32, SGD lr 0.05 without momentum
+# the benchmark task (docs/benchmarks.md): pixels/16, 1 local epoch, batch 32, SGD lr 0.05 without momentum
 BENCHMARK_TASK = {
     "data": {"features": "scale16", "partition": "iid"},
     "training": {"local_epochs": 1, "batch_size": 32, "lr": 0.05, "momentum": 0.0},
@@ -869,7 +869,7 @@ def _fedavg_loop(raw: dict[str, Any], n: int, rounds: int, p: secagg.Params | No
         if p is None:
             ups = [ClientUpdate(f"p{k}", res.weights, res.num_examples, res.loss)
                    for k, res in enumerate(results)]  # fmt: skip
-            g = get_strategy("fedavg").aggregate(g, ups)
+            g, _ = get_strategy("fedavg").aggregate(g, ups, {})
         else:
             total = np.zeros(base.size + 1, dtype=np.uint64)
             for f, res in zip(flats, results, strict=True):
