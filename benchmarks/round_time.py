@@ -1,12 +1,13 @@
 """Per-round wall time and bytes of a real federation on this machine (the benchmark task).
 
 For each (N participants, H hidden width) this writes a session spec for the project's fixed
-benchmark task (docs/benchmarks.md, "Round time of a real federation"), runs `fedctl demo --spec ... --json` as a
-subprocess (a coordinator and N participants as separate processes on 127.0.0.1 talking
-over real websockets, with signatures, CIDs and the ledger), then reads the coordinator's
-ledger for per-round figures. As a reference it times the same rounds in one process with no
-network (benchmarks/inprocess_fedavg.py, one torch thread like the nodes), and prints the
-raw float32 size of the model weights as the reference for bytes per round.
+benchmark task (docs/benchmarks.md, "Round time of a real federation"), runs
+`fedctl demo --spec ... --json` as a subprocess (a coordinator and N participants as
+separate processes on 127.0.0.1 talking over real websockets, with signatures, CIDs and
+the ledger), then reads the coordinator's ledger for per-round figures. As a reference it
+times the same rounds in one process with no network (benchmarks/inprocess_fedavg.py, one
+torch thread like the nodes), and prints the raw float32 size of the model weights as the
+reference for bytes per round.
 
     .venv/bin/python benchmarks/round_time.py                      # N in {3, 10}, H in {128, 1024}
     .venv/bin/python benchmarks/round_time.py --rounds 3 --participants 3 --hidden 128 --json

@@ -811,7 +811,8 @@ DELTA_RUNS: list[tuple[str, int, dict[str, dict[str, Any]]]] = [
     ("demo spec, adam lr 0.05", 3, {"training": {"optimizer": "adam", "lr": 0.05}}),
     ("demo spec, sgd lr 0.5 (diverges)", 3, {"training": {"lr": 0.5}}),
 ]
-# the benchmark task (docs/benchmarks.md): pixels/16, 1 local epoch, batch 32, SGD lr 0.05 without momentum
+# the benchmark task (docs/benchmarks.md): pixels/16, 1 local epoch, batch 32, SGD lr 0.05,
+# no momentum
 BENCHMARK_TASK = {
     "data": {"features": "scale16", "partition": "iid"},
     "training": {"local_epochs": 1, "batch_size": 32, "lr": 0.05, "momentum": 0.0},

@@ -1,9 +1,10 @@
 """The session report of `fedctl report ID` as plain text or one self-contained HTML page.
 
 Input is the dict the coordinator's admin op ``report`` returns (brief "quality interfaces"):
-``session`` (the session summary of docs/cli.md, with ``history``), ``name``, ``rounds``, and the optional
-``quality``, ``participants``, ``alerts``, ``sla`` and ``generated_at``. Both renderers are
-pure (no network, no files) so the CLI decides where the text goes and tests can read it back.
+``session`` (the session summary of docs/cli.md, with ``history``), ``name``, ``rounds``,
+and the optional ``quality``, ``participants``, ``alerts``, ``sla`` and ``generated_at``.
+Both renderers are pure (no network, no files) so the CLI decides where the text goes and
+tests can read it back.
 
 Why so defensive: peer IDs, alert messages and session names originate on other machines
 that need not be trusted. Every string is stripped of control characters (a terminal report

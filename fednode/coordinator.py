@@ -574,8 +574,10 @@ class Coordinator:
             self.guard.write(self.ledger.upsert_participant, conn.peer_id, last_seen=now)
             self.monitor.on_heartbeat(conn.peer_id, now, msg.cpu_efficiency, msg.memory_efficiency)
         elif isinstance(msg, messages.Fetch):
-            # In a thread: with --ipfs-api every block is a request to the daemon.
-            data = await asyncio.to_thread(self.store.get, msg.cid)
+            run = self.sessions.get(session_id)
+            data = run.model_bytes(msg.cid) if run is not None else None
+            if data is None:  # in a thread: with --ipfs-api every block is a daemon request
+                data = await asyncio.to_thread(self.store.get, msg.cid)
             sent = await conn.send(messages.Block(cid=msg.cid, data=data), session_id)
             if session_id in self.sessions:
                 self.sessions[session_id].on_bytes_down(sent)

@@ -259,7 +259,7 @@ class IpfsStore:
             raise
         return True
 
-    def put_block(self, cid: str, data: bytes) -> None:
+    def put_block(self, cid: str, data: bytes, *, durable: bool = True) -> None:
         """Store one block after checking it here; refuse a daemon that files it elsewhere."""
         verify_block(cid, data)
         key = normalize_cid(cid)
@@ -308,8 +308,11 @@ class IpfsStore:
 
     # --- files --------------------------------------------------------------------------
 
-    def put(self, data: bytes, *, pin: bool = True, cid_version: int = 1) -> str:
-        """Import ``data`` as a UnixFS file (our DAG, our CID) in one ``dag/import``."""
+    def put(
+        self, data: bytes, *, pin: bool = True, cid_version: int = 1, durable: bool = True
+    ) -> str:
+        """Import ``data`` as a UnixFS file (our DAG, our CID) in one ``dag/import``.
+        ``durable`` is the daemon's business (its datastore syncs as it is configured)."""
         root, blocks = build_dag(data, cid_version)
         by_cid = {block.cid: block.data for block in blocks}
         car = encode_car(root, walk_dag(root, by_cid.__getitem__))

@@ -599,6 +599,18 @@ MIGRATIONS: list[Callable[[Database], None]] = [
 # --- row decoding -----------------------------------------------------------------------
 
 
+def probe_writable(path: Path | str, lock_timeout_s: float) -> None:
+    """Raise (sqlite3.OperationalError) unless the ledger at ``path`` can take a write lock
+    within ``lock_timeout_s``. Its own connection, so it may run in a worker thread while
+    the node's connection is busy: fednode.storage_guard probes with it during an outage."""
+    con = sqlite3.connect(str(path), timeout=lock_timeout_s)
+    try:
+        con.execute("BEGIN IMMEDIATE")
+        con.execute("ROLLBACK")
+    finally:
+        con.close()
+
+
 def _session_row(row: dict[str, Any]) -> dict[str, Any]:
     row = dict(row)
     row["spec"] = json.loads(row["spec"]) if row.get("spec") else {}
@@ -2101,7 +2113,7 @@ class Ledger:
     # --- summary ------------------------------------------------------------------------
 
     def summary(self, session_id: str, *, now: float | None = None) -> dict[str, Any]:
-        """The session summary (docs/cli.md, `session status`), computed from rows (without the ``ok`` key).
+        """The session summary (docs/cli.md, `session status`) from rows (no ``ok`` key).
 
         ``duration_s`` runs to ``ended_at``, or to ``now`` while the session is live, and is
         0 for a session never started; bytes and ``dropped`` are sums over its rounds;

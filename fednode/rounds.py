@@ -43,7 +43,9 @@ class RoundRun:
     selected: list[str]
     started_at: float  # wall clock, for the ledger; given by the driver
     phase: RoundPhase = RoundPhase.SELECTING
+    # accepted updates: the message (its bytes dropped once decoded) and when it arrived
     received: dict[str, tuple[messages.Update, float]] = field(default_factory=dict)
+    decoded: dict[str, Weights] = field(default_factory=dict)  # their weights
     failed: dict[str, str] = field(default_factory=dict)  # peer -> reason (left, error)
     bytes_up: int = 0
     bytes_down: int = 0
@@ -125,12 +127,15 @@ def check_turn(rnd: RoundRun | None, session_id: str, peer: str, round_no: int) 
         )
 
 
-def check_content(rnd: RoundRun, msg: messages.Update, decode: Callable[[bytes], Weights]) -> None:
+def check_content(
+    rnd: RoundRun, msg: messages.Update, decode: Callable[[bytes], Weights]
+) -> Weights:
     """Whether an update's content may enter the aggregate: trained on the round's model, its
     bytes hashing to the CID it names, and decodable to the model's shapes, dtype and finite
     values (``decode``, the session's codec; checked after the CID so that a peer cannot make
     the coordinator decode bytes it did not commit to). Raises ValidationError (WRONG_BASE,
-    CID_MISMATCH, or the codec's code); the peer has then failed the round."""
+    CID_MISMATCH, or the codec's code); the peer has then failed the round. Returns the
+    decoded weights, so that an update is decoded once."""
     if msg.base_cid != rnd.model_cid:
         raise ValidationError(
             f"update trained on {msg.base_cid}, the round's model is {rnd.model_cid}",
@@ -138,7 +143,7 @@ def check_content(rnd: RoundRun, msg: messages.Update, decode: Callable[[bytes],
         )
     if file_cid(msg.data) != msg.update_cid:
         raise ValidationError("update bytes do not hash to their update_cid", code="CID_MISMATCH")
-    decode(msg.data)
+    return decode(msg.data)
 
 
 # --- the aggregate --------------------------------------------------------------------------

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import math
 import time
@@ -91,6 +92,9 @@ class SessionRun:
         self.rounds_done = 0
         self.global_cid = ""
         self.global_weights: weights.Weights | None = None
+        # the current model's bytes, as stored: every selected participant fetches them
+        # each round, so they are served from here rather than re-read and re-hashed
+        self._global_blob = b""
         self.shapes: dict[str, tuple[int, ...]] = {}
         self.base_loss = math.nan  # validation loss of the current global model
         self.strategy = get_strategy(spec["aggregation"]["strategy"])
@@ -231,7 +235,7 @@ class SessionRun:
         self.shapes = training.expected_shapes(model_spec(spec))
         blob = await self.coord.guard.run(self.coord.store.get, point.model_cid)
         w = await asyncio.to_thread(weights.from_bytes, blob, expect=self.shapes)
-        self.global_cid, self.global_weights = point.model_cid, w
+        self.global_cid, self.global_weights, self._global_blob = point.model_cid, w, blob
         self.base_loss = point.loss if point.loss is not None else math.nan
         restore_state = getattr(self, "restore_strategy_state", None)
         if restore_state is not None:
@@ -269,8 +273,13 @@ class SessionRun:
         """Put a global model in the content store and make it the current one."""
         blob = weights.to_bytes(w)
         cid = await self.coord.guard.run(self.coord.store.put, blob)
-        self.global_cid, self.global_weights = cid, w
+        self.global_cid, self.global_weights, self._global_blob = cid, w, blob
         return cid, len(blob)
+
+    def model_bytes(self, cid: str) -> bytes | None:
+        """The bytes of the session's current model if ``cid`` names it (None: ask the
+        store). They were hashed to that CID when stored."""
+        return self._global_blob if cid == self.global_cid and self._global_blob else None
 
     def _eligible(self) -> list[str]:
         return rounds.eligible(
@@ -417,7 +426,7 @@ class SessionRun:
             raise StateError("no update arrived")
         rnd.phase = RoundPhase.AGGREGATING
         updates = [
-            ClientUpdate(peer, self.codec.decode(u.data, self.shapes), u.num_examples, u.loss)
+            ClientUpdate(peer, rnd.decoded[peer], u.num_examples, u.loss)
             for peer, (u, _) in sorted(rnd.received.items())
         ]
         assert self.global_weights is not None
@@ -609,7 +618,8 @@ class SessionRun:
         target = live.get(to_round)
         if target is None:
             raise StateError(f"round {to_round} has no live model version to go back to")
-        w = weights.from_bytes(self.coord.store.get(target["cid"]), expect=self.shapes)
+        blob = self.coord.store.get(target["cid"])
+        w = weights.from_bytes(blob, expect=self.shapes)
         self.restore_strategy_state(target.get("state_cid"))  # the state made with that model
 
         def write() -> None:  # ledger first, then subscribers (kept in order in an outage)
@@ -622,7 +632,7 @@ class SessionRun:
             self.coord.events.publish("rollback", data, self.session_id)
 
         self.coord.guard.write(write)
-        self.global_cid, self.global_weights = target["cid"], w
+        self.global_cid, self.global_weights, self._global_blob = target["cid"], w, blob
         self.base_loss = target["loss"] if target["loss"] is not None else math.nan
         log.warning(
             "session %s rolled back to round %d (%s): %s",
@@ -729,7 +739,7 @@ class SessionRun:
         assert rnd is not None
         rnd.bytes_up += frame_bytes
         try:
-            rounds.check_content(rnd, msg, lambda data: self.codec.decode(data, self.shapes))
+            w = rounds.check_content(rnd, msg, lambda data: self.codec.decode(data, self.shapes))
         except ValidationError as err:
             rnd.failed[peer] = f"rejected: {err.message}"
             self._record_update(
@@ -737,8 +747,10 @@ class SessionRun:
             )
             self.wake()
             raise
-        self.coord.guard.write(self.coord.store.put, msg.data, pin=False)  # the audit copy
-        rnd.received[peer] = (msg, now)
+        # the audit copy (store.put says why it need not be fsynced)
+        self.coord.guard.write(self.coord.store.put, msg.data, pin=False, durable=False)
+        rnd.received[peer] = (dataclasses.replace(msg, data=b""), now)  # the weights suffice
+        rnd.decoded[peer] = w
         self._record_update(peer, msg, frame_bytes, now, "accepted", None)
         self.coord.monitor.on_update(peer, self.session_id, now, msg)
         self.coord.record(

@@ -34,6 +34,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
+from fednode.ledger import probe_writable
 from protocol.errors import StorageUnavailable
 
 log = logging.getLogger("fednode.storage")
@@ -71,12 +72,7 @@ def probe_paths(ledger_path: Path, dirs: list[Path], lock_timeout_s: float = 0.2
     Runs in a worker thread with its own SQLite connection, so a held lock never blocks the
     event loop. The file write (64 KiB, fsynced) finds a full disk that a lock test cannot.
     """
-    con = sqlite3.connect(str(ledger_path), timeout=lock_timeout_s)
-    try:
-        con.execute("BEGIN IMMEDIATE")
-        con.execute("ROLLBACK")
-    finally:
-        con.close()
+    probe_writable(ledger_path, lock_timeout_s)
     for d in dirs:
         path = d / f".probe-{os.getpid()}"
         try:

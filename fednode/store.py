@@ -69,13 +69,13 @@ class BlockStore:
         key = normalize_cid(cid)
         return key, self._pins / key
 
-    def _write_atomic(self, path: Path, data: bytes) -> None:
+    def _write_atomic(self, path: Path, data: bytes, durable: bool = True) -> None:
         private_dir(path.parent)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_TMP_PREFIX)
         try:
             with os.fdopen(fd, "wb") as handle:
                 handle.write(data)
-                if self._fsync:
+                if self._fsync and durable:
                     handle.flush()
                     os.fsync(handle.fileno())
             os.replace(tmp, path)
@@ -90,13 +90,18 @@ class BlockStore:
         """Whether the block named ``cid`` is on disk (the root only, not its children)."""
         return self._block_path(cid)[1].is_file()
 
-    def put_block(self, cid: str, data: bytes) -> None:
+    def put_block(self, cid: str, data: bytes, *, durable: bool = True) -> None:
         """Store one block after checking that ``data`` hashes to ``cid``.
 
         An existing copy is kept if it still verifies and replaced if it does not, so
-        putting a block again repairs a damaged one.
+        putting a block again repairs a damaged one. ``durable=False`` skips the fsync
+        (see ``put``).
         """
         verify_block(cid, data)
+        self._store_block(cid, data, durable)
+
+    def _store_block(self, cid: str, data: bytes, durable: bool) -> None:
+        """put_block for bytes known to hash to ``cid`` (build_dag just made both)."""
         key, path = self._block_path(cid)
         if path.is_file():
             try:
@@ -104,7 +109,7 @@ class BlockStore:
                 return
             except (CIDError, OSError):
                 pass
-        self._write_atomic(path, bytes(data))
+        self._write_atomic(path, bytes(data), durable)
 
     def get_block(self, cid: str) -> bytes:
         """The bytes of one block, re-hashed: CIDError if altered, NotFound if absent."""
@@ -121,11 +126,20 @@ class BlockStore:
 
     # --- files ----------------------------------------------------------------------------
 
-    def put(self, data: bytes, *, pin: bool = True, cid_version: int = 1) -> str:
-        """Import ``data`` as a UnixFS file; return its root CID (the one kubo would give)."""
+    def put(
+        self, data: bytes, *, pin: bool = True, cid_version: int = 1, durable: bool = True
+    ) -> str:
+        """Import ``data`` as a UnixFS file; return its root CID (the one kubo would give).
+
+        ``durable`` (the default) fsyncs each block before it is renamed into place, so a
+        ledger row written afterwards never names a block a power cut lost: model versions
+        and strategy states. Copies that can be fetched again or that only serve an audit
+        (a participant's cache of the round's model, the coordinator's copy of an update)
+        are written with ``durable=False``: still atomic (never half a block), but a power
+        cut may lose the last ones, which a read then reports as absent, never as wrong."""
         root, blocks = build_dag(data, cid_version)
         for block in blocks:
-            self.put_block(block.cid, block.data)
+            self._store_block(block.cid, block.data, durable)
         if pin:
             self.pin(root)
         return root
@@ -214,9 +228,11 @@ class ContentStore(Protocol):
     """
 
     def has(self, cid: str) -> bool: ...
-    def put_block(self, cid: str, data: bytes) -> None: ...
+    def put_block(self, cid: str, data: bytes, *, durable: bool = True) -> None: ...
     def get_block(self, cid: str) -> bytes: ...
-    def put(self, data: bytes, *, pin: bool = True, cid_version: int = 1) -> str: ...
+    def put(
+        self, data: bytes, *, pin: bool = True, cid_version: int = 1, durable: bool = True
+    ) -> str: ...
     def get(self, cid: str) -> bytes: ...
     def size(self, cid: str) -> int: ...
     def pin(self, cid: str) -> None: ...

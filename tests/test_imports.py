@@ -236,3 +236,26 @@ def test_find_cycle_names_each_edge() -> None:
 def test_no_import_cycle() -> None:
     cycle = find_cycle(ALL_IMPORTS)
     assert not cycle, _report(cycle, "import cycle (break it with a fednode.services protocol)")
+
+
+# SQL is the ledger's own business: the calls of the sqlite3 / sqlite-utils APIs that run it.
+SQL_CALLS = {"execute", "executemany", "executescript", "query"}
+LEDGER_MODULE = "fednode.ledger"
+
+
+def test_sql_runs_only_in_the_ledger_module() -> None:
+    """fednode/, fedctl/ and tui/ read and write the ledger through fednode/ledger.py only
+    (the monitor, the admin channel and reporting once ran their own queries)."""
+    bad = []
+    for name, path in MODULES.items():
+        if _top(name) == "protocol" or name == LEDGER_MODULE:
+            continue
+        tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+        for node in ast.walk(tree):
+            if (
+                isinstance(node, ast.Call)
+                and isinstance(node.func, ast.Attribute)
+                and node.func.attr in SQL_CALLS
+            ):
+                bad.append(f"{path.relative_to(ROOT)}:{node.lineno}: .{node.func.attr}(...)")
+    assert not bad, "SQL outside fednode/ledger.py:\n  " + "\n  ".join(bad)

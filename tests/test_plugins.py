@@ -4,6 +4,7 @@ mechanisms, model kinds, data sources, and the registries that find each by name
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,8 @@ from fednode import codec, privacy, round_config, training, weights
 from fednode.coordinator import Coordinator
 from fednode.data import SOURCES, Dataset, load_eval, parse_dataset_spec
 from fednode.ledger import Ledger
-from fednode.session import RoundRun, SessionRun
+from fednode.rounds import RoundRun
+from fednode.session import SessionRun
 from fednode.store import BlockStore
 from fednode.strategies import STRATEGIES, ClientUpdate, FedAvg, FedProx, get_strategy
 from fednode.strategies import aggregate as arith
@@ -208,7 +210,7 @@ def test_rounds_store_state_and_rollback_restores_it(run: SessionRun) -> None:
 
     async def one_round(number: int) -> None:
         assert run.global_weights is not None
-        rnd = run.round = RoundRun(number, run.global_cid, ["p"])
+        rnd = run.round = RoundRun(number, run.global_cid, ["p"], time.time())
         led.start_round("s1", number, selected=["p"], model_cid_in=run.global_cid, started_at=0)
         update = [ClientUpdate("p", _model(0.01 * number), 10, 0.5)]
         new, rnd.next_state = run.strategy.aggregate(run.global_weights, update, run.strategy_state)

@@ -230,6 +230,7 @@ def test_a_session_survives_five_kill_minus_9s(fed: Cluster) -> None:
     assert len({r["round"] for r in missed}) < rounds
 
 
+@pytest.mark.slow  # resume is tested fast above; fresh secure material in test_rounds.py
 def test_a_secure_session_survives_two_kill_minus_9s(fed: Cluster) -> None:
     """SecAgg+ (each participant masks with 2 neighbours of 5): cut once when a round
     starts and once in the middle of the protocol, after masked inputs began to arrive.

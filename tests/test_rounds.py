@@ -195,3 +195,35 @@ def test_resume_point_reruns_the_aborted_round_from_the_newest_live_version() ->
     assert resume_point([], []) is None  # no initial model yet: start over
     with pytest.raises(ValueError, match="still running"):
         resume_point([{"round": 4, "status": "running"}], models)
+
+
+# --- a secure round run again ----------------------------------------------------------------
+
+
+def test_a_secure_round_run_again_never_derives_the_same_masks() -> None:
+    """A round cut by a coordinator restart runs again under its number: its round tag (in
+    every KDF input of the masks and the share encryption) and its graph seed are new, and
+    every participant's keys are new (protocol.secagg.Client makes fresh X25519 pairs)."""
+    from types import SimpleNamespace
+
+    from fednode.secure_round import SecureRound
+    from fednode.strategies import get_strategy
+    from protocol.secagg import Client, params_from_wire
+
+    spec = specmod.validate({"aggregation": {"secure": True, "neighbours": 2}})
+    w = {"w": np.zeros(4, np.float32)}
+    run = SimpleNamespace(
+        strategy=get_strategy("fedavg"),
+        session_id="s1",
+        spec=spec,
+        shapes={"w": (4,)},
+        global_weights=w,
+        global_cid="bafyround",
+        assigned_weights=lambda selected, max_weight: dict.fromkeys(selected, 1),
+    )
+    first = SecureRound(run, collecting(["a", "b", "c", "d"]))
+    again = SecureRound(run, collecting(["a", "b", "c", "d"]))  # the same round, run again
+    assert first.params.round_tag != again.params.round_tag
+    assert first.params.graph_seed != again.params.graph_seed
+    p = params_from_wire(first.wire("a"))
+    assert Client("a", p).advertise() != Client("a", p).advertise()
