@@ -59,6 +59,19 @@ def is_untrustworthy(err: FednodeError) -> bool:
     return isinstance(err, _FATAL)
 
 
+# A peer closed for misbehaving may have flooded this node: its close reply can sit behind
+# frames that are no longer read (reading pauses when the queue is full), so the closing
+# handshake gets one second instead of websockets' default ten before the socket is dropped.
+POLICY_CLOSE_TIMEOUT_S = 1.0
+
+
+async def close_for_policy(ws: Websocket, reason: str) -> None:
+    """Close with 1008 (policy violation) without waiting long for a hostile peer's reply."""
+    ws.close_timeout = POLICY_CLOSE_TIMEOUT_S
+    with contextlib.suppress(ConnectionClosed):
+        await ws.close(1008, reason[:120])
+
+
 RefusalHook = Callable[["Connection | None", str, FednodeError], Awaitable[None] | None]
 
 
@@ -186,7 +199,10 @@ class Connection:
                     raise
 
     async def close(self, code: int = 1000, reason: str = "") -> None:
-        await self.ws.close(code, reason[:120])
+        if code == 1008:
+            await close_for_policy(self.ws, reason)
+        else:
+            await self.ws.close(code, reason[:120])
 
 
 async def accept(
@@ -208,7 +224,7 @@ async def accept(
     except FednodeError as err:
         try:
             await ws.send(error_frame(err))
-            await ws.close(1008, err.code)
+            await close_for_policy(ws, err.code)
         except ConnectionClosed:
             pass
         raise
@@ -266,7 +282,7 @@ async def dial(
     except FednodeError as err:
         with contextlib.suppress(ConnectionClosed):
             await ws.send(error_frame(err))
-        await ws.close(1008, err.code)
+        await close_for_policy(ws, err.code)
         raise
     except ConnectionClosed:
         raise HandshakeError(f"{url} closed the connection during the handshake") from None
@@ -274,7 +290,7 @@ async def dial(
         await ws.close()
         raise FednodeError(msg.message, code=msg.code, hint=msg.hint)
     if not isinstance(msg, messages.Welcome):
-        await ws.close(1008, "EXPECTED_WELCOME")
+        await close_for_policy(ws, "EXPECTED_WELCOME")
         raise HandshakeError(f"expected a welcome from {url}, got {msg.TYPE!r}")
     conn.welcome = msg
     return conn
