@@ -33,7 +33,9 @@ app = typer.Typer(
 )
 session_app = typer.Typer(no_args_is_help=True, help="Create and run training sessions.")
 participants_app = typer.Typer(no_args_is_help=True, help="Participants seen by the coordinator.")
-model_app = typer.Typer(no_args_is_help=True, help="Global model versions, by CID.")
+model_app = typer.Typer(
+    no_args_is_help=True, help="Global model versions, by CID; a spec's model described."
+)
 ledger_app = typer.Typer(no_args_is_help=True, help="A node's SQLite ledger (offline).")
 alerts_app = typer.Typer(no_args_is_help=True, help="Quality and security alerts.")
 quality_app = typer.Typer(no_args_is_help=True, help="Measured quality scores.")
@@ -535,6 +537,40 @@ def participants_exclude(
 def participants_readmit(peer_id: str, as_json: Json = False) -> None:
     """Let an excluded participant be selected again."""
     _exclusion(Op.PARTICIPANTS_READMIT, peer_id, "", as_json)
+
+
+@model_app.command("describe")
+def model_describe(spec: Path, as_json: Json = False) -> None:
+    """Validate a spec (TOML or JSON) and print its model: each layer's output shape and
+    parameters, then the totals. Needs no node."""
+    from protocol import modelspec
+    from protocol.modelspec import format_size
+
+    def go() -> dict[str, Any]:
+        checked = specmod.load(spec)
+        model = {k: checked["model"][k] for k in modelspec.MODEL_KEYS}
+        return modelspec.describe(model, checked["training"])
+
+    def human(r: dict[str, Any]) -> None:
+        stdout.print(line(f"kind {r['kind']}, task {r['task']}, input shape {r['input_shape']}"))
+        t = Table("index", "type", "output shape", "parameters")
+        for layer in r["layers"]:
+            t.add_row(
+                plain(layer["index"]),
+                plain(layer["type"]),
+                plain(str(layer["output_shape"])),
+                plain(f"{layer['params']:,}"),
+            )
+        stdout.print(t)
+        stdout.print(
+            line(
+                f"parameters {r['params']:,} ({format_size(r['bytes'])} as float32); training "
+                f"memory at batch_size {r['batch_size']}: {format_size(r['training_memory'])} "
+                f"+ {r['data_bytes_per_example']:,} bytes per local example"
+            )
+        )
+
+    run(_json(as_json), go, human)
 
 
 @model_app.command("list")

@@ -23,6 +23,7 @@ from protocol.modelspec import default_max_params, format_size
 if TYPE_CHECKING:
     from fednode.data import DatasetRef
     from fednode.participant import Attack, Limits
+    from fednode.schema import Schema
     from protocol.identity import Identity
 
 app = typer.Typer(
@@ -162,6 +163,16 @@ def _participant_limits(max_params: int | None, max_memory: str, max_train_s: fl
     )
 
 
+def _start_schema(spec_file: Path | None) -> Schema | None:
+    """The data schema of `fednode run --spec FILE` (a SpecError if the spec is invalid)."""
+    if spec_file is None:
+        return None
+    from fednode.schema import Schema
+    from protocol import spec
+
+    return Schema.from_spec(spec.load(spec_file))
+
+
 @app.command("run")
 def run_node(
     role: Annotated[str, typer.Option(help="coordinator or participant")],
@@ -182,10 +193,29 @@ def run_node(
         str, typer.Option(help="participant: the coordinator's peer ID")
     ] = "",
     dataset: Annotated[
-        str, typer.Option(help="participant: digits:K/N, npz:/path or csv:/path")
+        str,
+        typer.Option(
+            help="participant: digits:K/N, csv:/path, parquet:/path, npz:/path, idx:/dir "
+            "(MNIST IDX files) or images:/dir (a subfolder of PNG/JPEG per class)"
+        ),
     ] = "digits:0/1",
+    spec_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--spec",
+            help="participant: a session spec (TOML or JSON) whose [data] schema the data must "
+            "match; checked at start, before registering (each task checks its own spec too)",
+        ),
+    ] = None,
     join_token: Annotated[str, typer.Option(help="participant: an invite token")] = "",
     threads: Annotated[int, typer.Option(help="torch threads for training")] = 1,
+    device: Annotated[
+        str,
+        typer.Option(
+            help="where training and evaluation run: auto (a GPU when torch sees one), cpu, "
+            "cuda, cuda:N or mps; weights on the wire stay float32 safetensors"
+        ),
+    ] = "cpu",
     train_delay: Annotated[
         float,
         typer.Option(
@@ -328,6 +358,10 @@ def run_node(
         import torch
 
         torch.set_num_threads(max(1, threads))
+        from fednode import training
+
+        dev = training.use_device(device)
+        logging.getLogger("fednode").info("training and evaluation on %s", dev)
         if role == "coordinator":
             from fednode import session
             from fednode.quality import SLA, load_sla
@@ -362,6 +396,7 @@ def run_node(
             from fednode.data import parse_dataset_spec
 
             ref = parse_dataset_spec(dataset)
+            schema = _start_schema(spec_file)
             limits = _participant_limits(max_params, max_memory, max_train_seconds)
             asyncio.run(
                 _run_participant(
@@ -376,6 +411,7 @@ def run_node(
                     ipfs_api=ipfs_api,
                     limits=limits,
                     attack=_attack(attack_scale, attack_claim),
+                    schema=schema,
                 )
             )
     except FednodeError as err:
@@ -464,6 +500,7 @@ async def _run_participant(
     ipfs_api: str = "",
     limits: Limits | None = None,
     attack: Attack | None = None,
+    schema: Schema | None = None,
 ) -> None:
     from fednode.ledger import Ledger
     from fednode.participant import Participant
@@ -485,7 +522,10 @@ async def _run_participant(
             chain=home.chain(),
             limits=limits,
             attack=attack,
+            schema=schema,
         )
+        if schema is not None:  # --spec: data that does not match never registers
+            await asyncio.to_thread(node.check_data)
         lim = node.limits
         emit_json(
             {

@@ -1,15 +1,16 @@
-"""Datasets, feature transforms and partitioning.
+"""Datasets, feature transforms and partitioning; data sources by name.
 
 Everything here is a pure function of its inputs and a seed, so that every node that runs
 the same spec computes the same split and the same shard without talking to anyone: the
 embedded digits data is identical on every machine, and a participant's own file never
-leaves it.
+leaves it. A participant's own data is read by its source (fednode/tables.py, idx.py,
+images.py) and checked against the spec's schema (fednode/schema.py) before anything trains.
 """
 
 from __future__ import annotations
 
-import csv
 import functools
+import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -18,8 +19,10 @@ from typing import Any
 
 import numpy as np
 
-from protocol.errors import DataError
+from fednode.schema import PROBE, Raw, Schema
+from protocol.errors import DataError, SchemaMismatch
 from protocol.plugins import Registry
+from protocol.spec import NO_DATASET
 
 FEATURES = ("scale16", "standardize", "none")
 PARTITIONS = ("iid", "stratified", "sequential", "dirichlet", "label_skew", "group")
@@ -28,8 +31,8 @@ DIGITS_TEST_SIZE = 0.2
 
 @dataclass
 class Dataset:
-    x: np.ndarray  # float32, [n, features]
-    y: np.ndarray  # int64, [n]
+    x: np.ndarray  # float32, [n, features] (images flattened: channels, height, width)
+    y: np.ndarray  # int64 class indices [n]; float32 targets when model.task = "regression"
 
     def __len__(self) -> int:
         return int(self.y.shape[0])
@@ -61,7 +64,7 @@ class Dataset:
 class DatasetRef:
     """A parsed `--dataset` value: a digits shard or a local file."""
 
-    kind: str  # "digits" | "npz" | "csv"
+    kind: str  # a SOURCES name: "digits" | "npz" | "csv" | "parquet" | "idx" | "images"
     shard: int = 0
     num_shards: int = 1
     path: Path | None = None
@@ -285,18 +288,34 @@ def partition_indices(
 
 
 @dataclass(frozen=True)
+class Cut:
+    """How a participant's data is cut and transformed: the session's [data] settings."""
+
+    features: str  # the feature transform: standardize | scale16 | none
+    partition: str = "iid"  # digits:K/N only
+    seed: int = 0  # the partition's and the local held-out split's seed
+    alpha: float = 0.5
+    labels_per_part: int = 2
+    # False: a local file's rows all train (test is empty), as load_partition gives them
+    hold_out: bool = True
+
+
+@dataclass(frozen=True)
 class DataSource:
     form: str  # how its values are written, for error messages: "npz:/path/file.npz"
     # (the whole value, the argument after "name:") -> a ref; DataError if malformed
     parse: Callable[[str, str], DatasetRef]
-    # a participant's training data: (ref, features, partition, seed, alpha, labels_per_part)
-    train: Callable[[DatasetRef, str, str, int, float, int], Dataset]
-    # the coordinator's evaluation data: (the spec's data.dataset value, features, seed)
-    evaluate: Callable[[str, str, int], Dataset]
+    # a participant's data, checked against the schema: (ref, cut, schema) -> (train, test)
+    local: Callable[[DatasetRef, Cut, Schema], tuple[Dataset, Dataset]]
+    # the coordinator's evaluation data: (the spec's data.dataset value, features, seed,
+    # schema)
+    evaluate: Callable[[str, str, int, Schema], Dataset]
 
 
 SOURCES: Registry[DataSource] = Registry(
-    "data source", "use digits:K/N or a local npz:/path or csv:/path file"
+    "data source",
+    "use digits:K/N, a local csv:/path, parquet:/path or npz:/path file, or an idx:/dir or "
+    "images:/dir folder",
 )
 
 
@@ -342,36 +361,8 @@ def _file_parser(kind: str) -> Callable[[str, str], DatasetRef]:
 # ------------------------------------------------------------------------ file loading
 
 
-def _validate(x: Any, y: Any, source: str) -> Dataset:
-    x = np.asarray(x)
-    y = np.asarray(y)
-    if x.ndim != 2:
-        raise DataError(f"{source}: x must be 2-D [examples, features], got shape {x.shape}")
-    if y.ndim != 1:
-        raise DataError(f"{source}: y must be 1-D [examples], got shape {y.shape}")
-    if x.shape[0] != y.shape[0]:
-        raise DataError(f"{source}: x has {x.shape[0]} rows but y has {y.shape[0]} labels")
-    if x.shape[0] == 0 or x.shape[1] == 0:
-        raise DataError(f"{source}: no data (x has shape {x.shape})")
-    if not (np.issubdtype(x.dtype, np.number) or x.dtype == np.bool_):
-        raise DataError(f"{source}: x must be numeric, got dtype {x.dtype}")
-    xf = x.astype(np.float32)
-    if not np.isfinite(xf).all():
-        bad = int(np.size(xf) - np.count_nonzero(np.isfinite(xf)))
-        raise DataError(f"{source}: x has {bad} missing or non-finite values")
-    # Float labels are accepted when every value is a whole number (CSV text, 3.0 == 3).
-    integral = np.issubdtype(y.dtype, np.integer) or (
-        np.issubdtype(y.dtype, np.floating) and np.isfinite(y).all() and (y == np.round(y)).all()
-    )
-    if not integral:
-        raise DataError(f"{source}: labels must be whole numbers, got dtype {y.dtype}")
-    yi = y.astype(np.int64)
-    if (yi < 0).any():
-        raise DataError(f"{source}: labels must be >= 0 (class indices), found {yi.min()}")
-    return Dataset(np.ascontiguousarray(xf), yi)
-
-
-def _load_npz(path: Path) -> Dataset:
+def _load_npz(path: Path, schema: Schema) -> Raw:
+    """Arrays x [n, features] and y [n]; x_test and y_test, when present, are held out."""
     try:
         # allow_pickle=False: an object array in a file must never run code.
         with np.load(path, allow_pickle=False) as f:
@@ -382,62 +373,138 @@ def _load_npz(path: Path) -> Dataset:
                     f"(has: {', '.join(f.files) or 'nothing'})",
                     hint="save it with numpy.savez(path, x=features, y=labels)",
                 )
-            x, y = f["x"], f["y"]
+            parts = [(f["x"], f["y"])]
+            if "x_test" in f.files and "y_test" in f.files:
+                parts.append((f["x_test"], f["y_test"]))
     except DataError:
         raise
     except FileNotFoundError:
         raise DataError(f"{path}: no such file") from None
     except (OSError, ValueError) as e:
         raise DataError(f"{path}: not a readable npz file ({e})") from None
-    return _validate(x, y, str(path))
+    for x, y in parts:
+        _check_arrays(x, y, str(path))
+    x = np.concatenate([np.asarray(x, dtype=np.float32) for x, _ in parts])
+    y = np.concatenate([np.asarray(y) for _, y in parts])
+    test = np.zeros(len(y), dtype=bool)
+    test[len(parts[0][1]) :] = True
+    return Raw(x, y, str(path), test=test if len(parts) > 1 else None)
 
 
-def _is_number(s: str) -> bool:
-    try:
-        float(s)
-    except ValueError:
-        return False
-    return True
+def _check_arrays(x: Any, y: Any, source: str) -> None:
+    x, y = np.asarray(x), np.asarray(y)
+    if x.ndim != 2:
+        raise DataError(f"{source}: x must be 2-D [examples, features], got shape {x.shape}")
+    if y.ndim != 1:
+        raise DataError(f"{source}: y must be 1-D [examples], got shape {y.shape}")
+    if x.shape[0] != y.shape[0]:
+        raise DataError(f"{source}: x has {x.shape[0]} rows but y has {y.shape[0]} labels")
+    if x.shape[0] == 0 or x.shape[1] == 0:
+        raise DataError(f"{source}: no data (x has shape {x.shape})")
+    if not (np.issubdtype(x.dtype, np.number) or x.dtype == np.bool_):
+        raise DataError(f"{source}: x must be numeric, got dtype {x.dtype}")
+    bad = int(np.size(x) - np.count_nonzero(np.isfinite(x.astype(np.float32))))
+    if bad:
+        raise DataError(f"{source}: x has {bad} missing or non-finite values")
 
 
-def _load_csv(path: Path) -> Dataset:
-    try:
-        with path.open(newline="") as fh:
-            rows = [r for r in csv.reader(fh) if r and any(c.strip() for c in r)]
-    except FileNotFoundError:
-        raise DataError(f"{path}: no such file") from None
-    except (OSError, UnicodeDecodeError, csv.Error) as e:
-        raise DataError(f"{path}: not a readable csv file ({e})") from None
-    if rows and not all(_is_number(c) for c in rows[0]):
-        rows = rows[1:]  # a header row
-    if not rows:
-        raise DataError(f"{path}: no data rows")
-    width = len(rows[0])
-    if width < 2:
-        raise DataError(f"{path}: need at least one feature column and a label column")
-    try:
-        arr = np.array([[float(c) for c in r] for r in rows if len(r) == width], dtype=np.float64)
-    except ValueError as e:
-        raise DataError(f"{path}: non-numeric value ({e})") from None
-    if arr.shape[0] != len(rows):
-        bad = next(i for i, r in enumerate(rows) if len(r) != width)
-        raise DataError(f"{path}: data row {bad + 1} has a different number of columns")
-    return _validate(arr[:, :-1], arr[:, -1], str(path))
+def _load_table(kind: str) -> Callable[[Path, Schema], Raw]:
+    def load(path: Path, schema: Schema) -> Raw:
+        from fednode.tables import read_table  # pandas loads only for a table
+
+        return read_table(path, kind, schema)
+
+    return load
 
 
-_FILE_LOADERS: dict[str, Callable[[Path], Dataset]] = {"npz": _load_npz, "csv": _load_csv}
+def _load_idx(path: Path, schema: Schema) -> Raw:
+    from fednode.idx import read_idx_folder
+
+    return read_idx_folder(path, schema)
 
 
-def load_file(ref: DatasetRef) -> Dataset:
+def _load_images(path: Path, schema: Schema) -> Raw:
+    from fednode.images import read_image_folder  # Pillow loads only for images
+
+    return read_image_folder(path, schema)
+
+
+_FILE_LOADERS: dict[str, Callable[[Path, Schema], Raw]] = {
+    "npz": _load_npz,
+    "csv": _load_table("csv"),
+    "parquet": _load_table("parquet"),
+    "idx": _load_idx,
+    "images": _load_images,
+}
+
+
+def read_file(ref: DatasetRef, schema: Schema) -> tuple[Dataset, np.ndarray | None]:
+    """A local file or folder as the schema reads it, and the rows its source holds out
+    (t10k files, a split column, npz x_test/y_test) or None. SchemaMismatch on any
+    difference from the schema."""
     loader = _FILE_LOADERS.get(ref.kind)
     if loader is None or ref.path is None:
         raise DataError(f"dataset {ref} is not a file")
-    return loader(ref.path)
+    raw = loader(ref.path, schema)
+    schema.check_features(raw.x, raw.source, raw.names)
+    y = schema.targets(raw.labels, raw.source)
+    return Dataset(np.ascontiguousarray(raw.x, dtype=np.float32), y), raw.test
 
 
-def _featurize_own(ds: Dataset, features: str) -> Dataset:
-    x, _ = apply_features(ds.x, None, features)
-    return Dataset(x, ds.y)
+def load_file(ref: DatasetRef, schema: Schema | None = None) -> Dataset:
+    """All of a local file or folder, as the schema (default: Schema()) reads it."""
+    return read_file(ref, schema or Schema())[0]
+
+
+def _take(ds: Dataset, idx: np.ndarray) -> Dataset:
+    return Dataset(np.ascontiguousarray(ds.x[idx]), ds.y[idx].copy())
+
+
+def held_out(n: int, fraction: float, seed: int) -> np.ndarray:
+    """The seeded local held-out rows, a bool mask over n rows: floor(n × fraction) of them
+    (at least one, and one row left to train, when fraction > 0), chosen by `seed` as
+    fednode.holdout.split chooses them, the same on every run."""
+    test = np.zeros(n, dtype=bool)
+    if fraction > 0 and n >= 2:
+        n_test = min(n - 1, max(1, math.floor(n * fraction)))
+        test[np.random.default_rng(seed).permutation(n)[:n_test]] = True
+    return test
+
+
+def _featurize(train: Dataset, test: Dataset, features: str) -> tuple[Dataset, Dataset]:
+    """The transform with the training part's statistics only (no test leakage)."""
+    x_train, x_test = apply_features(train.x, test.x, features)
+    assert x_test is not None
+    return Dataset(x_train, train.y), Dataset(x_test, test.y)
+
+
+def load_split(
+    ref: DatasetRef | str,
+    *,
+    features: str,
+    partition: str = "iid",
+    seed: int = 0,
+    alpha: float = 0.5,
+    labels_per_part: int = 2,
+    schema: Schema | None = None,
+) -> tuple[Dataset, Dataset]:
+    """A participant's local data as (train, test), checked against the session's schema.
+
+    `schema` is `Schema.from_spec(spec)` (default: `Schema()`, the spec's defaults); data
+    that differs from it raises SchemaMismatch (a DataError) naming the column, class, file
+    or shape. `test` is the held-out part a participant evaluates on: for a local file the
+    rows its source holds out (the IDX t10k files, a table's `split` column, an npz's
+    x_test/y_test), else a seeded fraction `schema.test_fraction` of the rows (seed `seed`);
+    for digits:K/N, shard K of the embedded test split. `features` transforms both parts
+    with statistics of the training part (for digits, of the whole training split, the same
+    on every node). `partition`, `alpha` and `labels_per_part` cut digits:K/N shards only: a
+    local file is the participant's own data, split but not cut. The test part may be empty
+    (test_fraction = 0 and no split in the source).
+    """
+    if isinstance(ref, str):
+        ref = parse_dataset_spec(ref)
+    cut = Cut(features, partition, seed, alpha, labels_per_part)
+    return SOURCES.get(ref.kind).local(ref, cut, schema or Schema())
 
 
 def load_partition(
@@ -448,48 +515,64 @@ def load_partition(
     seed: int,
     alpha: float = 0.5,
     labels_per_part: int = 2,
+    schema: Schema | None = None,
 ) -> Dataset:
-    """The local training data of one participant.
-
-    For digits:K/N, shard K of the training split. Features use the statistics of the
-    whole training split, not of the shard: the embedded data is identical on every node,
-    so every node computes the same statistics and the same shards, and the model sees the
-    same input scale everywhere. A local file is the participant's own data, used whole;
-    `partition`, `alpha` and `labels_per_part` do not apply to it, and "standardize" uses
-    the file's own statistics.
+    """The local data one participant trains on when nothing is held out: for digits:K/N
+    shard K of the training split; a local file whole (its held-out rows included), checked
+    against `schema` as load_split checks it. A participant that evaluates uses load_split.
     """
     if isinstance(ref, str):
         ref = parse_dataset_spec(ref)
-    source = SOURCES.get(ref.kind)
-    return source.train(ref, features, partition, seed, alpha, labels_per_part)
+    cut = Cut(features, partition, seed, alpha, labels_per_part, hold_out=False)
+    return SOURCES.get(ref.kind).local(ref, cut, schema or Schema())[0]
 
 
-def _digits_train(
-    ref: DatasetRef, features: str, partition: str, seed: int, alpha: float, labels_per_part: int
-) -> Dataset:
-    x_train, y_train, _, _ = digits_split(seed)
-    x_train, _ = apply_features(x_train, None, features)
+def probe(ref: DatasetRef) -> Dataset:
+    """A participant's data before it knows any session (its registration's count and data
+    report): every row, labels as found (not mapped to classes), a table's last column as
+    the label and its numeric columns as features. Nothing trains on it."""
+    return load_partition(ref, features="none", partition="iid", seed=0, schema=PROBE)
+
+
+def _digits_local(ref: DatasetRef, cut: Cut, schema: Schema) -> tuple[Dataset, Dataset]:
+    x_train, y_train, x_test, y_test = digits_split(cut.seed)
+    x_train, x_test_f = apply_features(x_train, x_test, cut.features)
+    assert x_test_f is not None
+    schema.check_features(x_train, str(ref))
+    if not schema.probe:  # the embedded labels are indices 0..9; the schema must agree
+        schema.targets(y_train, str(ref))
     parts = partition_indices(
-        partition,
+        cut.partition,
         y_train,
         ref.num_shards,
-        seed=seed,
-        alpha=alpha,
-        labels_per_part=labels_per_part,
+        seed=cut.seed,
+        alpha=cut.alpha,
+        labels_per_part=cut.labels_per_part,
     )
-    idx = parts[ref.shard]
-    return Dataset(np.ascontiguousarray(x_train[idx]), y_train[idx].copy())
+    # The local test part: shard K of the test split, cut iid so every shard has some.
+    test_parts = partition_iid(len(y_test), min(ref.num_shards, len(y_test)), cut.seed)
+    test_idx = test_parts[ref.shard] if ref.shard < len(test_parts) else np.zeros(0, np.int64)
+    return _take(Dataset(x_train, y_train), parts[ref.shard]), _take(
+        Dataset(x_test_f, y_test), test_idx
+    )
 
 
-def load_eval(dataset: str, *, features: str, seed: int) -> Dataset:
-    """The coordinator's evaluation data: the digits test split, or a local file."""
+def load_eval(
+    dataset: str, *, features: str, seed: int, schema: Schema | None = None
+) -> Dataset | None:
+    """The coordinator's evaluation data: the digits test split, a local file or folder (its
+    held-out rows when its source has them: t10k files, a split column; else all of it), or
+    None for data.dataset = "none" (the coordinator holds no data: nothing to evaluate
+    here)."""
+    if dataset == NO_DATASET:
+        return None
     name = dataset.partition(":")[0] if isinstance(dataset, str) else dataset
     if name not in SOURCES:
         parse_dataset_spec(dataset)  # its error lists every source
-    return SOURCES.get(name).evaluate(dataset, features, seed)
+    return SOURCES.get(name).evaluate(dataset, features, seed, schema or Schema())
 
 
-def _digits_eval(dataset: str, features: str, seed: int) -> Dataset:
+def _digits_eval(dataset: str, features: str, seed: int, schema: Schema) -> Dataset:
     if dataset != "digits":
         raise DataError(
             f"evaluation dataset {dataset!r}: use plain 'digits' (the embedded test split), "
@@ -498,27 +581,44 @@ def _digits_eval(dataset: str, features: str, seed: int) -> Dataset:
     x_train, _, x_test, y_test = digits_split(seed)
     _, x_test_f = apply_features(x_train, x_test, features)
     assert x_test_f is not None
+    schema.check_features(x_test_f, dataset)
     return Dataset(x_test_f, y_test)
 
 
-def _file_train(
-    ref: DatasetRef, features: str, partition: str, seed: int, alpha: float, labels_per_part: int
-) -> Dataset:
+def _file_local(ref: DatasetRef, cut: Cut, schema: Schema) -> tuple[Dataset, Dataset]:
     # A participant's own file is used whole: partition, alpha and labels_per_part do not apply.
-    return _featurize_own(load_file(ref), features)
+    ds, test = read_file(ref, schema)
+    if not cut.hold_out:
+        test = np.zeros(len(ds), dtype=bool)
+    elif test is None:
+        test = held_out(len(ds), schema.test_fraction, cut.seed)
+    train = _take(ds, np.flatnonzero(~test))
+    if len(train) == 0:
+        raise SchemaMismatch(
+            f"{ref}: no training rows are left after the held-out split "
+            f"({len(ds)} rows, data.test_fraction = {schema.test_fraction:g})",
+            hint="lower data.test_fraction, or mark fewer rows test in the split column",
+        )
+    return _featurize(train, _take(ds, np.flatnonzero(test)), cut.features)
 
 
-def _file_eval(dataset: str, features: str, seed: int) -> Dataset:
-    return _featurize_own(load_file(parse_dataset_spec(dataset)), features)
+def _file_eval(dataset: str, features: str, seed: int, schema: Schema) -> Dataset:
+    ds, test = read_file(parse_dataset_spec(dataset), schema)
+    if test is not None and test.any():
+        ds = _take(ds, np.flatnonzero(test))
+    x, _ = apply_features(ds.x, None, features)  # the file's own statistics
+    return Dataset(x, ds.y)
 
 
 SOURCES.register(
     "digits",
-    DataSource("digits:K/N (shard K of N, 0 <= K < N)", _parse_digits, _digits_train, _digits_eval),
+    DataSource("digits:K/N (shard K of N, 0 <= K < N)", _parse_digits, _digits_local, _digits_eval),
 )
-SOURCES.register(
-    "npz", DataSource("npz:/path/file.npz", _file_parser("npz"), _file_train, _file_eval)
-)
-SOURCES.register(
-    "csv", DataSource("csv:/path/file.csv", _file_parser("csv"), _file_train, _file_eval)
-)
+for _kind, _form in (
+    ("npz", "npz:/path/file.npz"),
+    ("csv", "csv:/path/file.csv"),
+    ("parquet", "parquet:/path/file.parquet"),
+    ("idx", "idx:/path/folder (MNIST IDX files)"),
+    ("images", "images:/path/folder (a subfolder of PNG/JPEG per class)"),
+):
+    SOURCES.register(_kind, DataSource(_form, _file_parser(_kind), _file_local, _file_eval))

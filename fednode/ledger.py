@@ -14,7 +14,8 @@ alerts whose every state change is also a chained event (written in the same tra
 and, on participants, the log of the training tasks they took. Schema 4 marks model
 versions that were rolled back (``rolled_back_at``, ``rolled_back_to``). Schema 5 keeps
 what each participant registered for a session (``session_claims``: its examples, the most
-its weight may count).
+its weight may count). Schema 7 keeps each participant's evaluation of the round's model
+with its update (``client_updates.eval_examples``, ``eval_loss``, ``eval_metrics``).
 
 Transactions use sqlite-utils' ``atomic()`` rather than ``with conn:``: sqlite-utils 4 wraps
 its own writes in ``atomic()``, which nests as a savepoint inside ours, whereas an inner
@@ -585,6 +586,15 @@ def _m006_resume(db: Database) -> None:
     db.execute("ALTER TABLE sessions ADD COLUMN restarts INTEGER NOT NULL DEFAULT 0")
 
 
+def _m007_participant_eval(db: Database) -> None:
+    """Each participant's report of the round's model on its held-out split (evaluation.on =
+    participants | both): examples, loss, and the task's metrics as a JSON object of
+    numbers by name. NULL = no report (the coordinator evaluated, or a row from before)."""
+    db.execute("ALTER TABLE client_updates ADD COLUMN eval_examples INTEGER")
+    db.execute("ALTER TABLE client_updates ADD COLUMN eval_loss REAL")
+    db.execute("ALTER TABLE client_updates ADD COLUMN eval_metrics TEXT")
+
+
 MIGRATIONS: list[Callable[[Database], None]] = [
     _m001_initial,
     _m002_admission,
@@ -592,6 +602,7 @@ MIGRATIONS: list[Callable[[Database], None]] = [
     _m004_rollback,
     _m005_claims,
     _m006_resume,
+    _m007_participant_eval,
 ]
 """Ordered; migration ``i`` (0-based) brings the schema to version ``i + 1``."""
 
@@ -635,6 +646,13 @@ def _participant_row(row: dict[str, Any]) -> dict[str, Any]:
 def _task_row(row: dict[str, Any]) -> dict[str, Any]:
     row = dict(row)
     row["secure"] = bool(row["secure"])
+    return row
+
+
+def _update_row(row: dict[str, Any]) -> dict[str, Any]:
+    row = dict(row)
+    if row.get("eval_metrics") is not None:
+        row["eval_metrics"] = json.loads(row["eval_metrics"])
     return row
 
 
@@ -1041,8 +1059,15 @@ class Ledger:
         parent_cid: str | None = None,
         reason: str | None = None,
         state_cid: str | None = None,
+        evaluated_cid: str | None = None,
     ) -> dict[str, Any]:
         """Finish a round that produced a new global model, in ONE transaction.
+
+        ``evaluated_cid``: the round's ``accuracy`` and ``loss`` describe that model (the
+        participants evaluated the model the round trained from), not the new version: they
+        go to the round's row and the session's final figures, and to that live version's
+        own row where it has none yet, while the new version stays unmeasured (NULL) until
+        the next round's reports.
 
         Marks the round ``completed`` (with timings, counts, bytes and metrics), inserts its
         ``model_versions`` row (``parent_cid`` defaults to the round's ``model_cid_in``,
@@ -1067,17 +1092,24 @@ class Ledger:
                 bytes_down=bytes_down,
                 reason=reason,
             )
+            lagged = evaluated_cid is not None
             self._insert_model(
                 session_id,
                 round,
                 cid=model_cid,
                 parent_cid=parent_cid if parent_cid is not None else row["model_cid_in"],
-                accuracy=accuracy,
-                loss=loss,
+                accuracy=None if lagged else accuracy,
+                loss=None if lagged else loss,
                 size=size,
                 created_at=ended_at,
                 state_cid=state_cid,
             )
+            if lagged and accuracy is not None:
+                self.db.execute(
+                    "UPDATE model_versions SET accuracy = ?, loss = ? WHERE session_id = ? "
+                    "AND cid = ? AND rolled_back_at IS NULL AND accuracy IS NULL",
+                    (accuracy, loss, session_id, evaluated_cid),
+                )
         return self._get_round(session_id, round)
 
     def _get_round(self, session_id: str, round: int) -> dict[str, Any]:
@@ -1106,8 +1138,14 @@ class Ledger:
         status: str = "accepted",
         reason: str | None = None,
         received_at: float,
+        eval_examples: int | None = None,
+        eval_loss: float | None = None,
+        eval_metrics: Mapping[str, float] | None = None,
     ) -> dict[str, Any]:
         """Record one received update and, if the peer is known, bump its counters.
+
+        ``eval_*``: the participant's evaluation of the round's model on its held-out split,
+        when it sent one (None = no report).
 
         The peer's ``rounds_completed`` (accepted) or ``updates_rejected`` (rejected) move in
         the same transaction, so callers must not also increment them by hand.
@@ -1131,6 +1169,13 @@ class Ledger:
                     "status": status,
                     "reason": reason,
                     "received_at": float(received_at),
+                    "eval_examples": _int("eval_examples", eval_examples, minimum=0),
+                    "eval_loss": _real("eval_loss", eval_loss),
+                    "eval_metrics": None
+                    if eval_metrics is None
+                    else canonical_json(
+                        {k: _real(k, v, optional=False) for k, v in eval_metrics.items()}
+                    ),
                 }
             )
             update_id = table.last_pk
@@ -1139,7 +1184,7 @@ class Ledger:
                 f"UPDATE participants SET {counter} = {counter} + 1 WHERE peer_id = ?",
                 (participant,),
             )
-        return dict(self.db["client_updates"].get(update_id))
+        return _update_row(self.db["client_updates"].get(update_id))
 
     def updates(self, session_id: str, round: int | None = None) -> list[dict[str, Any]]:
         """In arrival order; one round's when ``round`` is given."""
@@ -1152,7 +1197,7 @@ class Ledger:
                 "SELECT * FROM client_updates WHERE session_id = ? AND round = ? ORDER BY id",
                 (session_id, round),
             )
-        return [dict(r) for r in rows]
+        return [_update_row(r) for r in rows]
 
     # --- participants -------------------------------------------------------------------
 
@@ -2163,6 +2208,9 @@ class Ledger:
             "dropped": int(totals[0]),
             "final_accuracy": session["final_accuracy"],
             "final_loss": session["final_loss"],
+            # who measured the figures: the coordinator, the participants (their example-
+            # weighted mean of the model each round started from) or both (the coordinator's)
+            "evaluation": session["spec"].get("evaluation", {}).get("on", "coordinator"),
             "model_cid": session["model_cid"],
             "restarts": session.get("restarts", 0),  # coordinator restarts while it ran
             "duration_s": duration,

@@ -31,16 +31,17 @@ import psutil
 import torch
 from websockets.exceptions import ConnectionClosed
 
-from fednode import __version__, bounds, quality, round_config, training, weights
+from fednode import __version__, bounds, holdout, quality, round_config, rounds, training, weights
 from fednode.data import DatasetRef, load_partition
 from fednode.ledger import Ledger
 from fednode.privacy import TrainFn
+from fednode.schema import PROBE, Schema
 from fednode.session import model_spec
 from fednode.store import BlockStore
 from fednode.transport import Connection, dial
 from protocol import messages, modelspec, secagg, spec
 from protocol.cid import file_cid
-from protocol.errors import CIDError, FednodeError, SpecError, Unsupported
+from protocol.errors import CIDError, FednodeError, SchemaMismatch, SpecError, Unsupported
 from protocol.identity import Identity
 from protocol.modelspec import format_size
 from protocol.rotation import Rotation
@@ -173,6 +174,34 @@ def _timed_train(
     return result, time.thread_time() - start
 
 
+def split_for_eval(s: dict[str, Any], data: Any) -> tuple[Any, Any | None]:
+    """(training data, held-out test data or None): with the spec's evaluation.on asking the
+    participants to evaluate, a seeded data.test_fraction of the local data is held out of
+    training (fednode.holdout); else all of it trains, as before."""
+    if not rounds.participants_evaluate(s.get("evaluation", {}).get("on", "coordinator")):
+        return data, None
+    return holdout.split(data, s["data"]["test_fraction"], s["data"]["seed"])
+
+
+def eval_report(mspec: dict[str, Any], w: weights.Weights, test: Any) -> dict[str, Any]:
+    """The round's model on the held-out split, as the update's eval_* fields. A figure the
+    wire would refuse (a non-finite loss of a diverged model) is not sent: no report, so the
+    update itself still counts."""
+    # the task's metrics by name (protocol.messages.EVAL_METRICS bounds them) and the loss
+    metrics = training.evaluate_metrics(mspec, w, test)
+    loss = metrics.pop("loss")
+    metrics = {k: v for k, v in metrics.items() if k in messages.EVAL_METRICS}
+    finite = all(math.isfinite(v) for v in metrics.values())
+    if not (finite and math.isfinite(loss) and 0 <= loss <= messages.MAX_EVAL_LOSS):
+        log.warning(
+            "the round's model has loss %s, metrics %s on the held-out split; not reported",
+            loss,
+            metrics,
+        )
+        return {}
+    return {"eval_examples": len(test), "eval_loss": loss, "eval_metrics": metrics}
+
+
 def shuffle_seed(session_seed: int, round_: int, peer_id: str) -> int:
     """Each participant's minibatch order: reproducible, and different between participants."""
     digest = hashlib.sha256(f"{session_seed}/{round_}/{peer_id}".encode()).digest()
@@ -195,8 +224,12 @@ class Participant:
         chain: list[Rotation] | None = None,
         limits: Limits | None = None,
         attack: Attack | None = None,
+        schema: Schema | None = None,
     ):
         self.chain = chain or []
+        # The schema this node was started with (fednode run --spec): its data is checked
+        # against it before it registers; each task still checks the task's own schema.
+        self.schema = schema
         self.attack = attack or Attack()  # a test option: a hostile participant
         self.limits = limits if limits is not None else Limits.for_machine()
         self.num_examples = 0  # set by run(), from the data as loaded
@@ -217,6 +250,8 @@ class Participant:
         self._cpu_efficiency: float | None = None  # of the last training, for heartbeats
         self._fetched: dict[str, tuple[int, float]] = {}  # cid -> (bytes, seconds) downloaded
         self.data_report: dict[str, Any] = {}
+        # (session, round) -> the eval_* fields of that round's update (split_for_eval)
+        self._evaluations: dict[tuple[str, int], dict[str, Any]] = {}
 
     async def run(self, stop: asyncio.Event) -> None:
         """Stay connected until ``stop`` is set; re-dial with backoff on failures."""
@@ -275,13 +310,24 @@ class Participant:
     def _num_examples(self) -> int:
         return len(self._load_data(_AS_LOADED))
 
-    def _load_data(self, data_spec: dict[str, Any]) -> Any:
+    def check_data(self) -> None:
+        """Load the data as this node registers it, against the schema it was started with
+        (fednode run --spec) if any: a DataError here means it must not join (cached, so
+        run() does not read the data twice)."""
+        self._num_examples()
+
+    def _load_data(self, data_spec: dict[str, Any], schema: Schema | None = None) -> Any:
+        """The local data as a session's [data] cuts it, checked against its schema
+        (Schema.from_spec; SchemaMismatch on any difference). Without a schema: the data as
+        found, before any session is known (the registration's count and data report)."""
+        schema = schema or self.schema or PROBE
         key = (
             data_spec["features"],
             data_spec["partition"],
             data_spec["seed"],
             data_spec["alpha"],
             data_spec["labels_per_part"],
+            schema,
         )
         if key not in self._data_cache:
             self._data_cache[key] = load_partition(
@@ -291,6 +337,7 @@ class Participant:
                 seed=data_spec["seed"],
                 alpha=data_spec["alpha"],
                 labels_per_part=data_spec["labels_per_part"],
+                schema=schema,
             )
         return self._data_cache[key]
 
@@ -452,7 +499,12 @@ class Participant:
         shapes = training.expected_shapes(mspec)
         global_w = await asyncio.to_thread(weights.from_bytes, blob, expect=shapes)
         del blob
-        data = await asyncio.to_thread(self._load_data, s["data"])
+        data = await asyncio.to_thread(self._load_data, s["data"], Schema.from_spec(s))
+        data, test = await asyncio.to_thread(split_for_eval, s, data)
+        if test is not None:  # the round's model, before training: reported with the update
+            self._evaluations[(session, task.round)] = await asyncio.to_thread(
+                eval_report, mspec, global_w, test
+            )
         t = s["training"]
         plan = round_config.plan(task)  # checked in _do_round before anything was fetched
         cfg = training.TrainConfig(
@@ -581,6 +633,9 @@ class Participant:
             s = spec.validate(task.spec)
             # Priced before anything is fetched or allocated: beyond a limit, declined.
             self.limits.check(s, self.num_examples, secure=bool(task.secagg))
+            # The data against the session's schema before anything is fetched: data that
+            # differs (a column, a class, a shape) is declined, never trained on.
+            await asyncio.to_thread(self._load_data, s["data"], Schema.from_spec(s))
             # The round's strategy settings, codec and privacy, each one this node has or
             # declined (fednode.round_config says why a setting is never ignored).
             plan = round_config.plan(task)
@@ -615,6 +670,7 @@ class Participant:
                         fetch_s=self._fetched.get(task.model_cid, (0, 0.0))[1],
                         cpu_efficiency=self._cpu_efficiency,
                         memory_efficiency=self._memory_efficiency(),
+                        **self._evaluations.pop((session, task.round), {}),
                     ),
                     session,
                 )
@@ -647,7 +703,8 @@ class Participant:
                 bytes_up=sent,
                 bytes_down=self._fetched.pop(task.model_cid, (0, 0.0))[0],
             )
-        except (LimitExceeded, SpecError, Unsupported) as err:  # what it will not do: declined
+        # what it will not do (SchemaMismatch: its data is not what the session's schema says)
+        except (LimitExceeded, SpecError, Unsupported, SchemaMismatch) as err:
             log.warning("declined round %d: %s: %s", task.round, err.code, err.message)
             await self._task_failed(conn, session, task, task_id, started, err, status="declined")
         except FednodeError as err:
@@ -792,6 +849,7 @@ class Participant:
                     fetch_s=self._fetched.get(task.model_cid, (0, 0.0))[1],
                     cpu_efficiency=self._cpu_efficiency,
                     memory_efficiency=self._memory_efficiency(),
+                    **self._evaluations.pop((session, n), {}),
                 ),
                 session,
             )

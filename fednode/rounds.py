@@ -9,6 +9,8 @@ on any of that:
     when the round stops waiting          RoundRun.closed(now, end)
     what the aggregate is                 bound_updates() then Strategy.aggregate()
     whether it is published               verdict()
+    who evaluates, the round's figures    coordinator_evaluates(), weighted_eval(),
+                                          round_figures()
     whether to roll back                  divergence()
     what a restarted session resumes from fednode.resume.resume_point()
 
@@ -46,6 +48,8 @@ class RoundRun:
     # accepted updates: the message (its bytes dropped once decoded) and when it arrived
     received: dict[str, tuple[messages.Update, float]] = field(default_factory=dict)
     decoded: dict[str, Weights] = field(default_factory=dict)  # their weights
+    # what each contributor reported of the round's model on its held-out split
+    reports: dict[str, EvalReport] = field(default_factory=dict)
     failed: dict[str, str] = field(default_factory=dict)  # peer -> reason (left, error)
     bytes_up: int = 0
     bytes_down: int = 0
@@ -217,16 +221,20 @@ class Verdict:
     reason: str = ""  # why not, for the ledger and the alert
 
 
-def verdict(new: Weights, loss: float, accuracy: float, base_loss: float, factor: float) -> Verdict:
+def verdict(
+    new: Weights, loss: float | None, accuracy: float | None, base_loss: float, factor: float
+) -> Verdict:
     """Whether a candidate aggregate becomes the next model version: every weight finite and
-    its validation loss not over ``factor`` x the current model's (bounds.loss_jumped)."""
+    its validation loss not over ``factor`` x the current model's (bounds.loss_jumped).
+    ``loss`` None: the coordinator has no evaluation data (evaluation.on = "participants"),
+    so only the finite check applies."""
     if not versions.is_finite(new):
         return Verdict(False, "the aggregate has non-finite weights (NaN or inf)")
-    if bounds.loss_jumped(loss, base_loss, factor):
+    if loss is not None and bounds.loss_jumped(loss, base_loss, factor):
         return Verdict(
             False,
             f"its validation loss {loss:.4g} is over {factor:g} x the current model's "
-            f"{base_loss:.4g} (accuracy {accuracy:.4f})"
+            f"{base_loss:.4g} (accuracy {accuracy or math.nan:.4f})"
             if math.isfinite(loss)
             else "its validation loss is not finite",
         )
@@ -246,6 +254,11 @@ def divergence(
     Then where to go back to, and why."""
     if not rb["enabled"]:
         return None
+    # Versions not measured yet are left out at the end: with the participants evaluating,
+    # the newest version's figures arrive with the next round's updates (weighted_eval).
+    history = list(history)
+    while history and history[-1][1] is None:
+        history.pop()
     target = versions.rollback_target(history, rb["margin"], rb["rounds"])
     if target is None:
         return None
@@ -256,3 +269,99 @@ def divergence(
         f"accuracy {acc:.4f} after round {after_round} is more than {rb['margin']:g} below the "
         f"best so far ({best:.4f}, round {target}) for {rb['rounds']} consecutive round(s)",
     )
+
+
+# --- evaluation: on the coordinator, on the participants, or both ---------------------------
+#
+# With evaluation.on = "participants" each participant evaluates the round's model (the one it
+# fetched to train from) on its held-out split and reports the figures with its update: no
+# second message per round, but the figures that arrive in round r describe the model round r
+# started from (round r-1's version), not the candidate round r makes. docs/architecture.md,
+# "Sessions and rounds", says why.
+
+
+def coordinator_evaluates(on: str) -> bool:
+    """Whether the coordinator evaluates on its own data.dataset (evaluation.on)."""
+    return on in ("coordinator", "both")
+
+
+def participants_evaluate(on: str) -> bool:
+    """Whether participants hold out a test split and report figures with their updates."""
+    return on in ("participants", "both")
+
+
+@dataclass(frozen=True)
+class EvalReport:
+    """One participant's figures for the round's model on its held-out split."""
+
+    examples: int
+    loss: float
+    metrics: Mapping[str, float]
+
+
+def report_of(msg: messages.Update | messages.SecaggMasked) -> EvalReport | None:
+    """The evaluation report an update carries (validated by protocol.messages), or None."""
+    if msg.eval_examples <= 0 or msg.eval_loss is None:
+        return None
+    return EvalReport(msg.eval_examples, msg.eval_loss, dict(msg.eval_metrics))
+
+
+@dataclass(frozen=True)
+class EvalFigures:
+    """The example-weighted mean of a round's reports."""
+
+    examples: int  # the weight they carried, in all
+    loss: float
+    metrics: dict[str, float]
+    reports: int
+
+    @property
+    def accuracy(self) -> float | None:
+        """The round's score, as fednode.training.evaluate gives the coordinator's: accuracy
+        (classification, binary), else R² (regression); higher is better either way, as
+        rollback assumes."""
+        return self.metrics.get("accuracy", self.metrics.get("r2"))
+
+
+def weighted_eval(
+    reports: Mapping[str, EvalReport], claims: Mapping[str, int]
+) -> EvalFigures | None:
+    """The example-weighted mean of the reports' loss and of each metric (over the reports
+    that carry it), or None without a report. A report weighs its examples, but at most what
+    the participant registered for the session (``claims``): its held-out split is part of
+    that data, so a participant cannot outweigh the others by claiming a larger test set."""
+    weights = {
+        peer: min(r.examples, claims[peer]) if peer in claims else r.examples
+        for peer, r in reports.items()
+    }
+    used = {peer: w for peer, w in weights.items() if w > 0}
+    if not used:
+        return None
+    total = sum(used.values())
+    loss = sum(w * reports[p].loss for p, w in used.items()) / total
+    metrics: dict[str, float] = {}
+    for name in sorted({m for p in used for m in reports[p].metrics}):
+        have = {p: w for p, w in used.items() if name in reports[p].metrics}
+        metrics[name] = sum(w * reports[p].metrics[name] for p, w in have.items()) / sum(
+            have.values()
+        )
+    return EvalFigures(total, loss, metrics, len(used))
+
+
+def round_figures(
+    on: str,
+    coordinator: tuple[float, float] | None,
+    participants: EvalFigures | None,
+) -> tuple[float | None, float | None]:
+    """The round's (accuracy, loss), as training_rounds, the round_completed event and the
+    session's final figures keep them: the coordinator's own evaluation of the candidate
+    whenever it evaluates (``on`` coordinator or both: one held-out set for every round, so
+    rounds compare like with like), else the participants' weighted figures (None, None
+    when no participant reported)."""
+    if coordinator_evaluates(on):
+        if coordinator is None:
+            raise ValueError(f"evaluation.on = {on!r} needs the coordinator's own figures")
+        return coordinator
+    if participants is None:
+        return None, None
+    return participants.accuracy, participants.loss

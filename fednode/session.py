@@ -34,13 +34,14 @@ import numpy as np
 
 from fednode import quality, rounds, training, versions, weights
 from fednode.codec import get_codec
-from fednode.data import load_eval
+from fednode.data import Dataset, load_eval
 from fednode.resume import ResumePoint
 from fednode.rounds import RoundRun
+from fednode.schema import Schema
 from fednode.secure_round import SecureRound
 from fednode.strategies import get_strategy
 from fednode.strategies.base import ClientUpdate, State
-from protocol import messages, plugins
+from protocol import messages, modelspec, plugins
 from protocol import spec as specmod
 from protocol.errors import (
     AggregateRejected,
@@ -67,13 +68,10 @@ REGATHER_S = 15.0
 
 
 def model_spec(spec: dict[str, Any]) -> dict[str, Any]:
+    """What builds and prices the model (protocol.modelspec.MODEL_KEYS); a spec stored before
+    a key existed lacks it, and the key's default applies."""
     m = spec["model"]
-    return {
-        "kind": m["kind"],
-        "inputs": m["inputs"],
-        "hidden": m["hidden"],
-        "classes": m["classes"],
-    }
+    return {k: m[k] for k in modelspec.MODEL_KEYS if k in m}
 
 
 class SessionRun:
@@ -197,18 +195,37 @@ class SessionRun:
             if not stopping:  # a stopping coordinator's sessions have not ended
                 await self.coord.broadcast_session_end(self)
 
+    @property
+    def evaluation_on(self) -> str:
+        """Spec evaluation.on (a spec stored before it existed: the coordinator)."""
+        return str(self.spec.get("evaluation", {}).get("on", "coordinator"))
+
+    async def _load_eval_data(self) -> Dataset | None:
+        """The coordinator's evaluation data, or None when it does not evaluate (evaluation.on
+        = "participants": data.dataset is not read, and may be "none")."""
+        if not rounds.coordinator_evaluates(self.evaluation_on):
+            return None
+        data = self.spec["data"]
+        return await asyncio.to_thread(
+            load_eval,
+            data["dataset"],
+            features=data["features"],
+            seed=data["seed"],
+            schema=Schema.from_spec(self.spec),  # the data must match what participants train
+        )
+
     async def _prepare(self) -> None:
         spec = self.spec
-        self.eval_data = await asyncio.to_thread(
-            load_eval,
-            spec["data"]["dataset"],
-            features=spec["data"]["features"],
-            seed=spec["data"]["seed"],
-        )
+        self.eval_data = await self._load_eval_data()
         w = training.init_weights(model_spec(spec), spec["model"]["seed"])
         self.shapes = weights.shapes(w)
-        acc, loss = await asyncio.to_thread(training.evaluate, model_spec(spec), w, self.eval_data)
-        self.base_loss = loss
+        acc: float | None = None
+        loss: float | None = None
+        if self.eval_data is not None:  # else round 1's participants report on this model
+            acc, loss = await asyncio.to_thread(
+                training.evaluate, model_spec(spec), w, self.eval_data
+            )
+            self.base_loss = loss
         cid, size = await self._store_model(w)
         await self.coord.guard.run(
             self.coord.ledger.record_model,
@@ -226,12 +243,7 @@ class SessionRun:
         """Take the session up where the ledger says it was: the current version's model
         (from this node's own store, hash-checked), its loss, its strategy state."""
         spec = self.spec
-        self.eval_data = await asyncio.to_thread(
-            load_eval,
-            spec["data"]["dataset"],
-            features=spec["data"]["features"],
-            seed=spec["data"]["seed"],
-        )
+        self.eval_data = await self._load_eval_data()
         self.shapes = training.expected_shapes(model_spec(spec))
         blob = await self.coord.guard.run(self.coord.store.get, point.model_cid)
         w = await asyncio.to_thread(weights.from_bytes, blob, expect=self.shapes)
@@ -467,25 +479,31 @@ class SessionRun:
         claims = self.coord.ledger.claims(self.session_id)
         return rounds.secure_weights(selected, claims, self.spec["aggregation"], max_weight)
 
-    def _judge_updates(self, updates: list[ClientUpdate]) -> dict[str, tuple[float, float]]:
-        """Each plain update alone on the validation data (its loss) and its L2 distance from
+    def _judge_updates(self, updates: list[ClientUpdate]) -> dict[str, tuple[float | None, float]]:
+        """Each plain update alone on the validation data (its loss; None when the coordinator
+        has no evaluation data: evaluation.on = "participants") and its L2 distance from
         the round's model. Secure rounds cannot do this: the coordinator never holds one
         update. Runs in a worker thread, so it only computes."""
         assert self.global_weights is not None
         base = self.global_weights
         mspec = model_spec(self.spec)
-        out: dict[str, tuple[float, float]] = {}
+        out: dict[str, tuple[float | None, float]] = {}
         for u in updates:
-            _acc, loss = training.evaluate(mspec, u.weights, self.eval_data)
+            loss: float | None = None
+            if self.eval_data is not None:
+                _acc, loss = training.evaluate(mspec, u.weights, self.eval_data)
             out[u.peer_id] = (loss, rounds.update_distance(u.weights, base))
         return out
 
-    def _record_judgement(self, rnd: RoundRun, judged: dict[str, tuple[float, float]]) -> None:
+    def _record_judgement(
+        self, rnd: RoundRun, judged: dict[str, tuple[float | None, float]]
+    ) -> None:
         if math.isfinite(self.base_loss):  # else there is nothing to compare against
             for peer, (loss, _) in judged.items():
-                self.coord.monitor.on_model_quality(
-                    peer, quality.model_quality_score(self.base_loss, loss)
-                )
+                if loss is not None:  # no coordinator data: the distances alone judge
+                    self.coord.monitor.on_model_quality(
+                        peer, quality.model_quality_score(self.base_loss, loss)
+                    )
         distances = {peer: d for peer, (_, d) in judged.items()}
         flagged = quality.anomalous(distances)
         rnd.anomalous_pct = 100.0 * len(flagged) / len(distances) if distances else None
@@ -500,11 +518,21 @@ class SessionRun:
     async def _complete(self, rnd: RoundRun, new: weights.Weights, contributors: list[str]) -> bool:
         """Evaluate the candidate; publish and commit it, or reject it. Whether published."""
         rnd.phase = RoundPhase.EVALUATING
-        acc, loss = await asyncio.to_thread(
-            training.evaluate, model_spec(self.spec), new, self.eval_data
+        on = self.evaluation_on
+        own: tuple[float, float] | None = None
+        if self.eval_data is not None:  # the coordinator's figures of the candidate
+            own = await asyncio.to_thread(
+                training.evaluate, model_spec(self.spec), new, self.eval_data
+            )
+        # the participants' figures of the model this round started from (rnd.model_cid)
+        reported = rounds.weighted_eval(
+            {p: r for p, r in rnd.reports.items() if p in contributors},
+            self.coord.ledger.claims(self.session_id),
         )
+        acc, loss = rounds.round_figures(on, own, reported)
         factor = self.spec["aggregation"]["max_loss_factor"]
-        decided = rounds.verdict(new, loss, acc, self.base_loss, factor)
+        # without coordinator data the verdict checks finiteness only (docs/architecture.md)
+        decided = rounds.verdict(new, None if own is None else loss, acc, self.base_loss, factor)
         if not decided.publish:
             self._reject(rnd, decided.reason)
             return False
@@ -528,11 +556,14 @@ class SessionRun:
             bytes_up=rnd.bytes_up,
             bytes_down=rnd.bytes_down,
             state_cid=state_cid,
+            # the participants' figures describe the round's input model, not the new one
+            evaluated_cid=None if own is not None else rnd.model_cid,
         )
         self.strategy_state = state
         rnd.phase = RoundPhase.DONE
         self.rounds_done = rnd.number
-        self.base_loss = loss
+        if own is not None:
+            self.base_loss = own[1]
         self.coord.record(
             "round_completed",
             self.session_id,
@@ -546,6 +577,16 @@ class SessionRun:
                 "dropped": sorted(set(rnd.selected) - set(contributors)),
                 "bytes_up": rnd.bytes_up,
                 "bytes_down": rnd.bytes_down,
+                "evaluation": on,
+                "participant_eval": {}
+                if reported is None
+                else {
+                    "examples": reported.examples,
+                    "loss": reported.loss,
+                    "metrics": reported.metrics,
+                    "reports": reported.reports,
+                    "model_cid": rnd.model_cid,
+                },
             },
         )
         end = messages.RoundEnd(round=rnd.number, status="completed", model_cid=cid, accuracy=acc)
@@ -751,6 +792,7 @@ class SessionRun:
         self.coord.guard.write(self.coord.store.put, msg.data, pin=False, durable=False)
         rnd.received[peer] = (dataclasses.replace(msg, data=b""), now)  # the weights suffice
         rnd.decoded[peer] = w
+        self._take_report(rnd, peer, msg)
         self._record_update(peer, msg, frame_bytes, now, "accepted", None)
         self.coord.monitor.on_update(peer, self.session_id, now, msg)
         self.coord.record(
@@ -794,7 +836,28 @@ class SessionRun:
             status=status,
             reason=reason,
             received_at=now,
+            **self._report_columns(msg),
         )
+
+    def _take_report(
+        self, rnd: RoundRun, peer: str, msg: messages.Update | messages.SecaggMasked
+    ) -> None:
+        """Keep an accepted update's evaluation report for the round's figures, when the
+        spec asks participants to evaluate (one sent unasked is recorded, not used)."""
+        report = rounds.report_of(msg)
+        if report is not None and rounds.participants_evaluate(self.evaluation_on):
+            rnd.reports[peer] = report
+
+    @staticmethod
+    def _report_columns(msg: messages.Update | messages.SecaggMasked) -> dict[str, Any]:
+        """The ledger's eval_* columns of an update's report (all None without one)."""
+        if rounds.report_of(msg) is None:
+            return {}
+        return {
+            "eval_examples": msg.eval_examples,
+            "eval_loss": msg.eval_loss,
+            "eval_metrics": msg.eval_metrics,
+        }
 
     def on_secagg(self, peer: str, msg: messages.Message, size: int) -> None:
         if self.secure is None or self.round is None or self.round.phase != RoundPhase.TRAINING:
@@ -824,7 +887,9 @@ class SessionRun:
             status="accepted",
             reason="masked (secure aggregation)",
             received_at=now,
+            **self._report_columns(msg),
         )
+        self._take_report(self.round, peer, msg)
         self.coord.monitor.on_update(peer, self.session_id, now, msg)
 
     def on_task_error(self, peer: str, msg: messages.TaskError) -> None:

@@ -12,13 +12,20 @@ would refuse at parsing.
 
 Differential privacy (DP-SGD with Opacus) goes in a privacy mechanism (fednode.privacy),
 which wraps `train`; only "none" exists in this version. Model kinds are found by name in
-MODELS (register_model).
+MODELS (register_model); every kind is an ``nn.Sequential`` of the layers protocol.modelspec
+resolves from the spec (kind "layers" declares them, protocol/layers.py).
+
+The model's task (protocol.modelspec.TASKS) chooses the loss and the metrics: classification
+is cross-entropy (accuracy), binary is BCE with logits on one output (accuracy, ROC AUC),
+regression is mean squared error on float targets (MAE, R²). ``Dataset.x`` stays flat,
+[n, prod(input_shape)], and is reshaped here to [n, *input_shape]; ``Dataset.y`` is int64
+class labels, or float32 targets for regression.
 """
 
 from __future__ import annotations
 
-import itertools
 import math
+import re
 import threading
 import time
 from collections.abc import Callable
@@ -33,6 +40,7 @@ from fednode.data import Dataset
 from fednode.weights import Weights
 from protocol import modelspec
 from protocol.errors import DataError, FednodeError, ValidationError
+from protocol.layers import UNSENT_BUFFERS, Layer, torch_class
 from protocol.plugins import Registry
 
 OPTIMIZERS = ("sgd", "adam")
@@ -56,35 +64,29 @@ class NonFiniteUpdate(FednodeError):
     hint = "lower training.lr (or use plain sgd without momentum); check the local data"
 
 
-# A model builder: the widths from input to output ([inputs, *hidden, classes]) -> an
-# nn.Sequential, so that state_dict names are stable ("0.weight", "2.bias", ...) and match
+# A model builder: the resolved layers of a model spec (protocol.modelspec.model_layers) ->
+# an nn.Sequential, so that state_dict names are stable ("0.weight", "2.bias", ...) and match
 # protocol.modelspec.shapes, which prices a spec before any of this is built.
-Builder = Callable[[list[int]], nn.Module]
+Builder = Callable[[list[Layer]], nn.Module]
 MODELS: Registry[Builder] = Registry("model kind", "set model.kind to a registered kind")
 
 
 def register_model(name: str, hidden: modelspec.HiddenWidths, build: Builder) -> None:
-    """A new model kind: its hidden widths from a model spec (protocol.modelspec.KINDS, which
-    prices and validates specs) and its torch builder, under one name."""
-    modelspec.KINDS.register(name, hidden)
+    """A new dense model kind: its hidden widths from a model spec (protocol.modelspec.KINDS,
+    which prices and validates specs) and its torch builder, under one name."""
+    modelspec.KINDS.register(name, modelspec.dense_kind(hidden))
     MODELS.register(name, build)
 
 
-def _mlp(widths: list[int]) -> nn.Module:
-    layers: list[nn.Module] = []
-    for a, b in itertools.pairwise(widths[:-1]):  # each hidden layer: Linear then ReLU
-        layers += [nn.Linear(a, b), nn.ReLU()]
-    layers.append(nn.Linear(widths[-2], widths[-1]))
-    return nn.Sequential(*layers)
+def sequential(plan: list[Layer]) -> nn.Module:
+    """One torch.nn module per resolved layer, in order. The class is looked up only among
+    protocol.layers.TYPES (a name the spec gave is checked against it, never imported)."""
+    return nn.Sequential(*(getattr(nn, torch_class(layer.type))(**layer.kwargs) for layer in plan))
 
 
-def _logreg(widths: list[int]) -> nn.Module:
-    return nn.Sequential(nn.Linear(widths[0], widths[-1]))
-
-
-# The built-in kinds' widths are registered by protocol.modelspec itself (specs name them).
-MODELS.register("mlp", _mlp)
-MODELS.register("logreg", _logreg)
+# The built-in kinds' layers are registered by protocol.modelspec itself (specs name them).
+for _kind in ("mlp", "logreg", "layers"):
+    MODELS.register(_kind, sequential)
 
 
 def build_model(kind: str, inputs: int, hidden: list[int], classes: int) -> nn.Module:
@@ -95,26 +97,73 @@ def build_model(kind: str, inputs: int, hidden: list[int], classes: int) -> nn.M
         raise ValidationError(
             f"model sizes must be positive: inputs={inputs}, hidden={hidden}, classes={classes}"
         )
-    widths = modelspec.layer_widths(
+    plan = modelspec.model_layers(
         {"kind": kind, "inputs": inputs, "hidden": list(hidden), "classes": classes}
     )
-    return build(widths)
+    return build(plan)
+
+
+# Where training and evaluation run (fednode run --device). Weights always leave as float32
+# numpy arrays on the CPU (get_weights), so the wire format does not depend on it.
+DEVICE = torch.device("cpu")
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` (the first GPU torch sees: CUDA, then Apple's MPS, else the CPU), ``cpu``,
+    ``cuda``, ``cuda:N`` or ``mps``; ValidationError for anything else or a device this
+    machine does not have."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name != "cpu" and name != "mps" and not re.fullmatch(r"cuda(:\d{1,2})?", name):
+        raise ValidationError(
+            f"--device {name!r} is not a device", hint="use auto, cpu, cuda, cuda:N or mps"
+        )
+    dev = torch.device(name)
+    if dev.type == "cuda" and (
+        not torch.cuda.is_available() or (dev.index or 0) >= torch.cuda.device_count()
+    ):
+        raise ValidationError(
+            f"--device {name}: torch sees {torch.cuda.device_count()} CUDA device(s)",
+            hint="use --device auto or cpu",
+        )
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ValidationError("--device mps: torch sees no MPS device", hint="use auto or cpu")
+    return dev
+
+
+def use_device(name: str) -> torch.device:
+    """Make ``name`` the device of every later training and evaluation in this process."""
+    global DEVICE
+    DEVICE = resolve_device(name)
+    return DEVICE
 
 
 def _model_from_spec(model_spec: dict[str, Any]) -> nn.Module:
     build = MODELS.get(model_spec.get("kind"))
-    return build(modelspec.layer_widths(model_spec))
+    return build(modelspec.model_layers(model_spec))
+
+
+def _travelling(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The state_dict less the buffers that stay on the node (BatchNorm's int64
+    num_batches_tracked: protocol.layers.UNSENT_BUFFERS)."""
+    return {
+        k: v for k, v in model.state_dict().items() if k.rpartition(".")[2] not in UNSENT_BUFFERS
+    }
 
 
 def get_weights(model: nn.Module) -> Weights:
     return {
         k: v.detach().cpu().numpy().astype(np.float32, copy=True)
-        for k, v in model.state_dict().items()
+        for k, v in _travelling(model).items()
     }
 
 
 def set_weights(model: nn.Module, weights: Weights) -> None:
-    own = model.state_dict()
+    own = _travelling(model)
     missing = [k for k in own if k not in weights]
     extra = [k for k in weights if k not in own]
     if missing or extra:
@@ -130,7 +179,9 @@ def set_weights(model: nn.Module, weights: Weights) -> None:
                 f"tensor {k!r} has shape {tuple(w.shape)}, the model needs {tuple(ref.shape)}"
             )
         state[k] = torch.from_numpy(np.array(w, dtype=np.float32, copy=True))
-    model.load_state_dict(state, strict=True)
+    # strict=False for the unsent buffers only: every other key was checked above
+    result = model.load_state_dict(state, strict=False)
+    assert not result.unexpected_keys, result.unexpected_keys
 
 
 def init_weights(model_spec: dict[str, Any], seed: int) -> Weights:
@@ -175,24 +226,68 @@ class TrainResult:
 
 
 def _tensors(model_spec: dict[str, Any], data: Dataset) -> tuple[torch.Tensor, torch.Tensor]:
+    """The data as the model takes it: x reshaped to [n, *input_shape], y as the task's loss
+    wants it (int64 classes; float32 0/1 for binary; float32 [n, outputs] for regression)."""
     if len(data) == 0:
         raise DataError("the dataset is empty")
+    shape = modelspec.input_shape(model_spec)
+    width = math.prod(shape)
     x = np.ascontiguousarray(data.x, dtype=np.float32)
-    if x.ndim != 2 or x.shape[1] != int(model_spec["inputs"]):
+    if x.ndim != 2 or x.shape[1] != width:
         raise DataError(
             f"data has {x.shape[1] if x.ndim == 2 else '?'} features per example but the "
-            f"model takes {model_spec['inputs']} inputs",
-            hint="set model.inputs to the number of feature columns",
+            f"model takes {width} inputs"
+            + (f" (input_shape {list(shape)})" if len(shape) > 1 else ""),
+            hint="set model.inputs (or model.input_shape) to the data's feature count",
+        )
+    task = model_spec.get("task", "classification")
+    outputs = modelspec.output_width(model_spec)
+    xt = torch.from_numpy(x).reshape(x.shape[0], *shape)
+    if task == "regression":
+        y = np.asarray(data.y, dtype=np.float32).reshape(len(data), -1)
+        if y.shape[1] != outputs or not np.isfinite(y).all():
+            raise DataError(
+                f"regression targets must be {outputs} finite number(s) per example; the data "
+                f"has {y.shape[1]} per example"
+                + ("" if np.isfinite(y).all() else ", some not finite"),
+                hint="give the model's last layer one output per target column",
+            )
+        return xt, torch.from_numpy(y)
+    if np.issubdtype(np.asarray(data.y).dtype, np.floating) and not np.all(np.mod(data.y, 1) == 0):
+        raise DataError(
+            f"{task} labels must be whole class numbers; the data has fractional labels",
+            hint='use model.task = "regression" for numeric targets',
         )
     y = np.asarray(data.y, dtype=np.int64)
-    classes = int(model_spec["classes"])
+    classes = 2 if task == "binary" else outputs
     if y.min() < 0 or y.max() >= classes:
         raise DataError(
             f"labels range over {int(y.min())}..{int(y.max())} but the model has "
             f"{classes} classes (0..{classes - 1})",
-            hint="set model.classes to cover every label",
+            hint="set model.classes to cover every label"
+            if task == "classification"
+            else "binary labels are 0 or 1",
         )
-    return torch.from_numpy(x), torch.from_numpy(y)
+    yt = torch.from_numpy(y)
+    return xt, yt.to(torch.float32) if task == "binary" else yt
+
+
+def _loss_fn(
+    task: str, reduction: str = "mean"
+) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """The task's loss on the model's output and _tensors' targets."""
+    if task == "binary":
+        bce = nn.BCEWithLogitsLoss(reduction=reduction)
+        return lambda out, y: bce(out.reshape(-1), y)
+    if task == "regression":
+        mse = nn.MSELoss(reduction=reduction)
+        # summed over outputs too: "sum" then divided by the examples is a per-example loss
+        return lambda out, y: mse(out, y) if reduction == "mean" else mse(out, y) / y.shape[1]
+    return nn.CrossEntropyLoss(reduction=reduction)
+
+
+def _has_batchnorm(model: nn.Module) -> bool:
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
 
 
 def _optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -250,22 +345,29 @@ def train(
     x, y = _tensors(model_spec, data)
     model = _model_from_spec(model_spec)
     set_weights(model, weights)
+    model.to(DEVICE)
+    x, y = x.to(DEVICE), y.to(DEVICE)
     model.train()
     opt = _optimizer(model, cfg)
-    loss_fn = nn.CrossEntropyLoss()
+    loss_fn = _loss_fn(model_spec.get("task", "classification"))
+    # BatchNorm cannot normalise one example in training mode (its variance is undefined):
+    # a last batch of one example is skipped when the model has it
+    skip_single = _has_batchnorm(model) and x.shape[0] > 1
     gen = torch.Generator().manual_seed(int(cfg.seed))
     anchor = [p.detach().clone() for p in model.parameters()] if cfg.proximal_mu > 0 else None
     n = x.shape[0]
     steps = 0
     epoch_loss = 0.0
     for epoch in range(cfg.local_epochs):
-        perm = torch.randperm(n, generator=gen)
+        perm = torch.randperm(n, generator=gen).to(DEVICE)  # the CPU generator: same order
         total = 0.0
         for i in range(0, n, cfg.batch_size):
             _check_stop(
                 deadline, stop, started=began, epoch=epoch, epochs=cfg.local_epochs, steps=steps
             )
             idx = perm[i : i + cfg.batch_size]
+            if skip_single and len(idx) == 1:
+                continue
             opt.zero_grad(set_to_none=True)
             loss = loss_fn(model(x[idx]), y[idx])
             value = float(loss.detach())
@@ -303,27 +405,55 @@ def train(
     )
 
 
-def evaluate(
+def evaluate_metrics(
     model_spec: dict[str, Any], weights: Weights, data: Dataset, batch_size: int = 1024
-) -> tuple[float, float]:
-    """(accuracy in 0..1, mean cross-entropy loss) on `data`."""
+) -> dict[str, float]:
+    """The task's metrics on `data`, by name, with the mean loss (``loss``):
+    classification ``accuracy``; binary ``accuracy`` and ``roc_auc`` (left out when the data
+    hold one class only: it is undefined); regression ``mae`` and ``r2``."""
+    from sklearn import metrics  # only evaluation needs it; keeps the node's import light
+
     if batch_size < 1:
         raise ValidationError(f"batch_size must be >= 1, got {batch_size}")
+    task = model_spec.get("task", "classification")
     x, y = _tensors(model_spec, data)
     model = _model_from_spec(model_spec)
     set_weights(model, weights)
+    model.to(DEVICE)
+    x = x.to(DEVICE)
     model.eval()
-    loss_fn = nn.CrossEntropyLoss(reduction="sum")
-    correct = 0
+    loss_fn = _loss_fn(task, reduction="sum")
     total_loss = 0.0
+    outs = []
     with torch.no_grad():
         for i in range(0, x.shape[0], batch_size):
-            logits = model(x[i : i + batch_size])
-            target = y[i : i + batch_size]
-            total_loss += float(loss_fn(logits, target))
-            correct += int((logits.argmax(dim=1) == target).sum())
+            out = model(x[i : i + batch_size]).cpu()  # metrics on the CPU, with y
+            total_loss += float(loss_fn(out, y[i : i + batch_size]))
+            outs.append(out)
+    out = torch.cat(outs)
     n = x.shape[0]
-    return correct / n, total_loss / n
+    figures = {"loss": total_loss / n}
+    if task == "classification":
+        figures["accuracy"] = int((out.argmax(dim=1) == y).sum()) / n
+    elif task == "binary":
+        score = out.reshape(-1)
+        figures["accuracy"] = int(((score > 0).float() == y).sum()) / n
+        if 0 < float(y.sum()) < n:
+            figures["roc_auc"] = float(metrics.roc_auc_score(y.numpy(), score.numpy()))
+    else:
+        figures["mae"] = float(metrics.mean_absolute_error(y.numpy(), out.numpy()))
+        figures["r2"] = float(metrics.r2_score(y.numpy(), out.numpy()))
+    return figures
+
+
+def evaluate(
+    model_spec: dict[str, Any], weights: Weights, data: Dataset, batch_size: int = 1024
+) -> tuple[float, float]:
+    """(score, mean loss) on `data`: the score is accuracy in 0..1 for classification and
+    binary, R² for regression (higher is better in every task, as the session's rollback
+    margin and best-model choice assume). evaluate_metrics gives every metric by name."""
+    figures = evaluate_metrics(model_spec, weights, data, batch_size)
+    return figures.get("accuracy", figures.get("r2", 0.0)), figures["loss"]
 
 
 def warm_up() -> None:

@@ -122,7 +122,16 @@ class DataError(FednodeError):
     """A dataset spec or file that cannot be loaded."""
 
     code = "DATA_INVALID"
-    hint = "use digits:K/N or a local npz:/path or csv:/path file"
+    hint = "use digits:K/N or a local csv:, parquet:, npz: file, an idx: or images: folder"
+
+
+class SchemaMismatch(DataError):
+    """Data that loads but differs from the session's `[data]` schema (a column, a class, an
+    image's shape or mode, the feature count): a participant declines the task rather than
+    train on it."""
+
+    code = "SCHEMA_MISMATCH"
+    hint = "make the data match the spec's [data] schema, or fix the schema"
 
 
 class StorageUnavailable(FednodeError):

@@ -98,6 +98,12 @@ class RoundCompleted(Payload):
     dropped: list[str] = field(default_factory=list)
     bytes_up: int | None = None
     bytes_down: int | None = None
+    # who measured accuracy and loss (spec evaluation.on); with "participants" they are the
+    # participants' figures of the model the round started from (model_cid_in)
+    evaluation: str = "coordinator"
+    # the participants' example-weighted figures, when they evaluated: examples, loss,
+    # metrics (by name), reports (how many), model_cid (the model they describe)
+    participant_eval: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

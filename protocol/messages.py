@@ -182,6 +182,61 @@ def _settings(name: str, value: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+# A participant's evaluation of the round's model on its held-out data (evaluation.on =
+# "participants" | "both"): the task's metrics by name, each with the range it can take, so
+# that a peer's figure outside it is refused rather than averaged into the round's figures.
+# The names are those of fednode.training's metrics; the loss travels in its own field.
+EVAL_METRICS: dict[str, tuple[float, float]] = {
+    "accuracy": (0.0, 1.0),
+    "roc_auc": (0.0, 1.0),
+    "mae": (0.0, 1e12),
+    "r2": (-1e12, 1.0),  # R² is below 0 for a model worse than the mean
+}
+MAX_EVAL_LOSS = 1e12
+
+
+def _eval_metrics(name: str, value: dict[str, Any]) -> dict[str, float]:
+    """At most the EVAL_METRICS names, each a finite number within its range."""
+    hint = "the participant's evaluation report is malformed; update that participant"
+    out: dict[str, float] = {}
+    for key, v in value.items():
+        span = EVAL_METRICS.get(key)
+        if span is None:
+            raise ValidationError(
+                f"field {name!r} has an unknown metric {text.shown(key)}; known: "
+                + ", ".join(EVAL_METRICS),
+                hint=hint,
+            )
+        lo, hi = span
+        number = isinstance(v, int | float) and not isinstance(v, bool)
+        if not number or not math.isfinite(v) or not lo <= v <= hi:
+            raise ValidationError(
+                f"field {name}.{key} must be a number in [{lo:g}, {hi:g}], got {text.shown(v)}",
+                hint=hint,
+            )
+        out[key] = float(v)
+    return out
+
+
+def _check_eval(msg: Update | SecaggMasked) -> None:
+    """An update's evaluation report: none at all (eval_examples 0, no loss, no metrics), or
+    examples > 0 with a loss in [0, MAX_EVAL_LOSS]."""
+    n, loss, metrics = msg.eval_examples, msg.eval_loss, msg.eval_metrics
+    if not 0 <= n <= MAX_COUNT:
+        raise ValidationError(f"field 'eval_examples' of {msg.TYPE!r} must be >= 0")
+    if n == 0:
+        if loss is not None or metrics:
+            raise ValidationError(
+                f"{msg.TYPE!r} reports an evaluation (eval_loss or eval_metrics) of 0 examples"
+            )
+        return
+    if loss is None or not 0 <= loss <= MAX_EVAL_LOSS:
+        raise ValidationError(
+            f"field 'eval_loss' of {msg.TYPE!r} must be a number in [0, {MAX_EVAL_LOSS:g}] "
+            f"when eval_examples > 0, got {text.shown(loss)}"
+        )
+
+
 def _plugin_name(name: str, value: str) -> str:
     if not plugins.NAME_RE.match(value):
         raise ValidationError(f"field {name!r} is not a plug-in name: {text.shown(value)}")
@@ -195,6 +250,8 @@ _FIELD_CHECKS: dict[tuple[str, str], Callable[[str, Any], Any]] = {
     ("round_start", "strategy"): _settings,
     ("round_start", "codec"): _plugin_name,
     ("round_start", "privacy"): _plugin_name,
+    ("update", "eval_metrics"): _eval_metrics,
+    ("secagg_masked", "eval_metrics"): _eval_metrics,
 }
 
 
@@ -275,12 +332,18 @@ class Update(Message):
     # psutil figures of this task (docs/quality.md); None = not measured
     cpu_efficiency: float | None = None
     memory_efficiency: float | None = None
+    # the round's model (base_cid) evaluated on the participant's held-out split, when the
+    # spec's evaluation.on asks for it (0 / None / {} = not evaluated); EVAL_METRICS bounds it
+    eval_examples: int = 0
+    eval_loss: float | None = None
+    eval_metrics: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def validate(self) -> None:
         _nonneg(self, "round", "num_examples", "train_s", "fetch_bytes", "fetch_s")
         _percent(self, "cpu_efficiency", "memory_efficiency")
         if self.num_examples == 0:
             raise ValidationError("field 'num_examples' of 'update' must be > 0")
+        _check_eval(self)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -417,10 +480,16 @@ class SecaggMasked(Message):
     fetch_s: float = 0.0
     cpu_efficiency: float | None = None
     memory_efficiency: float | None = None
+    # as in 'update': the round's model evaluated on the participant's held-out split (in the
+    # clear: figures of the global model, not of this participant's update)
+    eval_examples: int = 0
+    eval_loss: float | None = None
+    eval_metrics: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def validate(self) -> None:
         _nonneg(self, "round", "train_s", "fetch_bytes", "fetch_s")
         _percent(self, "cpu_efficiency", "memory_efficiency")
+        _check_eval(self)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -4,22 +4,23 @@ Why this exists: the coordinator chooses the model, and a participant must know 
 spec costs *before* it spends anything on it. Building a torch model to learn its shapes
 allocates every weight (``hidden = [65536, 65536]`` is 17 GB), so everything here is
 computed from the spec's numbers: no torch, no numpy, no I/O. fednode/training.py builds
-the same networks (an ``nn.Sequential`` of ``Linear`` and ``ReLU``), and the tests check
-that these shapes are exactly the ones torch's ``state_dict()`` gives.
+the same networks (an ``nn.Sequential`` of the resolved layers), and the tests check that
+these shapes are exactly the ones torch's ``state_dict()`` gives.
 
-The model part of a spec is ``{"kind", "inputs", "hidden", "classes"}``, kind one of KINDS
-(fednode.session.model_spec). An mlp is ``Linear, ReLU, Linear, ReLU, ..., Linear``, so its
+The model part of a spec is ``MODEL_KEYS`` (fednode.session.model_spec), kind one of KINDS.
+Every kind is a list of layers (protocol.layers): kind "layers" declares them
+(``input_shape``, ``layers``); an mlp is ``Linear, ReLU, Linear, ReLU, ..., Linear``, so its
 linear layers sit at even Sequential indices: ``0.weight``, ``0.bias``, ``2.weight``, ...
 A logreg is one ``Linear(inputs, classes)`` and ignores ``hidden``.
 """
 
 from __future__ import annotations
 
-import itertools
 import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from protocol import layers
 from protocol.errors import ValidationError
 from protocol.plugins import Registry
 
@@ -33,10 +34,12 @@ NODE_COPIES = 4
 # as float64, the fixed-point encoding, the masked vector and the masks summed into it, and the
 # packed bytes sent: about six of them per parameter.
 SECURE_BYTES_PER_PARAM = 6 * 8
-# Each layer's activations for one batch, counted in float32 values per example and unit:
-# a hidden layer keeps the Linear output, the ReLU output and a gradient of each (4); the
-# output layer keeps the logits, the log-softmax and their gradients (3, one fewer: no ReLU).
-HIDDEN_ACTIVATION_COPIES = 4
+# Each layer's activations for one batch, counted in float32 values per example: every
+# layer keeps its output and that output's gradient (2 per output value), the last layer
+# one more (the loss's log-softmax or sigmoid); some keep more (Layer.extra_activations: a
+# dropout mask, max-pool indices, a convolution's unfolded input). For an mlp this is 4 per
+# hidden unit (the Linear and the ReLU, each with its gradient) and 3 per class.
+LAYER_ACTIVATION_COPIES = 2
 OUTPUT_ACTIVATION_COPIES = 3
 # A participant's default memory limit (fednode run --max-memory) is this fraction of the
 # machine's RAM: the node shares the machine with its operator's other work, and
@@ -60,46 +63,127 @@ def _mlp_hidden(model: Mapping[str, Any]) -> list[int]:
     return [_size(model, f"hidden[{i}]", h) for i, h in enumerate(raw)]
 
 
-# A model kind, by name -> its hidden widths from the model spec. Every kind is a stack of
-# dense layers (Linear, ReLU, ..., Linear), so its widths are all that shapes, parameters and
-# training memory need; fednode.training registers the torch builder under the same name
-# (fednode.training.register_model registers both).
+# A dense kind's hidden widths from its model spec: a dense kind is Linear, ReLU, ...,
+# Linear from ``inputs`` to ``classes`` outputs (fednode.training.register_model).
 HiddenWidths = Callable[[Mapping[str, Any]], list[int]]
-KINDS: Registry[HiddenWidths] = Registry("model kind", "set model.kind to a registered kind")
-KINDS.register("mlp", _mlp_hidden)
-KINDS.register("logreg", lambda model: [])  # one Linear(inputs, classes); hidden is ignored
+# A model kind, by name -> its resolved layers (protocol.layers.Layer: torch arguments,
+# shapes, tensors) from the model spec. Shapes, parameters and training memory are read
+# from these; fednode.training builds an nn.Sequential of the same layers.
+KindLayers = Callable[[Mapping[str, Any]], list[layers.Layer]]
+KINDS: Registry[KindLayers] = Registry("model kind", "set model.kind to a registered kind")
+
+
+def dense_kind(hidden: HiddenWidths) -> KindLayers:
+    """A dense kind's layers: ``[inputs, *hidden(model), classes]`` as Linear, ReLU, ...,
+    Linear (protocol.layers.dense)."""
+
+    def plan(model: Mapping[str, Any]) -> list[layers.Layer]:
+        for key in ("inputs", "classes"):
+            if key not in model:
+                raise ValidationError(f"model spec lacks field {key!r}", hint="set model." + key)
+        inputs = _size(model, "inputs", model["inputs"])
+        classes = _size(model, "classes", model["classes"])
+        return layers.dense(inputs, [*hidden(model), classes])
+
+    return plan
+
+
+KINDS.register("mlp", dense_kind(_mlp_hidden))
+KINDS.register("logreg", dense_kind(lambda model: []))  # one Linear; hidden is ignored
+KINDS.register(
+    "layers", lambda model: layers.resolve(model.get("input_shape"), model.get("layers"))
+)
+
+# What a model spec holds (fednode.session.model_spec): the kind and what the kinds read.
+# For kind "layers", ``inputs`` is prod(input_shape) and ``classes`` follows from the task
+# and the last layer (protocol.spec fills both in).
+MODEL_KEYS = ("kind", "task", "inputs", "hidden", "classes", "input_shape", "layers")
+# What the model learns: its loss, its metrics, the labels it takes (fednode.training).
+#   classification: cross-entropy over >= 2 outputs, integer labels 0..outputs-1; accuracy
+#   binary: BCE with logits on 1 output, labels 0 or 1; accuracy and ROC AUC
+#   regression: mean squared error on >= 1 outputs, float targets; MAE and R²
+TASKS = ("classification", "binary", "regression")
+
+
+def model_layers(model: Mapping[str, Any]) -> list[layers.Layer]:
+    """The model's layers in order, resolved and checked (ValidationError otherwise)."""
+    if not isinstance(model, Mapping):
+        raise ValidationError(f"a model spec must be a table, got {type(model).__name__}")
+    return KINDS.get(model.get("kind"))(model)
+
+
+def input_shape(model: Mapping[str, Any]) -> tuple[int, ...]:
+    """One example's shape as the model takes it (a dense kind: ``(inputs,)``)."""
+    return model_layers(model)[0].in_shape
+
+
+def output_width(model: Mapping[str, Any]) -> int:
+    """The values the model outputs per example (its last layer's)."""
+    return math.prod(model_layers(model)[-1].out_shape)
+
+
+def check_task(model: Mapping[str, Any]) -> str:
+    """The model's task, after checking its output fits it: one flat vector per example, of
+    >= 2 values (classification), exactly 1 (binary) or >= 1 (regression)."""
+    task = model.get("task", "classification")
+    if task not in TASKS:
+        raise ValidationError(
+            f"model.task = {task!r} is not accepted", hint="one of " + ", ".join(TASKS)
+        )
+    last = model_layers(model)[-1]
+    out = last.out_shape
+    if len(out) != 1:
+        raise ValidationError(
+            f"model.layers[{last.index}] ({last.type}) outputs shape {list(out)}, but a model "
+            "must output one flat vector per example",
+            hint='end the model with { type = "flatten" } and a linear layer',
+        )
+    need = {
+        "classification": (2, "at least 2"),
+        "binary": (1, "exactly 1"),
+        "regression": (1, "at least 1"),
+    }
+    lo, words = need[task]
+    if out[0] < lo or (task == "binary" and out[0] != 1):
+        where = (
+            f"model.layers[{last.index}] ({last.type})"
+            if model.get("kind") == "layers"
+            else f"model.kind = {model.get('kind')!r} with model.classes = {out[0]}"
+        )
+        raise ValidationError(
+            f"{where} outputs {out[0]} values, but task {task!r} needs {words}",
+            hint=f"give the last layer {words} outputs (e.g. out_features), or change model.task",
+        )
+    return str(task)
 
 
 def layer_widths(model: Mapping[str, Any]) -> list[int]:
-    """The widths from input to output: ``[inputs, *hidden, classes]`` (logreg: no hidden)."""
-    if not isinstance(model, Mapping):
-        raise ValidationError(f"a model spec must be a table, got {type(model).__name__}")
-    hidden_widths = KINDS.get(model.get("kind"))
-    for key in ("inputs", "classes"):
-        if key not in model:
-            raise ValidationError(f"model spec lacks field {key!r}", hint="set model." + key)
-    inputs = _size(model, "inputs", model["inputs"])
-    classes = _size(model, "classes", model["classes"])
-    return [inputs, *hidden_widths(model), classes]
+    """The input width, then each linear layer's output width: ``[inputs, *hidden, classes]``
+    for a dense kind (logreg: no hidden)."""
+    plan = model_layers(model)
+    return [math.prod(plan[0].in_shape)] + [
+        layer.out_shape[-1] for layer in plan if layer.type == "linear"
+    ]
 
 
 def shapes(model: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
-    """Tensor name -> shape, in torch's state_dict order (weight then bias, layer by layer).
+    """Tensor name -> shape, as the weights travel: torch's state_dict of the model's
+    ``nn.Sequential`` (``"<layer index>.<tensor>"``, layer by layer, in torch's order) less
+    the buffers that never travel (protocol.layers.UNSENT_BUFFERS).
 
-    ``nn.Linear(a, b)`` holds ``weight`` of shape (b, a) and ``bias`` of shape (b,); the ReLU
-    between two Linears takes a Sequential index but holds no tensor.
+    ``nn.Linear(a, b)`` holds ``weight`` of shape (b, a) and ``bias`` of shape (b,); a ReLU
+    takes a Sequential index but holds no tensor.
     """
-    widths = layer_widths(model)
-    out: dict[str, tuple[int, ...]] = {}
-    for layer, (a, b) in enumerate(itertools.pairwise(widths)):
-        index = 2 * layer  # Linear, ReLU, Linear, ReLU, ..., Linear
-        out[f"{index}.weight"] = (b, a)
-        out[f"{index}.bias"] = (b,)
-    return out
+    return {
+        f"{layer.index}.{name}": shape
+        for layer in model_layers(model)
+        for name, shape in layer.tensors.items()
+    }
 
 
 def param_count(model: Mapping[str, Any]) -> int:
-    """Every weight and bias of the model: sum over layers of (a + 1) * b."""
+    """Every value of every tensor that travels: weights, biases and normalisation
+    statistics (a dense kind: sum over its linear layers of (a + 1) * b)."""
     return sum(math.prod(s) for s in shapes(model).values())
 
 
@@ -138,22 +222,28 @@ def bytes_per_param(training: Mapping[str, Any], *, secure: bool = False) -> int
     return per + (SECURE_BYTES_PER_PARAM if secure else 0)
 
 
-def activation_bytes(model: Mapping[str, Any], batch: int) -> int:
-    """Activations of one batch, forward and backward: the input batch (gathered into its own
-    tensor), HIDDEN_ACTIVATION_COPIES values per hidden unit and OUTPUT_ACTIVATION_COPIES per
-    class, each per example, in float32."""
-    widths = layer_widths(model)
-    per_example = (
-        widths[0]
-        + HIDDEN_ACTIVATION_COPIES * sum(widths[1:-1])
-        + OUTPUT_ACTIVATION_COPIES * widths[-1]
+def activation_values(model: Mapping[str, Any]) -> int:
+    """float32 values one example keeps for the backward pass: its input (gathered into the
+    batch's own tensor), LAYER_ACTIVATION_COPIES per output value of each layer
+    (OUTPUT_ACTIVATION_COPIES for the last) and each layer's extra_activations."""
+    plan = model_layers(model)
+    return math.prod(plan[0].in_shape) + sum(
+        (OUTPUT_ACTIVATION_COPIES if layer is plan[-1] else LAYER_ACTIVATION_COPIES)
+        * math.prod(layer.out_shape)
+        + layer.extra_activations
+        for layer in plan
     )
-    return F32 * max(1, batch) * per_example
+
+
+def activation_bytes(model: Mapping[str, Any], batch: int) -> int:
+    """Activations of one batch, forward and backward: activation_values per example."""
+    return F32 * max(1, batch) * activation_values(model)
 
 
 def data_bytes(model: Mapping[str, Any], n_examples: int) -> int:
-    """The local data as training holds it: float32 features and int64 labels."""
-    return max(0, n_examples) * (F32 * layer_widths(model)[0] + LABEL_BYTES)
+    """The local data as training holds it: float32 features and int64 labels (float32
+    regression targets take less)."""
+    return max(0, n_examples) * (F32 * math.prod(input_shape(model)) + LABEL_BYTES)
 
 
 def training_memory(
@@ -165,14 +255,17 @@ def training_memory(
 ) -> int:
     """An estimate of the bytes one round of local training needs, beyond the process itself.
 
-    With P = param_count(model), B = min(batch_size, n_examples), N = n_examples and the
-    widths w_0 = inputs, w_1..w_k = hidden, w_k+1 = classes::
+    With P = param_count(model), B = min(batch_size, n_examples), N = n_examples, A =
+    activation_values(model) and w_0 = prod(input_shape) (a dense kind: inputs)::
 
         4 * P * (1 weights + 1 gradients + S optimizer slots + T step temporaries
                  + 1 load copy + 4 node copies)
       + 48 * P                                   (only with secure aggregation)
-      + 4 * B * (w_0 + 4 * (w_1 + ... + w_k) + 3 * w_k+1)         (one batch's activations)
+      + 4 * B * A                                             (one batch's activations)
       + N * (4 * w_0 + 8)                         (the data: float32 features, int64 labels)
+
+    For a dense kind with hidden widths w_1..w_k and w_k+1 = classes, A = w_0 + 4 * (w_1 +
+    ... + w_k) + 3 * w_k+1.
 
     S is 0 for plain SGD, 1 for SGD with momentum, 2 for Adam; T is 2 for Adam plus 1 with
     weight_decay; the load copy is the one torch makes of the global model; the 4 node copies
@@ -215,3 +308,31 @@ def format_size(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     return f"{n:.1f} TiB"
+
+
+def describe(model: Mapping[str, Any], training: Mapping[str, Any]) -> dict[str, Any]:
+    """What ``fedctl model describe`` prints: each layer (index, type, output shape,
+    parameters) and the totals: parameters, their float32 bytes, and the training memory of
+    one round at the spec's batch size without the local data (``data_bytes_per_example``
+    more per example held)."""
+    plan = model_layers(model)
+    n = param_count(model)
+    return {
+        "kind": model.get("kind"),
+        "task": model.get("task", "classification"),
+        "input_shape": list(plan[0].in_shape),
+        "layers": [
+            {
+                "index": layer.index,
+                "type": layer.type,
+                "output_shape": list(layer.out_shape),
+                "params": layer.params,
+            }
+            for layer in plan
+        ],
+        "params": n,
+        "bytes": F32 * n,
+        "batch_size": training.get("batch_size", 1),
+        "training_memory": training_memory(model, training, 0),
+        "data_bytes_per_example": data_bytes(model, 1),
+    }

@@ -21,13 +21,23 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from protocol import limits, modelspec, plugins, secagg
-from protocol.errors import IdentityError, SpecError
+from protocol import layers, limits, modelspec, plugins, secagg
+from protocol.errors import IdentityError, SpecError, ValidationError
 from protocol.identity import public_key_from_peer_id
 
 PARTITIONS = ("iid", "stratified", "sequential", "dirichlet", "label_skew", "group")
 FEATURES = ("standardize", "scale16", "none")
+# Where each round's model is evaluated ([evaluation] on): on the coordinator's data.dataset,
+# on each participant's held-out local split (reported with its update), or both.
+EVALUATION_PLACES = ("coordinator", "participants", "both")
+#: data.dataset when the coordinator holds no data (evaluation.on = "participants").
+NO_DATASET = "none"
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
+# The file and folder sources a coordinator may evaluate on (fednode/data.py SOURCES names
+# them all; tests/test_data_sources.py checks the two agree), besides "digits" and "none".
+EVAL_SOURCES = ("csv", "parquet", "npz", "idx", "images")
+MAX_NAME_CHARS = 200  # a column name or class value in the schema
+MAX_LIST = 100_000  # entries of a schema list (classes, columns)
 # With secure aggregation, the fixed point must fit the round's participants; when neither
 # max_participants nor a participants list bounds them, validation assumes this many.
 SECURE_PARTICIPANTS_BOUND = 1000
@@ -35,7 +45,9 @@ SECURE_PARTICIPANTS_BOUND = 1000
 
 @dataclass(frozen=True)
 class Field:
-    kind: str  # int | float | bool | str | choice | int_list | peer_list | dataset | name
+    # int | float | bool | text | choice | int_list | float_list | text_list | class_list |
+    # peer_list | dataset | name | neighbours
+    kind: str
     default: Any
     doc: str
     lo: float | None = None
@@ -90,8 +102,9 @@ SCHEMA: dict[str, dict[str, Field]] = {
         "dataset": Field(
             "dataset",
             "digits",
-            "evaluation data on the coordinator: digits "
-            "(embedded test split) or npz:/path or csv:/path",
+            "evaluation data on the coordinator: digits (embedded test split), a file "
+            "csv:/path, parquet:/path, npz:/path, a folder idx:/dir or images:/dir, or none "
+            '(no data on the coordinator: needs evaluation.on = "participants")',
         ),
         "partition": Field(
             "choice", "iid", "how digits:K/N shards split the training data", choices=PARTITIONS
@@ -105,12 +118,97 @@ SCHEMA: dict[str, dict[str, Field]] = {
         ),
         "alpha": Field("float", 0.5, "Dirichlet concentration (partition = dirichlet)", 1e-3, 1e6),
         "labels_per_part": Field("int", 2, "classes per shard (partition = label_skew)", 1, 1000),
+        # The schema every node's data must match (fednode/data.py checks it at load).
+        "label": Field(
+            "text", "", 'tables: the label column; "" = the last column', hi=MAX_NAME_CHARS
+        ),
+        "columns": Field(
+            "text_list",
+            [],
+            "tables: the feature columns, in the model's input order; [] = every column but "
+            "the label and a split column, in the file's order",
+            hi=MAX_NAME_CHARS,
+        ),
+        "classes": Field(
+            "class_list",
+            [],
+            "classification: the label values in order (text or integers; a label's index "
+            "here is its class); [] = the labels are class indices 0..model.classes-1",
+            hi=MAX_NAME_CHARS,
+        ),
+        "input_shape": Field(
+            "int_list",
+            [],
+            "images (idx:, images:): [channels, height, width], channels 1 (grey) or 3 (RGB); "
+            "[] = model.input_shape when it is one, else as stored (every image alike)",
+            1,
+            65_536,
+        ),
+        "resize": Field(
+            "bool", False, "images: resize to input_shape (else a differing size is refused)"
+        ),
+        "scale": Field(
+            "float",
+            1.0,
+            "images: pixel values are multiplied by this first (1/255 = 0..1)",
+            1e-9,
+            1e9,
+        ),
+        "mean": Field(
+            "float_list", [], "images: per-channel mean subtracted after scale; [] = none"
+        ),
+        "std": Field("float_list", [], "images: per-channel std divided by after mean; [] = none"),
+        "test_fraction": Field(
+            "float",
+            0.2,
+            "a participant's seeded local held-out split (the idx t10k files or a table's "
+            "split column instead, when present)",
+            0.0,
+            0.9,
+        ),
     },
     "model": {
-        "kind": Field("choice", "mlp", "the model's layout", registry=modelspec.KINDS),
-        "inputs": Field("int", 64, "input features", 1, 1_000_000),
+        "kind": Field(
+            "choice",
+            "mlp",
+            "the model's layout: mlp and logreg from inputs, hidden and classes; layers "
+            "from input_shape and layers",
+            registry=modelspec.KINDS,
+        ),
+        "task": Field(
+            "choice",
+            "classification",
+            "what the model learns: classification (cross-entropy over >= 2 outputs; "
+            "accuracy), binary (BCE with logits on 1 output; accuracy, ROC AUC), regression "
+            "(mean squared error on float targets; MAE, R²)",
+            choices=modelspec.TASKS,
+        ),
+        "inputs": Field(
+            "int", 64, "input features (layers: derived, prod(input_shape))", 1, 1_000_000
+        ),
         "hidden": Field("int_list", [128, 128], "hidden layer widths (mlp)", 1, 65_536),
-        "classes": Field("int", 10, "output classes", 2, 100_000),
+        "classes": Field(
+            "int",
+            10,
+            "output classes (layers: derived: the last layer's outputs; binary: 2)",
+            2,
+            100_000,
+        ),
+        "input_shape": Field(
+            "int_list",
+            [],
+            "layers: one example's shape: [features], [channels, length] or "
+            "[channels, height, width]",
+            1,
+            layers.MAX_DIM,
+        ),
+        "layers": Field(
+            "layers",
+            [],
+            "layers: the model, in order; each a table: type (the torch.nn class in lower "
+            "case: " + ", ".join(layers.TYPES) + ") and its keyword arguments, e.g. "
+            '{ type = "linear", out_features = 10 }; input sizes are inferred',
+        ),
         "seed": Field("int", 0, "torch seed of the initial model", 0, 2**31 - 1),
         "fetch": Field(
             "choice",
@@ -254,6 +352,16 @@ SCHEMA: dict[str, dict[str, Field]] = {
             "int", 2, "consecutive rounds below the margin before rolling back", 1, 1000
         ),
     },
+    "evaluation": {
+        "on": Field(
+            "choice",
+            "coordinator",
+            "where each round's model is evaluated: coordinator (on data.dataset), "
+            "participants (each on a held-out split of its own data, reported with its "
+            'update; the coordinator needs no data: data.dataset = "none") or both',
+            choices=EVALUATION_PLACES,
+        ),
+    },
 }
 
 
@@ -297,12 +405,32 @@ def _check(section: str, key: str, f: Field, value: Any) -> Any:
             raise bad("1-100 characters: letters, digits, _ . - (starting with a letter or digit)")
         return value
     if f.kind == "dataset":
+        kinds = "|".join(EVAL_SOURCES)
         ok = isinstance(value, str) and (
-            value == "digits" or re.match(r"^(npz|csv):.+", value) is not None
+            value in ("digits", NO_DATASET) or re.match(rf"^({kinds}):.+", value) is not None
         )
         if not ok:
-            raise bad("digits, npz:/path/file.npz or csv:/path/file.csv")
+            raise bad(
+                "digits, " + ", ".join(f"{k}:/path" for k in EVAL_SOURCES) + f" or {NO_DATASET}"
+            )
         return value
+    if f.kind == "text":
+        if not isinstance(value, str) or len(value) > (f.hi or MAX_NAME_CHARS):
+            raise bad(f"a string of at most {_num(f.hi)} characters")
+        return value
+    if f.kind in ("text_list", "class_list"):
+        return _check_names(f, value, bad)
+    if f.kind == "float_list":
+        if (
+            not isinstance(value, list)
+            or len(value) > 16
+            or not all(
+                isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+                for v in value
+            )
+        ):
+            raise bad("a list of at most 16 finite numbers")
+        return [float(v) for v in value]
     if f.kind == "int_list":
         if (
             not isinstance(value, list)
@@ -313,6 +441,11 @@ def _check(section: str, key: str, f: Field, value: Any) -> Any:
         for v in value:
             in_range(v)
         return list(value)
+    if f.kind == "layers":
+        ok = isinstance(value, list) and len(value) <= layers.MAX_LAYERS
+        if not ok or not all(isinstance(v, dict) for v in value):
+            raise bad(f"a list of at most {layers.MAX_LAYERS} tables, one per layer")
+        return copy.deepcopy(value)
     if f.kind == "neighbours":
         ok = value == "all" or (
             isinstance(value, int)
@@ -333,6 +466,44 @@ def _check(section: str, key: str, f: Field, value: Any) -> Any:
                 raise SpecError(f"{where}: {exc.message}", hint=exc.hint) from None
         return list(value)
     raise AssertionError(f.kind)
+
+
+def _check_names(f: Field, value: Any, bad: Any) -> list[Any]:
+    """A schema list of column names (text_list) or class values (class_list): bounded,
+    each entry short, no two alike as compared (class_text)."""
+    texts_only = f.kind == "text_list"
+
+    def item_ok(v: Any) -> bool:
+        if texts_only:
+            return isinstance(v, str)
+        return isinstance(v, str | int) and not isinstance(v, bool)
+
+    limit = int(f.hi or MAX_NAME_CHARS)
+    what = "strings" if texts_only else "strings or integers"
+    if (
+        not isinstance(value, list)
+        or len(value) > MAX_LIST
+        or not all(item_ok(v) and len(str(v)) <= limit for v in value)
+    ):
+        raise bad(f"a list of at most {MAX_LIST} {what} (each at most {limit} characters)")
+    keys = [class_text(v) for v in value]
+    if len(set(keys)) != len(keys):
+        dup = next(k for k in keys if keys.count(k) > 1)
+        raise bad(f"distinct values ({dup!r} appears twice)")
+    return list(value)
+
+
+def class_text(value: Any) -> str:
+    """A label value as the text it is compared by: every node maps labels to classes the
+    same way, whether a file stores 3, 3.0 or "3" (all "3"), so a CSV's text and a parquet
+    file's integers agree with the spec's `classes`."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        return str(int(value)) if value.is_integer() else repr(value)
+    return str(value).strip()
 
 
 def defaults() -> dict[str, Any]:
@@ -372,8 +543,44 @@ def validate(raw: Any) -> dict[str, Any]:
                 + "; sections: "
                 + ", ".join(sorted(sections)),
             )
+    _check_model(out["model"], raw.get("model") or {})
     _cross_checks(out)
     return out
+
+
+def _check_model(model: dict[str, Any], given: dict[str, Any]) -> None:
+    """The model's layers, checked by arithmetic (protocol.modelspec), and its output against
+    the task. For kind "layers", model.inputs and model.classes are derived (prod(input_shape);
+    the last layer's outputs, 2 for binary), and a value given for either must agree."""
+    declared = model["kind"] == "layers"
+    for key in ("input_shape", "layers"):
+        if model[key] and not declared:
+            raise SpecError(
+                f"model.{key} is set but model.kind = {model['kind']!r}",
+                hint=f'set model.kind = "layers" to declare the model, or remove model.{key}',
+            )
+    if declared and not model["input_shape"]:
+        raise SpecError(
+            'model.kind = "layers" needs model.input_shape',
+            hint="e.g. input_shape = [1, 28, 28] for grey 28x28 images, [64] for 64 features",
+        )
+    try:
+        task = modelspec.check_task({k: model[k] for k in modelspec.MODEL_KEYS})
+        if not declared:
+            return
+        derived = {
+            "inputs": math.prod(modelspec.input_shape(model)),
+            "classes": 2 if task == "binary" else modelspec.output_width(model),
+        }
+    except ValidationError as exc:
+        raise SpecError(exc.message, hint=exc.hint) from None
+    for key, value in derived.items():
+        if key in given and given[key] != value:
+            raise SpecError(
+                f"model.{key} = {given[key]!r} but the declared layers give {value}",
+                hint=f"leave model.{key} out for kind layers (it is derived), or set it to {value}",
+            )
+        model[key] = value
 
 
 def _cross_checks(spec: dict[str, Any]) -> None:
@@ -404,7 +611,60 @@ def _cross_checks(spec: dict[str, Any]) -> None:
             "model.hidden = [] leaves the mlp with no hidden layer",
             hint='give at least one width, or use model.kind = "logreg"',
         )
+    on = spec["evaluation"]["on"]
+    if on != "participants" and spec["data"]["dataset"] == NO_DATASET:
+        raise SpecError(
+            f'evaluation.on = "{on}" with data.dataset = "{NO_DATASET}": the coordinator would '
+            "evaluate each round's model on data it does not have",
+            hint='set evaluation.on = "participants" (each participant evaluates on a held-out '
+            "split of its own data), or give the coordinator data.dataset",
+        )
     _check_model_size(spec)
+    _check_data_schema(spec)
+
+
+def _check_data_schema(spec: dict[str, Any]) -> None:
+    """The [data] schema against itself and the model: what every node's data must match."""
+    data, model = spec["data"], spec["model"]
+    shape = data["input_shape"]
+    if shape and (len(shape) != 3 or shape[0] not in (1, 3)):
+        raise SpecError(
+            f"data.input_shape = {shape} is not [channels, height, width] with 1 or 3 channels",
+            hint="e.g. [1, 28, 28] for grey MNIST digits, [3, 32, 32] for RGB images",
+        )
+    for key in ("mean", "std"):
+        n = len(data[key])
+        if n > 1 and shape and n != shape[0]:
+            raise SpecError(
+                f"data.{key} has {n} values but data.input_shape has {shape[0]} channel(s)",
+                hint="give one value per channel, or one for all",
+            )
+    if data["mean"] and data["std"] and len(data["mean"]) != len(data["std"]):
+        raise SpecError(
+            f"data.mean has {len(data['mean'])} values and data.std {len(data['std'])}",
+            hint="give both per channel (or one value each)",
+        )
+    if any(v <= 0 for v in data["std"]):
+        raise SpecError(f"data.std = {data['std']} must be > 0", hint="a std of 1 leaves a value")
+    task = model.get("task", "classification")
+    if task == "regression" and data["classes"]:
+        raise SpecError(
+            'data.classes is set but model.task = "regression" has no classes',
+            hint="remove data.classes (regression labels are numbers)",
+        )
+    if data["label"] and data["label"] in data["columns"]:
+        raise SpecError(
+            f"data.label {data['label']!r} is also in data.columns: the model would see the "
+            "answer among its inputs",
+            hint="remove the label column from data.columns",
+        )
+    want = 2 if task == "binary" else model["classes"]
+    if task != "regression" and data["classes"] and len(data["classes"]) != want:
+        raise SpecError(
+            f"data.classes lists {len(data['classes'])} values but the model has {want} "
+            f"classes (model.task = {task!r}, model.classes = {model['classes']})",
+            hint="list one value per class of the model, in order (binary: the 0 and the 1)",
+        )
 
 
 # What a frame around a model's values holds besides them (the safetensors header, the
@@ -419,14 +679,18 @@ def _check_model_size(spec: dict[str, Any]) -> None:
     frames are capped (protocol.limits). Counted by arithmetic, so a spec naming a 17 GB
     model costs nothing to refuse."""
     model = spec["model"]
-    n = modelspec.param_count({k: model[k] for k in ("kind", "inputs", "hidden", "classes")})
+    n = modelspec.param_count({k: model[k] for k in modelspec.MODEL_KEYS})
     per_value = math.ceil(spec["aggregation"]["bits"] / 8) if spec["aggregation"]["secure"] else 4
     frame = min(limits.MAX_BYTES["update"], limits.MAX_BYTES["secagg_masked"])
     most = (frame - FRAME_OVERHEAD_BYTES) // max(per_value, modelspec.F32)
     if n > most:
+        what = (
+            f"input_shape {model['input_shape']}, {len(model['layers'])} layers"
+            if model["kind"] == "layers"
+            else f"inputs {model['inputs']}, hidden {model['hidden']}, classes {model['classes']}"
+        )
         raise SpecError(
-            f"the model (kind {model['kind']}, inputs {model['inputs']}, hidden "
-            f"{model['hidden']}, classes {model['classes']}) has {n:,} parameters; a model "
+            f"the model (kind {model['kind']}, {what}) has {n:,} parameters; a model "
             f"must fit one {frame // limits.MIB} MiB frame: at most {most:,} parameters",
             hint="use fewer or narrower hidden layers",
         )

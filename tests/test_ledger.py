@@ -226,6 +226,7 @@ def test_full_lifecycle_and_summary(led: Ledger) -> None:
         "restarts": 0,
         "final_accuracy": 0.9,
         "final_loss": 0.3,
+        "evaluation": "coordinator",  # a spec without [evaluation]
         "model_cid": "cid2",
         "duration_s": pytest.approx(10.0),
         "bytes_up": 2500,

@@ -172,8 +172,8 @@ async def test_nan_training_sends_a_task_error_not_an_update(
 ) -> None:
     real = node._load_data
 
-    def poisoned(data_spec: dict[str, Any]) -> Dataset:
-        d = real(data_spec)
+    def poisoned(data_spec: dict[str, Any], schema: Any = None) -> Dataset:
+        d = real(data_spec, schema)
         x = d.x.astype(np.float32).copy()
         x[:, 0] = np.nan
         return Dataset(x, d.y)

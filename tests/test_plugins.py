@@ -317,7 +317,7 @@ def test_a_registered_model_kind_works_everywhere(monkeypatch: pytest.MonkeyPatc
 
 
 def test_data_sources_found_by_name() -> None:
-    assert SOURCES.names() == ("digits", "npz", "csv")
+    assert SOURCES.names() == ("digits", "npz", "csv", "parquet", "idx", "images")
     assert str(parse_dataset_spec("digits:1/3")) == "digits:1/3"
     with pytest.raises(DataError, match=r"'mnist:0/1' is not understood.*digits:K/N"):
         parse_dataset_spec("mnist:0/1")

@@ -227,3 +227,81 @@ def test_a_secure_round_run_again_never_derives_the_same_masks() -> None:
     assert first.params.graph_seed != again.params.graph_seed
     p = params_from_wire(first.wire("a"))
     assert Client("a", p).advertise() != Client("a", p).advertise()
+
+
+# --- evaluation on the participants ---------------------------------------------------------
+
+
+def test_who_evaluates_follows_evaluation_on() -> None:
+    assert [rounds.coordinator_evaluates(on) for on in specmod.EVALUATION_PLACES] == [
+        True,
+        False,
+        True,
+    ]
+    assert [rounds.participants_evaluate(on) for on in specmod.EVALUATION_PLACES] == [
+        False,
+        True,
+        True,
+    ]
+
+
+def test_weighted_eval_is_the_example_weighted_mean_of_the_reports() -> None:
+    reports = {
+        "a": rounds.EvalReport(10, 1.0, {"accuracy": 0.5}),
+        "b": rounds.EvalReport(30, 0.2, {"accuracy": 0.9, "roc_auc": 0.8}),
+    }
+    got = rounds.weighted_eval(reports, {})
+    assert got is not None
+    assert got.examples == 40 and got.reports == 2
+    assert got.loss == pytest.approx((10 * 1.0 + 30 * 0.2) / 40)
+    assert got.accuracy == pytest.approx((10 * 0.5 + 30 * 0.9) / 40)
+    assert got.metrics["roc_auc"] == pytest.approx(0.8)  # only b reports it: b's figure
+    assert rounds.weighted_eval({}, {}) is None
+    regression = rounds.weighted_eval({"a": rounds.EvalReport(5, 2.0, {"mae": 1.0, "r2": 0.7})}, {})
+    assert regression is not None and regression.accuracy == 0.7  # the score: R²
+
+
+def test_a_report_weighs_at_most_what_its_participant_registered() -> None:
+    # b claims a test split of a million examples but registered 30: it weighs 30
+    reports = {
+        "a": rounds.EvalReport(10, 1.0, {"accuracy": 0.5}),
+        "b": rounds.EvalReport(1_000_000, 0.0, {"accuracy": 1.0}),
+    }
+    got = rounds.weighted_eval(reports, {"a": 50, "b": 30})
+    assert got is not None and got.examples == 40
+    assert got.accuracy == pytest.approx((10 * 0.5 + 30 * 1.0) / 40)
+
+
+def test_round_figures_come_from_the_coordinator_whenever_it_evaluates() -> None:
+    mean = rounds.EvalFigures(40, 0.3, {"accuracy": 0.8}, 2)
+    assert rounds.round_figures("coordinator", (0.9, 0.2), None) == (0.9, 0.2)
+    assert rounds.round_figures("both", (0.9, 0.2), mean) == (0.9, 0.2)
+    assert rounds.round_figures("participants", None, mean) == (0.8, 0.3)
+    assert rounds.round_figures("participants", None, None) == (None, None)
+    with pytest.raises(ValueError):
+        rounds.round_figures("both", None, mean)
+
+
+def test_report_of_an_update() -> None:
+    plain = update(np.ones(4, np.float32))
+    assert rounds.report_of(plain) is None  # no eval_* fields: no report
+    with_report = dataclasses.replace(
+        plain, eval_examples=12, eval_loss=0.4, eval_metrics={"accuracy": 0.75}
+    )
+    assert rounds.report_of(with_report) == rounds.EvalReport(12, 0.4, {"accuracy": 0.75})
+
+
+def test_verdict_without_coordinator_data_checks_finiteness_only() -> None:
+    good = {"w": np.ones(4, np.float32)}
+    assert rounds.verdict(good, None, None, float("nan"), 3.0).publish
+    nan = rounds.verdict({"w": np.full(4, np.nan, np.float32)}, None, None, float("nan"), 3.0)
+    assert not nan.publish and "non-finite" in nan.reason
+
+
+def test_divergence_ignores_the_newest_versions_not_yet_measured() -> None:
+    # with the participants evaluating, the newest version's figures come a round later
+    rb = {"enabled": True, "margin": 0.05, "rounds": 2}
+    history = [(0, 0.1), (1, 0.8), (2, 0.9), (3, 0.7), (4, 0.6), (5, None)]
+    back = rounds.divergence(history, rb, 5)
+    assert back is not None and back.to_round == 2
+    assert rounds.divergence([(0, None), (1, None)], rb, 1) is None

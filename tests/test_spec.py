@@ -43,7 +43,7 @@ def test_demo_defaults_match_the_converging_recipe() -> None:
         ({"training": {"lr": -1}}, "training.lr", "[1e-09, 10]"),
         ({"training": {"optimizer": "lbfgs"}}, "training.optimizer", "sgd, adam"),
         ({"data": {"partition": "random"}}, "data.partition", "iid, stratified"),
-        ({"data": {"dataset": "mnist"}}, "data.dataset", "digits, npz:"),
+        ({"data": {"dataset": "mnist"}}, "data.dataset", "digits, csv:/path, parquet:/path"),
         ({"model": {"hidden": [128, "x"]}}, "model.hidden", "list of at most 16 integers"),
         ({"model": {"hidden": [0]}}, "model.hidden", "[1, 65536]"),
         ({"aggregation": {"strategy": "fedsgd"}}, "aggregation.strategy", "fedavg"),

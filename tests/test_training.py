@@ -122,3 +122,38 @@ def test_expected_shapes_match_a_built_model() -> None:
 
     spec = {"kind": "mlp", "inputs": 64, "hidden": [16, 8], "classes": 10}
     assert expected_shapes(spec) == {k: v.shape for k, v in init_weights(spec, 0).items()}
+
+
+def test_device_names_resolve_or_are_refused():
+    from fednode.training import resolve_device
+
+    assert resolve_device("cpu") == torch.device("cpu")
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    if not torch.cuda.is_available() and torch.backends.mps.is_available():
+        expected = "mps"
+    assert resolve_device("auto").type == expected
+    for bad in ("gpu", "cuda:x", "cpu:0;rm"):
+        with pytest.raises(ValidationError, match="is not a device"):
+            resolve_device(bad)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValidationError, match="CUDA device"):
+            resolve_device("cuda:1")
+
+
+def test_fednode_run_refuses_a_device_the_machine_lacks(tmp_path):
+    """Checked before the node serves anything: exit 2 with the reason, nothing started."""
+    import subprocess
+    import sys
+
+    if torch.cuda.device_count() > 7:
+        pytest.skip("this machine has 8 or more CUDA devices")
+    home = tmp_path / "node"
+    run = [sys.executable, "-m", "fednode"]
+    subprocess.run([*run, "init", "--data-dir", str(home)], check=True, capture_output=True)
+    done = subprocess.run(
+        [*run, "run", "--role", "coordinator", "--data-dir", str(home), "--listen",
+         "127.0.0.1:0", "--device", "cuda:9"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    assert "--device cuda:9" in done.stderr and "CUDA device" in done.stderr
