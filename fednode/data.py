@@ -462,8 +462,8 @@ def _take(ds: Dataset, idx: np.ndarray) -> Dataset:
 
 def held_out(n: int, fraction: float, seed: int) -> np.ndarray:
     """The seeded local held-out rows, a bool mask over n rows: floor(n × fraction) of them
-    (at least one, and one row left to train, when fraction > 0), chosen by `seed` as
-    fednode.holdout.split chooses them, the same on every run."""
+    (at least one, and one row left to train, when fraction > 0), chosen by `seed`, the
+    same on every run."""
     test = np.zeros(n, dtype=bool)
     if fraction > 0 and n >= 2:
         n_test = min(n - 1, max(1, math.floor(n * fraction)))

@@ -31,8 +31,8 @@ import psutil
 import torch
 from websockets.exceptions import ConnectionClosed
 
-from fednode import __version__, bounds, holdout, quality, round_config, rounds, training, weights
-from fednode.data import DatasetRef, load_partition
+from fednode import __version__, bounds, quality, round_config, rounds, training, weights
+from fednode.data import Dataset, DatasetRef, load_partition, load_split
 from fednode.ledger import Ledger
 from fednode.privacy import TrainFn
 from fednode.schema import PROBE, Schema
@@ -41,7 +41,14 @@ from fednode.store import BlockStore
 from fednode.transport import Connection, dial
 from protocol import messages, modelspec, secagg, spec
 from protocol.cid import file_cid
-from protocol.errors import CIDError, FednodeError, SchemaMismatch, SpecError, Unsupported
+from protocol.errors import (
+    CIDError,
+    DataError,
+    FednodeError,
+    SchemaMismatch,
+    SpecError,
+    Unsupported,
+)
 from protocol.identity import Identity
 from protocol.modelspec import format_size
 from protocol.rotation import Rotation
@@ -159,6 +166,11 @@ def _bounded(text: str) -> str:
 _AS_LOADED = {"partition": "iid", "seed": 0, "features": "none", "alpha": 0.5, "labels_per_part": 2}
 
 
+def _cut_key(d: dict[str, Any]) -> tuple[Any, ...]:
+    """What of a session's [data] decides the local data as cut (the data cache's key)."""
+    return (d["features"], d["partition"], d["seed"], d["alpha"], d["labels_per_part"])
+
+
 def _timed_train(
     mspec: dict[str, Any],
     w: weights.Weights,
@@ -174,13 +186,21 @@ def _timed_train(
     return result, time.thread_time() - start
 
 
-def split_for_eval(s: dict[str, Any], data: Any) -> tuple[Any, Any | None]:
-    """(training data, held-out test data or None): with the spec's evaluation.on asking the
-    participants to evaluate, a seeded data.test_fraction of the local data is held out of
-    training (fednode.holdout); else all of it trains, as before."""
-    if not rounds.participants_evaluate(s.get("evaluation", {}).get("on", "coordinator")):
-        return data, None
-    return holdout.split(data, s["data"]["test_fraction"], s["data"]["seed"])
+def evaluates(s: dict[str, Any]) -> bool:
+    """Whether the spec asks the participants to evaluate each round's model."""
+    return rounds.participants_evaluate(s.get("evaluation", {}).get("on", "coordinator"))
+
+
+def check_test_part(test: Dataset, s: dict[str, Any], source: str) -> None:
+    """A participant asked to evaluate needs held-out rows: none is a DataError, refused
+    before the round trains (the coordinator hears why), never a silent skip."""
+    if len(test) == 0:
+        raise DataError(
+            f"{source} holds out no test rows (no t10k files or split column, and "
+            f"data.test_fraction = {s['data']['test_fraction']:g}), but evaluation.on asks "
+            "the participants to evaluate",
+            hint='set data.test_fraction, e.g. 0.2, or evaluation.on = "coordinator"',
+        )
 
 
 def eval_report(mspec: dict[str, Any], w: weights.Weights, test: Any) -> dict[str, Any]:
@@ -250,7 +270,7 @@ class Participant:
         self._cpu_efficiency: float | None = None  # of the last training, for heartbeats
         self._fetched: dict[str, tuple[int, float]] = {}  # cid -> (bytes, seconds) downloaded
         self.data_report: dict[str, Any] = {}
-        # (session, round) -> the eval_* fields of that round's update (split_for_eval)
+        # (session, round) -> the eval_* fields of that round's update (eval_report)
         self._evaluations: dict[tuple[str, int], dict[str, Any]] = {}
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -316,19 +336,37 @@ class Participant:
         run() does not read the data twice)."""
         self._num_examples()
 
+    def _local_data(self, s: dict[str, Any]) -> tuple[Dataset, Dataset | None]:
+        """(training data, held-out test data or None) for a session's spec. When the
+        participants evaluate, the test part is what the source holds out (IDX t10k files, a
+        table's split column, an npz's x_test) or else a seeded data.test_fraction of the
+        rows (fednode.data.load_split), kept out of training in every round; otherwise all
+        the local data trains."""
+        schema = Schema.from_spec(s)
+        if not evaluates(s):
+            return self._load_data(s["data"], schema), None
+        d = s["data"]
+        key = ("split", *_cut_key(d), schema)
+        if key not in self._data_cache:
+            train, test = load_split(
+                self.dataset,
+                features=d["features"],
+                partition=d["partition"],
+                seed=d["seed"],
+                alpha=d["alpha"],
+                labels_per_part=d["labels_per_part"],
+                schema=schema,
+            )
+            check_test_part(test, s, str(self.dataset))
+            self._data_cache[key] = (train, test)
+        return self._data_cache[key]
+
     def _load_data(self, data_spec: dict[str, Any], schema: Schema | None = None) -> Any:
         """The local data as a session's [data] cuts it, checked against its schema
         (Schema.from_spec; SchemaMismatch on any difference). Without a schema: the data as
         found, before any session is known (the registration's count and data report)."""
         schema = schema or self.schema or PROBE
-        key = (
-            data_spec["features"],
-            data_spec["partition"],
-            data_spec["seed"],
-            data_spec["alpha"],
-            data_spec["labels_per_part"],
-            schema,
-        )
+        key = (*_cut_key(data_spec), schema)
         if key not in self._data_cache:
             self._data_cache[key] = load_partition(
                 self.dataset,
@@ -499,8 +537,7 @@ class Participant:
         shapes = training.expected_shapes(mspec)
         global_w = await asyncio.to_thread(weights.from_bytes, blob, expect=shapes)
         del blob
-        data = await asyncio.to_thread(self._load_data, s["data"], Schema.from_spec(s))
-        data, test = await asyncio.to_thread(split_for_eval, s, data)
+        data, test = await asyncio.to_thread(self._local_data, s)
         if test is not None:  # the round's model, before training: reported with the update
             self._evaluations[(session, task.round)] = await asyncio.to_thread(
                 eval_report, mspec, global_w, test
@@ -635,7 +672,7 @@ class Participant:
             self.limits.check(s, self.num_examples, secure=bool(task.secagg))
             # The data against the session's schema before anything is fetched: data that
             # differs (a column, a class, a shape) is declined, never trained on.
-            await asyncio.to_thread(self._load_data, s["data"], Schema.from_spec(s))
+            await asyncio.to_thread(self._local_data, s)
             # The round's strategy settings, codec and privacy, each one this node has or
             # declined (fednode.round_config says why a setting is never ignored).
             plan = round_config.plan(task)

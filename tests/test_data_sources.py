@@ -434,14 +434,3 @@ def test_a_model_of_images_gives_the_data_its_shape(tmp_path: Path) -> None:
     assert s.input_shape == (1, 5, 6)
     with pytest.raises(SchemaMismatch, match=r"the schema wants data.input_shape = \[1, 5, 6\]"):
         load_split(f"idx:{tmp_path / 'm'}", features="none", schema=s)
-
-
-def test_the_seeded_split_holds_out_the_rows_holdout_holds_out() -> None:
-    """load_split and fednode.holdout (the participants' evaluation) pick the same rows."""
-    from fednode import holdout
-
-    ds = data.Dataset(np.arange(37, dtype=np.float32).reshape(37, 1), np.zeros(37, np.int64))
-    for fraction, seed in ((0.2, 0), (0.5, 3), (0.01, 7)):
-        _, test = holdout.split(ds, fraction, seed)
-        mask = data.held_out(37, fraction, seed)
-        assert test.x[:, 0].tolist() == np.flatnonzero(mask).tolist()

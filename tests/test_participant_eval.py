@@ -3,18 +3,22 @@ held-out split, and the spec's refusal of a coordinator told to evaluate without
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 
-from fednode import holdout
-from fednode.data import Dataset
-from fednode.participant import eval_report, split_for_eval
+from fednode.data import Dataset, parse_dataset_spec
+from fednode.ledger import Ledger
+from fednode.participant import Participant, eval_report
+from fednode.store import BlockStore
 from fednode.training import init_weights
 from protocol import messages
 from protocol import spec as specmod
 from protocol.errors import DataError, SpecError, ValidationError
+from protocol.identity import Identity
+from tests.test_data_sources import write_idx
 
 UPDATE = {
     "round": 1,
@@ -91,29 +95,67 @@ def _data(n: int) -> Dataset:
     return Dataset(np.arange(n * 2, dtype=np.float32).reshape(n, 2), np.arange(n) % 3)
 
 
-def test_the_held_out_split_is_seeded_disjoint_and_whole() -> None:
-    data = _data(50)
-    train, test = holdout.split(data, 0.2, seed=7)
-    assert (len(train), len(test)) == (40, 10)
+def participant(tmp_path: Path, dataset: str) -> Participant:
+    return Participant(
+        Identity.generate(),
+        Ledger(tmp_path / "ledger.db"),
+        BlockStore(tmp_path / "store"),
+        url="ws://127.0.0.1:1",
+        coordinator_id=Identity.generate().peer_id,
+        dataset=parse_dataset_spec(dataset),
+    )
+
+
+def image_spec(**evaluation: Any) -> dict[str, Any]:
+    return specmod.validate(
+        {
+            "model": {"kind": "logreg", "inputs": 4, "classes": 3},
+            "data": {
+                "input_shape": [1, 2, 2],
+                "classes": [0, 1, 2],
+                "test_fraction": 0.25,
+                "features": "none",
+            },
+            "evaluation": evaluation,
+        }
+    )
+
+
+def test_a_participant_evaluates_on_its_sources_held_out_files(tmp_path: Path) -> None:
+    """The IDX t10k pair is the test part; without it a seeded test_fraction of the rows,
+    the same on every call; not evaluating, everything trains."""
+    rng = np.random.default_rng(0)
+    x, y = rng.integers(0, 255, (40, 2, 2), dtype=np.uint8), np.arange(40, dtype=np.uint8) % 3
+    write_idx(tmp_path / "with", "train", x, y, gz=False)
+    write_idx(tmp_path / "with", "t10k", x[:7], y[:7], gz=False)
+    write_idx(tmp_path / "without", "train", x, y, gz=True)
+    evaluating = image_spec(on="participants")
+
+    node = participant(tmp_path / "a", f"idx:{tmp_path / 'with'}")
+    train, test = node._local_data(evaluating)
+    assert test is not None and (len(train), len(test)) == (40, 7)
+    assert np.array_equal(test.x, x[:7].reshape(7, -1)) and test.y.tolist() == y[:7].tolist()
+
+    node = participant(tmp_path / "b", f"idx:{tmp_path / 'without'}")
+    train, test = node._local_data(evaluating)
+    assert test is not None and (len(train), len(test)) == (30, 10)
     rows = {tuple(r) for r in np.concatenate([train.x, test.x])}
-    assert len(rows) == 50  # every example once: nothing lost, nothing in both
-    again_train, again_test = holdout.split(data, 0.2, seed=7)
-    assert np.array_equal(again_test.x, test.x) and np.array_equal(again_train.y, train.y)
-    assert not np.array_equal(holdout.split(data, 0.2, seed=8)[1].x, test.x)
-    assert [len(p) for p in holdout.split(_data(2), 0.01, seed=0)] == [1, 1]
-    with pytest.raises(DataError, match="cannot hold out"):
-        holdout.split(_data(1), 0.2, seed=0)
-    with pytest.raises(DataError, match="test_fraction"):
-        holdout.split(data, 0.0, seed=0)
+    assert len(rows) == len({tuple(r) for r in x.reshape(40, -1)})  # nothing lost or doubled
+    again = participant(tmp_path / "c", f"idx:{tmp_path / 'without'}")._local_data(evaluating)
+    assert again[1] is not None and np.array_equal(again[1].x, test.x)  # seeded
+
+    train, test = node._local_data(image_spec(on="coordinator"))
+    assert test is None and len(train) == 40
 
 
-def test_a_participant_splits_only_when_it_evaluates() -> None:
-    data = _data(50)
-    plain = specmod.defaults()
-    assert split_for_eval(plain, data) == (data, None)
-    evaluating = specmod.validate({"evaluation": {"on": "participants"}})
-    train, test = split_for_eval(evaluating, data)
-    assert test is not None and len(train) + len(test) == 50
+def test_evaluating_without_held_out_rows_is_refused(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    x, y = rng.integers(0, 255, (10, 2, 2), dtype=np.uint8), np.arange(10, dtype=np.uint8) % 3
+    write_idx(tmp_path / "d", "train", x, y, gz=False)
+    s = image_spec(on="participants")
+    s["data"]["test_fraction"] = 0.0
+    with pytest.raises(DataError, match="holds out no test rows"):
+        participant(tmp_path, f"idx:{tmp_path / 'd'}")._local_data(s)
 
 
 def test_a_report_is_what_the_wire_accepts() -> None:
