@@ -553,7 +553,18 @@ def model_describe(spec: Path, as_json: Json = False) -> None:
 
     def human(r: dict[str, Any]) -> None:
         stdout.print(line(f"kind {r['kind']}, task {r['task']}, input shape {r['input_shape']}"))
-        t = Table("index", "type", "output shape", "parameters")
+        if "tensors" in r:  # a python model: its fingerprint's tensors, nothing imported
+            stdout.print(line(f"factory {r['factory']}, args {r['args']}"))
+            t = Table("tensor", "dtype", "shape", "parameters")
+            for tensor in r["tensors"]:
+                t.add_row(
+                    plain(tensor["name"]),
+                    plain(tensor["dtype"]),
+                    plain(str(tensor["shape"])),
+                    plain(f"{tensor['params']:,}"),
+                )
+        else:
+            t = Table("index", "type", "output shape", "parameters")
         for layer in r["layers"]:
             t.add_row(
                 plain(layer["index"]),

@@ -106,6 +106,45 @@ def cid(
     run(as_json, go, lambda r: stdout.print(r["cid"]))
 
 
+@app.command()
+def fingerprint(
+    factory: Annotated[str, typer.Argument(help='the model\'s factory, "package.module:function"')],
+    args: Annotated[
+        str, typer.Option("--args", help="the factory's keyword arguments, a JSON object")
+    ] = "{}",
+    as_json: Json = False,
+) -> None:
+    """Build a python model from local code and print its fingerprint, the line to paste under
+    a spec's [model] (kind = "python"). Runs the factory named here, on this machine."""
+    import json
+
+    from protocol import fingerprint as fp
+
+    def go() -> dict[str, object]:
+        fp.check_factory(factory, "FACTORY")
+        try:
+            kwargs = fp.check_args(json.loads(args), "--args")
+        except json.JSONDecodeError as exc:
+            raise FednodeError(f"--args is not JSON: {exc}", code="USAGE") from None
+        from fednode import factories
+
+        found = factories.fingerprint_of(factories.call(factory, kwargs))
+        return {
+            "factory": factory,
+            "args": kwargs,
+            "fingerprint": fp.to_spec(found),
+            "tensors": len(found),
+            "params": fp.values(found),
+            "toml": fp.to_toml(found),
+        }
+
+    run(
+        as_json,
+        go,
+        lambda r: stdout.print(r["toml"], markup=False, highlight=False, soft_wrap=True),
+    )
+
+
 def _hostport(listen: str, option: str = "--listen") -> tuple[str, int]:
     host, _, port = listen.rpartition(":")
     if not host or not port.isdigit() or not 0 <= int(port) < 65536:
@@ -205,6 +244,16 @@ def run_node(
             "--spec",
             help="participant: a session spec (TOML or JSON) whose [data] schema the data must "
             "match; checked at start, before registering (each task checks its own spec too)",
+        ),
+    ] = None,
+    allow_model: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--allow-model",
+            help='a python model factory ("package.module:function") this node may build for '
+            'a spec with model.kind = "python" (repeatable); installed fednode.models entry '
+            "points are allowed too; any other factory a spec names is refused "
+            "(MODEL_NOT_ALLOWED) before it is imported",
         ),
     ] = None,
     join_token: Annotated[str, typer.Option(help="participant: an invite token")] = "",
@@ -361,6 +410,9 @@ def run_node(
         from fednode import training
 
         dev = training.use_device(device)
+        from fednode import factories
+
+        factories.allow(allow_model or [])
         logging.getLogger("fednode").info("training and evaluation on %s", dev)
         if role == "coordinator":
             from fednode import session

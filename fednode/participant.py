@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import dataclasses
 import hashlib
+import json
 import logging
 import math
 import random
@@ -31,7 +32,16 @@ import psutil
 import torch
 from websockets.exceptions import ConnectionClosed
 
-from fednode import __version__, bounds, quality, round_config, rounds, training, weights
+from fednode import (
+    __version__,
+    bounds,
+    factories,
+    quality,
+    round_config,
+    rounds,
+    training,
+    weights,
+)
 from fednode.data import Dataset, DatasetRef, load_partition, load_split
 from fednode.ledger import Ledger
 from fednode.privacy import TrainFn
@@ -45,6 +55,7 @@ from protocol.errors import (
     CIDError,
     DataError,
     FednodeError,
+    ModelCodeError,
     SchemaMismatch,
     SpecError,
     Unsupported,
@@ -131,10 +142,14 @@ class Limits:
         m = model_spec(s)
         params = modelspec.param_count(m)
         if params > self.max_params:
+            what = (  # a python model is priced by its fingerprint, before any import
+                f"factory = {m['factory']!r}, {len(m['fingerprint'])} tensors in its fingerprint"
+                if modelspec.is_python(m)
+                else f"inputs = {m['inputs']}, hidden = {m['hidden']}, classes = {m['classes']}"
+            )
             raise LimitExceeded(
-                f"the model has {params:,} parameters (model.kind = {m['kind']!r}, inputs = "
-                f"{m['inputs']}, hidden = {m['hidden']}, classes = {m['classes']}), above this "
-                f"participant's limit of {self.max_params:,} (--max-params)",
+                f"the model has {params:,} parameters (model.kind = {m['kind']!r}, {what}), "
+                f"above this participant's limit of {self.max_params:,} (--max-params)",
                 code="LIMIT_PARAMS",
                 hint="use a smaller model (model.hidden, model.inputs), or ask this "
                 "participant's operator to raise --max-params",
@@ -272,6 +287,9 @@ class Participant:
         self.data_report: dict[str, Any] = {}
         # (session, round) -> the eval_* fields of that round's update (eval_report)
         self._evaluations: dict[tuple[str, int], dict[str, Any]] = {}
+        # a python model spec (as canonical JSON) -> None once built and checked here, or
+        # why not: the factory runs once per spec, not every round
+        self._verified: dict[str, ModelCodeError | None] = {}
 
     async def run(self, stop: asyncio.Event) -> None:
         """Stay connected until ``stop`` is set; re-dial with backoff on failures."""
@@ -444,6 +462,24 @@ class Participant:
             if self._task is not None:
                 self._task.cancel()
         return None
+
+    async def _verify_model(self, s: dict[str, Any]) -> None:
+        """For ``model.kind = "python"``: build the model from this node's allowed code and
+        compare it with the spec's fingerprint (fednode.factories.verify, in a worker
+        thread); ModelCodeError (not allowed, mismatch, factory error) otherwise."""
+        m = model_spec(s)
+        if not modelspec.is_python(m):
+            return
+        key = json.dumps(m, sort_keys=True)
+        if key not in self._verified:
+            try:
+                await asyncio.to_thread(factories.verify, m)
+                self._verified[key] = None
+            except ModelCodeError as err:
+                self._verified[key] = err
+        err = self._verified[key]
+        if err is not None:
+            raise type(err)(err.message, hint=err.hint, code=err.code)
 
     async def _heartbeat(self, conn: Connection, every: float) -> None:
         with contextlib.suppress(ConnectionClosed):
@@ -670,6 +706,9 @@ class Participant:
             s = spec.validate(task.spec)
             # Priced before anything is fetched or allocated: beyond a limit, declined.
             self.limits.check(s, self.num_examples, secure=bool(task.secagg))
+            # A python model: this node's allowed code must build the spec's fingerprint,
+            # checked once per spec before anything is fetched (ModelCodeError: declined).
+            await self._verify_model(s)
             # The data against the session's schema before anything is fetched: data that
             # differs (a column, a class, a shape) is declined, never trained on.
             await asyncio.to_thread(self._local_data, s)
@@ -741,7 +780,7 @@ class Participant:
                 bytes_down=self._fetched.pop(task.model_cid, (0, 0.0))[0],
             )
         # what it will not do (SchemaMismatch: its data is not what the session's schema says)
-        except (LimitExceeded, SpecError, Unsupported, SchemaMismatch) as err:
+        except (LimitExceeded, SpecError, Unsupported, SchemaMismatch, ModelCodeError) as err:
             log.warning("declined round %d: %s: %s", task.round, err.code, err.message)
             await self._task_failed(conn, session, task, task_id, started, err, status="declined")
         except FednodeError as err:

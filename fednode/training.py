@@ -36,10 +36,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from fednode import factories
 from fednode.data import Dataset
 from fednode.weights import Weights
 from protocol import modelspec
 from protocol.errors import DataError, FednodeError, ValidationError
+from protocol.fingerprint import PYTHON_KIND
 from protocol.layers import UNSENT_BUFFERS, Layer, torch_class
 from protocol.plugins import Registry
 
@@ -87,6 +89,14 @@ def sequential(plan: list[Layer]) -> nn.Module:
 # The built-in kinds' layers are registered by protocol.modelspec itself (specs name them).
 for _kind in ("mlp", "logreg", "layers"):
     MODELS.register(_kind, sequential)
+
+
+def _from_factory(plan: list[Layer]) -> nn.Module:
+    raise ValidationError("a python model is built by fednode.factories, not from layers")
+
+
+# kind "python" has no layers: _model_from_spec builds it with fednode.factories
+MODELS.register(PYTHON_KIND, _from_factory)
 
 
 def build_model(kind: str, inputs: int, hidden: list[int], classes: int) -> nn.Module:
@@ -143,6 +153,8 @@ def use_device(name: str) -> torch.device:
 
 
 def _model_from_spec(model_spec: dict[str, Any]) -> nn.Module:
+    if modelspec.is_python(model_spec):  # the operator's allowed code, checked by fingerprint
+        return factories.build(model_spec)
     build = MODELS.get(model_spec.get("kind"))
     return build(modelspec.model_layers(model_spec))
 

@@ -134,6 +134,35 @@ class SchemaMismatch(DataError):
     hint = "make the data match the spec's [data] schema, or fix the schema"
 
 
+class ModelCodeError(FednodeError):
+    """A python model (spec ``model.kind = "python"``) this node will not or cannot build
+    from its own code; a participant declines the task, a coordinator refuses the session."""
+
+    code = "MODEL_BUILD_FAILED"
+    hint = "see the message; fix the factory or its model.args, or the node's installed code"
+
+
+class ModelNotAllowed(ModelCodeError):
+    """A factory this node's operator did not allow: refused before anything is imported."""
+
+    code = "MODEL_NOT_ALLOWED"
+    hint = (
+        "the node's operator allows a factory with `fednode run --allow-model MODULE:NAME` or "
+        "by installing a package that declares it as a `fednode.models` entry point"
+    )
+
+
+class ModelMismatch(ModelCodeError):
+    """The model this node's code builds differs from the spec's fingerprint (a tensor
+    missing, extra, or of another shape or dtype) or from its task's outputs."""
+
+    code = "MODEL_MISMATCH"
+    hint = (
+        "install the same version of the model's code on every node, or print the fingerprint "
+        "of the code meant (`fednode fingerprint FACTORY --args JSON`) into the spec"
+    )
+
+
 class StorageUnavailable(FednodeError):
     """The node's ledger or content store cannot be written now (locked, disk full, I/O)."""
 

@@ -20,7 +20,7 @@ import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from protocol import layers
+from protocol import fingerprint, layers
 from protocol.errors import ValidationError
 from protocol.plugins import Registry
 
@@ -94,10 +94,38 @@ KINDS.register(
     "layers", lambda model: layers.resolve(model.get("input_shape"), model.get("layers"))
 )
 
+
+def _no_layers(model: Mapping[str, Any]) -> list[layers.Layer]:
+    raise ValidationError(
+        'model.kind = "python" declares no layers: its tensors are model.fingerprint\'s',
+        hint="read its shapes with protocol.modelspec.shapes, not model_layers",
+    )
+
+
+# Code each node's operator installed (fednode/factories.py); priced by its fingerprint
+# (protocol.fingerprint): shapes, input_shape, output_width and activation_values below.
+KINDS.register(fingerprint.PYTHON_KIND, _no_layers)
+
+
+def is_python(model: Mapping[str, Any]) -> bool:
+    return isinstance(model, Mapping) and model.get("kind") == fingerprint.PYTHON_KIND
+
+
 # What a model spec holds (fednode.session.model_spec): the kind and what the kinds read.
 # For kind "layers", ``inputs`` is prod(input_shape) and ``classes`` follows from the task
 # and the last layer (protocol.spec fills both in).
-MODEL_KEYS = ("kind", "task", "inputs", "hidden", "classes", "input_shape", "layers")
+MODEL_KEYS = (
+    "kind",
+    "task",
+    "inputs",
+    "hidden",
+    "classes",
+    "input_shape",
+    "layers",
+    "factory",
+    "args",
+    "fingerprint",
+)
 # What the model learns: its loss, its metrics, the labels it takes (fednode.training).
 #   classification: cross-entropy over >= 2 outputs, integer labels 0..outputs-1; accuracy
 #   binary: BCE with logits on 1 output, labels 0 or 1; accuracy and ROC AUC
@@ -114,11 +142,18 @@ def model_layers(model: Mapping[str, Any]) -> list[layers.Layer]:
 
 def input_shape(model: Mapping[str, Any]) -> tuple[int, ...]:
     """One example's shape as the model takes it (a dense kind: ``(inputs,)``)."""
+    if is_python(model):
+        return tuple(model["input_shape"])
     return model_layers(model)[0].in_shape
 
 
 def output_width(model: Mapping[str, Any]) -> int:
-    """The values the model outputs per example (its last layer's)."""
+    """The values the model outputs per example (its last layer's). A python model outputs
+    model.classes values for classification and one for binary and regression (its factory
+    is checked to do so when a node builds it: fednode.factories)."""
+    if is_python(model):
+        task = model.get("task", "classification")
+        return int(model["classes"]) if task == "classification" else 1
     return math.prod(model_layers(model)[-1].out_shape)
 
 
@@ -130,6 +165,8 @@ def check_task(model: Mapping[str, Any]) -> str:
         raise ValidationError(
             f"model.task = {task!r} is not accepted", hint="one of " + ", ".join(TASKS)
         )
+    if is_python(model):  # its outputs follow from the task (output_width)
+        return str(task)
     last = model_layers(model)[-1]
     out = last.out_shape
     if len(out) != 1:
@@ -172,8 +209,10 @@ def shapes(model: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
     the buffers that never travel (protocol.layers.UNSENT_BUFFERS).
 
     ``nn.Linear(a, b)`` holds ``weight`` of shape (b, a) and ``bias`` of shape (b,); a ReLU
-    takes a Sequential index but holds no tensor.
+    takes a Sequential index but holds no tensor. A python model's are its fingerprint's.
     """
+    if is_python(model):
+        return fingerprint.shapes(fingerprint.parse(model.get("fingerprint")))
     return {
         f"{layer.index}.{name}": shape
         for layer in model_layers(model)
@@ -225,7 +264,10 @@ def bytes_per_param(training: Mapping[str, Any], *, secure: bool = False) -> int
 def activation_values(model: Mapping[str, Any]) -> int:
     """float32 values one example keeps for the backward pass: its input (gathered into the
     batch's own tensor), LAYER_ACTIVATION_COPIES per output value of each layer
-    (OUTPUT_ACTIVATION_COPIES for the last) and each layer's extra_activations."""
+    (OUTPUT_ACTIVATION_COPIES for the last) and each layer's extra_activations. A python
+    model's code cannot be read by arithmetic: its floor is the input and the output."""
+    if is_python(model):
+        return math.prod(input_shape(model)) + OUTPUT_ACTIVATION_COPIES * output_width(model)
     plan = model_layers(model)
     return math.prod(plan[0].in_shape) + sum(
         (OUTPUT_ACTIVATION_COPIES if layer is plan[-1] else LAYER_ACTIVATION_COPIES)
@@ -314,9 +356,28 @@ def describe(model: Mapping[str, Any], training: Mapping[str, Any]) -> dict[str,
     """What ``fedctl model describe`` prints: each layer (index, type, output shape,
     parameters) and the totals: parameters, their float32 bytes, and the training memory of
     one round at the spec's batch size without the local data (``data_bytes_per_example``
-    more per example held)."""
-    plan = model_layers(model)
+    more per example held). A python model lists its fingerprint's tensors instead of
+    layers."""
     n = param_count(model)
+    if is_python(model):
+        return {
+            "kind": model.get("kind"),
+            "task": model.get("task", "classification"),
+            "input_shape": list(input_shape(model)),
+            "factory": model.get("factory"),
+            "args": model.get("args", {}),
+            "layers": [],
+            "tensors": [
+                {"name": name, "dtype": dtype, "shape": list(shape), "params": math.prod(shape)}
+                for name, (dtype, shape) in fingerprint.parse(model.get("fingerprint")).items()
+            ],
+            "params": n,
+            "bytes": F32 * n,
+            "batch_size": training.get("batch_size", 1),
+            "training_memory": training_memory(model, training, 0),
+            "data_bytes_per_example": data_bytes(model, 1),
+        }
+    plan = model_layers(model)
     return {
         "kind": model.get("kind"),
         "task": model.get("task", "classification"),

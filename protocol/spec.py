@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from protocol import layers, limits, modelspec, plugins, secagg
+from protocol import fingerprint, layers, limits, modelspec, plugins, secagg
 from protocol.errors import IdentityError, SpecError, ValidationError
 from protocol.identity import public_key_from_peer_id
 
@@ -46,7 +46,7 @@ SECURE_PARTICIPANTS_BOUND = 1000
 @dataclass(frozen=True)
 class Field:
     # int | float | bool | text | choice | int_list | float_list | text_list | class_list |
-    # peer_list | dataset | name | neighbours
+    # peer_list | dataset | name | neighbours | factory | kwargs | fingerprint
     kind: str
     default: Any
     doc: str
@@ -191,13 +191,15 @@ SCHEMA: dict[str, dict[str, Field]] = {
             "int",
             10,
             "output classes (layers: derived: the last layer's outputs; binary: 2)",
-            2,
+            # 1: a regression's single output, as a validated spec derives it (a spec must
+            # validate again on the coordinator); model.task refuses 1 for classification
+            1,
             100_000,
         ),
         "input_shape": Field(
             "int_list",
             [],
-            "layers: one example's shape: [features], [channels, length] or "
+            "layers and python: one example's shape: [features], [channels, length] or "
             "[channels, height, width]",
             1,
             layers.MAX_DIM,
@@ -208,6 +210,25 @@ SCHEMA: dict[str, dict[str, Field]] = {
             "layers: the model, in order; each a table: type (the torch.nn class in lower "
             "case: " + ", ".join(layers.TYPES) + ") and its keyword arguments, e.g. "
             '{ type = "linear", out_features = 10 }; input sizes are inferred',
+        ),
+        "factory": Field(
+            "factory",
+            "",
+            'python: the model\'s factory, "package.module:function", built only on a node '
+            "whose operator allowed it (fednode run --allow-model, or a fednode.models entry "
+            "point)",
+        ),
+        "args": Field(
+            "kwargs",
+            {},
+            "python: the factory's keyword arguments (numbers, bools, strings, flat lists)",
+        ),
+        "fingerprint": Field(
+            "fingerprint",
+            {},
+            'python: every tensor that travels, { "name" = ["dtype", [dims]], ... }, as '
+            "`fednode fingerprint FACTORY --args JSON` prints it; every node compares its "
+            "build with it",
         ),
         "seed": Field("int", 0, "torch seed of the initial model", 0, 2**31 - 1),
         "fetch": Field(
@@ -446,6 +467,18 @@ def _check(section: str, key: str, f: Field, value: Any) -> Any:
         if not ok or not all(isinstance(v, dict) for v in value):
             raise bad(f"a list of at most {layers.MAX_LAYERS} tables, one per layer")
         return copy.deepcopy(value)
+    if f.kind in ("factory", "kwargs", "fingerprint"):
+        check = {
+            "factory": fingerprint.check_factory,
+            "kwargs": fingerprint.check_args,
+            "fingerprint": lambda v, w: fingerprint.to_spec(fingerprint.parse(v, w)),
+        }[f.kind]
+        if f.kind == "factory" and value == "":
+            return value
+        try:
+            return check(value, where)
+        except ValidationError as exc:
+            raise SpecError(exc.message, hint=exc.hint) from None
     if f.kind == "neighbours":
         ok = value == "all" or (
             isinstance(value, int)
@@ -553,6 +586,16 @@ def _check_model(model: dict[str, Any], given: dict[str, Any]) -> None:
     the task. For kind "layers", model.inputs and model.classes are derived (prod(input_shape);
     the last layer's outputs, 2 for binary), and a value given for either must agree."""
     declared = model["kind"] == "layers"
+    if model["kind"] == fingerprint.PYTHON_KIND:
+        _check_python_model(model, given)
+        return
+    for key in ("factory", "args", "fingerprint"):
+        if model[key]:
+            raise SpecError(
+                f"model.{key} is set but model.kind = {model['kind']!r}",
+                hint=f'set model.kind = "python" to build the model from a factory, or remove '
+                f"model.{key}",
+            )
     for key in ("input_shape", "layers"):
         if model[key] and not declared:
             raise SpecError(
@@ -581,6 +624,33 @@ def _check_model(model: dict[str, Any], given: dict[str, Any]) -> None:
                 hint=f"leave model.{key} out for kind layers (it is derived), or set it to {value}",
             )
         model[key] = value
+
+
+def _check_python_model(model: dict[str, Any], given: dict[str, Any]) -> None:
+    """kind "python": a factory, its fingerprint and input_shape, no declared layers;
+    model.inputs is derived (prod(input_shape)), binary has 2 classes."""
+    needs = {
+        "factory": 'e.g. factory = "mypkg.nets:small"',
+        "fingerprint": "print it with `fednode fingerprint FACTORY --args JSON` and paste it",
+        "input_shape": "e.g. input_shape = [1, 8, 8] for 8x8 grey images, [64] for 64 features",
+    }
+    for key, hint in needs.items():
+        if not model[key]:
+            raise SpecError(f'model.kind = "python" needs model.{key}', hint=hint)
+    if model["layers"]:
+        raise SpecError(
+            'model.layers is set but model.kind = "python" (the factory builds the model)',
+            hint='remove model.layers, or use model.kind = "layers"',
+        )
+    inputs = math.prod(model["input_shape"])
+    if "inputs" in given and given["inputs"] != inputs:
+        raise SpecError(
+            f"model.inputs = {given['inputs']!r} but model.input_shape gives {inputs}",
+            hint="leave model.inputs out for kind python (it is derived)",
+        )
+    model["inputs"] = inputs
+    if model["task"] == "binary":
+        model["classes"] = 2
 
 
 def _cross_checks(spec: dict[str, Any]) -> None:
@@ -687,6 +757,8 @@ def _check_model_size(spec: dict[str, Any]) -> None:
         what = (
             f"input_shape {model['input_shape']}, {len(model['layers'])} layers"
             if model["kind"] == "layers"
+            else f"factory {model['factory']}, {len(model['fingerprint'])} tensors"
+            if model["kind"] == fingerprint.PYTHON_KIND
             else f"inputs {model['inputs']}, hidden {model['hidden']}, classes {model['classes']}"
         )
         raise SpecError(
