@@ -25,6 +25,7 @@ from typing import Any
 
 from protocol.alerts import SEVERITIES
 from protocol.lifecycle import SessionState
+from protocol.messages import EVAL_METRICS, METRIC_LABELS, headline_metric
 from protocol.text import clean
 
 DASH = "–"
@@ -183,6 +184,33 @@ class _View:
         alerts = [a for a in _dicts(report.get("alerts")) if a.get("status") != "resolved"]
         self.alerts = sorted(alerts, key=lambda a: _SEVERITY_RANK.get(_s(a.get("severity")), 99))
         self.sla = _dict(report.get("sla"))
+        self.final_metrics = _dict(self.s.get("final_metrics"))
+        # the task's metrics the rounds carry (EVAL_METRICS order; a name a peer made up is
+        # not one); a report from before metrics by name has accuracy alone
+        have = {m for h in self.history for m in _dict(h.get("metrics"))} | set(self.final_metrics)
+        self.metric_names = [m for m in EVAL_METRICS if m in have] or ["accuracy"]
+        self.headline = headline_metric(self.metric_names) or "accuracy"
+
+    def metric(self, h: dict[str, Any], name: str) -> float | None:
+        """One round's figure: from its metrics by name, or its accuracy column (older)."""
+        metrics = _dict(h.get("metrics"))
+        if not metrics and name == "accuracy":
+            return _num(h.get("accuracy"))
+        return _num(metrics.get(name))
+
+    def final(self, name: str) -> float | None:
+        if not self.final_metrics and name == "accuracy":
+            return _num(self.s.get("final_accuracy"))
+        return _num(self.final_metrics.get(name))
+
+    @property
+    def round_headers(self) -> list[str]:
+        names = [METRIC_LABELS[m] for m in self.metric_names]
+        return ["round", *names, "loss", "seconds", "participants", "health"]
+
+    @property
+    def final_rows(self) -> list[tuple[str, str]]:
+        return [(f"final {METRIC_LABELS[m]}", _fmt(self.final(m))) for m in self.metric_names]
 
     @property
     def rounds_label(self) -> str:
@@ -195,17 +223,20 @@ class _View:
         return self.quality[-1] if self.quality else {}
 
     def series(self, key: str) -> list[tuple[int, float | None]]:
+        if key in EVAL_METRICS:
+            return [(_int(h["round"]) or 0, self.metric(h, key)) for h in self.history]
         return [(_int(h["round"]) or 0, _num(h.get(key))) for h in self.history]
 
     def health_series(self) -> list[tuple[int, float | None]]:
         return [(_int(q["round"]) or 0, _num(q.get("health_score"))) for q in self.quality]
 
     def round_rows(self) -> list[list[str]]:
-        """round, accuracy, loss, seconds, participants, health (— when not computed)."""
+        """round, the task's metrics, loss, seconds, participants, health (— when not
+        computed)."""
         return [
             [
                 str(_int(h["round"])),
-                _fmt(h.get("accuracy")),
+                *(_fmt(self.metric(h, m)) for m in self.metric_names),
                 _fmt(h.get("loss")),
                 _fmt(h.get("duration_s"), "{:.2f}"),
                 _fmt(h.get("participants"), "{:.0f}"),
@@ -265,7 +296,7 @@ def render_text(report: dict[str, Any]) -> str:
         ("strategy", _s(s.get("strategy")) or DASH),
         ("secure aggregation", _onoff(s.get("secure_aggregation"))),
         ("dropped", _fmt(s.get("dropped"), "{:.0f}")),
-        ("final accuracy", _fmt(s.get("final_accuracy"))),
+        *v.final_rows,
         ("final loss", _fmt(s.get("final_loss"))),
         ("health", _fmt(v.latest_quality.get("health_score"), "{:.1f} / 100")),
         ("duration", _duration(s.get("duration_s"))),
@@ -279,8 +310,7 @@ def render_text(report: dict[str, Any]) -> str:
 
     out += ["", "Rounds"]
     if v.history:
-        headers = ["round", "accuracy", "loss", "seconds", "participants", "health"]
-        out += _table(headers, v.round_rows())
+        out += _table(v.round_headers, v.round_rows())
     else:
         out.append(f"  {NO_DATA}")
 
@@ -708,7 +738,7 @@ def render_html(report: dict[str, Any]) -> str:
     cards = [
         ("rounds", v.rounds_label),
         ("participants", _fmt(s.get("participants"), "{:.0f}")),
-        ("final accuracy", _fmt(s.get("final_accuracy"))),
+        *v.final_rows,
         ("final loss", _fmt(s.get("final_loss"))),
         ("health", _fmt(v.latest_quality.get("health_score"), "{:.1f}")),
         ("duration", _duration(s.get("duration_s"))),
@@ -730,13 +760,13 @@ def render_html(report: dict[str, Any]) -> str:
     ]
     ids_html = "".join(f'<dt>{_e(k)}</dt><dd class="mono">{_e(val)}</dd>' for k, val in ids)
 
-    acc = _line_chart(
-        "accuracy-chart",
-        "accuracy per round",
-        v.series("accuracy"),
+    acc = _line_chart(  # the task's headline metric: accuracy, else R², else MAE
+        f"{v.headline}-chart",
+        f"{METRIC_LABELS[v.headline]} per round",
+        v.series(v.headline),
         fmt=lambda x: f"{x:.4f}",
         color="#1565c0",
-        clamp=(0.0, 1.0),
+        clamp=EVAL_METRICS[v.headline],  # e.g. accuracy never on an axis past 1
     )
     loss = _line_chart(
         "loss-chart",
@@ -759,7 +789,7 @@ def render_html(report: dict[str, Any]) -> str:
 
     round_rows = [("", [(_e(c), "") for c in row]) for row in v.round_rows()]
     rounds_table = _html_table(
-        [(h, "") for h in ("round", "accuracy", "loss", "seconds", "participants", "health")],
+        [(h, "") for h in v.round_headers],
         round_rows,
         NO_DATA,
         "narrow",

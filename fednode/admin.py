@@ -16,9 +16,9 @@ from typing import TYPE_CHECKING, Any
 
 from websockets.exceptions import ConnectionClosed
 
-from fednode import versions
+from fednode import factories, versions
 from fednode.storage_guard import describe, is_storage_fault
-from protocol import messages, spec, tokens
+from protocol import messages, modelspec, spec, tokens
 from protocol.alerts import ALERT_FILTERS, SEVERITIES
 from protocol.car import walk_dag
 from protocol.cid import normalize_cid
@@ -141,8 +141,13 @@ class AdminAPI:
             "started_at": c.started_at,
         }
 
-    def session_create(self, args: dict[str, Any]) -> dict[str, Any]:
+    async def session_create(self, args: dict[str, Any]) -> dict[str, Any]:
         checked = spec.validate(args.get("spec"))
+        if modelspec.is_python(checked["model"]):
+            # The coordinator builds the initial model and evaluates it: a python model it
+            # may not build (not allowed, or its code differs from the fingerprint) is
+            # refused now, not at the session's start. The factory runs off the event loop.
+            await asyncio.to_thread(factories.verify, checked["model"])
         return {"session_id": self.coord.create_session(checked)}
 
     def session_action(self, action: str, args: dict[str, Any]) -> dict[str, Any]:
@@ -371,6 +376,7 @@ class AdminAPI:
                     "cid": m["cid"],
                     "accuracy": m["accuracy"],
                     "loss": m["loss"],
+                    "metrics": m.get("metrics") or {},  # by name; {} = not measured
                     "size": m["size"],
                     "parent_cid": m["parent_cid"],
                     "status": st,  # current | superseded | rolled_back

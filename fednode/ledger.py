@@ -16,6 +16,8 @@ versions that were rolled back (``rolled_back_at``, ``rolled_back_to``). Schema 
 what each participant registered for a session (``session_claims``: its examples, the most
 its weight may count). Schema 7 keeps each participant's evaluation of the round's model
 with its update (``client_updates.eval_examples``, ``eval_loss``, ``eval_metrics``).
+Schema 8 keeps the task's metrics by name (accuracy, roc_auc, mae, r2) for rounds, model
+versions and the session's final figures, beside the accuracy columns (the round's score).
 
 Transactions use sqlite-utils' ``atomic()`` rather than ``with conn:``: sqlite-utils 4 wraps
 its own writes in ``atomic()``, which nests as a savepoint inside ours, whereas an inner
@@ -44,6 +46,7 @@ from sqlite_utils import Database
 from protocol import alerts, lifecycle
 from protocol.errors import NotFound, StateError
 from protocol.lifecycle import RoundStatus, SessionState, TaskStatus, UpdateStatus
+from protocol.messages import EVAL_METRICS
 
 GENESIS_HASH = "0" * 64
 
@@ -245,6 +248,35 @@ def _metrics(what: str, metrics: Any, columns: dict[str, str]) -> dict[str, Any]
         else:  # trend
             out[key] = None if value is None else _choice(key, value, TRENDS)
     return out
+
+
+def _eval_metrics(what: str, metrics: Any) -> str | None:
+    """A round's or version's metrics by name as their JSON column holds them (None = not
+    measured): only the names of EVAL_METRICS, each a finite number within its range, so
+    a peer's report cannot put anything else where reports and the dashboard read it."""
+    if metrics is None:
+        return None
+    if not isinstance(metrics, Mapping):
+        raise ValueError(f"{what} must be a dict of numbers by name, got {metrics!r}")
+    out: dict[str, float] = {}
+    for key, value in metrics.items():
+        span = EVAL_METRICS.get(key)
+        if span is None:
+            raise ValueError(f"{what} has an unknown metric {key!r}; known: {list(EVAL_METRICS)}")
+        number = _real(f"{what}.{key}", value, optional=False)
+        if not span[0] <= number <= span[1]:
+            raise ValueError(f"{what}.{key} is {number!r}, outside [{span[0]:g}, {span[1]:g}]")
+        out[key] = number
+    return canonical_json(out)
+
+
+def _accuracy_of(column: float | None, metrics: Mapping[str, float] | None) -> float | None:
+    """Accuracy as summaries show it. The ``accuracy`` columns hold the round's score, which
+    for regression is R² (rollback compares it); where the metrics by name are recorded
+    (schema 8) accuracy is theirs, so a regression round shows none rather than its R²."""
+    if metrics is None:
+        return column  # a row from before schema 8
+    return metrics.get("accuracy")
 
 
 def _network_row(
@@ -595,6 +627,19 @@ def _m007_participant_eval(db: Database) -> None:
     db.execute("ALTER TABLE client_updates ADD COLUMN eval_metrics TEXT")
 
 
+def _m008_round_metrics(db: Database) -> None:
+    """The task's metrics by name (a JSON object of numbers, names from
+    protocol.messages.EVAL_METRICS) where schema 1 kept accuracy alone: a round's figures
+    (``training_rounds.metrics``, from the same evaluation as its accuracy and loss) and the
+    participants' example-weighted mean beside them (``participant_metrics``), a model
+    version's (``model_versions.metrics``) and the session's last (``sessions.final_metrics``).
+    NULL = not measured, or a row from before."""
+    db.execute("ALTER TABLE training_rounds ADD COLUMN metrics TEXT")
+    db.execute("ALTER TABLE training_rounds ADD COLUMN participant_metrics TEXT")
+    db.execute("ALTER TABLE model_versions ADD COLUMN metrics TEXT")
+    db.execute("ALTER TABLE sessions ADD COLUMN final_metrics TEXT")
+
+
 MIGRATIONS: list[Callable[[Database], None]] = [
     _m001_initial,
     _m002_admission,
@@ -603,6 +648,7 @@ MIGRATIONS: list[Callable[[Database], None]] = [
     _m005_claims,
     _m006_resume,
     _m007_participant_eval,
+    _m008_round_metrics,
 ]
 """Ordered; migration ``i`` (0-based) brings the schema to version ``i + 1``."""
 
@@ -622,15 +668,23 @@ def probe_writable(path: Path | str, lock_timeout_s: float) -> None:
         con.close()
 
 
+def _json_column(row: dict[str, Any], *names: str) -> dict[str, Any]:
+    """Decode the JSON text columns ``names`` in place (NULL stays None)."""
+    for name in names:
+        if row.get(name) is not None:
+            row[name] = json.loads(row[name])
+    return row
+
+
 def _session_row(row: dict[str, Any]) -> dict[str, Any]:
-    row = dict(row)
+    row = _json_column(dict(row), "final_metrics")
     row["spec"] = json.loads(row["spec"]) if row.get("spec") else {}
     row["secure_aggregation"] = bool(row["secure_aggregation"])
     return row
 
 
 def _round_row(row: dict[str, Any]) -> dict[str, Any]:
-    row = dict(row)
+    row = _json_column(dict(row), "metrics", "participant_metrics")
     row["selected"] = json.loads(row["selected"]) if row.get("selected") else []
     return row
 
@@ -953,8 +1007,11 @@ class Ledger:
         bytes_up: int,
         bytes_down: int,
         reason: str | None,
+        metrics: str | None = None,
+        participant_metrics: str | None = None,
     ) -> dict[str, Any]:
-        """The body of finish/complete; the caller holds the transaction."""
+        """The body of finish/complete; the caller holds the transaction. ``metrics`` and
+        ``participant_metrics``: JSON text from _eval_metrics."""
         if status not in FINISHED_ROUND_STATUSES:
             raise ValueError(f"round status {status!r} not in {sorted(FINISHED_ROUND_STATUSES)}")
         row = self._require_round(session_id, round)
@@ -963,7 +1020,8 @@ class Ledger:
         self.db.execute(
             """UPDATE training_rounds SET status = ?, ended_at = ?, duration_s = ?,
                    model_cid = ?, accuracy = ?, loss = ?, participants = ?, dropped = ?,
-                   bytes_up = ?, bytes_down = ?, reason = ?
+                   bytes_up = ?, bytes_down = ?, reason = ?, metrics = ?,
+                   participant_metrics = ?
                WHERE session_id = ? AND round = ?""",
             (
                 status,
@@ -977,12 +1035,14 @@ class Ledger:
                 int(bytes_up),
                 int(bytes_down),
                 reason,
+                metrics,
+                participant_metrics,
                 session_id,
                 int(round),
             ),
         )
         if status == "completed":
-            self._refresh_session_progress(session_id, model_cid, accuracy, loss)
+            self._refresh_session_progress(session_id, model_cid, accuracy, loss, metrics)
         return row
 
     def _refresh_session_progress(
@@ -991,6 +1051,7 @@ class Ledger:
         model_cid: str | None,
         accuracy: float | None,
         loss: float | None,
+        metrics: str | None = None,
     ) -> None:
         """rounds_completed is recounted from rows, so a replayed call cannot drift it."""
         fields: dict[str, Any] = {
@@ -1001,7 +1062,12 @@ class Ledger:
             ).fetchone()[0]
         }
         if model_cid is not None:
-            fields.update(model_cid=model_cid, final_accuracy=accuracy, final_loss=loss)
+            fields.update(
+                model_cid=model_cid,
+                final_accuracy=accuracy,
+                final_loss=loss,
+                final_metrics=metrics,
+            )
         self.db["sessions"].update(session_id, fields)
 
     def finish_round(
@@ -1060,8 +1126,16 @@ class Ledger:
         reason: str | None = None,
         state_cid: str | None = None,
         evaluated_cid: str | None = None,
+        metrics: Mapping[str, float] | None = None,
+        participant_metrics: Mapping[str, float] | None = None,
     ) -> dict[str, Any]:
         """Finish a round that produced a new global model, in ONE transaction.
+
+        ``metrics``: the task's figures by name (protocol.messages.EVAL_METRICS: accuracy,
+        roc_auc, mae, r2) from the same evaluation as ``accuracy`` and ``loss``; they go
+        where those go (the round, the session's ``final_metrics``, the version measured).
+        ``participant_metrics``: the participants' example-weighted mean, kept on the
+        round beside them (with evaluation.on = "both" the round's are the coordinator's).
 
         ``evaluated_cid``: the round's ``accuracy`` and ``loss`` describe that model (the
         participants evaluated the model the round trained from), not the new version: they
@@ -1077,6 +1151,8 @@ class Ledger:
         shows a completed round without its model. Returns the round as ``rounds()`` does.
         Raises NotFound for a round never started, StateError for one already finished.
         """
+        figures = _eval_metrics("metrics", metrics)
+        theirs = _eval_metrics("participant_metrics", participant_metrics)
         with self.transaction():
             row = self._finish_round_tx(
                 session_id,
@@ -1091,6 +1167,8 @@ class Ledger:
                 bytes_up=bytes_up,
                 bytes_down=bytes_down,
                 reason=reason,
+                metrics=figures,
+                participant_metrics=theirs,
             )
             lagged = evaluated_cid is not None
             self._insert_model(
@@ -1103,12 +1181,14 @@ class Ledger:
                 size=size,
                 created_at=ended_at,
                 state_cid=state_cid,
+                metrics=None if lagged else figures,
             )
             if lagged and accuracy is not None:
                 self.db.execute(
-                    "UPDATE model_versions SET accuracy = ?, loss = ? WHERE session_id = ? "
-                    "AND cid = ? AND rolled_back_at IS NULL AND accuracy IS NULL",
-                    (accuracy, loss, session_id, evaluated_cid),
+                    "UPDATE model_versions SET accuracy = ?, loss = ?, metrics = ? "
+                    "WHERE session_id = ? AND cid = ? AND rolled_back_at IS NULL "
+                    "AND accuracy IS NULL",
+                    (accuracy, loss, figures, session_id, evaluated_cid),
                 )
         return self._get_round(session_id, round)
 
@@ -1416,6 +1496,7 @@ class Ledger:
         size: int | None,
         created_at: float,
         state_cid: str | None = None,
+        metrics: str | None = None,
     ) -> None:
         try:
             self.db["model_versions"].insert(
@@ -1429,6 +1510,7 @@ class Ledger:
                     "size": size,
                     "created_at": float(created_at),
                     "state_cid": state_cid,
+                    "metrics": metrics,
                 }
             )
         except sqlite3.IntegrityError as exc:
@@ -1448,8 +1530,10 @@ class Ledger:
         size: int | None,
         created_at: float,
         state_cid: str | None = None,
+        metrics: Mapping[str, float] | None = None,
     ) -> dict[str, Any]:
-        """A model version outside a round's completion (e.g. the initial model, round 0)."""
+        """A model version outside a round's completion (e.g. the initial model, round 0);
+        ``metrics``: its figures by name (as ``complete_round``'s)."""
         with self.transaction():
             self._require_session(session_id)
             self._insert_model(
@@ -1462,14 +1546,16 @@ class Ledger:
                 size=size,
                 created_at=created_at,
                 state_cid=state_cid,
+                metrics=_eval_metrics("metrics", metrics),
             )
-        return dict(self.db["model_versions"].get((session_id, int(round))))
+        row = self.db["model_versions"].get((session_id, int(round)))
+        return _json_column(dict(row), "metrics")
 
     def models(self, session_id: str) -> list[dict[str, Any]]:
         rows = self.db.query(
             "SELECT * FROM model_versions WHERE session_id = ? ORDER BY round", (session_id,)
         )
-        return [dict(r) for r in rows]
+        return [_json_column(dict(r), "metrics") for r in rows]
 
     def live_models(self, session_id: str) -> list[dict[str, Any]]:
         """The versions not rolled back, by round: the lineage the current model is on."""
@@ -1478,7 +1564,7 @@ class Ledger:
             "ORDER BY round",
             (session_id,),
         )
-        return [dict(r) for r in rows]
+        return [_json_column(dict(r), "metrics") for r in rows]
 
     def rollback_models(
         self,
@@ -1531,6 +1617,7 @@ class Ledger:
                     "model_cid": target["cid"],
                     "final_accuracy": target["accuracy"],
                     "final_loss": target["loss"],
+                    "final_metrics": target["metrics"],  # JSON text, as stored
                 },
             )
             event = {
@@ -2189,8 +2276,10 @@ class Ledger:
         history = [
             {
                 "round": r["round"],
-                "accuracy": r["accuracy"],
+                "accuracy": _accuracy_of(r["accuracy"], r.get("metrics")),
                 "loss": r["loss"],
+                "metrics": r.get("metrics") or {},
+                "participant_metrics": r.get("participant_metrics") or {},
                 "duration_s": r["duration_s"],
                 "participants": r["participants"],
                 "rolled_back": r["round"] in undone,  # its model was later rolled back
@@ -2198,6 +2287,7 @@ class Ledger:
             for r in self.rounds(session_id)
             if r["status"] == "completed"
         ]
+        final_metrics = session.get("final_metrics")
         return {
             "session_id": session_id,
             "status": session["status"],
@@ -2206,8 +2296,9 @@ class Ledger:
             "strategy": session["strategy"],
             "secure_aggregation": session["secure_aggregation"],
             "dropped": int(totals[0]),
-            "final_accuracy": session["final_accuracy"],
+            "final_accuracy": _accuracy_of(session["final_accuracy"], final_metrics),
             "final_loss": session["final_loss"],
+            "final_metrics": final_metrics or {},  # by name: accuracy, roc_auc, mae, r2
             # who measured the figures: the coordinator, the participants (their example-
             # weighted mean of the model each round started from) or both (the coordinator's)
             "evaluation": session["spec"].get("evaluation", {}).get("on", "coordinator"),

@@ -8,11 +8,13 @@ than a misleading zero.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Gauge, start_http_server
 
 from fednode.quality import ParticipantObservation, ParticipantScores, SessionScores
+from protocol.messages import EVAL_METRICS
 
 PARTS = ("performance", "reliability", "network", "resource")
 
@@ -64,6 +66,12 @@ class Exporter:
             ["session", "part"],
             registry=r,
         )
+        self.round_metric = Gauge(
+            "fednode_round_metric",
+            "the last published round's evaluation, by metric (accuracy, roc_auc, mae, r2, loss)",
+            ["session", "metric"],
+            registry=r,
+        )
         self.server, self._thread = start_http_server(port, addr=host, registry=r)
         bound = self.server.server_address
         self.url = f"http://{bound[0]}:{bound[1]}/metrics"
@@ -97,6 +105,14 @@ class Exporter:
             "privacy_compliance",
         ):
             self._set(self.session_part, (session_id, part), getattr(s, part))
+
+    def round(self, session_id: str, metrics: Mapping[str, float], loss: float | None) -> None:
+        """The round's figures by name. The label takes only EVAL_METRICS names and "loss",
+        so a peer's report cannot grow the scrape (the ledger checked the names already)."""
+        for name, value in metrics.items():
+            if name in EVAL_METRICS:
+                self._set(self.round_metric, (session_id, name), value)
+        self._set(self.round_metric, (session_id, "loss"), loss)
 
     def close(self) -> None:
         self.server.shutdown()

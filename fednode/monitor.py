@@ -31,7 +31,7 @@ import math
 import statistics
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -251,6 +251,13 @@ class QualityMonitor:
 
     def on_model_quality(self, peer_id: str, score: float) -> None:
         self._peer(peer_id, time.time()).model_quality.append(score)
+
+    def on_round_figures(
+        self, session_id: str, metrics: Mapping[str, float], loss: float | None
+    ) -> None:
+        """A published round's evaluation (the ledger has it with the round): exported only."""
+        if self.metrics is not None:
+            self.metrics.round(session_id, metrics, loss)
 
     def on_security_violation(
         self, peer_id: str, code: str, message: str, running: list[str]

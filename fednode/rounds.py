@@ -317,10 +317,38 @@ class EvalFigures:
 
     @property
     def accuracy(self) -> float | None:
-        """The round's score, as fednode.training.evaluate gives the coordinator's: accuracy
-        (classification, binary), else R² (regression); higher is better either way, as
-        rollback assumes."""
-        return self.metrics.get("accuracy", self.metrics.get("r2"))
+        """The round's score (``score``)."""
+        return score(self.metrics)
+
+
+def score(metrics: Mapping[str, float]) -> float | None:
+    """The one figure a round is judged by, as fednode.training.evaluate gives it: accuracy
+    (classification, binary), else R² (regression); higher is better either way, as
+    rollback assumes. It is what the ledger's ``accuracy`` columns hold."""
+    return metrics.get("accuracy", metrics.get("r2"))
+
+
+def bounded_metrics(figures: Mapping[str, float]) -> dict[str, float]:
+    """The coordinator's own figures (fednode.training.evaluate_metrics) as the ledger takes
+    them: the EVAL_METRICS names only, finite, each clipped to its range (a diverged
+    candidate's MAE can pass 10¹²; the loss check, not this, judges it)."""
+    out: dict[str, float] = {}
+    for name, (lo, hi) in messages.EVAL_METRICS.items():
+        value = figures.get(name)
+        if value is not None and math.isfinite(value):
+            out[name] = min(max(float(value), lo), hi)
+    return out
+
+
+def round_metrics(
+    on: str, coordinator: Mapping[str, float] | None, participants: EvalFigures | None
+) -> dict[str, float] | None:
+    """The round's metrics by name, from the evaluation ``round_figures`` takes its accuracy
+    and loss from: the coordinator's whenever it evaluates, else the participants' mean
+    (None: nobody measured)."""
+    if coordinator_evaluates(on):
+        return None if coordinator is None else bounded_metrics(coordinator)
+    return None if participants is None else dict(participants.metrics)
 
 
 def weighted_eval(

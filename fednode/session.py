@@ -217,14 +217,14 @@ class SessionRun:
     async def _prepare(self) -> None:
         spec = self.spec
         self.eval_data = await self._load_eval_data()
-        w = training.init_weights(model_spec(spec), spec["model"]["seed"])
+        # off the event loop: a python model runs its factory (fednode.factories)
+        w = await asyncio.to_thread(training.init_weights, model_spec(spec), spec["model"]["seed"])
         self.shapes = weights.shapes(w)
         acc: float | None = None
         loss: float | None = None
+        figures: dict[str, float] | None = None
         if self.eval_data is not None:  # else round 1's participants report on this model
-            acc, loss = await asyncio.to_thread(
-                training.evaluate, model_spec(spec), w, self.eval_data
-            )
+            acc, loss, figures = await self._own_figures(w)
             self.base_loss = loss
         cid, size = await self._store_model(w)
         await self.coord.guard.run(
@@ -237,7 +237,19 @@ class SessionRun:
             loss=loss,
             size=size,
             created_at=time.time(),
+            metrics=figures,
         )
+
+    async def _own_figures(self, w: weights.Weights) -> tuple[float, float, dict[str, float]]:
+        """The coordinator's evaluation of ``w`` on its data: (score, loss, the task's
+        metrics by name, bounded as the ledger keeps them). The score is what the accuracy
+        columns and rollback use (accuracy, or R² for regression: rounds.score)."""
+        figures = await asyncio.to_thread(
+            training.evaluate_metrics, model_spec(self.spec), w, self.eval_data
+        )
+        metrics = rounds.bounded_metrics(figures)
+        score = rounds.score(metrics)
+        return 0.0 if score is None else score, figures["loss"], metrics
 
     async def _restore(self, point: ResumePoint) -> None:
         """Take the session up where the ledger says it was: the current version's model
@@ -520,16 +532,17 @@ class SessionRun:
         rnd.phase = RoundPhase.EVALUATING
         on = self.evaluation_on
         own: tuple[float, float] | None = None
+        own_metrics: dict[str, float] | None = None
         if self.eval_data is not None:  # the coordinator's figures of the candidate
-            own = await asyncio.to_thread(
-                training.evaluate, model_spec(self.spec), new, self.eval_data
-            )
+            own_score, own_loss, own_metrics = await self._own_figures(new)
+            own = (own_score, own_loss)
         # the participants' figures of the model this round started from (rnd.model_cid)
         reported = rounds.weighted_eval(
             {p: r for p, r in rnd.reports.items() if p in contributors},
             self.coord.ledger.claims(self.session_id),
         )
         acc, loss = rounds.round_figures(on, own, reported)
+        figures = rounds.round_metrics(on, own_metrics, reported)
         factor = self.spec["aggregation"]["max_loss_factor"]
         # without coordinator data the verdict checks finiteness only (docs/architecture.md)
         decided = rounds.verdict(new, None if own is None else loss, acc, self.base_loss, factor)
@@ -558,12 +571,15 @@ class SessionRun:
             state_cid=state_cid,
             # the participants' figures describe the round's input model, not the new one
             evaluated_cid=None if own is not None else rnd.model_cid,
+            metrics=figures,
+            participant_metrics=None if reported is None else reported.metrics,
         )
         self.strategy_state = state
         rnd.phase = RoundPhase.DONE
         self.rounds_done = rnd.number
         if own is not None:
             self.base_loss = own[1]
+        self.coord.monitor.on_round_figures(self.session_id, figures or {}, loss)
         self.coord.record(
             "round_completed",
             self.session_id,
@@ -571,6 +587,7 @@ class SessionRun:
                 "round": rnd.number,
                 "accuracy": acc,
                 "loss": loss,
+                "metrics": figures or {},  # by name, from the evaluation accuracy comes from
                 "model_cid": cid,
                 "duration_s": now - rnd.started_at,
                 "participants": sorted(contributors),

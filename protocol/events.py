@@ -90,8 +90,11 @@ class UpdateReceived(Payload):
 class RoundCompleted(Payload):
     KIND: ClassVar[str] = "round_completed"
     round: int
+    # the round's score (accuracy; R² for regression: what rollback compares) and loss
     accuracy: float | None = None
     loss: float | None = None
+    # the task's metrics by name (protocol.messages.EVAL_METRICS), from the same evaluation
+    metrics: dict[str, Any] = field(default_factory=dict)
     model_cid: str = ""
     duration_s: float | None = None
     participants: list[str] = field(default_factory=list)

@@ -193,6 +193,22 @@ EVAL_METRICS: dict[str, tuple[float, float]] = {
     "r2": (-1e12, 1.0),  # R² is below 0 for a model worse than the mean
 }
 MAX_EVAL_LOSS = 1e12
+# How reports and the dashboard name each metric, and the one a session is followed by (its
+# headline): accuracy where the task has it (classification, binary), else R², else MAE.
+METRIC_LABELS: dict[str, str] = {
+    "accuracy": "accuracy",
+    "roc_auc": "ROC AUC",
+    "mae": "MAE",
+    "r2": "R²",
+}
+HEADLINE_METRICS = ("accuracy", "r2", "mae", "roc_auc")
+LOWER_IS_BETTER = frozenset({"mae"})  # every other metric: higher is better
+
+
+def headline_metric(names: typing.Iterable[str]) -> str | None:
+    """The metric to plot and show first among ``names`` (None: none of EVAL_METRICS)."""
+    have = set(names)
+    return next((m for m in HEADLINE_METRICS if m in have), None)
 
 
 def _eval_metrics(name: str, value: dict[str, Any]) -> dict[str, float]:

@@ -226,6 +226,7 @@ def test_full_lifecycle_and_summary(led: Ledger) -> None:
         "restarts": 0,
         "final_accuracy": 0.9,
         "final_loss": 0.3,
+        "final_metrics": {},  # complete_round was given no metrics by name
         "evaluation": "coordinator",  # a spec without [evaluation]
         "model_cid": "cid2",
         "duration_s": pytest.approx(10.0),
@@ -237,6 +238,8 @@ def test_full_lifecycle_and_summary(led: Ledger) -> None:
                 "round": 1,
                 "accuracy": 0.8,
                 "loss": 0.6,
+                "metrics": {},
+                "participant_metrics": {},
                 "duration_s": 2.5,
                 "participants": 2,
                 "rolled_back": False,
@@ -245,6 +248,8 @@ def test_full_lifecycle_and_summary(led: Ledger) -> None:
                 "round": 2,
                 "accuracy": 0.9,
                 "loss": 0.3,
+                "metrics": {},
+                "participant_metrics": {},
                 "duration_s": 1.0,
                 "participants": 2,
                 "rolled_back": False,

@@ -23,7 +23,7 @@ from textual.widgets import Button, DataTable, Footer, Label, Static
 from protocol.lifecycle import allowed_actions
 from protocol.operations import Op, lifecycle_op
 from tui.source import Source
-from tui.state import Change, DashboardState, short
+from tui.state import Change, DashboardState, headline_label, short
 from tui.widgets import (
     AlertsTable,
     EventsLog,
@@ -357,7 +357,8 @@ class SessionScreen(DashScreen):
         plot = self.query_one(MetricsPlot)
         plot.show(det.points() if det else [], info.rounds if info else 0)
         n = len(det.history) if det else 0
-        set_title(plot, f"[green]accuracy[/] · [orange]loss[/] (right) · {n} rounds")
+        label = headline_label(det.points() if det else [])
+        set_title(plot, f"[green]{label}[/] · [orange]loss[/] (right) · {n} rounds")
 
     def _participants(self, peers: set[str] | None) -> None:
         """All rows (peers None) or just these, cell by cell."""

@@ -23,6 +23,7 @@ from typing import Any
 from protocol.alerts import HOLDS_SELECTION, is_severe, severity_rank
 from protocol.events import MalformedEvent, UnknownEvent, parse_event
 from protocol.lifecycle import TERMINAL
+from protocol.messages import EVAL_METRICS, METRIC_LABELS, headline_metric
 from protocol.text import clean, clean_tree
 
 EVENTS_KEPT = 200
@@ -88,13 +89,38 @@ class SessionInfo:
 
 @dataclass(frozen=True)
 class RoundPoint:
-    """One completed round: a point of the accuracy and loss plot."""
+    """One completed round: a point of the plot of the task's headline metric and loss."""
 
     round: int
     accuracy: float | None
     loss: float | None
     duration_s: float | None = None
     participants: int = 0
+    # the task's metrics by name (EVAL_METRICS only); empty from a node before them
+    metrics: dict[str, float] = field(default_factory=dict)
+
+    def value(self, name: str) -> float | None:
+        """This round's figure of metric ``name`` (accuracy alone from an older node)."""
+        if not self.metrics and name == "accuracy":
+            return self.accuracy
+        return self.metrics.get(name)
+
+
+def headline(points: list[RoundPoint]) -> str:
+    """The metric the plot follows: accuracy where the task has it, else R², else MAE."""
+    return headline_metric({m for p in points for m in p.metrics}) or "accuracy"
+
+
+def headline_label(points: list[RoundPoint]) -> str:
+    return METRIC_LABELS[headline(points)]
+
+
+def _metrics(raw: Any) -> dict[str, float]:
+    """A peer-sent metrics dict cut to the EVAL_METRICS names with finite numbers."""
+    if not isinstance(raw, dict):
+        return {}
+    out = {k: _float(v) for k, v in raw.items() if k in EVAL_METRICS}
+    return {k: v for k, v in out.items() if v is not None}
 
 
 @dataclass
@@ -280,10 +306,14 @@ def _describe(kind: str, data: dict[str, Any], rounds: int) -> tuple[str, str]:
         n = len(data.get("selected") or [])
         return f"round {data.get('round')}{of} started, {n} selected", ""
     if kind == "round_completed":
-        acc, loss = _float(data.get("accuracy")), _float(data.get("loss"))
+        metrics = _metrics(data.get("metrics"))
+        name = headline_metric(metrics) or "accuracy"  # the task's, as the plot shows it
+        acc = metrics.get(name) if metrics else _float(data.get("accuracy"))
+        loss = _float(data.get("loss"))
         dropped = len(data.get("dropped") or [])
         return (
-            f"round {data.get('round')}{of} done: accuracy {_num(acc)} loss {_num(loss)}, "
+            f"round {data.get('round')}{of} done: {METRIC_LABELS[name]} {_num(acc)} "
+            f"loss {_num(loss)}, "
             f"{len(data.get('participants') or [])} trained"
             + (f", {dropped} dropped" if dropped else ""),
             "good",
@@ -403,6 +433,7 @@ class DashboardState:
                 _float(h.get("loss")),
                 _float(h.get("duration_s")),
                 _int(h.get("participants")),
+                _metrics(h.get("metrics")),
             )
             det.history[p.round] = p
         cur = summary.get("current_round")
@@ -561,13 +592,20 @@ class DashboardState:
         contributors = [_str(p) for p in data.get("participants") or []]
         info = self._session(sid, change)
         info.round = max(info.round, rnd)
-        acc = _float(data.get("accuracy"))
+        metrics = _metrics(data.get("metrics"))
+        # the event's accuracy is the round's score (R² for regression); by name, it is not
+        acc = metrics.get("accuracy") if metrics else _float(data.get("accuracy"))
         info.accuracy = acc if acc is not None else info.accuracy
         det = self._detail(sid)
         det.contributors.update(contributors)
         info.participants = max(info.participants, len(det.contributors))
         det.history[rnd] = RoundPoint(
-            rnd, acc, _float(data.get("loss")), _float(data.get("duration_s")), len(contributors)
+            rnd,
+            acc,
+            _float(data.get("loss")),
+            _float(data.get("duration_s")),
+            len(contributors),
+            metrics,
         )
         det.model_cid = _str(data.get("model_cid") or det.model_cid)
         if det.current and det.current.round == rnd:

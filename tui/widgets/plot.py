@@ -1,4 +1,5 @@
-"""Accuracy and loss per round (textual-plotext), re-plotted only when a round completes.
+"""The task's headline metric (accuracy; R² or MAE for regression) and loss per round
+(textual-plotext), re-plotted only when a round completes.
 
 PlotextPlot rebuilds its whole figure on every render; a busy table elsewhere on the
 screen must not cost a thousand-point re-plot, so the built figure is cached until the
@@ -11,7 +12,8 @@ from rich.text import Text
 from textual.app import RenderResult
 from textual_plotext import PlotextPlot
 
-from tui.state import RoundPoint
+from protocol.messages import EVAL_METRICS
+from tui.state import RoundPoint, headline
 
 
 class MetricsPlot(PlotextPlot):
@@ -41,7 +43,8 @@ class MetricsPlot(PlotextPlot):
         return result
 
     def _build(self) -> RenderResult:
-        pts = [p for p in self._points if p.accuracy is not None or p.loss is not None]
+        name = headline(self._points)
+        pts = [p for p in self._points if p.value(name) is not None or p.loss is not None]
         if not pts:
             return Text("no completed round yet", style="dim")
         step = max(1, len(pts) // max(1, 2 * self.size.width))  # no more points than dots
@@ -49,11 +52,12 @@ class MetricsPlot(PlotextPlot):
         plt = self.plt
         plt.clear_figure()
         xs = [p.round for p in pts]
-        acc = [(p.round, p.accuracy) for p in pts if p.accuracy is not None]
+        acc = [(p.round, v) for p in pts if (v := p.value(name)) is not None]
         loss = [(p.round, p.loss) for p in pts if p.loss is not None]
         if acc:
             plt.plot([x for x, _ in acc], [y for _, y in acc], color="green", marker="braille")
-            plt.ylim(0, 1, yside="left")
+            if EVAL_METRICS[name] == (0.0, 1.0):  # accuracy, ROC AUC: the whole scale
+                plt.ylim(0, 1, yside="left")
         if loss:
             plt.plot([x for x, _ in loss], [y for _, y in loss], color="orange", marker="braille",
                      yside="right")  # fmt: skip
