@@ -181,9 +181,13 @@ def _bounded(text: str) -> str:
 _AS_LOADED = {"partition": "iid", "seed": 0, "features": "none", "alpha": 0.5, "labels_per_part": 2}
 
 
-def _cut_key(d: dict[str, Any]) -> tuple[Any, ...]:
-    """What of a session's [data] decides the local data as cut (the data cache's key)."""
-    return (d["features"], d["partition"], d["seed"], d["alpha"], d["labels_per_part"])
+_CUT = ("features", "partition", "seed", "alpha", "labels_per_part")
+
+
+def _cut(d: dict[str, Any]) -> dict[str, Any]:
+    """What of a session's [data] decides the local data as cut: the keyword arguments of
+    load_partition and load_split, and (as a tuple) the data cache's key."""
+    return {k: d[k] for k in _CUT}
 
 
 def _timed_train(
@@ -363,18 +367,10 @@ class Participant:
         schema = Schema.from_spec(s)
         if not evaluates(s):
             return self._load_data(s["data"], schema), None
-        d = s["data"]
-        key = ("split", *_cut_key(d), schema)
+        cut = _cut(s["data"])
+        key = ("split", *cut.values(), schema)
         if key not in self._data_cache:
-            train, test = load_split(
-                self.dataset,
-                features=d["features"],
-                partition=d["partition"],
-                seed=d["seed"],
-                alpha=d["alpha"],
-                labels_per_part=d["labels_per_part"],
-                schema=schema,
-            )
+            train, test = load_split(self.dataset, **cut, schema=schema)
             check_test_part(test, s, str(self.dataset))
             self._data_cache[key] = (train, test)
         return self._data_cache[key]
@@ -384,17 +380,10 @@ class Participant:
         (Schema.from_spec; SchemaMismatch on any difference). Without a schema: the data as
         found, before any session is known (the registration's count and data report)."""
         schema = schema or self.schema or PROBE
-        key = (*_cut_key(data_spec), schema)
+        cut = _cut(data_spec)
+        key = (*cut.values(), schema)
         if key not in self._data_cache:
-            self._data_cache[key] = load_partition(
-                self.dataset,
-                features=data_spec["features"],
-                partition=data_spec["partition"],
-                seed=data_spec["seed"],
-                alpha=data_spec["alpha"],
-                labels_per_part=data_spec["labels_per_part"],
-                schema=schema,
-            )
+            self._data_cache[key] = load_partition(self.dataset, **cut, schema=schema)
         return self._data_cache[key]
 
     async def _serve(self, conn: Connection) -> FednodeError | None:
