@@ -19,7 +19,7 @@ from rich.table import Table
 
 from fedctl.client import AdminClient, Target, call, operator_identity
 from fedctl.output import emit_json, fail, line, plain, run, stderr, stdout
-from fedctl.render import SEVERITY_STYLE, print_summary, session_line
+from fedctl.render import SEVERITY_STYLE, metrics_text, print_summary, session_line
 from fednode.api import PRIVATE_UMASK
 from protocol import spec as specmod
 from protocol.errors import FednodeError
@@ -241,7 +241,7 @@ def session_rollback(
 
 @session_app.command("status")
 def session_status(session_id: str, as_json: Json = False) -> None:
-    """State, rounds, participants, accuracy and the per-round history."""
+    """State, rounds, participants, the task's metrics and the per-round history."""
     run(
         _json(as_json),
         lambda: call(G.target, Op.SESSION_STATUS, session_id=session_id),
@@ -254,9 +254,9 @@ def session_list(as_json: Json = False) -> None:
     """Every session the coordinator knows."""
 
     def human(r: dict[str, Any]) -> None:
-        t = Table("session", "name", "status", "round", "participants", "accuracy")
+        t = Table("session", "name", "status", "round", "participants", "metrics")
         for s in r["sessions"]:
-            acc = "" if s["accuracy"] is None else f"{s['accuracy']:.4f}"
+            acc = metrics_text(s.get("metrics"), s["accuracy"])
             t.add_row(
                 plain(s["session_id"]),
                 plain(s["name"]),
@@ -586,13 +586,13 @@ def model_describe(spec: Path, as_json: Json = False) -> None:
 
 @model_app.command("list")
 def model_list(session_id: str, as_json: Json = False) -> None:
-    """Every round's global model of a session: round, CID, parent, accuracy, size, status."""
+    """Every round's global model of a session: round, CID, parent, metrics, size, status."""
 
     def human(r: dict[str, Any]) -> None:
-        t = Table("round", "cid", "parent", "accuracy", "size", "status")
+        t = Table("round", "cid", "parent", "metrics", "size", "status")
         style = {"current": "green", "rolled_back": "red"}
         for m in r["models"]:
-            acc = "" if m["accuracy"] is None else f"{m['accuracy']:.4f}"
+            acc = metrics_text(m.get("metrics"), m["accuracy"])
             parent = "…" + str(m["parent_cid"])[-8:] if m.get("parent_cid") else ""
             status = str(m.get("status", "")).replace("_", " ")
             if m.get("rolled_back_to") is not None:

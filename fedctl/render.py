@@ -18,6 +18,7 @@ from protocol import events as ev
 from protocol import text
 from protocol.alerts import AlertChange, Severity
 from protocol.lifecycle import SessionState
+from protocol.messages import EVAL_METRICS, METRIC_LABELS
 
 # How much of one peer-written message a live line shows; the whole text is in --json.
 LINE_TEXT = 300
@@ -51,6 +52,33 @@ def _words(v: Any) -> str:
     return text.clean("" if v is None else str(v), LINE_TEXT)
 
 
+def metric_names(*figures: dict[str, Any] | None) -> list[str]:
+    """The task's metrics that any of ``figures`` (metrics by name) holds, in the order
+    fedctl report uses; a session from before metrics by name (or none measured) shows
+    accuracy alone."""
+    have = {k for f in figures if f for k in f}
+    return [m for m in EVAL_METRICS if m in have] or ["accuracy"]
+
+
+def metric_value(
+    name: str, metrics: dict[str, Any] | None, accuracy: float | None = None
+) -> float | None:
+    """One metric by name; ``accuracy`` (the older column) stands in where none by name."""
+    if metrics and name in metrics:
+        return metrics[name]
+    return accuracy if name == "accuracy" and not metrics else None
+
+
+def metrics_text(metrics: dict[str, Any] | None, accuracy: float | None = None) -> str:
+    """'accuracy 0.9611  ROC AUC 0.9874'; '' when nothing was measured."""
+    parts = []
+    for name in metric_names(metrics):
+        v = metric_value(name, metrics, accuracy)
+        if v is not None:
+            parts.append(f"{METRIC_LABELS[name]} {_fmt(v)}")
+    return "  ".join(parts)
+
+
 def summary_lines(s: dict[str, Any]) -> list[Text | Table]:
     """What ``print_summary`` prints, as renderables (tests read them back)."""
     status = str(s["status"])
@@ -65,21 +93,23 @@ def summary_lines(s: dict[str, Any]) -> list[Text | Table]:
             f"  secure aggregation: {'on' if s['secure_aggregation'] else 'off'}",
         )
     ]
-    t = Table("round", "accuracy", "loss", "participants", "seconds")
+    names = metric_names(s.get("final_metrics"), *(h.get("metrics") for h in s["history"]))
+    t = Table("round", *(METRIC_LABELS[n] for n in names), "loss", "participants", "seconds")
     for h in s["history"]:
         t.add_row(
             plain(h["round"]),
-            plain(_fmt(h["accuracy"])),
+            *(plain(_fmt(metric_value(n, h.get("metrics"), h["accuracy"]))) for n in names),
             plain(_fmt(h["loss"])),
             plain(h["participants"]),
             plain(_fmt(h["duration_s"], "{:.2f}")),
         )
     if s["history"]:
         out.append(t)
+    final = metrics_text(s.get("final_metrics"), s["final_accuracy"]) or "accuracy –"
     out.append(
         line(
-            "final accuracy ",
-            (_fmt(s["final_accuracy"]), "bold"),
+            "final ",
+            (final, "bold"),
             f"  loss {_fmt(s['final_loss'])}  dropped {s['dropped']}  "
             f"{_fmt(s['duration_s'], '{:.1f}')} s  up {s['bytes_up']:,} B  "
             f"down {s['bytes_down']:,} B",

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 from websockets.exceptions import ConnectionClosed
 
 from fednode import factories, versions
+from fednode.ledger import accuracy_of
 from fednode.storage_guard import describe, is_storage_fault
 from protocol import messages, modelspec, spec, tokens
 from protocol.alerts import ALERT_FILTERS, SEVERITIES
@@ -217,7 +218,8 @@ class AdminAPI:
                     "round": row["rounds_completed"] or 0,
                     "rounds": row["rounds"],
                     "participants": self.coord.ledger.summary(row["session_id"])["participants"],
-                    "accuracy": row["final_accuracy"],
+                    "accuracy": accuracy_of(row["final_accuracy"], row.get("final_metrics")),
+                    "metrics": row.get("final_metrics") or {},  # by name; {} = not measured
                 }
             )
         return {"sessions": out}
@@ -374,7 +376,7 @@ class AdminAPI:
                 {
                     "round": m["round"],
                     "cid": m["cid"],
-                    "accuracy": m["accuracy"],
+                    "accuracy": accuracy_of(m["accuracy"], m.get("metrics")),
                     "loss": m["loss"],
                     "metrics": m.get("metrics") or {},  # by name; {} = not measured
                     "size": m["size"],

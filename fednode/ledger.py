@@ -270,7 +270,7 @@ def _eval_metrics(what: str, metrics: Any) -> str | None:
     return canonical_json(out)
 
 
-def _accuracy_of(column: float | None, metrics: Mapping[str, float] | None) -> float | None:
+def accuracy_of(column: float | None, metrics: Mapping[str, float] | None) -> float | None:
     """Accuracy as summaries show it. The ``accuracy`` columns hold the round's score, which
     for regression is R² (rollback compares it); where the metrics by name are recorded
     (schema 8) accuracy is theirs, so a regression round shows none rather than its R²."""
@@ -2276,7 +2276,7 @@ class Ledger:
         history = [
             {
                 "round": r["round"],
-                "accuracy": _accuracy_of(r["accuracy"], r.get("metrics")),
+                "accuracy": accuracy_of(r["accuracy"], r.get("metrics")),
                 "loss": r["loss"],
                 "metrics": r.get("metrics") or {},
                 "participant_metrics": r.get("participant_metrics") or {},
@@ -2296,7 +2296,7 @@ class Ledger:
             "strategy": session["strategy"],
             "secure_aggregation": session["secure_aggregation"],
             "dropped": int(totals[0]),
-            "final_accuracy": _accuracy_of(session["final_accuracy"], final_metrics),
+            "final_accuracy": accuracy_of(session["final_accuracy"], final_metrics),
             "final_loss": session["final_loss"],
             "final_metrics": final_metrics or {},  # by name: accuracy, roc_auc, mae, r2
             # who measured the figures: the coordinator, the participants (their example-

@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 from prometheus_client import generate_latest
 
+from fedctl.render import metrics_text, summary_lines
 from fedctl.report import render_html, render_text
 from fednode import ledger as ledger_mod
 from fednode import rounds
@@ -300,3 +301,35 @@ def test_the_dashboard_follows_accuracy_from_an_older_node() -> None:
     s.apply_event("round_completed", "s1", 1.0, {"round": 1, "accuracy": 0.8, "loss": 0.5})
     pts = s.details["s1"].points()
     assert headline(pts) == "accuracy" and pts[0].value("accuracy") == 0.8
+
+
+def _lines_text(s: dict[str, Any]) -> str:
+    from rich.console import Console
+
+    console = Console(width=200, record=True)
+    for r in summary_lines(s):
+        console.print(r)
+    return console.export_text()
+
+
+def test_session_status_shows_the_tasks_metrics_by_name() -> None:
+    rows = [{"mae": 1.5, "r2": 0.3}, REGRESSION]
+    status = _report(_history(rows), REGRESSION)["session"]
+    for h in status["history"]:
+        h.update(participants=2, duration_s=1.0)
+    status.update(
+        session_id="s-1", status="completed", participants=2, strategy="fedavg",
+        secure_aggregation=False, dropped=0, duration_s=1.0, bytes_up=1, bytes_down=1,
+        model_cid=None, ledger="x",
+    )  # fmt: skip
+    text = _lines_text(status)
+    header = next(ln for ln in text.splitlines() if "round" in ln and "loss" in ln)
+    assert [w for w in header.replace("┃", " ").split()][:4] == ["round", "MAE", "R²", "loss"]
+    assert "final MAE 0.5000  R² 0.9000" in text and "accuracy" not in text
+    # a session from before metrics by name still shows its accuracy column
+    old = dict(status, final_metrics=None, final_accuracy=0.8)
+    old["history"] = [{"round": 1, "accuracy": 0.8, "loss": 0.5, "participants": 2,
+                       "duration_s": 1.0}]  # fmt: skip
+    assert "final accuracy 0.8000" in _lines_text(old)
+    assert metrics_text({"accuracy": 0.9, "roc_auc": 0.95}) == "accuracy 0.9000  ROC AUC 0.9500"
+    assert metrics_text({}, None) == "" and metrics_text(None, 0.5) == "accuracy 0.5000"

@@ -93,6 +93,11 @@ async def test_a_regression_session_reports_mae_and_r2_everywhere(tmp_path: Path
         # the initial model (version 0) was measured by name too, and is worse
         models = cli_json("model", "list", sid, target=c)["models"]
         assert models[0]["round"] == 0 and models[0]["metrics"]["r2"] < r2[0], models[0]
+        assert [m["accuracy"] for m in models] == [None] * len(models)  # nor in model list
+        listed = next(
+            s for s in cli_json("session", "list", target=c)["sessions"] if s["session_id"] == sid
+        )
+        assert listed["accuracy"] is None and listed["metrics"] == status["final_metrics"]
 
         rep = cli_json("report", sid, target=c)
         rounds_json = rep["report"]["session"]["history"]
