@@ -65,7 +65,8 @@ def metric_value(
 ) -> float | None:
     """One metric by name; ``accuracy`` (the older column) stands in where none by name."""
     if metrics and name in metrics:
-        return metrics[name]
+        v = metrics[name]  # from the coordinator: a number unless it misbehaves
+        return float(v) if isinstance(v, int | float) and not isinstance(v, bool) else None
     return accuracy if name == "accuracy" and not metrics else None
 
 
@@ -177,8 +178,8 @@ def _session_line(e: ev.Payload, rounds: int) -> Text | None:
             dropped = f", dropped {len(e.dropped)}" if e.dropped else ""
             return line(
                 (f"round {e.round}/{rounds}", "bold"),
-                " accuracy ",
-                (_fmt(e.accuracy), "bold green"),
+                " ",
+                (metrics_text(e.metrics, e.accuracy) or "accuracy –", "bold green"),
                 f" loss {_fmt(e.loss)} {_fmt(e.duration_s, '{:.2f}')} s  trained: {who}{dropped}",
             )
         case ev.RoundFailed():

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from prometheus_client import generate_latest
 
-from fedctl.render import metrics_text, summary_lines
+from fedctl.render import metrics_text, session_line, summary_lines
 from fedctl.report import render_html, render_text
 from fednode import ledger as ledger_mod
 from fednode import rounds
@@ -333,3 +333,13 @@ def test_session_status_shows_the_tasks_metrics_by_name() -> None:
     assert "final accuracy 0.8000" in _lines_text(old)
     assert metrics_text({"accuracy": 0.9, "roc_auc": 0.95}) == "accuracy 0.9000  ROC AUC 0.9500"
     assert metrics_text({}, None) == "" and metrics_text(None, 0.5) == "accuracy 0.5000"
+
+
+def test_the_watch_line_of_a_round_names_its_metrics() -> None:
+    data = {"round": 2, "accuracy": 0.9, "loss": 1.0, "metrics": REGRESSION}
+    text = session_line("round_completed", data, 5).plain
+    assert "round 2/5 MAE 0.5000  R² 0.9000 loss 1.0000" in text and "accuracy" not in text
+    older = session_line("round_completed", {"round": 1, "accuracy": 0.8}, 5).plain
+    assert "accuracy 0.8000" in older
+    odd = {"round": 1, "metrics": {"r2": "lots"}}  # a misbehaving coordinator's figure
+    assert session_line("round_completed", odd, 5) is not None
