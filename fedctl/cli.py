@@ -98,6 +98,32 @@ def demo(
     ] = None,
     secure_aggregation: Annotated[bool, typer.Option("--secure-aggregation")] = False,
     drop: Annotated[int, typer.Option(help="kill this many participants after round 1")] = 0,
+    attackers: Annotated[
+        int,
+        typer.Option(
+            min=0,
+            help="the last N participants attack (fednode run --attack); fewer than "
+            "--participants; the coordinator is not told, the summary names them",
+        ),
+    ] = 0,
+    attack: Annotated[
+        str,
+        typer.Option(
+            help="what the attackers do: sign_flip, scale:F, gaussian:SIGMA, label_flip, "
+            "constant:V or free_rider"
+        ),
+    ] = "",
+    strategy: Annotated[
+        str,
+        typer.Option(help="the spec's aggregation.strategy (e.g. fedavg, fedprox)"),
+    ] = "",
+    partition: Annotated[
+        str,
+        typer.Option(
+            help="the spec's data.partition: iid, stratified, sequential, dirichlet, "
+            "label_skew or group"
+        ),
+    ] = "",
     workdir: Annotated[
         Path | None,
         typer.Option(
@@ -115,6 +141,10 @@ def demo(
         spec_path=spec,
         secure=secure_aggregation,
         drop=drop,
+        attackers=attackers,
+        attack=attack,
+        strategy=strategy,
+        partition=partition,
         workdir=workdir,
         key=G.target.key,
         as_json=_json(as_json),

@@ -27,10 +27,10 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from fedctl.client import AdminClient, Target, call, operator_identity
 from fedctl.output import line, stderr, stdout
 from fedctl.render import session_line
-from fednode.api import NodeHome, default_home, private_dir
+from fednode.api import NodeHome, default_home, parse_attack, private_dir
 from protocol import events
 from protocol import spec as specmod
-from protocol.errors import FednodeError
+from protocol.errors import FednodeError, UsageError
 from protocol.lifecycle import is_terminal
 from protocol.operations import Op
 
@@ -49,6 +49,10 @@ class DemoOptions:
     spec_path: Path | None = None
     secure: bool = False
     drop: int = 0
+    attackers: int = 0  # the last N participants run with `fednode run --attack ATTACK`
+    attack: str = ""
+    strategy: str = ""  # aggregation.strategy, over the defaults or --spec ("" = as is)
+    partition: str = ""  # data.partition, likewise
     workdir: Path | None = None
     key: Path | None = None
     as_json: bool = False
@@ -190,14 +194,38 @@ def _prepare_workdir(workdir: Path | None) -> Path:
 
 def build_spec(opts: DemoOptions) -> dict[str, Any]:
     if opts.spec_path is not None:
-        return specmod.load(opts.spec_path)
-    raw = specmod.defaults()
-    raw["rounds"] = opts.rounds
-    raw["min_participants"] = opts.participants - opts.drop
-    raw["name"] = "demo"
-    if opts.secure:
-        raw["aggregation"]["secure"] = True
+        raw = specmod.load(opts.spec_path)
+    else:
+        raw = specmod.defaults()
+        raw["rounds"] = opts.rounds
+        raw["min_participants"] = opts.participants - opts.drop
+        raw["name"] = "demo"
+        if opts.secure:
+            raw["aggregation"]["secure"] = True
+    if opts.strategy:  # validated with the rest: an unknown name is SPEC_INVALID
+        raw["aggregation"]["strategy"] = opts.strategy
+    if opts.partition:
+        raw["data"]["partition"] = opts.partition
     return specmod.validate(raw)
+
+
+def check_attack(opts: DemoOptions) -> None:
+    """--attackers and --attack go together, and leave at least one honest participant."""
+    if opts.attackers and not opts.attack:
+        raise UsageError(
+            f"--attackers {opts.attackers} needs --attack KIND", hint="e.g. --attack sign_flip"
+        )
+    if opts.attack and not opts.attackers:
+        raise UsageError(
+            f"--attack {opts.attack!r} needs --attackers N (how many participants attack)"
+        )
+    if opts.attackers >= opts.participants:
+        raise UsageError(
+            f"--attackers {opts.attackers} leaves no honest participant of {opts.participants}",
+            hint="use fewer attackers than --participants",
+        )
+    if opts.attack:
+        parse_attack(opts.attack)  # a bad KIND fails here, before any process starts
 
 
 def run_demo(opts: DemoOptions) -> dict[str, Any]:
@@ -207,6 +235,7 @@ def run_demo(opts: DemoOptions) -> dict[str, Any]:
             code="USAGE",
             hint="drop fewer than --participants",
         )
+    check_attack(opts)
     spec = build_spec(opts)  # a bad spec fails here, before any process starts
     root = _prepare_workdir(opts.workdir)
     operator = operator_identity(opts.key)
@@ -222,13 +251,17 @@ def run_demo(opts: DemoOptions) -> dict[str, Any]:
             target, Op.INVITE_CREATE, session_id=sid, uses=opts.participants, expires_s=3600.0
         )["token"]
         names = []
+        attackers = []  # peer IDs: the coordinator is not told; the summary says who they were
         for k in range(opts.participants):
             home = NodeHome(root / f"participant-{k}")
-            home.init()
+            ident, _ = home.init()
             name = f"participant-{k}"
             extra = ["--join-token", token]
             if k >= opts.participants - opts.drop:
                 extra += ["--train-delay", str(DROP_DELAY_S)]
+            if k >= opts.participants - opts.attackers:
+                extra += ["--attack", opts.attack]
+                attackers.append(ident.peer_id)
             procs.start_participant(name, home, ready, f"digits:{k}/{opts.participants}", *extra)
             names.append(name)
         out = stderr if opts.as_json else stdout
@@ -238,7 +271,18 @@ def run_demo(opts: DemoOptions) -> dict[str, Any]:
                 f"{opts.participants} participants; nodes in {root}"
             )
         )
-        return asyncio.run(_drive(target, sid, spec, opts, procs, names[len(names) - opts.drop :]))
+        if attackers:
+            out.print(
+                line(
+                    (f"attackers ({opts.attack}): ", "bold yellow"),
+                    ", ".join(attackers),
+                    ("  (the coordinator is not told)", "dim"),
+                )
+            )
+        summary = asyncio.run(
+            _drive(target, sid, spec, opts, procs, names[len(names) - opts.drop :])
+        )
+        return {**summary, "attack": opts.attack, "attackers": attackers}
     finally:
         procs.stop_all()
 

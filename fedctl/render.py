@@ -118,6 +118,9 @@ def summary_lines(s: dict[str, Any]) -> list[Text | Table]:
     )
     out.append(line("model  ", s["model_cid"] or "–"))
     out.append(line("ledger ", str(s["ledger"])))
+    if s.get("attackers"):  # fedctl demo --attackers: who attacked, to check what was found
+        who = ", ".join(str(p) for p in s["attackers"])
+        out.append(line(("attackers ", "bold yellow"), f"({s.get('attack', '')}) {who}"))
     return out
 
 

@@ -18,6 +18,9 @@ A stopped node's files, read offline (``fedctl ledger verify``, ``fedctl report
     content store on disk: ``get`` a model by CID, every block verified),
     ``build_report`` (the data of a session report, from a ledger).
 
+A participant's attacks (``fedctl demo --attack``): ``parse_attack`` checks a `fednode run
+--attack KIND` value before any node starts (fednode.attacks.parse: a UsageError).
+
 Conventions the two CLIs share:
     ``private_dir`` and ``PRIVATE_UMASK`` (folders 0700, files 0600); the output
     conventions of fednode.output (``emit_json``, ``fail``, ``run``, ``plain``, ``line``,
@@ -26,6 +29,7 @@ Conventions the two CLIs share:
 
 from __future__ import annotations
 
+from fednode.attacks import parse as parse_attack
 from fednode.files import PRIVATE_UMASK, private_dir
 from fednode.home import NodeHome, default_home
 from fednode.ledger import Ledger
@@ -47,6 +51,7 @@ __all__ = [
     "emit_json",
     "fail",
     "line",
+    "parse_attack",
     "plain",
     "private_dir",
     "run",

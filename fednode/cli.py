@@ -21,8 +21,9 @@ from protocol.identity import public_key_from_peer_id
 from protocol.modelspec import default_max_params, format_size
 
 if TYPE_CHECKING:
+    from fednode.attacks import Attack, Probe
     from fednode.data import DatasetRef
-    from fednode.participant import Attack, Limits
+    from fednode.participant import Limits
     from fednode.schema import Schema
     from protocol.identity import Identity
 
@@ -184,10 +185,25 @@ def _default_memory() -> int:
     return default_max_memory(psutil.virtual_memory().total)
 
 
-def _attack(scale: float, claim: int) -> Attack:
-    from fednode.participant import Attack
+def _probe(scale: float, claim: int) -> Probe:
+    from fednode.attacks import Probe
 
-    return Attack(scale, claim)
+    return Probe(scale, claim)
+
+
+def _red_team(kind: str, role: str) -> Attack | None:
+    """``--attack KIND`` (fednode.attacks), a participant's only: a UsageError otherwise."""
+    if not kind:
+        return None
+    from fednode.attacks import parse
+    from protocol.errors import UsageError
+
+    if role != "participant":
+        raise UsageError(
+            f"--attack {kind!r} is for a participant; a {role} does not attack",
+            hint="start the attacking node with --role participant --attack KIND",
+        )
+    return parse(kind)
 
 
 def _participant_limits(max_params: int | None, max_memory: str, max_train_s: float) -> Limits:
@@ -295,6 +311,15 @@ def run_node(
             hidden=True,
         ),
     ] = 0,
+    attack: Annotated[
+        str,
+        typer.Option(
+            "--attack",
+            help="participant: red-team the federation by misbehaving every round: sign_flip, "
+            "scale:F, gaussian:SIGMA, label_flip, constant:V or free_rider (docs/robustness.md); "
+            "the coordinator is told nothing",
+        ),
+    ] = "",
     nan_round: Annotated[
         int,
         typer.Option(
@@ -394,6 +419,7 @@ def run_node(
     try:
         if role not in ("coordinator", "participant"):
             raise FednodeError(f"--role {role!r}: use coordinator or participant", code="USAGE")
+        red_team = _red_team(attack, role)
         ident = home.identity()
         home.lock()
         for pid in (operator or []) + (viewer or []):
@@ -462,8 +488,9 @@ def run_node(
                     poison_round,
                     ipfs_api=ipfs_api,
                     limits=limits,
-                    attack=_attack(attack_scale, attack_claim),
+                    probe=_probe(attack_scale, attack_claim),
                     schema=schema,
+                    attack=red_team,
                 )
             )
     except FednodeError as err:
@@ -551,8 +578,9 @@ async def _run_participant(
     poison_round: int = 0,
     ipfs_api: str = "",
     limits: Limits | None = None,
-    attack: Attack | None = None,
+    probe: Probe | None = None,
     schema: Schema | None = None,
+    attack: Attack | None = None,
 ) -> None:
     from fednode.ledger import Ledger
     from fednode.participant import Participant
@@ -573,11 +601,16 @@ async def _run_participant(
             poison_round=poison_round,
             chain=home.chain(),
             limits=limits,
-            attack=attack,
+            probe=probe,
             schema=schema,
+            attack=attack,
         )
         if schema is not None:  # --spec: data that does not match never registers
             await asyncio.to_thread(node.check_data)
+        if attack is not None:
+            from fednode.attacks import announce
+
+            announce(attack, ledger)
         lim = node.limits
         emit_json(
             {
@@ -589,6 +622,7 @@ async def _run_participant(
                     "max_memory": lim.max_memory,
                     "max_train_s": lim.max_train_s,
                 },
+                **({"attack": str(attack)} if attack is not None else {}),
             }
         )
         await node.run(stop)

@@ -640,6 +640,17 @@ def _m008_round_metrics(db: Database) -> None:
     db.execute("ALTER TABLE sessions ADD COLUMN final_metrics TEXT")
 
 
+def _m009_update_scores(db: Database) -> None:
+    """What outlier detection (fednode.robustness) made of each plain update:
+    ``scores`` (JSON: norm, norm_ratio, cosine, distance, z, outlier, reasons), ``excluded``
+    (1 = left out of the aggregate) and ``quarantined`` (1 = this exclusion quarantined the
+    peer; its earlier exclusions no longer count toward the next quarantine). NULL = not
+    judged (detection off, a secure round, too few updates, or a row from before)."""
+    db.execute("ALTER TABLE client_updates ADD COLUMN scores TEXT")
+    db.execute("ALTER TABLE client_updates ADD COLUMN excluded INTEGER")
+    db.execute("ALTER TABLE client_updates ADD COLUMN quarantined INTEGER")
+
+
 MIGRATIONS: list[Callable[[Database], None]] = [
     _m001_initial,
     _m002_admission,
@@ -649,6 +660,7 @@ MIGRATIONS: list[Callable[[Database], None]] = [
     _m006_resume,
     _m007_participant_eval,
     _m008_round_metrics,
+    _m009_update_scores,
 ]
 """Ordered; migration ``i`` (0-based) brings the schema to version ``i + 1``."""
 
@@ -704,10 +716,7 @@ def _task_row(row: dict[str, Any]) -> dict[str, Any]:
 
 
 def _update_row(row: dict[str, Any]) -> dict[str, Any]:
-    row = dict(row)
-    if row.get("eval_metrics") is not None:
-        row["eval_metrics"] = json.loads(row["eval_metrics"])
-    return row
+    return _json_column(dict(row), "eval_metrics", "scores")
 
 
 def _event_row(row: dict[str, Any]) -> dict[str, Any]:
@@ -1265,6 +1274,50 @@ class Ledger:
                 (participant,),
             )
         return _update_row(self.db["client_updates"].get(update_id))
+
+    def record_scores(
+        self, session_id: str, round: int, scores: Mapping[str, Mapping[str, Any]]
+    ) -> None:
+        """Outlier detection's figures and verdict (``scores[peer]``: UpdateScore.as_dict) on
+        each peer's accepted update of the round (its latest attempt), in one transaction."""
+        with self.transaction():
+            for peer, figures in scores.items():
+                self.db.execute(
+                    "UPDATE client_updates SET scores = ?, excluded = ? WHERE id = (SELECT "
+                    "MAX(id) FROM client_updates WHERE session_id = ? AND round = ? AND "
+                    "participant = ? AND status = 'accepted')",
+                    (
+                        json.dumps(dict(figures), allow_nan=False),
+                        1 if figures.get("excluded") else 0,
+                        _text("session_id", session_id),
+                        _int("round", round),
+                        _text("participant", peer),
+                    ),
+                )
+
+    def exclusion_history(self, session_id: str, peer: str) -> list[bool]:
+        """Oldest first: whether each of the peer's judged updates in the session was
+        excluded, counting only those after its last quarantine."""
+        rows = self.db.query(
+            "SELECT excluded, quarantined FROM client_updates WHERE session_id = ? AND "
+            "participant = ? AND excluded IS NOT NULL ORDER BY id",
+            (session_id, peer),
+        )
+        out: list[bool] = []
+        for r in rows:
+            out.append(bool(r["excluded"]))
+            if r["quarantined"]:
+                out = []  # what came before this quarantine was dealt with by it
+        return out
+
+    def mark_quarantined(self, session_id: str, round: int, peer: str) -> None:
+        with self.transaction():
+            self.db.execute(
+                "UPDATE client_updates SET quarantined = 1 WHERE id = (SELECT MAX(id) FROM "
+                "client_updates WHERE session_id = ? AND round = ? AND participant = ? AND "
+                "status = 'accepted')",
+                (_text("session_id", session_id), _int("round", round), _text("participant", peer)),
+            )
 
     def updates(self, session_id: str, round: int | None = None) -> list[dict[str, Any]]:
         """In arrival order; one round's when ``round`` is given."""

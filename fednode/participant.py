@@ -28,6 +28,7 @@ import threading
 import time
 from typing import Any
 
+import numpy as np
 import psutil
 import torch
 from websockets.exceptions import ConnectionClosed
@@ -42,6 +43,7 @@ from fednode import (
     training,
     weights,
 )
+from fednode.attacks import Attack, Probe
 from fednode.data import Dataset, DatasetRef, load_partition, load_split
 from fednode.ledger import Ledger
 from fednode.privacy import TrainFn
@@ -71,24 +73,6 @@ ADMIT_TIMEOUT_S = 30.0
 # --poison-round: the factor a poisoned update's weights are multiplied by. Negative, because
 # a ReLU network scaled by a positive factor keeps most of its predictions; this one does not.
 POISON_FACTOR = -10.0
-
-
-@dataclasses.dataclass(frozen=True)
-class Attack:
-    """Test options (hidden: fednode run --attack-scale / --attack-claim) that make this node
-    the admitted participant the probe was: every round it multiplies its trained weights by
-    ``scale`` and claims ``claim`` examples (in a secure round: uses that weight, up to
-    max_weight, instead of the one assigned, and skips the norm clip). 0 = off."""
-
-    scale: float = 0.0
-    claim: int = 0
-
-    @property
-    def on(self) -> bool:
-        return bool(self.scale or self.claim)
-
-    def weights(self, w: weights.Weights) -> weights.Weights:
-        return {k: v * self.scale for k, v in w.items()} if self.scale else w
 
 
 # Default limits (fednode run --max-memory / --max-params / --max-train-seconds): half of the
@@ -262,14 +246,19 @@ class Participant:
         poison_round: int = 0,
         chain: list[Rotation] | None = None,
         limits: Limits | None = None,
-        attack: Attack | None = None,
+        probe: Probe | None = None,
         schema: Schema | None = None,
+        attack: Attack | None = None,
     ):
         self.chain = chain or []
         # The schema this node was started with (fednode run --spec): its data is checked
         # against it before it registers; each task still checks the task's own schema.
         self.schema = schema
-        self.attack = attack or Attack()  # a test option: a hostile participant
+        self.probe = probe or Probe()  # a test option: a hostile participant
+        # fednode run --attack: this node red-teams its federation (fednode.attacks); the
+        # noise of a gaussian attack comes from this node's own entropy
+        self.attack = attack
+        self._attack_rng = np.random.default_rng()
         self.limits = limits if limits is not None else Limits.for_machine()
         self.num_examples = 0  # set by run(), from the data as loaded
         self.identity = identity
@@ -567,6 +556,8 @@ class Participant:
             self._evaluations[(session, task.round)] = await asyncio.to_thread(
                 eval_report, mspec, global_w, test
             )
+        if self.attack is not None:  # label_flip: training only; the test split stays true
+            data = self.attack.training_data(data, mspec)
         t = s["training"]
         plan = round_config.plan(task)  # checked in _do_round before anything was fetched
         cfg = training.TrainConfig(
@@ -620,7 +611,30 @@ class Participant:
         )
         if wall > 0:
             self._cpu_efficiency = min(100.0, 100.0 * cpu / (wall * threads))
+        if self.attack is not None:
+            result = await self._attacked(session, task.round, result, global_w)
         return dataclasses.replace(result, duration_s=wall)
+
+    async def _attacked(
+        self, session: str, round_: int, result: training.TrainResult, global_w: weights.Weights
+    ) -> training.TrainResult:
+        """What --attack makes of the trained update (fednode.attacks), recorded in this
+        node's own ledger with both norms; the coordinator is told nothing."""
+        assert self.attack is not None
+        sent = await asyncio.to_thread(
+            self.attack.update, result.weights, global_w, self._attack_rng
+        )
+        self.ledger.append_event(
+            "attack",
+            session_id=session,
+            data={
+                "attack": str(self.attack),
+                "round": round_,
+                "honest_norm": bounds.update_norm(result.weights, global_w),
+                "sent_norm": bounds.update_norm(sent, global_w),
+            },
+        )
+        return dataclasses.replace(result, weights=sent)
 
     def _close_task(self, task_id: int | None, status: str, started: float, error: str) -> None:
         """End a task that did not complete; a ledger failure is logged, not raised, so the
@@ -713,11 +727,11 @@ class Participant:
                 if task.round == self.poison_round:  # the test option: a diverging update
                     poisoned = {k: v * POISON_FACTOR for k, v in result.weights.items()}
                     result = dataclasses.replace(result, weights=poisoned)
-                if self.attack.on:  # the test option: the probe's scaled weights and claim
+                if self.probe.on:  # the test option: the probe's scaled weights and claim
                     result = dataclasses.replace(
                         result,
-                        weights=self.attack.weights(result.weights),
-                        num_examples=self.attack.claim or result.num_examples,
+                        weights=self.probe.weights(result.weights),
+                        num_examples=self.probe.claim or result.num_examples,
                     )
                 if not math.isfinite(result.loss):  # train() refuses these; never send one
                     raise training.NonFiniteUpdate(f"the training loss is {result.loss}")
@@ -869,10 +883,10 @@ class Participant:
             base = await asyncio.to_thread(
                 weights.from_bytes, await self._fetch(conn, session, task.model_cid), expect=shapes
             )
-            if self.attack.on:  # the test option: its own weight, no norm clip, scaled
-                weight = min(self.attack.claim, p.max_weight) if self.attack.claim else weight
+            if self.probe.on:  # the test option: its own weight, no norm clip, scaled
+                weight = min(self.probe.claim, p.max_weight) if self.probe.claim else weight
                 max_norm = 0.0
-                result = dataclasses.replace(result, weights=self.attack.weights(result.weights))
+                result = dataclasses.replace(result, weights=self.probe.weights(result.weights))
             bounded, norm, scale = bounds.clip_update(result.weights, base, max_norm)
             flat = weights.flatten(bounded, shapes)
             x, clipped = secagg.encode_update(flat, weights.flatten(base, shapes), weight, p)

@@ -54,6 +54,8 @@ class RoundRun:
     bytes_up: int = 0
     bytes_down: int = 0
     anomalous_pct: float | None = None  # plain rounds: share of updates that were outliers
+    # plain rounds: peers whose update outlier detection left out (fednode.robustness)
+    excluded: list[str] = field(default_factory=list)
     # the strategy's state after this round's aggregate; it becomes the session's only when
     # the round's model is published (None: the round left the state as it was)
     next_state: State | None = None

@@ -10,8 +10,9 @@ deadline passed; whoever is missing is dropped from the later stages. The coordi
 ciphertexts it cannot read and never holds an individual unmasked vector: what it decodes is
 the sum of U3's weighted updates against the round's model g (which it published, so it
 learns nothing more from g) and the sum of their example counts; g plus their ratio is the
-weighted mean of U3's models: the aggregate of every strategy that ``supports_secure``
-(protocol.plugins.STRATEGIES), whose state a secure round leaves as it was.
+weighted mean of U3's models, from which every strategy that ``supports_secure``
+(protocol.plugins.STRATEGIES) makes the new model and its state (``Strategy.from_mean``:
+the mean itself for FedAvg, a server optimizer's step for FedAvgM and FedAdam).
 """
 
 from __future__ import annotations
@@ -183,7 +184,13 @@ class SecureRound:
         weight_sum, average = decode_average(total, self.base, self.params)
         assert set(self.in_sum) <= u3
         self._check_sum(weight_sum, average)
-        return weights.unflatten(average, self.run.shapes), self.in_sum
+        # the strategy's step from the mean (a server optimizer's; FedAvg's is the mean): its
+        # state becomes the session's when the round's model is published, as in plain rounds
+        mean = weights.unflatten(average, self.run.shapes)
+        new, self.rnd.next_state = await asyncio.to_thread(
+            self.run.strategy.from_mean, self.run.global_weights, mean, self.run.strategy_state
+        )
+        return new, self.in_sum
 
     def _check_sum(self, weight_sum: float, average: np.ndarray) -> None:
         """What the coordinator can check of a sum it cannot take apart: the weights are the

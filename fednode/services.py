@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     from fednode.quality import SLA, ParticipantObservation, ParticipantScores
     from fednode.storage_guard import StorageGuard
     from fednode.store import ContentStore
-    from fednode.strategies.base import Strategy
+    from fednode.strategies.base import State, Strategy
     from fednode.transport import Connection
     from fednode.weights import Weights
     from protocol import messages
@@ -53,6 +53,7 @@ class RoundView(Protocol):
     phase: RoundPhase
     failed: dict[str, str]
     bytes_up: int
+    next_state: State | None  # the strategy's state after this round's aggregate
 
     @property
     def received(self) -> Mapping[str, Any]: ...
@@ -82,6 +83,7 @@ class SecureSession(Protocol):
     spec: dict[str, Any]
     shapes: Any
     strategy: Strategy
+    strategy_state: State  # that of the current model version
     global_cid: str
     global_weights: Weights
     coord: Recorder

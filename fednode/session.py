@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from fednode import quality, rounds, training, versions, weights
+from fednode import quality, robustness, rounds, training, versions, weights
 from fednode.codec import get_codec
 from fednode.data import Dataset, load_eval
 from fednode.resume import ResumePoint
@@ -95,7 +95,7 @@ class SessionRun:
         self._global_blob = b""
         self.shapes: dict[str, tuple[int, ...]] = {}
         self.base_loss = math.nan  # validation loss of the current global model
-        self.strategy = get_strategy(spec["aggregation"]["strategy"])
+        self.strategy = get_strategy(spec["aggregation"])  # built with its settings
         # the strategy's own state, that of the current model version (model_versions.state_cid)
         self.strategy_state: State = {}
         # how plain updates are encoded; a spec stored before codecs existed and no longer valid
@@ -416,7 +416,8 @@ class SessionRun:
                 new, contributors = await self.secure.run_round(self._send, self._wait, end)
             else:
                 new, contributors = await self._collect_plain(rnd, end)
-            if len(contributors) < spec["min_participants"]:
+            # outliers left out still returned an update: min_participants counts them
+            if len(contributors) + len(rnd.excluded) < spec["min_participants"]:
                 raise StateError(
                     f"{len(contributors)} models in the aggregate, fewer than "
                     f"min_participants = {spec['min_participants']}"
@@ -456,6 +457,7 @@ class SessionRun:
         assert self.global_weights is not None
         judged = await asyncio.to_thread(self._judge_updates, updates)
         self._record_judgement(rnd, judged)
+        updates = await self._screen(rnd, updates)
         claims = self.coord.ledger.claims(self.session_id)
         bounded, figures = await asyncio.to_thread(
             rounds.bound_updates, updates, self.global_weights, claims, self.spec["aggregation"]
@@ -464,7 +466,81 @@ class SessionRun:
         new, rnd.next_state = await asyncio.to_thread(
             self.strategy.aggregate, self.global_weights, bounded, self.strategy_state
         )
-        return new, sorted(rnd.received)
+        return new, sorted(u.peer_id for u in updates)
+
+    async def _screen(self, rnd: RoundRun, updates: list[ClientUpdate]) -> list[ClientUpdate]:
+        """Outlier detection (fednode.robustness, spec [robustness]): score every update
+        against the round's median update, record the figures and verdicts, leave the
+        excluded ones out, and quarantine a peer excluded too often. The updates to aggregate."""
+        rob = self.spec["robustness"]
+        mode = specmod.detection_mode(self.spec)  # exclude | alert | off
+        if mode == "off":
+            return updates
+        assert self.global_weights is not None
+        base = self.global_weights
+        deltas = {u.peer_id: [u.weights[k] - base[k] for k in base] for u in updates}
+        scores = await asyncio.to_thread(
+            robustness.score,
+            deltas,
+            robustness.Thresholds.of(rob),
+            exclude=mode == "exclude",
+            keep=self.strategy.min_updates,  # never fail a Krum round by excluding
+        )
+        if scores is None:  # too few updates to judge
+            return updates
+        figures = {p: sc.as_dict() for p, sc in scores.items()}
+        rnd.excluded = sorted(p for p, sc in scores.items() if sc.excluded)
+        await self.coord.guard.run(
+            self.coord.ledger.record_scores, self.session_id, rnd.number, figures
+        )
+        self.coord.record(
+            "robustness",
+            self.session_id,
+            {
+                "round": rnd.number,
+                "detection": mode,
+                "outliers": sorted(p for p, sc in scores.items() if sc.outlier),
+                "excluded": rnd.excluded,
+                "scores": figures,
+            },
+        )
+        for peer in rnd.excluded:
+            self.coord.record(
+                "action",
+                self.session_id,
+                {
+                    "action": "excluded_from_aggregate",
+                    "round": rnd.number,
+                    "peer_id": peer,
+                    "reason": "; ".join(scores[peer].reasons),
+                },
+                entity_id=peer,
+            )
+            await self._maybe_quarantine(rnd.number, peer, rob)
+        return [u for u in updates if u.peer_id not in set(rnd.excluded)]
+
+    async def _maybe_quarantine(self, number: int, peer: str, rob: dict[str, Any]) -> None:
+        history = await self.coord.guard.run(
+            self.coord.ledger.exclusion_history, self.session_id, peer
+        )
+        after, window = rob["quarantine_after"], rob["quarantine_window"]
+        if not robustness.quarantine_due(history, after, window):
+            return
+        await self.coord.guard.run(
+            self.coord.ledger.mark_quarantined, self.session_id, number, peer
+        )
+        reason = (
+            f"its updates were left out of the aggregate as outliers in {after} of its last "
+            f"{min(window, len(history))} judged rounds (round {number} the latest); it is not "
+            "selected until an operator acknowledges this alert (fedctl alerts ack ID)"
+        )
+        self.coord.record(
+            "action",
+            self.session_id,
+            {"action": "quarantined", "round": number, "peer_id": peer, "reason": reason},
+            entity_id=peer,
+        )
+        self.coord.raise_alert("quarantined", peer, self.session_id, f"peer quarantined: {reason}")
 
     def _record_bounds(self, rnd: RoundRun, figures: dict[str, dict[str, Any]]) -> None:
         agg = self.spec["aggregation"]

@@ -71,10 +71,19 @@ ALERT_SEVERITY: dict[str, Severity] = {
     "model_divergence": Severity.HIGH,
     "aggregate_rejected": Severity.HIGH,
     "storage_unavailable": Severity.CRITICAL,
+    # outlier detection left the peer's updates out in K of its last M rounds
+    # (spec robustness.quarantine_after / quarantine_window): no selection until acknowledged
+    "quarantined": Severity.CRITICAL,
 }
 
 EVENT_ALERT_TYPES: frozenset[str] = frozenset(
-    {"security_violation", "model_divergence", "aggregate_rejected", "storage_unavailable"}
+    {
+        "security_violation",
+        "model_divergence",
+        "aggregate_rejected",
+        "storage_unavailable",
+        "quarantined",
+    }
 )
 RULE_ALERT_TYPES: frozenset[str] = frozenset(ALERT_SEVERITY) - EVENT_ALERT_TYPES
 ALERT_TYPES: frozenset[str] = frozenset(ALERT_SEVERITY)

@@ -26,6 +26,13 @@ class FednodeError(Exception):
         return {"code": self.code, "message": self.message, "hint": self.hint}
 
 
+class UsageError(FednodeError):
+    """A command-line option or argument the tool refuses (exit 2); the message names it."""
+
+    code = "USAGE"
+    hint = "read the message; --help lists the options and their accepted values"
+
+
 class DecodeError(FednodeError):
     """Bytes that are not a well-formed frame (bad CBOR, wrong shape, truncated)."""
 

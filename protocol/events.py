@@ -24,7 +24,7 @@ only), ``rollback``, ``invite``, ``quality`` (push only), ``sla`` and ``security
 only), the ledger's alert trail ``alert_raised``/``alert_resolved``/``alert_acked`` and the
 pushed ``alert`` (with ``change``), ``lagged`` (made by the admin channel for a subscriber
 that fell behind), and a participant's own ledger: ``joined``, ``task_done``,
-``task_failed``, ``task_declined``, ``secagg_input``.
+``task_failed``, ``task_declined``, ``secagg_input``, ``attack``.
 
 Pure: no I/O.
 """
@@ -177,7 +177,8 @@ class Participant(Payload):
 class Action(Payload):
     """Something done to a session or a peer: by an operator (``exclude``, ``readmit``),
     or by the node itself (``pause``/``resume`` for storage or a security violation,
-    ``excluded_from_selection``, ``rollback_skipped``)."""
+    ``excluded_from_selection``, ``rollback_skipped``; outlier detection's
+    ``excluded_from_aggregate`` and ``quarantined``, fednode.robustness)."""
 
     KIND: ClassVar[str] = "action"
     action: str
@@ -194,6 +195,20 @@ class Anomaly(Payload):
     round: int
     peer_id: str
     distance: float | None = None
+
+
+@dataclass(frozen=True)
+class Robustness(Payload):
+    """Outlier detection's view of a plain round (docs/robustness.md): each update's
+    figures and verdict by peer (norm, norm_ratio, cosine, distance, z, outlier, excluded,
+    reasons), who was an outlier and who was left out of the aggregate."""
+
+    KIND: ClassVar[str] = "robustness"
+    round: int
+    detection: str = ""
+    outliers: list[str] = field(default_factory=list)
+    excluded: list[str] = field(default_factory=list)
+    scores: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -345,6 +360,20 @@ class SecaggInput(Payload):
     round: int | None = None
 
 
+@dataclass(frozen=True)
+class Attack(Payload):
+    """A participant started with `fednode run --attack` (fednode.attacks), in its own
+    ledger only: at start ``attack`` and ``what``; each round it attacked, ``round`` with the
+    L2 norms of its trained update and of the update it sent."""
+
+    KIND: ClassVar[str] = "attack"
+    attack: str = ""
+    what: str = ""
+    round: int | None = None
+    honest_norm: float | None = None
+    sent_norm: float | None = None
+
+
 EVENTS: dict[str, type[Payload]] = {
     cls.KIND: cls
     for cls in (
@@ -360,6 +389,7 @@ EVENTS: dict[str, type[Payload]] = {
         Participant,
         Action,
         Anomaly,
+        Robustness,
         Aggregation,
         Secagg,
         Rollback,
@@ -377,6 +407,7 @@ EVENTS: dict[str, type[Payload]] = {
         TaskFailed,
         TaskDeclined,
         SecaggInput,
+        Attack,
     )
 }
 #: Every event kind this version knows.

@@ -87,6 +87,13 @@ STRATEGIES: Registry[StrategyInfo] = Registry(
 STRATEGIES.register("fedavg", StrategyInfo(supports_secure=True))
 # FedProx changes local training only (the proximal term); its aggregate is FedAvg's mean.
 STRATEGIES.register("fedprox", StrategyInfo(supports_secure=True))
+# Server optimizers step from the weighted mean alone (Strategy.from_mean): a secure round
+# computes that mean, so they work under secure aggregation and keep their moments.
+for _name in ("fedavgm", "fedadam", "fedyogi", "fedadagrad"):
+    STRATEGIES.register(_name, StrategyInfo(supports_secure=True))
+# The robust ones compare single updates, which a secure round never shows the coordinator.
+for _name in ("median", "trimmed_mean", "krum", "multikrum", "bulyan"):
+    STRATEGIES.register(_name, StrategyInfo(supports_secure=False))
 
 # How an update's weights become the bytes of an ``update`` frame and back (fednode.codec).
 IDENTITY_CODEC = "identity"

@@ -5,9 +5,10 @@ writes every field with its comment and accepted values) and for the defaults, w
 the demo's: they converge on the digits data (`fedctl demo`). A spec is refused with
 a SpecError that names the field, the bad value and what is accepted: an unknown field, a
 wrong type and an out-of-range value alike. Secure aggregation is checked against the
-strategy (the coordinator sees only a sum, so only a weighted mean can be computed) and its
-fixed point against the number of participants (bits, clip and max_weight must leave enough
-fraction bits for them).
+strategy (the coordinator sees only a sum, so only a function of the weighted mean can be
+computed) and its fixed point against the number of participants (bits, clip and max_weight
+must leave enough fraction bits for them); the robust strategies' settings are checked
+against min_participants.
 """
 
 from __future__ import annotations
@@ -251,8 +252,13 @@ SCHEMA: dict[str, dict[str, Field]] = {
         "strategy": Field(
             "choice",
             "fedavg",
-            "how updates are combined: fedavg, or fedprox (fedavg's mean, local training "
-            "pulled toward the round's model by proximal_mu)",
+            "how updates are combined (docs/strategies.md): fedavg (the weighted mean); "
+            "fedprox (fedavg's mean, local training pulled toward the round's model by "
+            "proximal_mu); fedavgm (server momentum: server_lr, server_momentum); fedadam, "
+            "fedyogi, fedadagrad (adaptive server steps: server_lr, beta1, beta2, tau); "
+            "median (coordinate-wise); trimmed_mean (beta); krum, multikrum (num_malicious, "
+            "num_selected); bulyan (num_malicious, num_selected). The last five need every "
+            "update: not with secure = true",
             registry=plugins.STRATEGIES,
         ),
         "proximal_mu": Field(
@@ -262,6 +268,72 @@ SCHEMA: dict[str, dict[str, Field]] = {
             "its training loss; larger keeps local models nearer the round's model",
             0.0,
             100.0,
+        ),
+        "server_lr": Field(
+            "float",
+            0.0,
+            "fedavgm, fedadam, fedyogi, fedadagrad: the server's learning rate on the "
+            "round's pseudo-gradient; 0 = the strategy's default (fedavgm 1, fedadam 0.1, "
+            "fedyogi 0.01, fedadagrad 0.1)",
+            0.0,
+            10.0,
+        ),
+        "server_momentum": Field(
+            "float",
+            0.9,
+            "fedavgm: momentum of the server's velocity (0 = no momentum: with server_lr 1, "
+            "fedavg)",
+            0.0,
+            0.999,
+        ),
+        "beta1": Field(
+            "float",
+            0.9,
+            "fedadam, fedyogi: decay of the first moment (the mean of the pseudo-gradients); "
+            "fedadagrad has none",
+            0.0,
+            0.9999,
+        ),
+        "beta2": Field(
+            "float",
+            0.99,
+            "fedadam, fedyogi: decay of the second moment (the mean of their squares)",
+            0.0,
+            0.99999,
+        ),
+        "tau": Field(
+            "float",
+            0.0,
+            "fedadam, fedyogi, fedadagrad: the adaptivity floor added to the second moment's "
+            "root (larger: steps less adaptive); 0 = the strategy's default (fedyogi 1e-3, "
+            "the others 1e-9)",
+            0.0,
+            10.0,
+        ),
+        "beta": Field(
+            "float",
+            0.2,
+            "trimmed_mean: the fraction of values cut from EACH end in every coordinate "
+            "(below 0.5; int(beta·n) of the n updates each side)",
+            0.0,
+            0.5,
+        ),
+        "num_malicious": Field(
+            "int",
+            1,
+            "krum, multikrum, bulyan: f, the most Byzantine participants a round tolerates; "
+            "krum and multikrum need min_participants >= 2f + 3, bulyan >= 4f + 3",
+            0,
+            10_000,
+        ),
+        "num_selected": Field(
+            "int",
+            0,
+            "multikrum: how many updates of lowest Krum score are averaged (0 = n - "
+            "num_malicious); bulyan: how many Krum selects before the trimmed step (0 = n - "
+            "2·num_malicious); krum: must be 0 (one update)",
+            0,
+            10_000,
         ),
         "codec": Field(
             "choice",
@@ -352,6 +424,66 @@ SCHEMA: dict[str, dict[str, Field]] = {
             "what wraps local training on each participant to make its update private "
             "(none = plain training)",
             registry=plugins.PRIVACY,
+        ),
+    },
+    "robustness": {
+        "detection": Field(
+            "choice",
+            "auto",
+            "each plain round's updates are scored (norm, cosine to the coordinate-wise "
+            "median update, modified z-score of the distance to it): exclude = an outlier is "
+            "left out of the aggregate; alert = scored and recorded only; off; auto = exclude, "
+            "or off with aggregation.secure = true (secure rounds hide single updates)",
+            choices=("auto", "exclude", "alert", "off"),
+        ),
+        "min_updates": Field(
+            "int",
+            4,
+            "rounds with fewer plain updates are not judged (a median of fewer says little)",
+            3,
+            10_000,
+        ),
+        "max_z": Field(
+            "float",
+            3.5,
+            "an update whose distance to the median update has a modified z-score above this "
+            "is an outlier (Iglewicz and Hoaglin's 3.5)",
+            0.5,
+            1e6,
+        ),
+        "min_cosine": Field(
+            "float",
+            0.0,
+            "an update pointing away from the median update (cosine below this) is an outlier",
+            -1.0,
+            1.0,
+        ),
+        "max_norm_ratio": Field(
+            "float",
+            4.0,
+            "an update longer than this many times the median update norm is an outlier",
+            1.0,
+            1e6,
+        ),
+        "min_norm_ratio": Field(
+            "float",
+            0.05,
+            "an update shorter than this fraction of the median norm is an outlier (a free "
+            "rider sending the round's model back); 0 = no lower bound",
+            0.0,
+            1.0,
+        ),
+        "quarantine_after": Field(
+            "int",
+            3,
+            "a peer excluded in this many of its last quarantine_window judged rounds is "
+            "quarantined: a critical alert, no selection until an operator acknowledges it; "
+            "0 = never",
+            0,
+            1000,
+        ),
+        "quarantine_window": Field(
+            "int", 5, "how many of a peer's latest judged rounds quarantine_after counts", 1, 1000
         ),
     },
     "rollback": {
@@ -577,6 +709,7 @@ def validate(raw: Any) -> dict[str, Any]:
                 + ", ".join(sorted(sections)),
             )
     _check_model(out["model"], raw.get("model") or {})
+    _check_robustness(out)
     _cross_checks(out)
     return out
 
@@ -653,6 +786,39 @@ def _check_python_model(model: dict[str, Any], given: dict[str, Any]) -> None:
         model["classes"] = 2
 
 
+def detection_mode(spec: dict[str, Any]) -> str:
+    """What outlier detection does in a validated spec's sessions: ``robustness.detection``
+    with ``auto`` resolved (exclude; off when aggregation.secure = true)."""
+    mode = str(spec["robustness"]["detection"])
+    if mode == "auto":
+        return "off" if spec["aggregation"]["secure"] else "exclude"
+    return mode
+
+
+def _check_robustness(spec: dict[str, Any]) -> None:
+    """Outlier detection reads single updates, which a secure round never shows the
+    coordinator: asking for it in a secure session is refused (``auto``, the default, is
+    off there). ``auto`` stays in the spec, so a checked spec can be changed (say to
+    secure = true) and checked again."""
+    rob = spec["robustness"]
+    if spec["aggregation"]["secure"] and rob["detection"] not in ("auto", "off"):
+        raise SpecError(
+            f'robustness.detection = "{rob["detection"]}" with aggregation.secure = true: '
+            "secure aggregation shows the coordinator only the sum of the updates, never "
+            "one update to score",
+            hint='set robustness.detection = "auto" or "off" (aggregation.max_update_norm, '
+            "which each participant applies before masking, stays the defence), or "
+            "secure = false",
+        )
+    if rob["quarantine_after"] > rob["quarantine_window"]:
+        raise SpecError(
+            f"robustness.quarantine_after = {rob['quarantine_after']} is more than "
+            f"robustness.quarantine_window = {rob['quarantine_window']}: no peer could ever "
+            "be quarantined",
+            hint="lower quarantine_after, raise quarantine_window, or set quarantine_after = 0",
+        )
+
+
 def _cross_checks(spec: dict[str, Any]) -> None:
     mx, mn = spec["max_participants"], spec["min_participants"]
     if mx and mx < mn:
@@ -665,11 +831,12 @@ def _cross_checks(spec: dict[str, Any]) -> None:
         able = [n for n in plugins.STRATEGIES if plugins.STRATEGIES.get(n).supports_secure]
         raise SpecError(
             f"aggregation.secure = true cannot compute strategy {agg['strategy']!r}",
-            hint="the coordinator only sees the sum of the updates; use a strategy whose "
-            f"aggregate a sum gives ({', '.join(able)}) or secure = false",
+            hint="the coordinator only sees the sum of the updates; use a strategy computed "
+            f"from their weighted mean ({', '.join(able)}) or secure = false",
         )
     if agg["secure"]:
         _check_fixed_point(spec)
+    _check_robust_strategy(spec)
     if 0 < agg["max_loss_factor"] < 1:
         raise SpecError(
             f"aggregation.max_loss_factor = {agg['max_loss_factor']:g} would reject every "
@@ -691,6 +858,48 @@ def _cross_checks(spec: dict[str, Any]) -> None:
         )
     _check_model_size(spec)
     _check_data_schema(spec)
+
+
+def _check_robust_strategy(spec: dict[str, Any]) -> None:
+    """The robust strategies' settings against what every round has: at least
+    min_participants updates (fednode/strategies/aggregate.py needs n > 2f + 2 for Krum and
+    n >= 4f + 3 for Bulyan, f = num_malicious)."""
+    agg, mn = spec["aggregation"], spec["min_participants"]
+    name, f, sel = agg["strategy"], agg["num_malicious"], agg["num_selected"]
+    if agg["beta"] >= 0.5:
+        raise SpecError(
+            f"aggregation.beta = {agg['beta']:g} would cut every value: it is the fraction cut "
+            "from EACH end",
+            hint="use 0 <= beta < 0.5 (0.2 cuts the lowest and the highest fifth)",
+        )
+    need = {"krum": 2 * f + 3, "multikrum": 2 * f + 3, "bulyan": 4 * f + 3}.get(name)
+    if need is not None and mn < need:
+        rule = "4·num_malicious + 3" if name == "bulyan" else "2·num_malicious + 3"
+        most = (mn - 3) // (4 if name == "bulyan" else 2)
+        fits = f"lower num_malicious to {most}" if most >= 0 else "add participants"
+        raise SpecError(
+            f"strategy {name!r} with aggregation.num_malicious = {f} needs min_participants >= "
+            f"{rule} = {need}, but min_participants = {mn}",
+            hint=f"raise min_participants to {need}, or {fits}",
+        )
+    if name == "krum" and sel:
+        raise SpecError(
+            f"aggregation.num_selected = {sel} with strategy 'krum', which keeps one update",
+            hint=f'set num_selected = 0, or strategy = "multikrum" to average the best {sel}',
+        )
+    if name == "multikrum" and sel > mn:
+        raise SpecError(
+            f"aggregation.num_selected = {sel} is more than a round of min_participants = {mn} "
+            "may have",
+            hint=f"use 0 (n - num_malicious) or at most {mn}",
+        )
+    if name == "bulyan" and sel and not 2 * f + 1 <= sel <= mn - 2 * f:
+        raise SpecError(
+            f"aggregation.num_selected = {sel} for bulyan with num_malicious = {f} and "
+            f"min_participants = {mn}: Krum must select 2·num_malicious + 1 to min_participants "
+            "- 2·num_malicious updates",
+            hint=f"use 0 (n - 2·num_malicious) or a number in [{2 * f + 1}, {mn - 2 * f}]",
+        )
 
 
 def _check_data_schema(spec: dict[str, Any]) -> None:

@@ -45,11 +45,17 @@ def test_weighted_sum_and_mean_by_hand() -> None:
     assert np.array_equal(arith.weighted_mean([(b, 0.25)])[0], b[0])
 
 
-def test_weighted_mean_accumulates_in_float64() -> None:
-    # 1e8 + 1 is not representable in float32; the float64 sum keeps the 1 until the division
-    big = [np.array([1e8], np.float32)]
-    one = [np.array([1.0], np.float32)]
-    assert arith.weighted_sum([(big, 1.0), (one, 1.0)])[0][0] == 1e8 + 1
+def test_weighted_mean_does_not_drift_with_the_number_of_updates() -> None:
+    # 20,000 updates of 0.1: a float32 running sum drifts far (each add rounds at the sum's
+    # scale); blocks of _FOLD float32 terms folded into float64 keep float32's own precision
+    tenth = [np.array([0.1], np.float32)]
+    results = [(tenth, 1.0)] * 20_000
+    drift = np.float32(0)
+    for _ in results:
+        drift += np.float32(0.1)
+    exact = 20_000 * float(np.float32(0.1))
+    assert abs(float(drift) - exact) / exact > 1e-4  # the naive sum is visibly off
+    assert abs(arith.weighted_sum(results)[0][0] - exact) / exact < 1e-6
 
 
 @pytest.mark.parametrize(

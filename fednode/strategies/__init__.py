@@ -4,21 +4,41 @@ STRATEGIES, never imported."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 from fednode.strategies.base import ClientUpdate, State, Strategy
+from fednode.strategies.bulyan import Bulyan
 from fednode.strategies.fedavg import FedAvg
+from fednode.strategies.fedavgm import FedAvgM
+from fednode.strategies.fedopt import FedAdagrad, FedAdam, FedYogi
 from fednode.strategies.fedprox import FedProx
+from fednode.strategies.krum import Krum, MultiKrum
+from fednode.strategies.median import Median
+from fednode.strategies.trimmed_mean import TrimmedMean
 from protocol import plugins
+from protocol import spec as specmod
 from protocol.plugins import Registry
 
 STRATEGIES: Registry[type[Strategy]] = Registry("strategy", plugins.STRATEGIES.hint)
+Strategy.defaults = {k: f.default for k, f in specmod.SCHEMA["aggregation"].items()}
 
 __all__ = [
     "STRATEGIES",
+    "Bulyan",
     "ClientUpdate",
+    "FedAdagrad",
+    "FedAdam",
     "FedAvg",
+    "FedAvgM",
     "FedProx",
+    "FedYogi",
+    "Krum",
+    "Median",
+    "MultiKrum",
     "State",
     "Strategy",
+    "TrimmedMean",
     "get_strategy",
     "register",
 ]
@@ -36,9 +56,25 @@ def register(cls: type[Strategy]) -> type[Strategy]:
     return STRATEGIES.register(cls.name, cls)
 
 
-register(FedAvg)
-register(FedProx)
+for _cls in (
+    FedAvg,
+    FedProx,
+    FedAvgM,
+    FedAdam,
+    FedYogi,
+    FedAdagrad,
+    Median,
+    TrimmedMean,
+    Krum,
+    MultiKrum,
+    Bulyan,
+):
+    register(_cls)
 
 
-def get_strategy(name: str) -> Strategy:
-    return STRATEGIES.get(name)()
+def get_strategy(aggregation: str | Mapping[str, Any]) -> Strategy:
+    """The strategy a spec's ``[aggregation]`` section names, built with its settings; a
+    bare name builds it with the spec's defaults. Unsupported for a name not registered."""
+    if isinstance(aggregation, str):
+        return STRATEGIES.get(aggregation)()
+    return STRATEGIES.get(aggregation.get("strategy"))(aggregation)

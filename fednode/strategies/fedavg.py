@@ -4,26 +4,14 @@
 from __future__ import annotations
 
 from fednode.strategies import aggregate as arith
-from fednode.strategies.base import ClientUpdate, State, Strategy, Weights, check_compatible
+from fednode.strategies.base import ClientUpdate, State, Strategy, Weights, results_of
 from protocol.errors import ValidationError
 
 
 def weighted_mean_of(who: str, global_weights: Weights, updates: list[ClientUpdate]) -> Weights:
     """The updates' weighted mean, in the global model's tensor order; ValidationError (its
     message starting with ``who``) for updates that cannot be averaged."""
-    if not updates:
-        raise ValidationError(f"{who}: no updates to aggregate")
-    for u in updates:
-        if u.num_examples < 0:
-            raise ValidationError(
-                f"{who}: update from {u.peer_id} claims {u.num_examples} examples"
-            )
-        check_compatible(global_weights, u)
-    order = list(global_weights)
-    results = [
-        (arith.to_arrays(u.weights, order), float(u.num_examples if u.weight is None else u.weight))
-        for u in updates
-    ]
+    order, results = results_of(who, global_weights, updates)
     try:
         mean = arith.weighted_mean(results)
     except ValidationError as err:
@@ -32,9 +20,13 @@ def weighted_mean_of(who: str, global_weights: Weights, updates: list[ClientUpda
 
 
 class FedAvg(Strategy):
+    """The weighted mean; subclasses that step from it (server optimizers: fedavgm.py,
+    fedopt.py) override only ``from_mean``, so plain and secure rounds take the same step."""
+
     name = "fedavg"
 
     def aggregate(
         self, global_weights: Weights, updates: list[ClientUpdate], state: State
     ) -> tuple[Weights, State]:
-        return weighted_mean_of(self.name, global_weights, updates), state
+        mean = weighted_mean_of(self.name, global_weights, updates)
+        return self.from_mean(global_weights, mean, state)

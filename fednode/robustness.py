@@ -1,0 +1,175 @@
+"""Outlier detection that acts: which plain updates of a round are left out of the aggregate,
+and which peers are quarantined. Pure (numpy only): the session driver feeds it the round's
+updates and the ledger's history and carries out what it decides.
+
+Each update is judged as its *delta* (trained model minus the round's model), against the
+coordinate-wise median delta of the round, which up to half of the updates cannot pull far:
+
+- ``norm``: its L2 norm, and ``norm_ratio`` = norm / the median of the norms. Far above 1: a
+  scaled or noise update; near 0: a free rider sending the round's model back.
+- ``cosine`` to the median delta: below 0 points away from where the others go (sign flip).
+- ``z``: the modified z-score 0.6745·(d - median(d)) / MAD(d) of its distance d to the median
+  delta (Iglewicz and Hoaglin): robust to the outliers it looks for, unlike a mean and a
+  standard deviation.
+
+An update over any threshold (spec ``[robustness]``) is an outlier. Fewer than half of the
+round's updates are ever excluded, the most outlying first: a round in which most updates
+look alike to nobody keeps its majority (the median itself would then be the attackers'). The
+memory is that of the round's deltas as one float64 matrix (n × d) and the median (d).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+# Iglewicz and Hoaglin's constant: 0.6745 = the 0.75 quantile of the standard normal, so that
+# the MAD of normal data scales to its standard deviation.
+MAD_SCALE = 0.6745
+# The MAD is floored at this fraction of the median distance. Honest updates of an IID
+# federation lie close together (their MAD is small), so without a floor one that merely
+# took a longer step scores z > 3.5 round after round, and would be excluded and then
+# quarantined. With it, z > 3.5 needs a distance of at least 1 + 3.5·0.3/0.6745 ≈ 2.6 times
+# the median: measured on digits (benchmarks/robustness.py), honest updates stay under 2.4×.
+MAD_FLOOR = 0.3
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """The spec's ``[robustness]`` settings that judge one round."""
+
+    max_z: float = 3.5
+    min_cosine: float = 0.0
+    max_norm_ratio: float = 4.0
+    min_norm_ratio: float = 0.05
+    min_updates: int = 4
+
+    @classmethod
+    def of(cls, section: Mapping[str, object]) -> Thresholds:
+        return cls(
+            max_z=float(section["max_z"]),  # type: ignore[arg-type]
+            min_cosine=float(section["min_cosine"]),  # type: ignore[arg-type]
+            max_norm_ratio=float(section["max_norm_ratio"]),  # type: ignore[arg-type]
+            min_norm_ratio=float(section["min_norm_ratio"]),  # type: ignore[arg-type]
+            min_updates=int(section["min_updates"]),  # type: ignore[call-overload]
+        )
+
+
+@dataclass(frozen=True)
+class UpdateScore:
+    """One update's figures and the verdict on it (``reasons`` empty: not an outlier)."""
+
+    peer_id: str
+    norm: float
+    norm_ratio: float
+    cosine: float
+    distance: float
+    z: float
+    reasons: tuple[str, ...]
+    excluded: bool
+
+    @property
+    def outlier(self) -> bool:
+        return bool(self.reasons)
+
+    def as_dict(self) -> dict[str, object]:
+        """For events and the ledger: finite numbers rounded for reading, reasons as text."""
+        return {
+            "norm": _round(self.norm),
+            "norm_ratio": _round(self.norm_ratio),
+            "cosine": _round(self.cosine),
+            "distance": _round(self.distance),
+            "z": _round(self.z),
+            "outlier": self.outlier,
+            "excluded": self.excluded,
+            "reasons": list(self.reasons),
+        }
+
+
+def _round(v: float) -> float | None:
+    return round(v, 6) if math.isfinite(v) else None
+
+
+def _flat(delta: Sequence[np.ndarray]) -> np.ndarray:
+    return np.concatenate([np.asarray(a, dtype=np.float64).ravel() for a in delta])
+
+
+def score(
+    deltas: Mapping[str, Sequence[np.ndarray]],
+    limits: Thresholds,
+    *,
+    exclude: bool = True,
+    keep: int = 1,
+) -> dict[str, UpdateScore] | None:
+    """Every update's figures and verdict, or None when the round has fewer than
+    ``limits.min_updates`` updates (too few for a median to stand for the honest ones).
+    ``exclude`` False (detection = "alert"): outliers are named, none is excluded. At least
+    ``keep`` updates stay in (the strategy's minimum: Krum's 2f + 3)."""
+    if len(deltas) < limits.min_updates:
+        return None
+    peers = sorted(deltas)
+    vecs = np.stack([_flat(deltas[p]) for p in peers])
+    broken = ~np.isfinite(vecs).all(axis=1)
+    vecs[broken] = 0.0  # judged by the flag below; kept out of the median's arithmetic
+    med = np.median(vecs[~broken], axis=0) if (~broken).any() else np.zeros(vecs.shape[1])
+    norms = np.linalg.norm(vecs, axis=1)
+    med_len = float(np.linalg.norm(med))
+    dists = np.linalg.norm(vecs - med, axis=1)
+    typical_norm = float(np.median(norms[~broken])) if (~broken).any() else 0.0
+    with np.errstate(divide="ignore", invalid="ignore"):
+        cos = vecs @ med / (norms * med_len) if med_len > 0 else np.ones(len(peers))
+        ratio = norms / typical_norm if typical_norm > 0 else np.ones(len(peers))
+    cos = np.where(np.isfinite(cos), cos, 0.0)  # a zero update has no direction
+    d_ok = dists[~broken]
+    d_med = float(np.median(d_ok)) if d_ok.size else 0.0
+    mad = float(np.median(np.abs(d_ok - d_med))) if d_ok.size else 0.0
+    mad = max(mad, MAD_FLOOR * d_med, 1e-12)
+    z = MAD_SCALE * (dists - d_med) / mad
+
+    reasons: dict[str, tuple[str, ...]] = {}
+    for i, p in enumerate(peers):
+        why = []
+        if broken[i]:
+            why.append("non-finite values")
+        else:
+            if z[i] > limits.max_z:
+                why.append(f"distance z-score {z[i]:.1f} > {limits.max_z:g}")
+            if cos[i] < limits.min_cosine:
+                why.append(f"cosine to the median update {cos[i]:.2f} < {limits.min_cosine:g}")
+            if ratio[i] > limits.max_norm_ratio:
+                why.append(f"norm {ratio[i]:.1f}× the median > {limits.max_norm_ratio:g}×")
+            if limits.min_norm_ratio > 0 and ratio[i] < limits.min_norm_ratio:
+                why.append(f"norm {ratio[i]:.3f}× the median < {limits.min_norm_ratio:g}×")
+        reasons[p] = tuple(why)
+    # the most outlying first (broken ones before all), fewer than half of the updates
+    cap = max(0, min((len(peers) - 1) // 2, len(peers) - keep)) if exclude else 0
+    ranked = sorted(
+        (i for i, p in enumerate(peers) if reasons[p]),
+        key=lambda i: (not broken[i], -len(reasons[peers[i]]), -z[i]),
+    )
+    out_set = {peers[i] for i in ranked[:cap]}
+    return {
+        p: UpdateScore(
+            peer_id=p,
+            norm=float(norms[i]),
+            norm_ratio=float(ratio[i]),
+            cosine=float(cos[i]),
+            distance=float(dists[i]),
+            z=float(z[i]),
+            reasons=reasons[p],
+            excluded=p in out_set,
+        )
+        for i, p in enumerate(peers)
+    }
+
+
+def quarantine_due(history: Sequence[bool], after: int, window: int) -> bool:
+    """Whether a peer whose judged rounds, oldest first, were excluded (True) or kept (False)
+    as in ``history`` is to be quarantined: ``after`` exclusions among its last ``window``
+    judged rounds (``after`` = 0: never)."""
+    if after <= 0:
+        return False
+    return sum(bool(x) for x in list(history)[-window:]) >= after
