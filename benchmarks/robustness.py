@@ -14,9 +14,10 @@ spec names. What it leaves out of a real session is the wire: signatures, CIDs, 
 those change no figure here. The reference is clean FedAvg (no attacker) in the same run.
 
 Columns: `fedavg` without detection (the undefended mean), `fedavg+det` (the mean behind
-detection, the default spec), and each robust strategy without detection, so that each
-defence is measured alone. Precision/recall: of fedavg+det's exclusions, over all rounds
-(an excluded honest update is a false positive; a kept attacker's a false negative).
+detection, the default spec), each robust strategy without detection, so that each
+defence is measured alone, and `trimmed_mean+det`, both together. Precision/recall: of
+fedavg+det's exclusions, over all rounds (an excluded honest update is a false positive; a
+kept attacker's a false negative).
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ COLUMNS: dict[str, tuple[dict[str, Any], str]] = {
     "krum": ({"strategy": "krum", "num_malicious": 3}, "off"),
     "multikrum": ({"strategy": "multikrum", "num_malicious": 3}, "off"),
     "bulyan": ({"strategy": "bulyan", "num_malicious": 1}, "off"),
+    "trimmed_mean+det": ({"strategy": "trimmed_mean", "beta": 0.3}, "exclude"),
 }
 
 

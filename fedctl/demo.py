@@ -204,9 +204,27 @@ def build_spec(opts: DemoOptions) -> dict[str, Any]:
             raw["aggregation"]["secure"] = True
     if opts.strategy:  # validated with the rest: an unknown name is SPEC_INVALID
         raw["aggregation"]["strategy"] = opts.strategy
+        if opts.spec_path is None:
+            _assume_attackers(raw["aggregation"], opts)
     if opts.partition:
         raw["data"]["partition"] = opts.partition
     return specmod.validate(raw)
+
+
+def _assume_attackers(agg: dict[str, Any], opts: DemoOptions) -> None:
+    """A robust strategy is told how many participants may attack, as its operator would
+    assume (never who): Krum's and Bulyan's num_malicious, the trimmed mean's beta. With no
+    --attackers they keep the spec's defaults; each stays within what the demo's
+    participants allow (Krum: n >= 2f + 3, Bulyan: n >= 4f + 3, beta < 0.5)."""
+    n, f = opts.participants - opts.drop, opts.attackers
+    if not f:
+        return
+    if agg["strategy"] in ("krum", "multikrum"):
+        agg["num_malicious"] = max(1, min(f, (n - 3) // 2))
+    elif agg["strategy"] == "bulyan":
+        agg["num_malicious"] = max(1, min(f, (n - 3) // 4))
+    elif agg["strategy"] == "trimmed_mean":
+        agg["beta"] = min(0.49, (f + 0.5) / n)  # cuts int(beta·n) = f from each end
 
 
 def check_attack(opts: DemoOptions) -> None:

@@ -114,56 +114,88 @@ def score(
     vecs = np.stack([_flat(deltas[p]) for p in peers])
     broken = ~np.isfinite(vecs).all(axis=1)
     vecs[broken] = 0.0  # judged by the flag below; kept out of the median's arithmetic
-    med = np.median(vecs[~broken], axis=0) if (~broken).any() else np.zeros(vecs.shape[1])
     norms = np.linalg.norm(vecs, axis=1)
-    med_len = float(np.linalg.norm(med))
-    dists = np.linalg.norm(vecs - med, axis=1)
-    typical_norm = float(np.median(norms[~broken])) if (~broken).any() else 0.0
-    with np.errstate(divide="ignore", invalid="ignore"):
-        cos = vecs @ med / (norms * med_len) if med_len > 0 else np.ones(len(peers))
-        ratio = norms / typical_norm if typical_norm > 0 else np.ones(len(peers))
-    cos = np.where(np.isfinite(cos), cos, 0.0)  # a zero update has no direction
-    d_ok = dists[~broken]
-    d_med = float(np.median(d_ok)) if d_ok.size else 0.0
-    mad = float(np.median(np.abs(d_ok - d_med))) if d_ok.size else 0.0
-    mad = max(mad, MAD_FLOOR * d_med, 1e-12)
-    z = MAD_SCALE * (dists - d_med) / mad
-
-    reasons: dict[str, tuple[str, ...]] = {}
-    for i, p in enumerate(peers):
-        why = []
-        if broken[i]:
-            why.append("non-finite values")
-        else:
-            if z[i] > limits.max_z:
-                why.append(f"distance z-score {z[i]:.1f} > {limits.max_z:g}")
-            if cos[i] < limits.min_cosine:
-                why.append(f"cosine to the median update {cos[i]:.2f} < {limits.min_cosine:g}")
-            if ratio[i] > limits.max_norm_ratio:
-                why.append(f"norm {ratio[i]:.1f}× the median > {limits.max_norm_ratio:g}×")
-            if limits.min_norm_ratio > 0 and ratio[i] < limits.min_norm_ratio:
-                why.append(f"norm {ratio[i]:.3f}× the median < {limits.min_norm_ratio:g}×")
-        reasons[p] = tuple(why)
-    # the most outlying first (broken ones before all), fewer than half of the updates
-    cap = max(0, min((len(peers) - 1) // 2, len(peers) - keep)) if exclude else 0
-    ranked = sorted(
-        (i for i, p in enumerate(peers) if reasons[p]),
-        key=lambda i: (not broken[i], -len(reasons[peers[i]]), -z[i]),
-    )
-    out_set = {peers[i] for i in ranked[:cap]}
+    # fewer than half, and never below the strategy's minimum
+    most = max(0, min((len(peers) - 1) // 2, len(peers) - keep))
+    # Pass 1 judges against the median of all finite updates; each later pass against the
+    # median of those the previous pass kept, which the outliers no longer pull toward
+    # them (3 sign-flipped updates of 10 shrink the median and turn it; without them the
+    # honest direction is clearer and a flipped update's cosine falls further below 0).
+    reference = ~broken
+    for _ in range(PASSES):
+        fig = _figures(vecs, norms, reference)
+        reasons = {p: _reasons(limits, broken[i], fig, i) for i, p in enumerate(peers)}
+        ranked = sorted(
+            (i for i, p in enumerate(peers) if reasons[p]),
+            key=lambda i: (not broken[i], -len(reasons[peers[i]]), -fig.z[i]),
+        )
+        chosen = set(ranked[:most])
+        kept = ~broken & np.array([i not in chosen for i in range(len(peers))])
+        if (kept == reference).all():
+            break
+        reference = kept
     return {
         p: UpdateScore(
             peer_id=p,
             norm=float(norms[i]),
-            norm_ratio=float(ratio[i]),
-            cosine=float(cos[i]),
-            distance=float(dists[i]),
-            z=float(z[i]),
+            norm_ratio=float(fig.ratio[i]),
+            cosine=float(fig.cos[i]),
+            distance=float(fig.dists[i]),
+            z=float(fig.z[i]),
             reasons=reasons[p],
-            excluded=p in out_set,
+            excluded=exclude and i in chosen,
         )
         for i, p in enumerate(peers)
     }
+
+
+# How many times detection re-judges against the median of the updates it kept.
+PASSES = 3
+
+
+@dataclass(frozen=True)
+class _Figures:
+    cos: np.ndarray
+    ratio: np.ndarray
+    dists: np.ndarray
+    z: np.ndarray
+
+
+def _figures(vecs: np.ndarray, norms: np.ndarray, reference: np.ndarray) -> _Figures:
+    """Every update's figures against the median of the ``reference`` rows."""
+    n = len(vecs)
+    if not reference.any():
+        zero = np.zeros(n)
+        return _Figures(np.ones(n), np.ones(n), zero, zero)
+    med = np.median(vecs[reference], axis=0)
+    med_len = float(np.linalg.norm(med))
+    dists = np.linalg.norm(vecs - med, axis=1)
+    typical_norm = float(np.median(norms[reference]))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        cos = vecs @ med / (norms * med_len) if med_len > 0 else np.ones(n)
+        ratio = norms / typical_norm if typical_norm > 0 else np.ones(n)
+    cos = np.where(np.isfinite(cos), cos, 0.0)  # a zero update has no direction
+    d_ref = dists[reference]
+    d_med = float(np.median(d_ref))
+    mad = float(np.median(np.abs(d_ref - d_med)))
+    mad = max(mad, MAD_FLOOR * d_med, 1e-12)
+    return _Figures(cos, ratio, dists, MAD_SCALE * (dists - d_med) / mad)
+
+
+def _reasons(limits: Thresholds, broken: bool, fig: _Figures, i: int) -> tuple[str, ...]:
+    """The thresholds update ``i`` crosses, in words (empty: not an outlier)."""
+    if broken:
+        return ("non-finite values",)
+    why = []
+    if fig.z[i] > limits.max_z:
+        why.append(f"distance z-score {fig.z[i]:.1f} > {limits.max_z:g}")
+    if fig.cos[i] < limits.min_cosine:
+        why.append(f"cosine to the median update {fig.cos[i]:.2f} < {limits.min_cosine:g}")
+    if fig.ratio[i] > limits.max_norm_ratio:
+        why.append(f"norm {fig.ratio[i]:.1f}× the median > {limits.max_norm_ratio:g}×")
+    if limits.min_norm_ratio > 0 and fig.ratio[i] < limits.min_norm_ratio:
+        why.append(f"norm {fig.ratio[i]:.3f}× the median < {limits.min_norm_ratio:g}×")
+    return tuple(why)
 
 
 def quarantine_due(history: Sequence[bool], after: int, window: int) -> bool:
