@@ -69,8 +69,8 @@ def capped_shares(weights: Mapping[str, float], max_share: float) -> dict[str, f
         share[capped] = max_share
         free = ~capped
         room = 1.0 - max_share * capped.sum()
-        if w[free].sum() > 0:
-            share[free] = room * w[free] / w[free].sum()
+        if w[free].sum() > 0:  # normalised first: room * a denormal weight would underflow
+            share[free] = room * (w[free] / w[free].sum())
         else:
             share[free] = room / max(1, free.sum())
     return {p: float(s) for p, s in zip(peers, share, strict=True)}

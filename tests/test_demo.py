@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import psutil
+import pytest
 
 from protocol.cid import file_cid
 from tests.conftest import Charts, cli, cli_json
@@ -186,6 +187,7 @@ def test_demo_refuses_bad_options_before_starting(tmp_path: Path) -> None:
     assert not (tmp_path / "d").exists()
 
 
+@pytest.mark.slow  # 30 s; the secure path itself: tests/test_secure_e2e.py, the spec below
 def test_secure_demo_matches_plain_demo(tmp_path: Path) -> None:
     """--secure-aggregation: same participants, same drop, accuracy within 0.01 of plain."""
     out = {}
@@ -207,3 +209,16 @@ def test_secure_demo_matches_plain_demo(tmp_path: Path) -> None:
     assert plain["secure_aggregation"] is False
     assert secure["dropped"] == 1 and secure["rounds_completed"] == 5
     assert abs(secure["final_accuracy"] - plain["final_accuracy"]) <= 0.01
+
+
+def test_the_secure_demos_spec_is_secure_without_detection() -> None:
+    from fedctl.demo import DemoOptions, build_spec
+    from protocol import spec as specmod
+
+    spec = build_spec(DemoOptions(participants=5, rounds=3, secure=True, drop=1))
+    assert spec["aggregation"]["secure"] and spec["min_participants"] == 4
+    assert specmod.detection_mode(spec) == "off"  # a secure round shows no single update
+    plain = build_spec(DemoOptions(participants=5, rounds=3, strategy="krum", attackers=2,
+                                   attack="sign_flip"))  # fmt: skip
+    assert specmod.detection_mode(plain) == "exclude"
+    assert plain["aggregation"]["num_malicious"] == 1  # 5 participants: n >= 2f + 3 holds f=1

@@ -14,7 +14,7 @@ The rules:
 * ``fedctl/`` and ``tui/`` import nothing of ``fednode`` but ``fednode.api``;
 * ``fednode/`` imports nothing of ``fedctl`` or ``tui``;
 * the round engine's pure core (``PURE_CORE``: a round's decisions, resume, versions,
-  bounds) imports no I/O and no clock: no asyncio, sqlite3, socket, time, websockets, nor
+  bounds, outlier detection) imports no I/O and no clock: no asyncio, sqlite3, socket, time, websockets, nor
   the I/O modules of fednode;
 * no import cycle among the project's modules.
 """
@@ -45,7 +45,13 @@ PROTOCOL_FORBIDDEN = (
     "sqlite_utils",
 )
 # The round engine's decisions: plain functions, tested and replayed without a node.
-PURE_CORE = ("fednode.rounds", "fednode.resume", "fednode.versions", "fednode.bounds")
+PURE_CORE = (
+    "fednode.rounds",
+    "fednode.resume",
+    "fednode.versions",
+    "fednode.bounds",
+    "fednode.robustness",
+)
 CORE_FORBIDDEN = (
     "asyncio",
     "sqlite3",

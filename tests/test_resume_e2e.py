@@ -167,6 +167,7 @@ def fed(tmp_path: Path) -> Iterator[Cluster]:
         c.procs.stop_all()
 
 
+@pytest.mark.slow  # 35 s; a crash and resume stay in the fast tests below and above
 def test_a_session_survives_five_kill_minus_9s(fed: Cluster) -> None:
     rounds = 30
     ids = future_ids(fed, 3)
