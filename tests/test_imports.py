@@ -14,8 +14,8 @@ The rules:
 * ``fedctl/`` and ``tui/`` import nothing of ``fednode`` but ``fednode.api``;
 * ``fednode/`` imports nothing of ``fedctl`` or ``tui``;
 * the round engine's pure core (``PURE_CORE``: a round's decisions, resume, versions,
-  bounds, outlier detection) imports no I/O and no clock: no asyncio, sqlite3, socket, time, websockets, nor
-  the I/O modules of fednode;
+  bounds, outlier detection) imports no I/O and no clock: no asyncio, sqlite3, socket,
+  time, websockets, nor the I/O modules of fednode;
 * no import cycle among the project's modules.
 """
 
