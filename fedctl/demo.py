@@ -204,25 +204,29 @@ def build_spec(opts: DemoOptions) -> dict[str, Any]:
             raw["aggregation"]["secure"] = True
     if opts.strategy:  # validated with the rest: an unknown name is SPEC_INVALID
         raw["aggregation"]["strategy"] = opts.strategy
-        if opts.spec_path is None:
-            _assume_attackers(raw["aggregation"], opts)
+    if opts.spec_path is None:
+        _assume_attackers(raw, opts)
     if opts.partition:
         raw["data"]["partition"] = opts.partition
     return specmod.validate(raw)
 
 
-def _assume_attackers(agg: dict[str, Any], opts: DemoOptions) -> None:
-    """A robust strategy is told how many participants may attack, as its operator would
-    assume (never who): Krum's and Bulyan's num_malicious, the trimmed mean's beta. With no
-    --attackers they keep the spec's defaults; each stays within what the demo's
-    participants allow (Krum: n >= 2f + 3, Bulyan: n >= 4f + 3, beta < 0.5)."""
+def _assume_attackers(raw: dict[str, Any], opts: DemoOptions) -> None:
+    """Sized for --attackers, as an operator would size a session for the attackers it
+    fears (never told who they are): outlier detection quarantines them, so a round must go
+    on with the honest alone (min_participants), and a robust strategy is told how many may
+    attack (Krum's and Bulyan's num_malicious, the trimmed mean's beta), within what the
+    honest participants allow (Krum: 2f + 3 updates, Bulyan: 4f + 3, beta < 0.5)."""
     n, f = opts.participants - opts.drop, opts.attackers
     if not f:
         return
+    honest = max(1, n - f)
+    agg = raw["aggregation"]
+    raw["min_participants"] = honest
     if agg["strategy"] in ("krum", "multikrum"):
-        agg["num_malicious"] = max(1, min(f, (n - 3) // 2))
+        agg["num_malicious"] = max(0, min(f, (honest - 3) // 2))
     elif agg["strategy"] == "bulyan":
-        agg["num_malicious"] = max(1, min(f, (n - 3) // 4))
+        agg["num_malicious"] = max(0, min(f, (honest - 3) // 4))
     elif agg["strategy"] == "trimmed_mean":
         agg["beta"] = min(0.49, (f + 0.5) / n)  # cuts int(beta·n) = f from each end
 
@@ -300,7 +304,10 @@ def run_demo(opts: DemoOptions) -> dict[str, Any]:
         summary = asyncio.run(
             _drive(target, sid, spec, opts, procs, names[len(names) - opts.drop :])
         )
-        return {**summary, "attack": opts.attack, "attackers": attackers}
+        # what the coordinator found by itself: the peers its outlier detection quarantined
+        alerts = call(target, Op.ALERTS_LIST, status="all", session_id=sid)["alerts"]
+        found = sorted({a["entity_id"] for a in alerts if a["alert_type"] == "quarantined"})
+        return {**summary, "attack": opts.attack, "attackers": attackers, "quarantined": found}
     finally:
         procs.stop_all()
 

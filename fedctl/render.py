@@ -121,6 +121,15 @@ def summary_lines(s: dict[str, Any]) -> list[Text | Table]:
     if s.get("attackers"):  # fedctl demo --attackers: who attacked, to check what was found
         who = ", ".join(str(p) for p in s["attackers"])
         out.append(line(("attackers ", "bold yellow"), f"({s.get('attack', '')}) {who}"))
+        caught = set(s.get("quarantined") or []) & {str(p) for p in s["attackers"]}
+        wrong = set(s.get("quarantined") or []) - caught
+        out.append(
+            line(
+                ("quarantined by the coordinator ", "bold"),
+                f"{len(caught)} of {len(s['attackers'])} attackers"
+                + (f", and {len(wrong)} honest participants" if wrong else ""),
+            )
+        )
     return out
 
 
@@ -179,6 +188,8 @@ def _session_line(e: ev.Payload, rounds: int) -> Text | None:
         case ev.RoundCompleted():
             who = ", ".join(short(p) for p in e.participants)
             dropped = f", dropped {len(e.dropped)}" if e.dropped else ""
+            if e.excluded:  # outliers left out of the aggregate (docs/robustness.md)
+                dropped += ", excluded " + ", ".join(short(p) for p in e.excluded)
             return line(
                 (f"round {e.round}/{rounds}", "bold"),
                 " ",

@@ -641,7 +641,8 @@ class SessionRun:
             loss=loss,
             size=size,
             participants=len(contributors),
-            dropped=len(set(rnd.selected) - set(contributors)),
+            # who did not return an update; outliers left out returned one (rnd.excluded)
+            dropped=len(set(rnd.selected) - set(contributors) - set(rnd.excluded)),
             bytes_up=rnd.bytes_up,
             bytes_down=rnd.bytes_down,
             state_cid=state_cid,
@@ -667,7 +668,8 @@ class SessionRun:
                 "model_cid": cid,
                 "duration_s": now - rnd.started_at,
                 "participants": sorted(contributors),
-                "dropped": sorted(set(rnd.selected) - set(contributors)),
+                "dropped": sorted(set(rnd.selected) - set(contributors) - set(rnd.excluded)),
+                "excluded": rnd.excluded,  # outliers left out (docs/robustness.md)
                 "bytes_up": rnd.bytes_up,
                 "bytes_down": rnd.bytes_down,
                 "evaluation": on,

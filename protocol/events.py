@@ -99,6 +99,8 @@ class RoundCompleted(Payload):
     duration_s: float | None = None
     participants: list[str] = field(default_factory=list)
     dropped: list[str] = field(default_factory=list)
+    # plain rounds: updates that arrived but outlier detection left out of the aggregate
+    excluded: list[str] = field(default_factory=list)
     bytes_up: int | None = None
     bytes_down: int | None = None
     # who measured accuracy and loss (spec evaluation.on); with "participants" they are the

@@ -218,7 +218,8 @@ def test_the_secure_demos_spec_is_secure_without_detection() -> None:
     spec = build_spec(DemoOptions(participants=5, rounds=3, secure=True, drop=1))
     assert spec["aggregation"]["secure"] and spec["min_participants"] == 4
     assert specmod.detection_mode(spec) == "off"  # a secure round shows no single update
-    plain = build_spec(DemoOptions(participants=5, rounds=3, strategy="krum", attackers=2,
+    plain = build_spec(DemoOptions(participants=10, rounds=3, strategy="krum", attackers=3,
                                    attack="sign_flip"))  # fmt: skip
     assert specmod.detection_mode(plain) == "exclude"
-    assert plain["aggregation"]["num_malicious"] == 1  # 5 participants: n >= 2f + 3 holds f=1
+    # once detection quarantines the 3, the 7 honest go on: min_participants 7, Krum's f = 2
+    assert plain["min_participants"] == 7 and plain["aggregation"]["num_malicious"] == 2

@@ -213,7 +213,15 @@ def test_the_summary_names_the_attackers() -> None:
     text = [str(getattr(r, "plain", "")) for r in summary_lines(s)]
     assert not any("attackers" in t for t in text)
     shown = summary_lines({**s, "attack": "scale:-4", "attackers": ["12D3KooWa", "12D3KooWb"]})
-    assert shown[-1].plain == "attackers (scale:-4) 12D3KooWa, 12D3KooWb"
+    assert shown[-2].plain == "attackers (scale:-4) 12D3KooWa, 12D3KooWb"
+    assert shown[-1].plain == "quarantined by the coordinator 0 of 2 attackers"
+    found = {"quarantined": ["12D3KooWa", "12D3KooWc"]}  # one caught, one honest peer wrongly
+    shown = summary_lines(
+        {**s, "attack": "sign_flip", "attackers": ["12D3KooWa", "12D3KooWb"]} | found
+    )
+    assert shown[-1].plain == (
+        "quarantined by the coordinator 1 of 2 attackers, and 1 honest participants"
+    )
 
 
 # --- in a participant, without sockets ---------------------------------------------------
@@ -335,6 +343,7 @@ def test_demo_with_a_sign_flip_attacker(tmp_path: Path) -> None:
     attacker = NodeHome(work / "participant-2").identity().peer_id
     assert s["ok"] and s["status"] == "completed" and s["rounds_completed"] == 2
     assert s["attack"] == "sign_flip" and s["attackers"] == [attacker]
+    assert s["quarantined"] == []  # three updates a round: too few to judge (min_updates 4)
 
     coord = sqlite3.connect(work / "coordinator" / "ledger.db")
     told = coord.execute(
