@@ -406,7 +406,7 @@ class SessionRun:
                 secagg=self.secure.wire(peer) if self.secure else {},
                 strategy=config,
                 codec=self.codec.name,
-                privacy=spec["privacy"]["mechanism"],
+                privacy=spec["privacy"]["mode"],
             )
             if not await self.coord.send_to(peer, task, self.session_id):
                 rnd.failed[peer] = "offline when the round started"

@@ -104,7 +104,11 @@ CODECS.register(IDENTITY_CODEC, None)
 
 # What wraps local training on a participant to make its update private (fednode.privacy).
 NO_PRIVACY = "none"
+LOCAL_DP = "local_dp"  # DP-SGD on each participant (Opacus)
+CENTRAL_DP = "central_dp"  # DP-FedAvg: clipped updates, noise on the aggregate
 PRIVACY: Registry[None] = Registry(
-    "privacy mechanism", "set privacy.mechanism to a mechanism every participant has"
+    "privacy mechanism", "set privacy.mode to a mechanism every participant has"
 )
 PRIVACY.register(NO_PRIVACY, None)
+PRIVACY.register(LOCAL_DP, None)
+PRIVACY.register(CENTRAL_DP, None)

@@ -418,12 +418,63 @@ SCHEMA: dict[str, dict[str, Field]] = {
         ),
     },
     "privacy": {
-        "mechanism": Field(
+        "mode": Field(
             "choice",
             plugins.NO_PRIVACY,
-            "what wraps local training on each participant to make its update private "
-            "(none = plain training)",
+            "differential privacy (docs/privacy.md): none; local_dp = DP-SGD on every "
+            "participant (Opacus: per-example clipping to max_grad_norm, Gaussian noise), "
+            "accounted per participant; central_dp = DP-FedAvg: each update's norm clipped "
+            "to clip_norm, Gaussian noise added to the aggregate (with secure = true: each "
+            "participant adds its share of the noise)",
             registry=plugins.PRIVACY,
+        ),
+        "target_epsilon": Field(
+            "float",
+            3.0,
+            "the ε the session may spend over its planned rounds (record-level, per "
+            "participant for local_dp); the noise multiplier is derived from it unless "
+            "noise_multiplier is given",
+            0.01,
+            1000.0,
+        ),
+        "delta": Field("float", 1e-5, "the δ of (ε, δ)-DP", 1e-12, 0.1),
+        "noise_multiplier": Field(
+            "float",
+            0.0,
+            "σ: the noise's standard deviation over the clipping norm; 0 = derived from "
+            "target_epsilon, delta and the planned rounds by the accountant",
+            0.0,
+            100.0,
+        ),
+        "max_grad_norm": Field(
+            "float", 1.0, "local_dp: each example's gradient is clipped to this L2 norm", 1e-4, 1e4
+        ),
+        "accountant": Field(
+            "choice",
+            "rdp",
+            "how ε is accounted: rdp (Rényi DP) or prv (privacy random variables), Opacus's own",
+            choices=("rdp", "prv"),
+        ),
+        "clip_norm": Field(
+            "float",
+            1.0,
+            "central_dp: each update (trained model minus the round's model) is scaled down to "
+            "at most this L2 norm before the noisy sum",
+            1e-4,
+            1e4,
+        ),
+        "noisy_reports": Field(
+            "bool",
+            False,
+            "what a participant reports about its data (label counts, data-quality figures) "
+            "is released with calibrated noise",
+        ),
+        "report_epsilon": Field(
+            "float",
+            1.0,
+            "noisy_reports: the ε of each noisy report (Laplace mechanism)",
+            0.01,
+            100.0,
         ),
     },
     "robustness": {

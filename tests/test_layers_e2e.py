@@ -30,6 +30,7 @@ CNN = {
 }
 
 
+@pytest.mark.slow  # 10 s; a layers CNN end to end: tests/test_examples_e2e.py (the MNIST example)
 def test_a_cnn_declared_as_layers_learns_the_digits(tmp_path: Path) -> None:
     c = start_cluster(tmp_path / "fed", 0)
     try:

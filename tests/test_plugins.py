@@ -131,7 +131,7 @@ def test_spec_checks_secure_support_not_a_name(monkeypatch: pytest.MonkeyPatch) 
         ({"aggregation": {"proximal_mu": -0.1}}, "aggregation.proximal_mu"),
         ({"aggregation": {"proximal_mu": 101}}, "aggregation.proximal_mu"),
         ({"aggregation": {"codec": "zip"}}, "aggregation.codec"),
-        ({"privacy": {"mechanism": "dp"}}, "privacy.mechanism"),
+        ({"privacy": {"mode": "dp"}}, "privacy.mode"),
         ({"privacy": {"epsilon": 1}}, "privacy.epsilon"),
         ({"model": {"kind": "cnn"}}, "model.kind"),
     ],
@@ -143,7 +143,7 @@ def test_spec_refuses_unknown_plugins(raw: dict[str, Any], field: str) -> None:
 
 def test_template_lists_the_registered_names() -> None:
     text = specmod.template()
-    assert "fedavg | fedprox" in text and 'mechanism = "none"' in text
+    assert "fedavg | fedprox" in text and 'mode = "none"' in text
     assert 'codec = "identity"' in text and "proximal_mu = 0.01" in text
 
 
