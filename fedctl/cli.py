@@ -45,6 +45,8 @@ app.add_typer(quality_app, name="quality")
 app.add_typer(participants_app, name="participants")
 app.add_typer(model_app, name="model")
 app.add_typer(ledger_app, name="ledger")
+audit_app = typer.Typer(no_args_is_help=True, help="Privacy audits of a session's model.")
+app.add_typer(audit_app, name="audit")
 
 Json = Annotated[bool, typer.Option("--json", help="print one JSON object on stdout")]
 
@@ -543,6 +545,71 @@ def report(
     run(_json(as_json), go, human)
 
 
+@app.command()
+def privacy(
+    session_id: str,
+    data_dir: Annotated[
+        Path | None,
+        typer.Option(help="read the coordinator's ledger offline (e.g. after `fedctl demo`)"),
+    ] = None,
+    as_json: Json = False,
+) -> None:
+    """What local DP-SGD has spent: per participant ε, δ, noise multiplier, sample rate,
+    steps, accountant and its own --max-epsilon; the session's ε (the largest)."""
+
+    def go() -> dict[str, Any]:
+        if data_dir is None:
+            rep = call(G.target, Op.REPORT, session_id=session_id)
+        else:
+            from fednode.api import Ledger, NodeHome, build_report
+
+            path = NodeHome(data_dir).ledger_path
+            if not path.exists():
+                raise FednodeError(f"no ledger at {path}", code="NOT_FOUND")
+            with Ledger(path) as ledger:
+                rep = build_report(ledger, session_id)
+        return {"session_id": session_id, **(rep.get("privacy") or {})}
+
+    def human(r: dict[str, Any]) -> None:
+        target = _fmt(r.get("target_epsilon"), "{:g}") or "-"
+        stdout.print(
+            line(
+                f"privacy.mode {r.get('mode', 'none')}, target ε {target} at δ "
+                f"{_fmt(r.get('delta'), '{:g}') or '-'}; session ε "
+                f"{_fmt(r.get('epsilon'), '{:.3f}') or 'none reported'}"
+            )
+        )
+        t = Table(
+            "peer_id",
+            "epsilon",
+            "delta",
+            "noise_multiplier",
+            "sample_rate",
+            "steps",
+            "accountant",
+            "max_epsilon",
+            "spent_epsilon",
+        )
+        for p in r.get("participants") or []:
+            t.add_row(
+                plain(p.get("peer_id")),
+                plain(_fmt(p.get("epsilon"), "{:.3f}")),
+                plain(_fmt(p.get("delta"), "{:g}")),
+                plain(_fmt(p.get("noise_multiplier"), "{:.4f}")),
+                plain(_fmt(p.get("sample_rate"), "{:.4f}")),
+                plain(_fmt(p.get("steps"), "{}")),
+                plain(p.get("accountant") or ""),
+                plain(_fmt(p.get("max_epsilon"), "{:g}")),
+                plain(_fmt(p.get("spent_epsilon"), "{:.3f}")),
+            )
+        stdout.print(t)
+        for d in r.get("declined") or []:
+            who = f"round {d.get('round')}: {d.get('peer_id')} declined: {d.get('message')}"
+            stdout.print(line(who))
+
+    run(_json(as_json), go, human)
+
+
 def _exclusion(op: str, peer_id: str, reason: str, as_json: bool) -> None:
     run(
         _json(as_json),
@@ -762,6 +829,118 @@ def ledger_verify(
             line(("intact", "green"), f": {r['events']} events in {r['ledger']}")
         ),
     )
+
+
+@audit_app.command("privacy")
+def audit_privacy(
+    session_id: str,
+    members: Annotated[
+        str,
+        typer.Option(
+            help="the members' training data, comma-separated sources as the participants' "
+            "--dataset (default: the datasets the contributors registered, if digits shards)"
+        ),
+    ] = "",
+    nonmembers: Annotated[
+        str,
+        typer.Option(
+            help="held-out data of the same distribution, never trained on (default: the "
+            "spec's data.dataset, for digits the test split)"
+        ),
+    ] = "",
+    shadows: Annotated[int, typer.Option(min=2, max=64, help="shadow models to train")] = 8,
+    max_eval: Annotated[
+        int, typer.Option(min=0, help="at most this many members (and non-members); 0 = all")
+    ] = 0,
+    seed: Annotated[int, typer.Option(min=0, help="seed of the sampling and shadows")] = 0,
+    data_dir: Annotated[
+        Path | None,
+        typer.Option(help="a stopped coordinator's directory: read and record offline"),
+    ] = None,
+    as_json: Json = False,
+) -> None:
+    """Membership-inference audit of the session's model (shadow models and LiRA): AUC,
+    attack accuracy, TPR at 0.1 % and 1 % FPR; kept in the ledger, shown by `fedctl report`."""
+    from fednode.api import privacy_audit
+
+    def go() -> dict[str, Any]:
+        options: dict[str, Any] = {
+            "members": [m.strip() for m in members.split(",") if m.strip()] or None,
+            "nonmembers": nonmembers.strip(),
+            "shadows": shadows,
+            "max_eval": max_eval,
+            "seed": seed,
+        }
+        if data_dir is not None:
+            from fednode.api import (
+                BlockStore,
+                Ledger,
+                NodeHome,
+                audit_inputs,
+                record_audit_offline,
+            )
+
+            home = NodeHome(data_dir)
+            if not home.ledger_path.exists():
+                raise FednodeError(f"no ledger at {home.ledger_path}", code="NOT_FOUND")
+            home.lock()  # refuses while the node runs: its ledger is its own to write
+            try:
+                with Ledger(home.ledger_path) as ledger:
+                    inputs = audit_inputs(ledger, session_id)
+                    model = _audited_model(inputs, BlockStore(home.store_root).get)
+                    record = privacy_audit(inputs, model, **options)
+                    record_audit_offline(ledger, session_id, record)
+            finally:
+                home.unlock()
+        else:
+            inputs = call(G.target, Op.AUDIT_INPUTS, session_id=session_id)
+            model = _audited_model(
+                inputs, lambda cid: call(G.target, Op.MODEL_GET, cid=cid)["data"]
+            )
+            record = privacy_audit(inputs, model, **options)
+            call(G.target, Op.AUDIT_RECORD, session_id=session_id, audit=record)
+        return {"session_id": session_id, **record}
+
+    def human(r: dict[str, Any]) -> None:
+        stdout.print(
+            line(
+                f"model {r['model_cid']}: {r['members']} members ({r['members_data']}) against "
+                f"{r['nonmembers']} non-members ({r['nonmembers_data']}), "
+                f"{r['shadow_models']} shadow models"
+            )
+        )
+        t = Table("attack", "AUC", "accuracy", "TPR @ 0.1 % FPR", "TPR @ 1 % FPR")
+        for name, f in r["attacks"].items():
+            t.add_row(
+                plain(name),
+                plain(f"{f['auc']:.3f}"),
+                plain(f"{f['accuracy']:.3f}"),
+                plain(f"{f['tpr_at_0_1pct_fpr']:.3f}"),
+                plain(f"{f['tpr_at_1pct_fpr']:.3f}"),
+            )
+        stdout.print(t)
+        stdout.print(
+            line(
+                f"model accuracy on members {r['member_accuracy']:.3f}, on non-members "
+                f"{r['nonmember_accuracy']:.3f}; smallest FPR measurable {r['fpr_floor']:.4f}"
+            )
+        )
+
+    run(_json(as_json), go, human)
+
+
+def _audited_model(inputs: dict[str, Any], get: Any) -> bytes:
+    """The session's current model, its bytes checked against its CID."""
+    from protocol.cid import file_cid
+    from protocol.errors import CIDError
+
+    cid = inputs.get("model_cid")
+    if not cid:
+        raise FednodeError(f"session {inputs['session_id']} has no model yet", code="BAD_STATE")
+    data = bytes(get(cid))
+    if file_cid(data) != cid:
+        raise CIDError(f"the bytes received do not hash to {cid}")
+    return data
 
 
 @app.command()

@@ -184,6 +184,7 @@ class _View:
         alerts = [a for a in _dicts(report.get("alerts")) if a.get("status") != "resolved"]
         self.alerts = sorted(alerts, key=lambda a: _SEVERITY_RANK.get(_s(a.get("severity")), 99))
         self.sla = _dict(report.get("sla"))
+        self.audit = _dict(report.get("privacy_audit"))  # {}: no audit was run
         self.final_metrics = _dict(self.s.get("final_metrics"))
         # the task's metrics the rounds carry (EVAL_METRICS order; a name a peer made up is
         # not one); a report from before metrics by name has accuracy alone
@@ -281,6 +282,27 @@ def _participant_cells(p: dict[str, Any]) -> list[str]:
     ]
 
 
+_AUDIT_FIGURES = ("auc", "accuracy", "tpr_at_0_1pct_fpr", "tpr_at_1pct_fpr")
+_AUDIT_HEADERS = ["attack", "AUC", "accuracy", "TPR @ 0.1 % FPR", "TPR @ 1 % FPR"]
+
+
+def _audit_summary(a: dict[str, Any]) -> str:
+    """One line on what a privacy audit attacked (fedctl audit privacy)."""
+    return (
+        f"model {_s(a.get('model_cid')) or DASH}, {_s(a.get('members'))} members "
+        f"({_s(a.get('members_data'))}) against {_s(a.get('nonmembers'))} non-members "
+        f"({_s(a.get('nonmembers_data'))}), {_s(a.get('shadow_models'))} shadow models; "
+        f"run {_when(a.get('ts'))} by {_s(a.get('by')) or DASH}"
+    )
+
+
+def _audit_rows(a: dict[str, Any]) -> list[list[str]]:
+    return [
+        [_s(name), *(_fmt(_dict(figures).get(f), "{:.3f}") for f in _AUDIT_FIGURES)]
+        for name, figures in _dict(a.get("attacks")).items()
+    ]
+
+
 def render_text(report: dict[str, Any]) -> str:
     """The report for a terminal or a text file: plain lines, no ANSI codes, full peer IDs."""
     v = _View(report)
@@ -358,6 +380,10 @@ def render_text(report: dict[str, Any]) -> str:
         out += _table(["severity", "type", "status", "entity", "message"], rows, "lllll")
     else:
         out.append("  none")
+
+    if v.audit:
+        out += ["", "Privacy audit (membership inference)", f"  {_audit_summary(v.audit)}"]
+        out += _table(_AUDIT_HEADERS, _audit_rows(v.audit), "lrrrr")
 
     out += ["", "SLA in force"]
     if v.sla:
@@ -881,6 +907,21 @@ def render_html(report: dict[str, Any]) -> str:
         [("key", "l"), ("value", ""), ("unit", "l")], sla_rows, NO_DATA, "narrow"
     )
 
+    audit_html = ""
+    if v.audit:
+        audit_table = _html_table(
+            [(h, "l" if i == 0 else "") for i, h in enumerate(_AUDIT_HEADERS)],
+            [
+                ("", [(_e(c), "l" if i == 0 else "") for i, c in enumerate(row)])
+                for row in _audit_rows(v.audit)
+            ],
+            NO_DATA,
+        )
+        audit_html = (
+            "<h2>Privacy audit (membership inference)</h2>\n"
+            f'<p class="sub">{_e(_audit_summary(v.audit))}</p>\n{audit_table}\n'
+        )
+
     name_html = _e(v.name) if v.name else "unnamed session"
     return f"""<!DOCTYPE html>
 <html lang="en">
@@ -916,7 +957,7 @@ def render_html(report: dict[str, Any]) -> str:
 {participants_table}
 <h2>Active alerts ({len(v.alerts)})</h2>
 {alerts_table}
-<h2>SLA in force</h2>
+{audit_html}<h2>SLA in force</h2>
 {sla_table}
 <footer>fednode · figures from the coordinator's ledger · peer IDs and messages are shown as
 received</footer>

@@ -74,6 +74,8 @@ class AdminAPI:
             Op.EVENTS_LIST: self.events_list,
             Op.PARTICIPANTS_EXCLUDE: lambda a: self.participant_exclusion(a, True),
             Op.PARTICIPANTS_READMIT: lambda a: self.participant_exclusion(a, False),
+            Op.AUDIT_INPUTS: self.audit_inputs,
+            Op.AUDIT_RECORD: self.audit_record,
         }
 
     async def serve(self, conn: Connection, role: str) -> None:
@@ -364,6 +366,24 @@ class AdminAPI:
             sla=self.coord.sla.to_dict(),
             online=set(self.coord.peers),
         )
+
+    def audit_inputs(self, args: dict[str, Any]) -> dict[str, Any]:
+        """Operator only: what a privacy audit needs (fedctl audit privacy runs it where
+        the members' data is; the coordinator holds none)."""
+        from fednode.reporting import audit_inputs
+
+        run = self.coord.session(_arg(args, "session_id"))
+        return audit_inputs(self.coord.ledger, run.session_id)
+
+    def audit_record(self, args: dict[str, Any]) -> dict[str, Any]:
+        """Operator only: keep an audit's figures (protocol.audit bounds each) as an
+        ``audit`` event in the session's hash chain, on the one road of events."""
+        from protocol.audit import check_record
+
+        run = self.coord.session(_arg(args, "session_id"))
+        record = {**check_record(args.get("audit")), "by": str(args.get("_by", ""))}
+        self.coord.record("audit", run.session_id, record)
+        return {"session_id": run.session_id}
 
     def model_list(self, args: dict[str, Any]) -> dict[str, Any]:
         run = self.coord.session(_arg(args, "session_id"))

@@ -18,6 +18,11 @@ A stopped node's files, read offline (``fedctl ledger verify``, ``fedctl report
     content store on disk: ``get`` a model by CID, every block verified),
     ``build_report`` (the data of a session report, from a ledger).
 
+The privacy audit (``fedctl audit privacy``): ``audit_inputs`` (what it needs of a stopped
+coordinator's ledger; online: admin ``audit.inputs``), ``privacy_audit`` (run it:
+fednode.audit_session.run_audit, which imports torch, so only when called) and
+``record_audit_offline`` (keep its figures in a stopped coordinator's ledger).
+
 A participant's attacks (``fedctl demo --attack``): ``parse_attack`` checks a `fednode run
 --attack KIND` value before any node starts (fednode.attacks.parse: a UsageError).
 
@@ -29,14 +34,31 @@ Conventions the two CLIs share:
 
 from __future__ import annotations
 
+from typing import Any
+
 from fednode.attacks import parse as parse_attack
 from fednode.files import PRIVATE_UMASK, private_dir
 from fednode.home import NodeHome, default_home
 from fednode.ledger import Ledger
 from fednode.output import USAGE_ERRORS, emit_json, fail, line, plain, run, stderr, stdout
-from fednode.reporting import build_report
+from fednode.reporting import audit_inputs, build_report
 from fednode.store import BlockStore
 from fednode.transport import Connection, dial
+
+
+def privacy_audit(inputs: dict[str, Any], model: bytes, **options: Any) -> dict[str, Any]:
+    """fednode.audit_session.run_audit, imported on first use (it needs torch)."""
+    from fednode.audit_session import run_audit
+
+    return run_audit(inputs, model, **options)
+
+
+def record_audit_offline(ledger: Ledger, session_id: str, record: dict[str, Any]) -> int:
+    """fednode.audit_session.record_offline: an ``audit`` event in a stopped node's ledger."""
+    from fednode.audit_session import record_offline
+
+    return record_offline(ledger, session_id, record)
+
 
 __all__ = [
     "PRIVATE_UMASK",
@@ -45,6 +67,7 @@ __all__ = [
     "Connection",
     "Ledger",
     "NodeHome",
+    "audit_inputs",
     "build_report",
     "default_home",
     "dial",
@@ -53,7 +76,9 @@ __all__ = [
     "line",
     "parse_attack",
     "plain",
+    "privacy_audit",
     "private_dir",
+    "record_audit_offline",
     "run",
     "stderr",
     "stdout",

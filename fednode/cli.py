@@ -23,6 +23,7 @@ from protocol.modelspec import default_max_params, format_size
 if TYPE_CHECKING:
     from fednode.attacks import Attack, Probe
     from fednode.data import DatasetRef
+    from fednode.noisy_reports import ReportPrivacy
     from fednode.participant import Limits
     from fednode.schema import Schema
     from protocol.identity import Identity
@@ -228,6 +229,17 @@ def _start_schema(spec_file: Path | None) -> Schema | None:
     return Schema.from_spec(spec.load(spec_file))
 
 
+def _start_report_privacy(spec_file: Path | None) -> ReportPrivacy | None:
+    """`fednode run --spec FILE` with [privacy] noisy_reports: how the data report is
+    released (fednode.noisy_reports); None without --spec or without noisy reports."""
+    if spec_file is None:
+        return None
+    from fednode.noisy_reports import ReportPrivacy
+    from protocol import spec
+
+    return ReportPrivacy.of_spec(spec.load(spec_file))
+
+
 @app.command("run")
 def run_node(
     role: Annotated[str, typer.Option(help="coordinator or participant")],
@@ -396,6 +408,19 @@ def run_node(
             "for a day per round (round_timeout_s goes to 86400)",
         ),
     ] = 3600.0,
+    max_epsilon: Annotated[
+        float | None,
+        typer.Option(
+            "--max-epsilon",
+            min=0.001,
+            help="participant: the most ε (record-level, at the session's δ) local DP-SGD "
+            "may spend on this node's data over all sessions (kept per --dataset in this "
+            "node's ledger); a round that would pass it is declined (LIMIT_EPSILON). "
+            "Default: no limit of its own (each session's privacy.target_epsilon still "
+            "applies)",
+            show_default=False,
+        ),
+    ] = None,
     ipfs_api: Annotated[
         str,
         typer.Option(
@@ -475,6 +500,7 @@ def run_node(
 
             ref = parse_dataset_spec(dataset)
             schema = _start_schema(spec_file)
+            report_privacy = _start_report_privacy(spec_file)
             limits = _participant_limits(max_params, max_memory, max_train_seconds)
             asyncio.run(
                 _run_participant(
@@ -491,6 +517,8 @@ def run_node(
                     probe=_probe(attack_scale, attack_claim),
                     schema=schema,
                     attack=red_team,
+                    max_epsilon=max_epsilon,
+                    report_privacy=report_privacy,
                 )
             )
     except FednodeError as err:
@@ -581,6 +609,8 @@ async def _run_participant(
     probe: Probe | None = None,
     schema: Schema | None = None,
     attack: Attack | None = None,
+    max_epsilon: float | None = None,
+    report_privacy: ReportPrivacy | None = None,
 ) -> None:
     from fednode.ledger import Ledger
     from fednode.participant import Participant
@@ -604,6 +634,8 @@ async def _run_participant(
             probe=probe,
             schema=schema,
             attack=attack,
+            max_epsilon=max_epsilon,
+            report_privacy=report_privacy,
         )
         if schema is not None:  # --spec: data that does not match never registers
             await asyncio.to_thread(node.check_data)
@@ -621,6 +653,7 @@ async def _run_participant(
                     "max_params": lim.max_params,
                     "max_memory": lim.max_memory,
                     "max_train_s": lim.max_train_s,
+                    "max_epsilon": max_epsilon,
                 },
                 **({"attack": str(attack)} if attack is not None else {}),
             }

@@ -651,6 +651,78 @@ def _m009_update_scores(db: Database) -> None:
     db.execute("ALTER TABLE client_updates ADD COLUMN quarantined INTEGER")
 
 
+# The DP figures an update reports (protocol.messages.Update's dp_* fields), as columns of
+# client_updates: name -> SQL type.
+DP_COLUMNS: dict[str, str] = {
+    "dp_epsilon": "REAL",
+    "dp_spent_epsilon": "REAL",
+    "dp_delta": "REAL",
+    "dp_noise_multiplier": "REAL",
+    "dp_sample_rate": "REAL",
+    "dp_steps": "INTEGER",
+    "dp_accountant": "TEXT",
+    "dp_max_epsilon": "REAL",
+}
+
+
+def _m010_privacy(db: Database) -> None:
+    """Local DP-SGD (fednode.dpsgd). On the coordinator, each update's DP figures
+    (client_updates.dp_*: the participant's ε in this session and over all its training on
+    the data, δ, σ, sample rate, steps, accountant, its --max-epsilon; NULL = no DP figures).
+    On a participant, ``privacy_spending``: one row per round it trained privately, keyed by
+    its dataset source (e.g. ``digits:0/3``, ``csv:/path``): the accountant's history entry
+    (noise multiplier, sample rate, steps), from which any later ε is recomputed."""
+    for name, kind in DP_COLUMNS.items():
+        db.execute(f"ALTER TABLE client_updates ADD COLUMN {name} {kind}")
+    db.execute(
+        """CREATE TABLE privacy_spending (
+            id INTEGER PRIMARY KEY,
+            dataset TEXT NOT NULL,
+            session_id TEXT NOT NULL,
+            round INTEGER NOT NULL,
+            noise_multiplier REAL NOT NULL,
+            sample_rate REAL NOT NULL,
+            steps INTEGER NOT NULL,
+            accountant TEXT NOT NULL,
+            delta REAL NOT NULL,
+            epsilon REAL NOT NULL,
+            spent_epsilon REAL NOT NULL,
+            recorded_at REAL NOT NULL
+        )"""
+    )
+    db.execute("CREATE INDEX idx_privacy_spending_dataset ON privacy_spending(dataset)")
+
+
+def _m011_central_dp(db: Database) -> None:
+    """Central DP (fednode.central_dp): one row per noisy aggregate a session released (a
+    round's attempt that formed one, published or not): the effective and the planned noise
+    multiplier, clip_norm, the sample rate q = selected / eligible and its counts, the
+    updates in the sum, the noise's std on the mean, secure (and the share count m each
+    participant's noise was sized for), and the session's ε after it (its accountant, δ)."""
+    db.execute(
+        """CREATE TABLE central_dp_rounds (
+            id INTEGER PRIMARY KEY,
+            session_id TEXT NOT NULL REFERENCES sessions(session_id),
+            round INTEGER NOT NULL,
+            noise_multiplier REAL NOT NULL,
+            planned_noise_multiplier REAL NOT NULL,
+            clip_norm REAL NOT NULL,
+            sample_rate REAL NOT NULL,
+            selected INTEGER NOT NULL,
+            eligible INTEGER NOT NULL,
+            updates INTEGER NOT NULL,
+            noise_std REAL NOT NULL,
+            secure INTEGER NOT NULL,
+            share_count INTEGER,
+            epsilon REAL NOT NULL,
+            delta REAL NOT NULL,
+            accountant TEXT NOT NULL,
+            recorded_at REAL NOT NULL
+        )"""
+    )
+    db.execute("CREATE INDEX idx_central_dp_session ON central_dp_rounds(session_id)")
+
+
 MIGRATIONS: list[Callable[[Database], None]] = [
     _m001_initial,
     _m002_admission,
@@ -661,6 +733,8 @@ MIGRATIONS: list[Callable[[Database], None]] = [
     _m007_participant_eval,
     _m008_round_metrics,
     _m009_update_scores,
+    _m010_privacy,
+    _m011_central_dp,
 ]
 """Ordered; migration ``i`` (0-based) brings the schema to version ``i + 1``."""
 
@@ -713,6 +787,23 @@ def _task_row(row: dict[str, Any]) -> dict[str, Any]:
     row = dict(row)
     row["secure"] = bool(row["secure"])
     return row
+
+
+def _dp_columns(dp: Mapping[str, Any]) -> dict[str, Any]:
+    """An update's DP figures as client_updates columns (unknown names refused)."""
+    odd = set(dp) - set(DP_COLUMNS)
+    if odd:
+        raise ValueError(f"not DP columns: {sorted(odd)}")
+    out: dict[str, Any] = {}
+    for name, value in dp.items():
+        kind = DP_COLUMNS[name]
+        if kind == "REAL":
+            out[name] = _real(name, value)
+        elif kind == "INTEGER":
+            out[name] = _int(name, value, minimum=0)
+        else:
+            out[name] = _text(name, value, optional=True)
+    return out
 
 
 def _update_row(row: dict[str, Any]) -> dict[str, Any]:
@@ -1230,11 +1321,13 @@ class Ledger:
         eval_examples: int | None = None,
         eval_loss: float | None = None,
         eval_metrics: Mapping[str, float] | None = None,
+        dp: Mapping[str, Any] | None = None,
     ) -> dict[str, Any]:
         """Record one received update and, if the peer is known, bump its counters.
 
         ``eval_*``: the participant's evaluation of the round's model on its held-out split,
-        when it sent one (None = no report).
+        when it sent one (None = no report). ``dp``: its DP figures by DP_COLUMNS name
+        (None or missing = not reported).
 
         The peer's ``rounds_completed`` (accepted) or ``updates_rejected`` (rejected) move in
         the same transaction, so callers must not also increment them by hand.
@@ -1265,6 +1358,7 @@ class Ledger:
                     else canonical_json(
                         {k: _real(k, v, optional=False) for k, v in eval_metrics.items()}
                     ),
+                    **_dp_columns(dp or {}),
                 }
             )
             update_id = table.last_pk
@@ -1318,6 +1412,42 @@ class Ledger:
                 "status = 'accepted')",
                 (_text("session_id", session_id), _int("round", round), _text("participant", peer)),
             )
+
+    def record_central_dp(self, session_id: str, release: Mapping[str, Any]) -> None:
+        """One noisy aggregate of a central-DP session (fednode.central_dp.Release's
+        fields, with the session's ``epsilon`` after it, ``delta`` and ``accountant``)."""
+        r = release
+        row = {
+            "session_id": _text("session_id", session_id),
+            "round": _int("round", r["round"], optional=False, minimum=1),
+            "noise_multiplier": _real("noise_multiplier", r["noise_multiplier"], optional=False),
+            "planned_noise_multiplier": _real(
+                "planned_noise_multiplier", r["planned_noise_multiplier"], optional=False
+            ),
+            "clip_norm": _real("clip_norm", r["clip_norm"], optional=False),
+            "sample_rate": _real("sample_rate", r["sample_rate"], optional=False),
+            "selected": _int("selected", r["selected"], optional=False, minimum=0),
+            "eligible": _int("eligible", r["eligible"], optional=False, minimum=0),
+            "updates": _int("updates", r["updates"], optional=False, minimum=0),
+            "noise_std": _real("noise_std", r["noise_std"], optional=False),
+            "secure": 1 if r["secure"] else 0,
+            "share_count": _int("share_count", r.get("share_count"), minimum=1),
+            "epsilon": _real("epsilon", r["epsilon"], optional=False),
+            "delta": _real("delta", r["delta"], optional=False),
+            "accountant": _text("accountant", r["accountant"]),
+            "recorded_at": _real("recorded_at", r["recorded_at"], optional=False),
+        }
+        with self.transaction():
+            self._insert("central_dp_rounds", row)
+
+    def central_dp_rounds(self, session_id: str) -> list[dict[str, Any]]:
+        """A central-DP session's noisy aggregates, oldest first (the accountant's history:
+        one step per row at its noise_multiplier and sample_rate); ``epsilon`` of the last
+        is the session's ε so far."""
+        rows = self.db.query(
+            "SELECT * FROM central_dp_rounds WHERE session_id = ? ORDER BY id", (session_id,)
+        )
+        return [{**r, "secure": bool(r["secure"])} for r in rows]
 
     def updates(self, session_id: str, round: int | None = None) -> list[dict[str, Any]]:
         """In arrival order; one round's when ``round`` is given."""
@@ -2288,6 +2418,47 @@ class Ledger:
                 f"UPDATE participant_tasks SET {sets} WHERE id = ?", (*fields.values(), task_id)
             )
             return _task_row(self._row("participant_tasks", task_id))
+
+    def record_privacy_spending(
+        self,
+        dataset: str,
+        session_id: str,
+        round: int,
+        *,
+        noise_multiplier: float,
+        sample_rate: float,
+        steps: int,
+        accountant: str,
+        delta: float,
+        epsilon: float,
+        spent_epsilon: float,
+        now: float,
+    ) -> dict[str, Any]:
+        """A participant trained one round with local DP-SGD on ``dataset`` (its source
+        string): the accountant's history entry, and the ε after it in the session
+        (``epsilon``) and over all training on the data (``spent_epsilon``)."""
+        row = {
+            "dataset": _text("dataset", dataset),
+            "session_id": _text("session_id", session_id),
+            "round": _int("round", round, optional=False, minimum=0),
+            "noise_multiplier": _real("noise_multiplier", noise_multiplier, optional=False),
+            "sample_rate": _real("sample_rate", sample_rate, optional=False, minimum=0.0),
+            "steps": _int("steps", steps, optional=False, minimum=0),
+            "accountant": _text("accountant", accountant),
+            "delta": _real("delta", delta, optional=False, minimum=0.0),
+            "epsilon": _real("epsilon", epsilon, optional=False, minimum=0.0),
+            "spent_epsilon": _real("spent_epsilon", spent_epsilon, optional=False, minimum=0.0),
+            "recorded_at": _real("now", now, optional=False),
+        }
+        with self.transaction():
+            return self._row("privacy_spending", self._insert("privacy_spending", row))
+
+    def privacy_spending(self, dataset: str) -> list[dict[str, Any]]:
+        """Every round this participant trained privately on ``dataset``, oldest first."""
+        rows = self.db.query(
+            "SELECT * FROM privacy_spending WHERE dataset = ? ORDER BY id", (dataset,)
+        )
+        return [dict(r) for r in rows]
 
     def tasks(self, session_id: str | None = None) -> list[dict[str, Any]]:
         """The tasks this participant took, oldest first, optionally of one session."""

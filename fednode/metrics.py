@@ -72,6 +72,12 @@ class Exporter:
             ["session", "metric"],
             registry=r,
         )
+        self.privacy_epsilon = Gauge(
+            "fednode_privacy_epsilon",
+            "local DP-SGD: the ε a participant reported spending in the session so far",
+            ["session", "peer"],
+            registry=r,
+        )
         self.server, self._thread = start_http_server(port, addr=host, registry=r)
         bound = self.server.server_address
         self.url = f"http://{bound[0]}:{bound[1]}/metrics"
@@ -113,6 +119,10 @@ class Exporter:
             if name in EVAL_METRICS:
                 self._set(self.round_metric, (session_id, name), value)
         self._set(self.round_metric, (session_id, "loss"), loss)
+
+    def privacy(self, session_id: str, peer: str, epsilon: float | None) -> None:
+        """A participant's ε in the session (an accepted update's dp_epsilon)."""
+        self._set(self.privacy_epsilon, (session_id, peer), epsilon)
 
     def close(self) -> None:
         self.server.shutdown()

@@ -39,7 +39,7 @@ from fednode import quality
 from fednode.ledger import Ledger, TaskOutcome
 from fednode.quality import SLA, ParticipantObservation, SessionObservation
 from fednode.storage_guard import is_storage_fault
-from protocol import messages
+from protocol import messages, plugins
 
 if TYPE_CHECKING:
     from fednode.services import MonitorHost, RoundView, SessionControl
@@ -210,6 +210,9 @@ class QualityMonitor:
         """An accepted update (or masked input): its timings and the task's resource use."""
         st = self._peer(peer_id, now)
         st.answered.add((session_id, msg.round))
+        epsilon = getattr(msg, "dp_epsilon", None)  # local DP-SGD (plain updates only)
+        if epsilon is not None and self.metrics is not None:
+            self.metrics.privacy(session_id, peer_id, epsilon)
         st.training_ms.append(msg.train_s * 1000.0)
         if msg.cpu_efficiency is not None:
             st.cpu_efficiency = msg.cpu_efficiency
@@ -540,6 +543,24 @@ class QualityMonitor:
         ideal = sum(2 * raw * r["participants"] for r in completed)
         secure = bool(run.spec["aggregation"]["secure"])
         ok_rounds = len(completed) if secure else len(finished)
+        privacy = run.spec.get("privacy", {})
+        local_dp = privacy.get("mode") == plugins.LOCAL_DP
+        if local_dp:  # from the ε each contributor reported (fednode.dpsgd)
+            ok_rounds = sum(
+                quality.local_dp_round_complies(
+                    [
+                        u.get("dp_epsilon")
+                        for u in ledger.updates(sid, r["round"])
+                        if u["status"] == "accepted"
+                    ],
+                    float(privacy["target_epsilon"]),
+                )
+                for r in completed
+            )
+        central_dp = privacy.get("mode") == plugins.CENTRAL_DP
+        if central_dp:  # a round complies when its aggregate was made noisy (central_dp.py)
+            noisy = {r["round"] for r in ledger.central_dp_rounds(sid)}
+            ok_rounds = sum(1 for r in finished if r["round"] in noisy)
         violations = sum(
             1
             for a in ledger.alerts(status="all", session_id=sid)
@@ -561,7 +582,7 @@ class QualityMonitor:
             updates_rejected_integrity=integrity,
             bytes_moved=moved,
             bytes_ideal=ideal,
-            privacy_required=secure,
+            privacy_required=secure or local_dp or central_dp,
             rounds_privacy_ok=ok_rounds,
             security_violations=violations,
             participant_quality=statistics.fmean(pq) if pq else None,

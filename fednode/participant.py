@@ -36,6 +36,8 @@ from websockets.exceptions import ConnectionClosed
 from fednode import (
     __version__,
     bounds,
+    central_dp,
+    dpsgd,
     factories,
     quality,
     round_config,
@@ -46,12 +48,13 @@ from fednode import (
 from fednode.attacks import Attack, Probe
 from fednode.data import Dataset, DatasetRef, load_partition, load_split
 from fednode.ledger import Ledger
+from fednode.noisy_reports import ReportPrivacy, noisy_report
 from fednode.privacy import TrainFn
 from fednode.schema import PROBE, Schema
 from fednode.session import model_spec
 from fednode.store import BlockStore
 from fednode.transport import Connection, dial
-from protocol import messages, modelspec, secagg, spec
+from protocol import messages, modelspec, plugins, secagg, spec
 from protocol.cid import file_cid
 from protocol.errors import (
     CIDError,
@@ -249,8 +252,13 @@ class Participant:
         probe: Probe | None = None,
         schema: Schema | None = None,
         attack: Attack | None = None,
+        report_privacy: ReportPrivacy | None = None,
+        max_epsilon: float | None = None,
     ):
         self.chain = chain or []
+        # fednode run --max-epsilon: the most ε this node's data may spend under local DP-SGD,
+        # over every session (its own ledger's privacy_spending, per dataset source)
+        self.max_epsilon = max_epsilon
         # The schema this node was started with (fednode run --spec): its data is checked
         # against it before it registers; each task still checks the task's own schema.
         self.schema = schema
@@ -278,6 +286,9 @@ class Participant:
         self._cpu_efficiency: float | None = None  # of the last training, for heartbeats
         self._fetched: dict[str, tuple[int, float]] = {}  # cid -> (bytes, seconds) downloaded
         self.data_report: dict[str, Any] = {}
+        # [privacy] noisy_reports of the spec it was started with (fednode run --spec): the
+        # data report is released through the Laplace mechanism (fednode.noisy_reports)
+        self.report_privacy = report_privacy
         # (session, round) -> the eval_* fields of that round's update (eval_report)
         self._evaluations: dict[tuple[str, int], dict[str, Any]] = {}
         # a python model spec (as canonical JSON) -> None once built and checked here, or
@@ -291,6 +302,8 @@ class Participant:
         self.num_examples = await asyncio.to_thread(self._num_examples)
         base = self._load_data(_AS_LOADED)
         self.data_report = await asyncio.to_thread(quality.data_report, base.x, base.y)
+        if self.report_privacy is not None:  # the exact report never leaves this node
+            self.data_report = noisy_report(self.data_report, self.report_privacy)
         backoff = 0.5
         while not stop.is_set():
             try:
@@ -537,8 +550,11 @@ class Participant:
         task: messages.RoundStart,
         s: dict[str, Any],
         round_end: float,
+        dp: dpsgd.DPRound | None = None,
     ) -> training.TrainResult:
         """Fetch the round's model by CID, train on the local data, return the result.
+        With ``dp`` (local DP-SGD), the round's spending goes to this node's ledger as soon
+        as training ends: an update could leave from then on.
 
         Training stops at ``round_end`` (monotonic: the round's deadline less the upload
         margin) or after --max-train-seconds, whichever comes first (TRAIN_DEADLINE). When
@@ -592,7 +608,7 @@ class Participant:
                 cfg,
                 deadline,
                 stop,
-                plan.privacy.wrap(training.train),
+                plan.privacy.wrap(training.train, dp),
             )
         except training.TrainingStopped as err:
             if err.code != "TRAIN_DEADLINE":
@@ -611,9 +627,84 @@ class Participant:
         )
         if wall > 0:
             self._cpu_efficiency = min(100.0, 100.0 * cpu / (wall * threads))
+        if dp is not None:  # its ε was computed in the training thread (DPRound.report)
+            self._record_dp(session, task.round, dp)
         if self.attack is not None:
             result = await self._attacked(session, task.round, result, global_w)
         return dataclasses.replace(result, duration_s=wall)
+
+    def _plan_dp(
+        self, session: str, s: dict[str, Any], rows: list[dict[str, Any]]
+    ) -> dpsgd.DPRound:
+        """This round's DP-SGD (fednode.dpsgd.plan_round) from the spec, this node's training
+        examples and its ledger's spending on this data (``rows``); LimitExceeded
+        (LIMIT_EPSILON) when training it would take the data's ε past --max-epsilon,
+        Unsupported for a python model with layers Opacus cannot train privately."""
+        m = model_spec(s)
+        if modelspec.is_python(m):  # declared layers were checked with the spec
+            dpsgd.check_module(factories.build(m), f"model factory {m['factory']!r}")
+        train, _test = self._local_data(s)
+
+        def entries(rs: list[dict[str, Any]]) -> list[dpsgd.Entry]:
+            return [(r["noise_multiplier"], r["sample_rate"], r["steps"]) for r in rs]
+
+        dp = dpsgd.plan_round(
+            s["privacy"],
+            s["training"],
+            s["rounds"],
+            len(train),
+            session_history=entries([r for r in rows if r["session_id"] == session]),
+            dataset_history=entries(rows),
+            max_epsilon=self.max_epsilon,
+        )
+        if self.max_epsilon is not None and dp.spent_epsilon() > self.max_epsilon:
+            before = dpsgd.epsilon(dp.dataset_history, dp.delta, dp.accountant)
+            raise LimitExceeded(
+                f"training this round would take the ε spent on {self.dataset} from "
+                f"{before:.3f} to {dp.spent_epsilon():.3f} (δ = {dp.delta:g}, "
+                f"{dp.accountant}, σ = {dp.noise_multiplier:.3f}, {dp.steps} steps), above "
+                f"this participant's limit of {self.max_epsilon:g} (--max-epsilon)",
+                code="LIMIT_EPSILON",
+                hint="this participant's data has spent its privacy budget: its operator may "
+                "raise --max-epsilon; the session goes on with the others",
+            )
+        return dp
+
+    def _record_dp(self, session: str, round_: int, dp: dpsgd.DPRound) -> None:
+        """The round's spending in this node's ledger, and a warning (a privacy_budget
+        event) once it has spent dpsgd.BUDGET_WARNING_SHARE of --max-epsilon."""
+        spent = dp.spent_epsilon()
+        self.ledger.record_privacy_spending(
+            str(self.dataset),
+            session,
+            round_,
+            noise_multiplier=dp.noise_multiplier,
+            sample_rate=dp.sample_rate,
+            steps=dp.steps,
+            accountant=dp.accountant,
+            delta=dp.delta,
+            epsilon=dp.session_epsilon(),
+            spent_epsilon=spent,
+            now=time.time(),
+        )
+        if self.max_epsilon is not None and spent >= dpsgd.BUDGET_WARNING_SHARE * self.max_epsilon:
+            log.warning(
+                "the data %s has spent ε = %.3f of its --max-epsilon %g",
+                self.dataset,
+                spent,
+                self.max_epsilon,
+            )
+            self.ledger.append_event(
+                "privacy_budget",
+                session_id=session,
+                data={
+                    "round": round_,
+                    "dataset": str(self.dataset),
+                    "spent_epsilon": spent,
+                    "max_epsilon": self.max_epsilon,
+                    "share": spent / self.max_epsilon if self.max_epsilon else None,
+                },
+            )
 
     async def _attacked(
         self, session: str, round_: int, result: training.TrainResult, global_w: weights.Weights
@@ -718,12 +809,20 @@ class Participant:
             # The round's strategy settings, codec and privacy, each one this node has or
             # declined (fednode.round_config says why a setting is never ignored).
             plan = round_config.plan(task)
+            # Local DP-SGD: the round's noise and steps, and this node's own budget, before
+            # anything is fetched (LIMIT_EPSILON: declined; the session goes on without it).
+            dp = None
+            if plan.privacy.name == plugins.LOCAL_DP:
+                spent = self.ledger.privacy_spending(str(self.dataset))  # the loop's thread
+                dp = await asyncio.to_thread(self._plan_dp, session, s, spent)
             round_end = arrived + task.deadline_s - upload_margin(task.deadline_s)
             if task.secagg:
-                result, sent = await self._secure_round(conn, session, task, s, arrived, round_end)
+                result, sent = await self._secure_round(
+                    conn, session, task, s, arrived, round_end, dp
+                )
                 own = await asyncio.to_thread(weights.to_bytes, result.weights)
             else:
-                result = await self._train(conn, session, task, s, round_end)
+                result = await self._train(conn, session, task, s, round_end, dp)
                 if task.round == self.poison_round:  # the test option: a diverging update
                     poisoned = {k: v * POISON_FACTOR for k, v in result.weights.items()}
                     result = dataclasses.replace(result, weights=poisoned)
@@ -750,6 +849,7 @@ class Participant:
                         cpu_efficiency=self._cpu_efficiency,
                         memory_efficiency=self._memory_efficiency(),
                         **self._evaluations.pop((session, task.round), {}),
+                        **(result.privacy or {}),  # local DP-SGD: what it has spent
                     ),
                     session,
                 )
@@ -852,6 +952,7 @@ class Participant:
         s: dict[str, Any],
         arrived: float,
         round_end: float,
+        dp: dpsgd.DPRound | None = None,
     ) -> tuple[training.TrainResult, int]:
         """The participant's side of protocol.secagg: keys, shares, masked input, unmask.
 
@@ -861,13 +962,19 @@ class Participant:
         """
         p = secagg.params_from_wire(task.secagg)
         weight, max_norm = secagg.assignment_from_wire(task.secagg, p)
+        share: central_dp.Share | None = None
+        if task.privacy == plugins.CENTRAL_DP:  # checked before a key is sent: declined
+            selected = len(task.secagg.get("participants") or ())
+            share = await asyncio.to_thread(
+                central_dp.share_plan, s, p.clip, p.threshold, p.neighbours, selected, weight
+            )
         n = task.round
         end = arrived + task.deadline_s
         self._secagg_inbox = asyncio.Queue()
         client = secagg.Client(self.identity.peer_id, p)
         keys = client.advertise()
         sent = await conn.send(messages.SecaggKeys(round=n, **keys), session)
-        training_task = asyncio.create_task(self._train(conn, session, task, s, round_end))
+        training_task = asyncio.create_task(self._train(conn, session, task, s, round_end, dp))
         try:
             roster = await self._next_unless_failed(messages.SecaggRoster, n, end, training_task)
             shares = client.share_keys(roster.roster)
@@ -887,8 +994,15 @@ class Participant:
                 weight = min(self.probe.claim, p.max_weight) if self.probe.claim else weight
                 max_norm = 0.0
                 result = dataclasses.replace(result, weights=self.probe.weights(result.weights))
+            if share is not None:  # central DP: sized for the roster (U1) the graph is over
+                share = central_dp.share_plan(
+                    s, p.clip, p.threshold, p.neighbours, len(roster.roster), weight
+                )
+                max_norm = min(max_norm, share.clip_norm) if max_norm > 0 else share.clip_norm
             bounded, norm, scale = bounds.clip_update(result.weights, base, max_norm)
             flat = weights.flatten(bounded, shapes)
+            if share is not None:  # this node's share of the noise, before masking
+                flat = central_dp.add_share(flat, share.std, np.random.default_rng())
             x, clipped = secagg.encode_update(flat, weights.flatten(base, shapes), weight, p)
             if clipped:
                 log.warning(
@@ -915,6 +1029,7 @@ class Participant:
                     "clipped": clipped,  # coordinates of w - g that the clip cut
                     "bits": p.bits,
                     "frac_bits": p.frac_bits,
+                    **({"central_dp": share.describe()} if share is not None else {}),
                 },
             )
             y = await asyncio.to_thread(client.masked_input, relay.shares, x)

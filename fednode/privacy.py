@@ -36,15 +36,58 @@ class TrainFn(Protocol):
 class Mechanism(Protocol):
     name: str
 
-    def wrap(self, train: TrainFn) -> TrainFn:
-        """The training to run in place of ``train``."""
+    def wrap(self, train: TrainFn, context: Any = None) -> TrainFn:
+        """The training to run in place of ``train``. ``context``: what the participant
+        planned for this round before anything was fetched (local_dp: a fednode.dpsgd.DPRound,
+        whose budget it has checked); None where a mechanism needs nothing."""
         ...
 
 
 class NoPrivacy:
     name = plugins.NO_PRIVACY
 
-    def wrap(self, train: TrainFn) -> TrainFn:
+    def wrap(self, train: TrainFn, context: Any = None) -> TrainFn:
+        return train
+
+
+class LocalDP:
+    """DP-SGD on the participant (fednode.dpsgd, Opacus): the update is private before it
+    leaves. Its training result carries the privacy spent (TrainResult.privacy)."""
+
+    name = plugins.LOCAL_DP
+
+    def wrap(self, train: TrainFn, context: Any = None) -> TrainFn:
+        from fednode import dpsgd
+
+        if not isinstance(context, dpsgd.DPRound):
+            raise TypeError("local_dp needs the round's fednode.dpsgd.DPRound")
+        dp = context
+
+        def private(
+            model_spec: dict[str, Any],
+            weights: Weights,
+            data: Dataset,
+            cfg: training.TrainConfig,
+            *,
+            deadline: float | None = None,
+            stop: threading.Event | None = None,
+        ) -> training.TrainResult:
+            return dpsgd.train_private(
+                model_spec, weights, data, cfg, dp, deadline=deadline, stop=stop
+            )
+
+        return private
+
+
+class CentralDP:
+    """DP-FedAvg (fednode.central_dp): local training is unchanged. In a plain round the
+    coordinator clips each update and adds the noise to the sum; in a secure round the
+    participant clips its update and adds its share of the noise before masking
+    (fednode.participant's secure path), since nobody else sees it."""
+
+    name = plugins.CENTRAL_DP
+
+    def wrap(self, train: TrainFn, context: Any = None) -> TrainFn:
         return train
 
 
@@ -60,6 +103,8 @@ def register(mechanism: Mechanism) -> Mechanism:
 
 
 register(NoPrivacy())
+register(LocalDP())
+register(CentralDP())
 
 
 def get_mechanism(name: str) -> Mechanism:

@@ -690,7 +690,8 @@ class SessionObservation:
     updates_rejected_integrity: int = 0  # CID mismatch, bad shapes/dtype, non-finite, wrong base
     bytes_moved: int = 0  # bytes_up + bytes_down over its rounds
     bytes_ideal: int = 0  # raw float32 weights x transfers (2 per contribution)
-    privacy_required: bool = False  # the spec asks for secure aggregation
+    # the spec asks for secure aggregation or local DP-SGD (local_dp_round_complies)
+    privacy_required: bool = False
     rounds_privacy_ok: int = 0  # rounds that ran with the privacy the spec asks for
     security_violations: int = 0
     participant_quality: float | None = None  # mean overall score of its participants
@@ -1000,14 +1001,23 @@ def participant_alerts(
     return _conditions(_participant_checks(obs, scores, sla), obs.peer_id, session_id)
 
 
+def local_dp_round_complies(epsilons: Sequence[float | None], target: float) -> bool:
+    """A local-DP round ran with the privacy the spec asks for when it had contributors and
+    every one of them reported DP figures (its ε in the session, this round included: a
+    ``dp_epsilon``) within the session's ``privacy.target_epsilon``. A contributor without
+    figures, or one past the target (it trained more than planned, e.g. reruns), fails it."""
+    return bool(epsilons) and all(e is not None and e <= target * (1 + 1e-9) for e in epsilons)
+
+
 def _session_checks(obs: SessionObservation, s: SessionScores, sla: SLA) -> list[_Check]:
     """The session rule table, but for convergence (a count of rounds, see below)."""
     n = max(0, int(obs.security_violations))
     return [
         _under("privacy_compliance", "privacy compliance", s.privacy_compliance,
                sla.min_privacy_compliance, "%",
-               f"{obs.rounds_privacy_ok} of {obs.rounds_run} rounds ran with the secure "
-               "aggregation the spec asks for", sla=True),
+               f"{obs.rounds_privacy_ok} of {obs.rounds_run} rounds ran with the privacy the "
+               "spec asks for (secure aggregation; local_dp: every contributor's reported ε "
+               "within privacy.target_epsilon)", sla=True),
         _over("anomaly", "anomalous updates in the last round",
               _pct(obs.anomalous_last_round_pct), sla.max_anomaly_threshold, "%",
               "some updates are far from the others (broken data or poisoning)", sla=True),

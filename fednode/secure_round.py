@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from fednode import weights
+from fednode import central_dp, weights
 from protocol import messages
 from protocol.errors import AggregateRejected, FednodeError, StateError, ValidationError
 from protocol.secagg import (
@@ -73,7 +73,16 @@ class SecureRound:
         # The weight each participant must use: the coordinator checks their sum after the
         # unmasking, and bounds what the whole sum may do, since it never sees one input.
         self.assigned = run.assigned_weights(list(rnd.selected), self.params.max_weight)
-        self.max_norm = float(run.spec["aggregation"]["max_update_norm"])
+        # central DP (fednode.central_dp): each participant clips to clip_norm and adds its
+        # share of the noise, sized for the fewest inputs a sum can hold and be unmasked
+        self.dp = central_dp.settings(run.spec)
+        self.max_norm = (
+            self.dp.clip_norm
+            if self.dp is not None
+            else float(run.spec["aggregation"]["max_update_norm"])
+        )
+        self.share_count: int | None = None  # m, once the roster is known and a sum decoded
+        self._roster = 0
         self.server = Server(self.params, self.dim)
         self.stage = STAGES[0]
         self.expected: set[str] = set(rnd.selected)
@@ -165,6 +174,7 @@ class SecureRound:
         """The four stages; returns the new global model and U3. SecAggError aborts."""
         n = self.rnd.number
         u1 = await self._stage("keys", set(self.rnd.selected), wait, end)
+        self._roster = len(u1)  # the graph's size: what a participant sizes its noise share for
         roster = self.server.roster()
         for peer in sorted(u1):
             await send(peer, messages.SecaggRoster(round=n, roster=roster))
@@ -180,6 +190,10 @@ class SecureRound:
             )
         await self._stage("unmask", set(survivors), wait, end)
         total = await asyncio.to_thread(self.server.result)
+        if self.dp is not None:  # the sum is decoded: released, whatever the checks find
+            self.share_count = central_dp.min_unmaskable(
+                self._roster, self.params.neighbours, self.params.threshold
+            )
         # g + the weighted mean of the updates (SecAggError if the sum holds no weight)
         weight_sum, average = decode_average(total, self.base, self.params)
         assert set(self.in_sum) <= u3
@@ -230,8 +244,15 @@ class SecureRound:
                 f"a coordinate of the mean update is {peak:.4g}, beyond clip "
                 f"{self.params.clip:g}: one input was out of bounds"
             )
-        if self.max_norm > 0 and norm > self.max_norm + step * math.sqrt(update.size):
+        most = self.max_norm + step * math.sqrt(update.size)
+        bound = "max_update_norm"
+        if self.dp is not None and self.share_count is not None:  # plus the noise's norm
+            std = central_dp.share_std(self.dp.noise_multiplier, self.max_norm, self.share_count)
+            most = central_dp.secure_norm_bound(self.max_norm, std, len(self.in_sum), update.size)
+            most += step * math.sqrt(update.size)
+            bound = "clip_norm plus the noise's bound"
+        if self.max_norm > 0 and norm > most:
             raise AggregateRejected(
-                f"the mean update's L2 norm is {norm:.4g}, beyond max_update_norm "
-                f"{self.max_norm:g}: one input was out of bounds"
+                f"the mean update's L2 norm is {norm:.4g}, beyond {bound} {most:.4g}: one "
+                "input was out of bounds"
             )

@@ -32,9 +32,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from fednode import quality, robustness, rounds, training, versions, weights
+from fednode import central_dp, quality, robustness, rounds, training, versions, weights
 from fednode.codec import get_codec
 from fednode.data import Dataset, load_eval
+from fednode.dpsgd import BUDGET_WARNING_SHARE
 from fednode.resume import ResumePoint
 from fednode.rounds import RoundRun
 from fednode.schema import Schema
@@ -110,6 +111,14 @@ class SessionRun:
         # after a restart: the peers of the cut round, and until when the first round waits
         # for them to reconnect (rounds.regathered)
         self._regather: tuple[tuple[str, ...], float] | None = None
+        # privacy.mode = "central_dp" (fednode.central_dp), set when the driver starts (σ may
+        # come from Opacus's accountant): the settings, the accountant's history of the noisy
+        # aggregates released so far (noise multiplier, sample rate), the eligible count of
+        # the round's selection (q = selected / eligible), and the noise's entropy
+        self.dp: central_dp.CentralDp | None = None
+        self._dp_history: list[tuple[float, float]] = []
+        self._dp_eligible = 0
+        self._dp_rng = np.random.default_rng()
 
     # --- operator actions -----------------------------------------------------------
 
@@ -156,6 +165,7 @@ class SessionRun:
     async def _run(self, resume_from: ResumePoint | None = None) -> None:
         stopping = False
         try:
+            await self._start_central_dp()
             if resume_from is None:
                 await self._prepare()
             else:
@@ -345,8 +355,11 @@ class SessionRun:
                     await self._wait(until - time.monotonic())
                     continue
                 self._regather = None
+            if self.dp is not None:  # central DP: a uniformly random subset, q = k / eligible
+                candidates = central_dp.shuffled(candidates)
             selected = rounds.select(candidates, spec["min_participants"], spec["max_participants"])
             if selected is not None:
+                self._dp_eligible = len(candidates)
                 return selected
             left = deadline - time.monotonic()
             if left <= 0:
@@ -413,7 +426,10 @@ class SessionRun:
         end = time.monotonic() + spec["round_timeout_s"]
         try:
             if self.secure is not None:
-                new, contributors = await self.secure.run_round(self._send, self._wait, end)
+                try:
+                    new, contributors = await self.secure.run_round(self._send, self._wait, end)
+                finally:  # a sum the coordinator decoded was released, whatever follows
+                    self._account_secure_dp(rnd)
             else:
                 new, contributors = await self._collect_plain(rnd, end)
             # outliers left out still returned an update: min_participants counts them
@@ -458,6 +474,9 @@ class SessionRun:
         judged = await asyncio.to_thread(self._judge_updates, updates)
         self._record_judgement(rnd, judged)
         updates = await self._screen(rnd, updates)
+        if self.dp is not None:  # DP-FedAvg: clipped, uniform, noise on the sum
+            new, rnd.next_state = await self._central_dp_aggregate(rnd, updates)
+            return new, sorted(u.peer_id for u in updates)
         claims = self.coord.ledger.claims(self.session_id)
         bounded, figures = await asyncio.to_thread(
             rounds.bound_updates, updates, self.global_weights, claims, self.spec["aggregation"]
@@ -467,6 +486,97 @@ class SessionRun:
             self.strategy.aggregate, self.global_weights, bounded, self.strategy_state
         )
         return new, sorted(u.peer_id for u in updates)
+
+    # --- central DP (fednode.central_dp, docs/privacy.md) -----------------------------------
+
+    async def _start_central_dp(self) -> None:
+        """The session's central-DP settings (σ derived off the event loop: Opacus) and the
+        noisy aggregates it released before a restart, which the accountant goes on from."""
+        self.dp = await asyncio.to_thread(central_dp.settings, self.spec)
+        if self.dp is not None:
+            released = await self.coord.guard.run(
+                self.coord.ledger.central_dp_rounds, self.session_id
+            )
+            self._dp_history = [(r["noise_multiplier"], r["sample_rate"]) for r in released]
+
+    async def _central_dp_aggregate(
+        self, rnd: RoundRun, updates: list[ClientUpdate]
+    ) -> tuple[weights.Weights, State]:
+        """A plain round's DP-FedAvg: each update clipped to clip_norm, uniform weights,
+        N(0, σ²C²) on the sum; the strategy steps from the noisy mean (post-processing)."""
+        dp, base = self.dp, self.global_weights
+        assert dp is not None and base is not None
+        mean, norms = await asyncio.to_thread(
+            central_dp.noisy_mean,
+            base,
+            [u.weights for u in updates],
+            dp.clip_norm,
+            dp.noise_multiplier,
+            self._dp_rng,
+        )
+        n = len(updates)
+        self._release_central_dp(
+            central_dp.Release(
+                round=rnd.number,
+                noise_multiplier=dp.noise_multiplier,
+                planned_noise_multiplier=dp.noise_multiplier,
+                clip_norm=dp.clip_norm,
+                sample_rate=central_dp.sample_rate(len(rnd.selected), self._dp_eligible),
+                selected=len(rnd.selected),
+                eligible=self._dp_eligible,
+                updates=n,
+                noise_std=central_dp.noise_std_on_mean(dp.noise_multiplier, dp.clip_norm, n),
+                secure=False,
+                share_count=None,
+            ),
+            norms={u.peer_id: norm for u, norm in zip(updates, norms, strict=True)},
+        )
+        return await asyncio.to_thread(self.strategy.from_mean, base, mean, self.strategy_state)
+
+    def _account_secure_dp(self, rnd: RoundRun) -> None:
+        """A secure central-DP round whose sum was decoded: each of its n inputs carried a
+        share sized for m, so the sum's multiplier is σ·sqrt(n/m)."""
+        sec, dp = self.secure, self.dp
+        if dp is None or sec is None or sec.share_count is None:
+            return
+        n, m = len(sec.in_sum), sec.share_count
+        share = central_dp.share_std(dp.noise_multiplier, dp.clip_norm, m)
+        self._release_central_dp(
+            central_dp.Release(
+                round=rnd.number,
+                noise_multiplier=central_dp.effective_multiplier(dp.noise_multiplier, n, m),
+                planned_noise_multiplier=dp.noise_multiplier,
+                clip_norm=dp.clip_norm,
+                sample_rate=central_dp.sample_rate(len(rnd.selected), self._dp_eligible),
+                selected=len(rnd.selected),
+                eligible=self._dp_eligible,
+                updates=n,
+                noise_std=share / math.sqrt(n),  # n shares summed, divided by n
+                secure=True,
+                share_count=m,
+            )
+        )
+
+    def _release_central_dp(
+        self, rel: central_dp.Release, norms: dict[str, float] | None = None
+    ) -> None:
+        """Account a noisy aggregate (counted when it is formed, published or not) and record
+        it: the central_dp_rounds row and the ``central_dp`` event with the session's ε."""
+        assert self.dp is not None
+        self._dp_history.append((rel.noise_multiplier, rel.sample_rate))
+        eps = central_dp.epsilon(self._dp_history, self.dp.delta, self.dp.accountant)
+        row = {
+            **dataclasses.asdict(rel),
+            "epsilon": eps,
+            "delta": self.dp.delta,
+            "accountant": self.dp.accountant,
+        }
+        self.coord.guard.write(
+            self.coord.ledger.record_central_dp,
+            self.session_id,
+            {**row, "recorded_at": time.time()},
+        )
+        self.coord.record("central_dp", self.session_id, {**row, "norms": norms or {}})
 
     async def _screen(self, rnd: RoundRun, updates: list[ClientUpdate]) -> list[ClientUpdate]:
         """Outlier detection (fednode.robustness, spec [robustness]): score every update
@@ -563,7 +673,10 @@ class SessionRun:
             self.coord.ledger.record_claims([self.session_id], peer, n, time.time())
 
     def assigned_weights(self, selected: list[str], max_weight: int) -> dict[str, int]:
-        """Secure rounds: each selected participant's whole-number weight (rounds.py)."""
+        """Secure rounds: each selected participant's whole-number weight (rounds.py); 1
+        each under central DP (uniform weights bound one participant's share of the sum)."""
+        if self.dp is not None:
+            return dict.fromkeys(selected, 1)
         claims = self.coord.ledger.claims(self.session_id)
         return rounds.secure_weights(selected, claims, self.spec["aggregation"], max_weight)
 
@@ -889,6 +1002,7 @@ class SessionRun:
         rnd.decoded[peer] = w
         self._take_report(rnd, peer, msg)
         self._record_update(peer, msg, frame_bytes, now, "accepted", None)
+        self._check_budget(peer, msg)
         self.coord.monitor.on_update(peer, self.session_id, now, msg)
         self.coord.record(
             "update_received",
@@ -932,6 +1046,29 @@ class SessionRun:
             reason=reason,
             received_at=now,
             **self._report_columns(msg),
+            dp=self._dp_columns(msg),
+        )
+
+    @staticmethod
+    def _dp_columns(msg: messages.Update) -> dict[str, Any] | None:
+        """The ledger's dp_* columns of an update's local-DP figures (None without them)."""
+        if msg.dp_epsilon is None:
+            return None
+        return {k: getattr(msg, k) for k in (*messages.DP_FIELDS, "dp_accountant")}
+
+    def _check_budget(self, peer: str, msg: messages.Update) -> None:
+        """A privacy_budget alert once a participant reports having spent at least
+        fednode.dpsgd.BUDGET_WARNING_SHARE of the --max-epsilon it reports."""
+        spent, most = msg.dp_spent_epsilon, msg.dp_max_epsilon
+        if spent is None or not most or spent < BUDGET_WARNING_SHARE * most:
+            return
+        self.coord.raise_alert(
+            "privacy_budget",
+            peer,
+            self.session_id,
+            f"{peer} has spent ε = {spent:.3f} of its --max-epsilon {most:g} "
+            f"({100 * spent / most:.0f} %) on its data after round {msg.round}; it declines "
+            "rounds that would pass it",
         )
 
     def _take_report(

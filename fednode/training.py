@@ -11,7 +11,7 @@ non-finite weights raise NonFiniteUpdate instead of becoming an update that the 
 would refuse at parsing.
 
 Differential privacy (DP-SGD with Opacus) goes in a privacy mechanism (fednode.privacy),
-which wraps `train`; only "none" exists in this version. Model kinds are found by name in
+which wraps `train` (local_dp: fednode.dpsgd.train_private). Model kinds are found by name in
 MODELS (register_model); every kind is an ``nn.Sequential`` of the layers protocol.modelspec
 resolves from the spec (kind "layers" declares them, protocol/layers.py).
 
@@ -235,6 +235,9 @@ class TrainResult:
     loss: float  # mean training loss over the last epoch
     duration_s: float
     steps: int
+    # what a privacy mechanism spent on this training (fednode.dpsgd: the update's dp_*
+    # figures); None = trained without one
+    privacy: dict[str, Any] | None = None
 
 
 def _tensors(model_spec: dict[str, Any], data: Dataset) -> tuple[torch.Tensor, torch.Tensor]:
@@ -466,6 +469,25 @@ def evaluate(
     margin and best-model choice assume). evaluate_metrics gives every metric by name."""
     figures = evaluate_metrics(model_spec, weights, data, batch_size)
     return figures.get("accuracy", figures.get("r2", 0.0)), figures["loss"]
+
+
+def predict(
+    model_spec: dict[str, Any], weights: Weights, data: Dataset, batch_size: int = 1024
+) -> np.ndarray:
+    """The model's raw outputs (logits) on ``data``, float64 [n, outputs], in eval mode: what
+    a membership-inference audit (fednode.audit) turns into prediction vectors."""
+    if batch_size < 1:
+        raise ValidationError(f"batch_size must be >= 1, got {batch_size}")
+    x, _ = _tensors(model_spec, data)
+    model = _model_from_spec(model_spec)
+    set_weights(model, weights)
+    model.to(DEVICE)
+    model.eval()
+    with torch.no_grad():
+        outs = [
+            model(x[i : i + batch_size].to(DEVICE)).cpu() for i in range(0, x.shape[0], batch_size)
+        ]
+    return torch.cat(outs).to(torch.float64).numpy()
 
 
 def warm_up() -> None:

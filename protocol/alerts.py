@@ -74,6 +74,9 @@ ALERT_SEVERITY: dict[str, Severity] = {
     # outlier detection left the peer's updates out in K of its last M rounds
     # (spec robustness.quarantine_after / quarantine_window): no selection until acknowledged
     "quarantined": Severity.CRITICAL,
+    # a participant reported local-DP spending of at least 80 % of its own --max-epsilon
+    # (fednode.dpsgd.BUDGET_WARNING_SHARE): it will soon decline rounds
+    "privacy_budget": Severity.MEDIUM,
 }
 
 EVENT_ALERT_TYPES: frozenset[str] = frozenset(
@@ -83,6 +86,7 @@ EVENT_ALERT_TYPES: frozenset[str] = frozenset(
         "aggregate_rejected",
         "storage_unavailable",
         "quarantined",
+        "privacy_budget",
     }
 )
 RULE_ALERT_TYPES: frozenset[str] = frozenset(ALERT_SEVERITY) - EVENT_ALERT_TYPES

@@ -19,12 +19,14 @@ read events through it; none of them indexes a raw payload.
 Kinds (who writes them): ``session``, ``round_started``, ``update_received`` (push only),
 ``round_completed``, ``round_failed``, ``round_aborted``, ``coordinator_restarted``,
 ``coordinator_stopped``,
-``task_error``, ``participant``, ``action``, ``anomaly``, ``aggregation``, ``secagg`` (push
-only), ``rollback``, ``invite``, ``quality`` (push only), ``sla`` and ``security`` (ledger
-only), the ledger's alert trail ``alert_raised``/``alert_resolved``/``alert_acked`` and the
-pushed ``alert`` (with ``change``), ``lagged`` (made by the admin channel for a subscriber
-that fell behind), and a participant's own ledger: ``joined``, ``task_done``,
-``task_failed``, ``task_declined``, ``secagg_input``, ``attack``.
+``task_error``, ``participant``, ``action``, ``anomaly``, ``aggregation``, ``central_dp``,
+``secagg`` (push
+only), ``rollback``, ``audit`` (a privacy audit's figures), ``invite``, ``quality`` (push
+only), ``sla`` and ``security`` (ledger only), the ledger's alert trail
+``alert_raised``/``alert_resolved``/``alert_acked`` and the pushed ``alert`` (with
+``change``), ``lagged`` (made by the admin channel for a subscriber that fell behind),
+and a participant's own ledger: ``joined``, ``task_done``,
+``task_failed``, ``task_declined``, ``secagg_input``, ``attack``, ``privacy_budget``.
 
 Pure: no I/O.
 """
@@ -228,6 +230,31 @@ class Aggregation(Payload):
 
 
 @dataclass(frozen=True)
+class CentralDp(Payload):
+    """A central-DP session released a noisy aggregate (fednode.central_dp, docs/privacy.md):
+    the round's effective and planned noise multiplier, clip_norm, sample rate q = selected /
+    eligible, the updates in the sum, the noise's std on the mean, whether each participant
+    added its share (secure, sized for ``share_count``), and the session's ε so far."""
+
+    KIND: ClassVar[str] = "central_dp"
+    round: int
+    noise_multiplier: float | None = None
+    planned_noise_multiplier: float | None = None
+    clip_norm: float | None = None
+    sample_rate: float | None = None
+    selected: int | None = None
+    eligible: int | None = None
+    updates: int | None = None
+    noise_std: float | None = None
+    secure: bool = False
+    share_count: int | None = None
+    epsilon: float | None = None
+    delta: float | None = None
+    accountant: str = ""
+    norms: dict[str, Any] = field(default_factory=dict)  # plain: each update's, before clipping
+
+
+@dataclass(frozen=True)
 class Secagg(Payload):
     KIND: ClassVar[str] = "secagg"
     round: int
@@ -246,6 +273,25 @@ class Rollback(Payload):
     reason: str = ""
     trigger: str = ""  # accuracy | operator
     round: int | None = None
+    by: str = ""
+
+
+@dataclass(frozen=True)
+class Audit(Payload):
+    """A membership-inference audit of the session's model (``fedctl audit privacy``): the
+    record of protocol.audit (``attacks``: each attack's figures by name), ``by`` who ran it
+    (an operator's peer ID; ``offline`` when written to a stopped node's ledger)."""
+
+    KIND: ClassVar[str] = "audit"
+    model_cid: str = ""
+    attacks: dict[str, Any] = field(default_factory=dict)
+    members: int | None = None
+    nonmembers: int | None = None
+    shadow_models: int | None = None
+    member_accuracy: float | None = None
+    nonmember_accuracy: float | None = None
+    members_data: str = ""
+    nonmembers_data: str = ""
     by: str = ""
 
 
@@ -376,6 +422,19 @@ class Attack(Payload):
     sent_norm: float | None = None
 
 
+@dataclass(frozen=True)
+class PrivacyBudget(Payload):
+    """A participant's own ledger: its data has spent at least 80 % of its --max-epsilon
+    under local DP-SGD (fednode.dpsgd), after ``round`` of the event's session."""
+
+    KIND: ClassVar[str] = "privacy_budget"
+    round: int | None = None
+    dataset: str = ""
+    spent_epsilon: float | None = None
+    max_epsilon: float | None = None
+    share: float | None = None
+
+
 EVENTS: dict[str, type[Payload]] = {
     cls.KIND: cls
     for cls in (
@@ -393,8 +452,10 @@ EVENTS: dict[str, type[Payload]] = {
         Anomaly,
         Robustness,
         Aggregation,
+        CentralDp,
         Secagg,
         Rollback,
+        Audit,
         Invite,
         Quality,
         Sla,
@@ -410,6 +471,7 @@ EVENTS: dict[str, type[Payload]] = {
         TaskDeclined,
         SecaggInput,
         Attack,
+        PrivacyBudget,
     )
 }
 #: Every event kind this version knows.

@@ -253,6 +253,48 @@ def _check_eval(msg: Update | SecaggMasked) -> None:
         )
 
 
+# An update's local-DP figures (fednode.dpsgd): each field's closed range. ε above 10⁹ is no
+# privacy at all and is reported as 10⁹; dp_max_epsilon is optional even with the others.
+MAX_DP_EPSILON = 1e9
+DP_FIELDS: dict[str, tuple[float, float]] = {
+    "dp_epsilon": (0.0, MAX_DP_EPSILON),
+    "dp_spent_epsilon": (0.0, MAX_DP_EPSILON),
+    "dp_delta": (0.0, 1.0),
+    "dp_noise_multiplier": (0.0, 1e6),
+    "dp_sample_rate": (0.0, 1.0),
+    "dp_steps": (0, MAX_COUNT),
+    "dp_max_epsilon": (0.0, MAX_DP_EPSILON),
+}
+DP_ACCOUNTANTS = ("rdp", "prv")
+
+
+def _check_dp(msg: Update) -> None:
+    """No DP figures at all, or every one of them (dp_max_epsilon optional), each in its
+    DP_FIELDS range and the accountant one of DP_ACCOUNTANTS."""
+    given = {k for k in (*DP_FIELDS, "dp_accountant") if getattr(msg, k) is not None}
+    if not given:
+        return
+    hint = "the participant's privacy report is malformed; update that participant"
+    missing = sorted({*DP_FIELDS, "dp_accountant"} - given - {"dp_max_epsilon"})
+    if missing:
+        raise ValidationError(
+            f"{msg.TYPE!r} reports DP figures without {', '.join(missing)}", hint=hint
+        )
+    for name, (lo, hi) in DP_FIELDS.items():
+        v = getattr(msg, name)
+        if v is not None and not lo <= v <= hi:
+            raise ValidationError(
+                f"field {name!r} of {msg.TYPE!r} must be in [{lo:g}, {hi:g}], got {text.shown(v)}",
+                hint=hint,
+            )
+    if msg.dp_accountant not in DP_ACCOUNTANTS:
+        raise ValidationError(
+            f"field 'dp_accountant' of {msg.TYPE!r} must be one of "
+            f"{', '.join(DP_ACCOUNTANTS)}, got {text.shown(msg.dp_accountant)}",
+            hint=hint,
+        )
+
+
 def _plugin_name(name: str, value: str) -> str:
     if not plugins.NAME_RE.match(value):
         raise ValidationError(f"field {name!r} is not a plug-in name: {text.shown(value)}")
@@ -353,6 +395,16 @@ class Update(Message):
     eval_examples: int = 0
     eval_loss: float | None = None
     eval_metrics: dict[str, Any] = dataclasses.field(default_factory=dict)
+    # local DP-SGD (privacy.mode = "local_dp", fednode.dpsgd): what the participant has spent
+    # on this data, by Opacus's accountant; all None = trained without it (DP_FIELDS bounds)
+    dp_epsilon: float | None = None  # ε of this session so far, this round included
+    dp_spent_epsilon: float | None = None  # ε of all its training on this data, all sessions
+    dp_delta: float | None = None
+    dp_noise_multiplier: float | None = None
+    dp_sample_rate: float | None = None
+    dp_steps: int | None = None  # DP-SGD steps of this session so far
+    dp_accountant: str | None = None  # rdp | prv
+    dp_max_epsilon: float | None = None  # its operator's --max-epsilon, if it says
 
     def validate(self) -> None:
         _nonneg(self, "round", "num_examples", "train_s", "fetch_bytes", "fetch_s")
@@ -360,6 +412,7 @@ class Update(Message):
         if self.num_examples == 0:
             raise ValidationError("field 'num_examples' of 'update' must be > 0")
         _check_eval(self)
+        _check_dp(self)
 
 
 @dataclasses.dataclass(frozen=True)

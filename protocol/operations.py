@@ -46,6 +46,8 @@ class Op(StrEnum):
     REPORT = "report"
     EVENTS_LIST = "events.list"
     SUBSCRIBE = "subscribe"
+    AUDIT_INPUTS = "audit.inputs"
+    AUDIT_RECORD = "audit.record"
 
 
 #: What a viewer (``--viewer``) may call; everything else is for operators.
@@ -123,6 +125,11 @@ class AlertAckArgs(TypedDict):
 class EventsListArgs(TypedDict, total=False):
     limit: int  # [1, EVENTS_LIST_MAX]; default 50
     session_id: str  # "" = every session's and the node's
+
+
+class AuditRecordArgs(TypedDict):
+    session_id: str
+    audit: dict[str, Any]  # protocol.audit.check_record bounds every field
 
 
 class SubscribeArgs(TypedDict, total=False):
@@ -254,6 +261,20 @@ class Snapshot(TypedDict):
     session: NotRequired[SessionStatus]
 
 
+class AuditInputs(TypedDict):
+    """What a privacy audit needs of the coordinator (fedctl audit privacy)."""
+
+    session_id: str
+    status: str
+    spec: dict[str, Any]  # the validated spec the session runs
+    model_cid: str | None  # the session's current model
+    datasets: dict[str, str]  # contributor peer ID -> the dataset it registered (its word)
+
+
+class AuditRecorded(TypedDict):
+    session_id: str
+
+
 class Subscribed(TypedDict):
     snapshot: Snapshot
 
@@ -291,5 +312,7 @@ OPERATIONS: dict[Op, Operation] = {
         Operation(Op.REPORT, SessionArgs, dict),
         Operation(Op.EVENTS_LIST, EventsListArgs, EventList),
         Operation(Op.SUBSCRIBE, SubscribeArgs, Subscribed),
+        Operation(Op.AUDIT_INPUTS, SessionArgs, AuditInputs),
+        Operation(Op.AUDIT_RECORD, AuditRecordArgs, AuditRecorded),
     )
 }

@@ -484,7 +484,8 @@ SCHEMA: dict[str, dict[str, Field]] = {
             "each plain round's updates are scored (norm, cosine to the coordinate-wise "
             "median update, modified z-score of the distance to it): exclude = an outlier is "
             "left out of the aggregate; alert = scored and recorded only; off; auto = exclude, "
-            "or off with aggregation.secure = true (secure rounds hide single updates)",
+            "or off with aggregation.secure = true (secure rounds hide single updates), alert "
+            'with privacy.mode = "central_dp" (exclude is refused there: docs/privacy.md)',
             choices=("auto", "exclude", "alert", "off"),
         ),
         "min_updates": Field(
@@ -839,10 +840,14 @@ def _check_python_model(model: dict[str, Any], given: dict[str, Any]) -> None:
 
 def detection_mode(spec: dict[str, Any]) -> str:
     """What outlier detection does in a validated spec's sessions: ``robustness.detection``
-    with ``auto`` resolved (exclude; off when aggregation.secure = true)."""
+    with ``auto`` resolved (exclude; off when aggregation.secure = true; alert with
+    privacy.mode = "central_dp", where leaving an update out would depend on the others)."""
     mode = str(spec["robustness"]["detection"])
     if mode == "auto":
-        return "off" if spec["aggregation"]["secure"] else "exclude"
+        if spec["aggregation"]["secure"]:
+            return "off"
+        central = spec.get("privacy", {}).get("mode") == plugins.CENTRAL_DP
+        return "alert" if central else "exclude"
     return mode
 
 
@@ -909,6 +914,60 @@ def _cross_checks(spec: dict[str, Any]) -> None:
         )
     _check_model_size(spec)
     _check_data_schema(spec)
+    _check_local_dp_layers(spec)
+    _check_central_dp(spec)
+
+
+# Layers whose output for one example depends on the others in its batch: per-example
+# gradients (DP-SGD) are undefined for them, so Opacus cannot train them privately.
+BATCH_MIXING_LAYERS = ("batchnorm1d", "batchnorm2d")
+
+
+def _check_local_dp_layers(spec: dict[str, Any]) -> None:
+    """privacy.mode = "local_dp" with declared BatchNorm layers is refused, with the fix
+    (GroupNorm). kinds mlp and logreg have none; a python model is checked by each
+    participant (Opacus's ModuleValidator), which declines the task."""
+    if spec["privacy"]["mode"] != plugins.LOCAL_DP or spec["model"]["kind"] != "layers":
+        return
+    for i, layer in enumerate(spec["model"]["layers"]):
+        kind = layer.get("type") if isinstance(layer, dict) else None
+        if kind in BATCH_MIXING_LAYERS:
+            raise SpecError(
+                f'model.layers[{i}] is {kind} but privacy.mode = "local_dp": BatchNorm mixes '
+                "the examples of a batch, so DP-SGD (Opacus) cannot clip one example's "
+                "gradient",
+                hint='replace it with {type = "groupnorm", num_groups = G} (G divides the '
+                "channels; it normalises each example on its own), or choose another "
+                "privacy.mode",
+            )
+
+
+def _check_central_dp(spec: dict[str, Any]) -> None:
+    """privacy.mode = "central_dp" (DP-FedAvg, docs/privacy.md): the noise goes on the mean
+    of the clipped updates, so the strategy must make the model from that mean alone (as a
+    secure round needs), and no update may be left out because of the others (outlier
+    exclusion would let one participant move the sum by more than clip_norm)."""
+    if spec["privacy"]["mode"] != plugins.CENTRAL_DP:
+        return
+    name = spec["aggregation"]["strategy"]
+    if not plugins.STRATEGIES.get(name).supports_secure:
+        able = [n for n in plugins.STRATEGIES if plugins.STRATEGIES.get(n).supports_secure]
+        raise SpecError(
+            f'aggregation.strategy = "{name}" with privacy.mode = "central_dp": the noise '
+            "covers the mean of the clipped updates, and this strategy reads single updates "
+            "(which the noise does not protect, and one of which may move it by more than "
+            "clip_norm)",
+            hint=f"use a strategy computed from the mean ({', '.join(able)}), or another "
+            "privacy.mode",
+        )
+    if spec["robustness"]["detection"] == "exclude":
+        raise SpecError(
+            'robustness.detection = "exclude" with privacy.mode = "central_dp": whether an '
+            "update is left out depends on the other updates, so one participant could "
+            "change the sum by more than clip_norm, which the noise is sized for",
+            hint='set robustness.detection = "auto" (alert: scored and recorded, never left '
+            'out) or "alert" or "off"',
+        )
 
 
 def _check_robust_strategy(spec: dict[str, Any]) -> None:

@@ -842,7 +842,8 @@ def test_alert_types_cover_the_table() -> None:
     assert set(alerts.ALERT_SEVERITY.values()) <= set(alerts.SEVERITIES)
     assert alerts.ALERT_SEVERITY["security_violation"] == "critical"
     assert alerts.ALERT_SEVERITY["model_divergence"] == "high"
-    assert len(alerts.ALERT_SEVERITY) == 20
+    assert len(alerts.ALERT_SEVERITY) == 21
+    assert alerts.ALERT_SEVERITY["privacy_budget"] == "medium"  # a warning: it still trains
     assert alerts.ALERT_SEVERITY["storage_unavailable"] == "critical"
     assert alerts.ALERT_SEVERITY["aggregate_rejected"] == "high"
     assert alerts.ALERT_SEVERITY["quarantined"] == "critical"  # it blocks selection
