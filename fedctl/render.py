@@ -179,10 +179,11 @@ def _session_line(e: ev.Payload, rounds: int) -> Text | None:
                 f"round {e.round}/{rounds} started: {len(e.selected)} participants selected"
             )
         case ev.UpdateReceived():
+            spent = "" if e.epsilon is None else f", ε {_fmt(e.epsilon, '{:.2f}')} spent"
             return line(
                 f"  {short(e.participant)} trained round {e.round}: "
                 f"{_fmt(e.samples, '{}')} examples, loss {_fmt(e.loss)}, "
-                f"{_fmt(e.train_s, '{:.2f}')} s "
+                f"{_fmt(e.train_s, '{:.2f}')} s{spent} "
                 f"({_fmt(e.received, '{}')}/{_fmt(e.selected, '{}')})"
             )
         case ev.RoundCompleted():

@@ -1016,6 +1016,8 @@ class SessionRun:
                 "bytes": frame_bytes,
                 "received": len(rnd.received),
                 "selected": len(rnd.selected),
+                # local DP: the ε it reports having spent in this session (None: no DP)
+                "epsilon": msg.dp_epsilon,
             },
             ledger=False,
         )

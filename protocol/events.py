@@ -86,6 +86,7 @@ class UpdateReceived(Payload):
     bytes: int | None = None
     received: int | None = None
     selected: int | None = None
+    epsilon: float | None = None  # local DP: the ε the participant spent in the session
 
 
 @dataclass(frozen=True)

@@ -210,3 +210,26 @@ def test_unknown_events_only_reach_the_log() -> None:
 def test_backoff_doubles_to_five_seconds() -> None:
     delays = backoff_delays(0.5, 5.0)
     assert [next(delays) for _ in range(7)] == [0.5, 1.0, 2.0, 4.0, 5.0, 5.0, 5.0]
+
+
+def test_a_participants_privacy_spending_shows_beside_its_last_update() -> None:
+    from tui.widgets.participants import participant_cells
+
+    s = loaded()
+    ev(s, "update_received", {"round": 6, "participant": PEERS[1], "epsilon": 1.234})
+    p = s.participants[PEERS[1]]
+    assert p.epsilon == 1.234
+    assert participant_cells(p, "trained", NOW)[-1][0].endswith("ε 1.23")
+    ev(s, "update_received", {"round": 7, "participant": PEERS[1]})  # no DP figure: kept
+    assert s.participants[PEERS[1]].epsilon == 1.234
+    assert participant_cells(s.participants[PEERS[2]], "", NOW)[-1][0].find("ε") == -1
+
+
+def test_the_log_names_outliers_left_out_and_central_dp_spending() -> None:
+    from tui.state import describe
+
+    text, level = describe("robustness", {"round": 3, "excluded": [PEERS[0]]})
+    assert text == f"round 3: left out {short(PEERS[0])} (outliers)" and level == "warn"
+    assert describe("robustness", {"round": 4, "excluded": []})[1] == ""
+    text, _ = describe("central_dp", {"round": 2, "epsilon": 0.71})
+    assert text == "round 2 noisy aggregate (central DP): ε 0.71"

@@ -184,6 +184,7 @@ class Participant:
     last_round: LastRound | None = None
     excluded: bool = False
     dataset: str = ""
+    epsilon: float | None = None  # local DP: the ε it reported spending, last update
 
     @classmethod
     def from_row(cls, row: dict[str, Any]) -> Participant:
@@ -358,7 +359,17 @@ def _describe(kind: str, data: dict[str, Any], rounds: int) -> tuple[str, str]:
     if kind == "invite":
         return f"invite issued ({data.get('uses', '?')} uses)", ""
     if kind == "update_received":
-        return f"{peer} trained round {data.get('round')}", ""
+        eps = _float(data.get("epsilon"))  # local DP: what the participant has spent
+        spent = f" (ε {_num(eps, 2)} spent)" if eps is not None else ""
+        return f"{peer} trained round {data.get('round')}{spent}", ""
+    if kind == "central_dp":
+        eps = _float(data.get("epsilon"))
+        return f"round {data.get('round')} noisy aggregate (central DP): ε {_num(eps, 2)}", ""
+    if kind == "robustness":
+        out = [short(p) for p in data.get("excluded") or []]
+        if not out:
+            return f"round {data.get('round')}: no outlier left out", ""
+        return f"round {data.get('round')}: left out {', '.join(out)} (outliers)", "warn"
     return _words(kind), ""
 
 
@@ -584,6 +595,9 @@ class DashboardState:
             p = self._participant(peer, change)
             p.last_round = LastRound(sid, rnd, ts)
             p.last_seen = ts
+            eps = _float(data.get("epsilon"))
+            if eps is not None:  # local DP: what the participant says it has spent
+                p.epsilon = eps
         return change
 
     def _on_round_completed(self, sid: str, ts: float, data: dict[str, Any]) -> Change:

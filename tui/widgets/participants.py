@@ -20,6 +20,8 @@ def participant_cells(p: Participant, round_state: str, now: float) -> tuple[Cel
     if p.last_round is not None:
         when = "" if p.last_round.at is None else f" · {ago(now - p.last_round.at)} ago"
         last = f"r{p.last_round.round}{when}"
+    if p.epsilon is not None:  # local DP: the privacy it has spent, as it reported it
+        last += f" · ε {p.epsilon:.2f}"
     return (
         (short(p.peer_id), "bold"),
         ("● online", "green") if p.online else ("○ offline", "red"),
