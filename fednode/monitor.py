@@ -210,7 +210,7 @@ class QualityMonitor:
         """An accepted update (or masked input): its timings and the task's resource use."""
         st = self._peer(peer_id, now)
         st.answered.add((session_id, msg.round))
-        epsilon = getattr(msg, "dp_epsilon", None)  # local DP-SGD (plain updates only)
+        epsilon = getattr(msg, "dp_epsilon", None)  # local DP-SGD (an update or masked input)
         if epsilon is not None and self.metrics is not None:
             self.metrics.privacy(session_id, peer_id, epsilon)
         st.training_ms.append(msg.train_s * 1000.0)

@@ -1044,6 +1044,7 @@ class Participant:
                     cpu_efficiency=self._cpu_efficiency,
                     memory_efficiency=self._memory_efficiency(),
                     **self._evaluations.pop((session, n), {}),
+                    **(result.privacy or {}),  # local DP-SGD: what it has spent
                 ),
                 session,
             )

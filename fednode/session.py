@@ -1052,13 +1052,13 @@ class SessionRun:
         )
 
     @staticmethod
-    def _dp_columns(msg: messages.Update) -> dict[str, Any] | None:
+    def _dp_columns(msg: messages.Update | messages.SecaggMasked) -> dict[str, Any] | None:
         """The ledger's dp_* columns of an update's local-DP figures (None without them)."""
         if msg.dp_epsilon is None:
             return None
         return {k: getattr(msg, k) for k in (*messages.DP_FIELDS, "dp_accountant")}
 
-    def _check_budget(self, peer: str, msg: messages.Update) -> None:
+    def _check_budget(self, peer: str, msg: messages.Update | messages.SecaggMasked) -> None:
         """A privacy_budget alert once a participant reports having spent at least
         fednode.dpsgd.BUDGET_WARNING_SHARE of the --max-epsilon it reports."""
         spent, most = msg.dp_spent_epsilon, msg.dp_max_epsilon
@@ -1122,7 +1122,9 @@ class SessionRun:
             reason="masked (secure aggregation)",
             received_at=now,
             **self._report_columns(msg),
+            dp=self._dp_columns(msg),
         )
+        self._check_budget(peer, msg)
         self._take_report(self.round, peer, msg)
         self.coord.monitor.on_update(peer, self.session_id, now, msg)
 

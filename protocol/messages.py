@@ -268,7 +268,7 @@ DP_FIELDS: dict[str, tuple[float, float]] = {
 DP_ACCOUNTANTS = ("rdp", "prv")
 
 
-def _check_dp(msg: Update) -> None:
+def _check_dp(msg: Update | SecaggMasked) -> None:
     """No DP figures at all, or every one of them (dp_max_epsilon optional), each in its
     DP_FIELDS range and the accountant one of DP_ACCOUNTANTS."""
     given = {k for k in (*DP_FIELDS, "dp_accountant") if getattr(msg, k) is not None}
@@ -554,11 +554,22 @@ class SecaggMasked(Message):
     eval_examples: int = 0
     eval_loss: float | None = None
     eval_metrics: dict[str, Any] = dataclasses.field(default_factory=dict)
+    # as in 'update': local DP-SGD's spending, in the clear (figures of the participant's
+    # training, not of its update; DP_FIELDS bounds them)
+    dp_epsilon: float | None = None
+    dp_spent_epsilon: float | None = None
+    dp_delta: float | None = None
+    dp_noise_multiplier: float | None = None
+    dp_sample_rate: float | None = None
+    dp_steps: int | None = None
+    dp_accountant: str | None = None
+    dp_max_epsilon: float | None = None
 
     def validate(self) -> None:
         _nonneg(self, "round", "train_s", "fetch_bytes", "fetch_s")
         _percent(self, "cpu_efficiency", "memory_efficiency")
         _check_eval(self)
+        _check_dp(self)
 
 
 @dataclasses.dataclass(frozen=True)

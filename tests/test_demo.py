@@ -117,6 +117,10 @@ def test_demo_drop_counts_the_dropped(tmp_path: Path) -> None:
     assert _leftovers(work) == []
 
 
+def _sigint_default() -> None:  # runs in the child between fork and exec
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_demo_ctrl_c_stops_every_process(tmp_path: Path) -> None:
     work = tmp_path / "demo"
     proc = subprocess.Popen(
@@ -137,6 +141,9 @@ def test_demo_ctrl_c_stops_every_process(tmp_path: Path) -> None:
         stderr=subprocess.PIPE,
         text=True,
         stdin=subprocess.DEVNULL,
+        # Ctrl-C as at a terminal: a shell without job control starts background commands
+        # (`make test &`) with SIGINT ignored, and a child inherits that
+        preexec_fn=_sigint_default,
     )
     try:
         assert proc.stderr is not None

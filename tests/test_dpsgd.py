@@ -158,6 +158,11 @@ def test_update_dp_figures_are_bounded() -> None:
         messages.Update(**base, **{**full, "dp_accountant": "gdp"}).validate()
     with pytest.raises(ValidationError, match="finite"):
         messages.parse("update", {**base, **full, "dp_epsilon": float("inf")})
+    # a secure round's masked input carries them too, checked the same way
+    masked = dict(round=1, data=b"x", loss=0.1, train_s=1.0)
+    messages.SecaggMasked(**masked, **full).validate()
+    with pytest.raises(ValidationError, match="'secagg_masked' reports DP figures without"):
+        messages.SecaggMasked(**masked, **{**full, "dp_accountant": None}).validate()
 
 
 def test_budget_history_lives_in_the_participant_ledger(tmp_path) -> None:
