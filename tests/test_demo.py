@@ -95,6 +95,7 @@ def test_demo_converges_and_leaves_nothing_running(tmp_path: Path) -> None:
     assert len(charts.points["health-chart"]) == 10
 
 
+@pytest.mark.slow  # 13 s; dropouts: test_secure_e2e, test_quality_e2e (a killed participant)
 def test_demo_drop_counts_the_dropped(tmp_path: Path) -> None:
     work = tmp_path / "demo"
     s = cli_json(

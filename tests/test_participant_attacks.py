@@ -318,6 +318,7 @@ def test_the_announcement_is_in_the_nodes_own_ledger(
 # --- end to end: fedctl demo --attackers -------------------------------------------------
 
 
+@pytest.mark.slow  # 8 s; an attacker process: test_robustness_e2e; the demo options: above
 def test_demo_with_a_sign_flip_attacker(tmp_path: Path) -> None:
     """Three participant processes, the last one attacking; the coordinator's ledger is
     never told, but its own figures show the attacker's update is the honest one negated."""

@@ -127,6 +127,7 @@ def fed(tmp_path: Path) -> Iterator[Cluster]:
         c.procs.stop_all()
 
 
+@pytest.mark.slow  # 18 s (a 12 s lock); a storage fault pausing a session: the full-disk test
 def test_a_ledger_locked_for_12_s_pauses_the_session_which_then_completes(fed: Cluster) -> None:
     sid = begin(fed, "locked")
     wait_status(fed, sid, in_round(2))
