@@ -489,6 +489,20 @@ def quality_session(session_id: str, as_json: Json = False) -> None:
     run(_json(as_json), lambda: call(G.target, Op.QUALITY_SESSION, session_id=session_id), human)
 
 
+def _report_data(session_id: str, data_dir: Path | None) -> dict[str, Any]:
+    """The session report's data: from the coordinator, or from its ledger read offline
+    (``--data-dir``, e.g. after `fedctl demo`)."""
+    if data_dir is None:
+        return call(G.target, Op.REPORT, session_id=session_id)
+    from fednode.api import Ledger, NodeHome, build_report
+
+    path = NodeHome(data_dir).ledger_path
+    if not path.exists():
+        raise FednodeError(f"no ledger at {path}", code="NOT_FOUND")
+    with Ledger(path) as ledger:
+        return build_report(ledger, session_id)
+
+
 @app.command()
 def report(
     session_id: str,
@@ -515,16 +529,7 @@ def report(
         return
 
     def go() -> dict[str, Any]:
-        if data_dir is not None:
-            from fednode.api import Ledger, NodeHome, build_report
-
-            path = NodeHome(data_dir).ledger_path
-            if not path.exists():
-                raise FednodeError(f"no ledger at {path}", code="NOT_FOUND")
-            with Ledger(path) as ledger:
-                rep = build_report(ledger, session_id)
-        else:
-            rep = call(G.target, Op.REPORT, session_id=session_id)
+        rep = _report_data(session_id, data_dir)
         if format == "json":
             text = json.dumps(rep, indent=2, sort_keys=True)
         elif format == "html":
@@ -558,16 +563,7 @@ def privacy(
     steps, accountant and its own --max-epsilon; the session's ε (the largest)."""
 
     def go() -> dict[str, Any]:
-        if data_dir is None:
-            rep = call(G.target, Op.REPORT, session_id=session_id)
-        else:
-            from fednode.api import Ledger, NodeHome, build_report
-
-            path = NodeHome(data_dir).ledger_path
-            if not path.exists():
-                raise FednodeError(f"no ledger at {path}", code="NOT_FOUND")
-            with Ledger(path) as ledger:
-                rep = build_report(ledger, session_id)
+        rep = _report_data(session_id, data_dir)
         return {"session_id": session_id, **(rep.get("privacy") or {})}
 
     def human(r: dict[str, Any]) -> None:

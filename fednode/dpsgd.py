@@ -266,19 +266,6 @@ def train_private(
     optimizer and the batches (Poisson sampling), for exactly ``dp.steps`` noisy steps.
     Returns the weights under the model's own names (not GradSampleModule's ``_module.``)
     and, in ``privacy``, what this round spent (DPRound.report)."""
-    return _train_private(model_spec, weights, data, cfg, dp, deadline=deadline, stop=stop)
-
-
-def _train_private(
-    model_spec: dict[str, Any],
-    weights: Weights,
-    data: Dataset,
-    cfg: training.TrainConfig,
-    dp: DPRound,
-    *,
-    deadline: float | None = None,
-    stop: threading.Event | None = None,
-) -> training.TrainResult:
     from opacus import PrivacyEngine
 
     cfg.validate()
