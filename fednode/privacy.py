@@ -1,6 +1,6 @@
 """Privacy mechanisms: what wraps local training on a participant.
 
-The round's mechanism (``round_start.privacy``, the spec's ``privacy.mechanism``) takes the
+The round's mechanism (``round_start.privacy``, the spec's ``privacy.mode``) takes the
 training function and returns the one the participant runs. This is where DP-SGD goes (Opacus:
 wrap the model, optimizer and batches, clip per-example gradients and add noise, then report
 the privacy spent). ``none`` runs training as it is.
