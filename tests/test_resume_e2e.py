@@ -348,3 +348,47 @@ def run_until_ended(c: Cluster, sid: str) -> dict[str, Any]:
 
     asyncio.run(until(c, ended, timeout=180))
     return admin(c, "session.status", session_id=sid)
+
+
+def test_fedadams_moments_survive_a_kill_minus_9(fed: Cluster) -> None:
+    """FedAdam's moments and step count are the strategy's state, stored with each model
+    version: after a SIGKILL mid-session the coordinator resumes from the last version's
+    state, so the step count runs on 1, 2, 3, … across the restart instead of starting
+    again at 1 (which would reset Adam's bias correction and moments)."""
+    from fednode.store import BlockStore
+    from fednode.weights import from_bytes
+
+    ids = future_ids(fed, 3)
+    spec = {
+        "name": "adam",
+        "rounds": 6,
+        "participants": ids,
+        "min_participants": 3,
+        "aggregation": {"strategy": "fedadam"},
+        "rollback": {"enabled": False},
+    }
+    sid = admin(fed, "session.create", spec=spec)["session_id"]
+    for k in range(3):
+        fed.start_participant(k, 3, "--train-delay", "0.3")
+    asyncio.run(until(fed, online(3), timeout=120))
+    admin(fed, "session.start", session_id=sid)
+
+    async def in_round_3(client: AdminClient) -> bool:
+        st = await client.call("session.status", session_id=sid)
+        return (st.get("current_round") or {}).get("round", 0) >= 3
+
+    asyncio.run(until(fed, in_round_3, timeout=120))
+    restart_coordinator(fed, 0)  # SIGKILL
+    final = run_until_ended(fed, sid)
+    assert final["status"] == "completed" and final["rounds_completed"] == 6, final
+    assert final["restarts"] == 1
+    versions = rows(
+        fed.coordinator_home.ledger_path,
+        "SELECT round, state_cid FROM model_versions WHERE session_id = ? ORDER BY round",
+        sid,
+    )
+    store = BlockStore(fed.coordinator_home.store_root)
+    steps = [
+        int(from_bytes(store.get(v["state_cid"]))["step"][0]) for v in versions if v["round"] > 0
+    ]
+    assert steps == [1, 2, 3, 4, 5, 6], steps
