@@ -49,6 +49,13 @@ audit_app = typer.Typer(no_args_is_help=True, help="Privacy audits of a session'
 app.add_typer(audit_app, name="audit")
 
 Json = Annotated[bool, typer.Option("--json", help="print one JSON object on stdout")]
+# report, privacy: read a stopped coordinator's ledger instead of asking a running one
+OfflineLedger = Annotated[
+    Path | None,
+    typer.Option(
+        "--data-dir", help="read the coordinator's ledger offline (e.g. after `fedctl demo`)"
+    ),
+]
 
 
 class Globals:
@@ -508,10 +515,7 @@ def report(
     session_id: str,
     format: Annotated[str, typer.Option("--format", help="text, json or html")] = "text",
     output: Annotated[Path | None, typer.Option("-o", "--output", help="file to write")] = None,
-    data_dir: Annotated[
-        Path | None,
-        typer.Option(help="read the coordinator's ledger offline (e.g. after `fedctl demo`)"),
-    ] = None,
+    data_dir: OfflineLedger = None,
     as_json: Json = False,
 ) -> None:
     """The session report: summary, accuracy and loss per round, quality, peers, alerts."""
@@ -553,10 +557,7 @@ def report(
 @app.command()
 def privacy(
     session_id: str,
-    data_dir: Annotated[
-        Path | None,
-        typer.Option(help="read the coordinator's ledger offline (e.g. after `fedctl demo`)"),
-    ] = None,
+    data_dir: OfflineLedger = None,
     as_json: Json = False,
 ) -> None:
     """What local DP-SGD has spent: per participant ε, δ, noise multiplier, sample rate,
