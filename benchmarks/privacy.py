@@ -75,14 +75,7 @@ def federate(
     """The final global model and the largest ε any participant spent."""
     mspec = model_spec(spec)
     t = spec["training"]
-    cfg = training.TrainConfig(
-        local_epochs=t["local_epochs"],
-        batch_size=t["batch_size"],
-        lr=t["lr"],
-        optimizer=t["optimizer"],
-        momentum=t["momentum"],
-        weight_decay=t["weight_decay"],
-    )
+    cfg = training.TrainConfig.of_spec(t)
     privacy = {**spec["privacy"], "target_epsilon": eps}
     g = training.init_weights(mspec, 0)
     history: list[list[tuple[float, float, int]]] = [[] for _ in parts]

@@ -23,6 +23,7 @@ kept attacker's a false negative).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -83,10 +84,7 @@ def run(
     assert test is not None
     bad = {f"p{k}" for k in range(N - attackers, N)}
     attack_of = attacks.parse(attack) if attack else None
-    cfg = training.TrainConfig(
-        **{k: spec["training"][k] for k in ("local_epochs", "batch_size", "lr", "optimizer")},
-        momentum=spec["training"]["momentum"],
-    )
+    cfg = training.TrainConfig.of_spec(spec["training"])
     strategy = get_strategy(spec["aggregation"])
     state: dict[str, np.ndarray] = {}
     g = training.init_weights(mspec, spec["data"]["seed"])
@@ -100,7 +98,7 @@ def run(
             atk = attack_of if peer in bad else None
             if atk is not None:
                 shard = atk.training_data(shard, mspec)
-            res = training.train(mspec, g, shard, cfg.__class__(**{**cfg.__dict__, "seed": r}))
+            res = training.train(mspec, g, shard, dataclasses.replace(cfg, seed=r))
             w = res.weights if atk is None else atk.update(res.weights, g, rng)
             updates.append(ClientUpdate(peer, w, res.num_examples, res.loss))
         if detection != "off":

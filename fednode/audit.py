@@ -30,7 +30,7 @@ written to disk or the network here (the CLI, fedctl audit privacy, gets the inp
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -253,7 +253,7 @@ def _take(ds: Dataset, idx: np.ndarray) -> Dataset:
 
 
 def _with_seed(cfg: training.TrainConfig, seed: int) -> training.TrainConfig:
-    return training.TrainConfig(**{**asdict(cfg), "seed": seed})
+    return replace(cfg, seed=seed)
 
 
 def shadow_config(spec: dict[str, Any]) -> training.TrainConfig:
@@ -261,11 +261,5 @@ def shadow_config(spec: dict[str, Any]) -> training.TrainConfig:
     many epochs as a participant's data saw over the session (local_epochs × rounds; capped
     at 1000, TrainConfig's limit for local_epochs)."""
     t = spec["training"]
-    return training.TrainConfig(
-        local_epochs=min(1000, max(1, int(t["local_epochs"]) * int(spec["rounds"]))),
-        batch_size=int(t["batch_size"]),
-        lr=float(t["lr"]),
-        optimizer=str(t["optimizer"]),
-        momentum=float(t["momentum"]),
-        weight_decay=float(t["weight_decay"]),
-    )
+    epochs = min(1000, max(1, int(t["local_epochs"]) * int(spec["rounds"])))
+    return training.TrainConfig.of_spec(t, local_epochs=epochs)

@@ -576,13 +576,8 @@ class Participant:
             data = self.attack.training_data(data, mspec)
         t = s["training"]
         plan = round_config.plan(task)  # checked in _do_round before anything was fetched
-        cfg = training.TrainConfig(
-            local_epochs=t["local_epochs"],
-            batch_size=t["batch_size"],
-            lr=t["lr"],
-            optimizer=t["optimizer"],
-            momentum=t["momentum"],
-            weight_decay=t["weight_decay"],
+        cfg = training.TrainConfig.of_spec(
+            t,
             seed=shuffle_seed(s["data"]["seed"], task.round, self.identity.peer_id),
             **plan.training,  # the strategy's settings for this round (FedProx: proximal_mu)
         )

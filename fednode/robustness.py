@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -48,14 +49,9 @@ class Thresholds:
     min_updates: int = 4
 
     @classmethod
-    def of(cls, section: Mapping[str, object]) -> Thresholds:
-        return cls(
-            max_z=float(section["max_z"]),  # type: ignore[arg-type]
-            min_cosine=float(section["min_cosine"]),  # type: ignore[arg-type]
-            max_norm_ratio=float(section["max_norm_ratio"]),  # type: ignore[arg-type]
-            min_norm_ratio=float(section["min_norm_ratio"]),  # type: ignore[arg-type]
-            min_updates=int(section["min_updates"]),  # type: ignore[call-overload]
-        )
+    def of(cls, section: Mapping[str, Any]) -> Thresholds:
+        """The thresholds of a validated spec's ``[robustness]`` section."""
+        return cls(**{f: section[f] for f in cls.__dataclass_fields__})
 
 
 @dataclass(frozen=True)

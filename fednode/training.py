@@ -28,7 +28,7 @@ import math
 import re
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -202,6 +202,10 @@ def init_weights(model_spec: dict[str, Any], seed: int) -> Weights:
     return get_weights(_model_from_spec(model_spec))
 
 
+# The [training] keys of a spec that TrainConfig takes as they are
+_SPEC_KEYS = ("local_epochs", "batch_size", "lr", "optimizer", "momentum", "weight_decay")
+
+
 @dataclass
 class TrainConfig:
     local_epochs: int
@@ -212,6 +216,13 @@ class TrainConfig:
     weight_decay: float = 0.0
     proximal_mu: float = 0.0
     seed: int = 0
+
+    @classmethod
+    def of_spec(cls, training: Mapping[str, Any], **overrides: Any) -> TrainConfig:
+        """The settings of a validated spec's ``[training]`` section; ``overrides`` (a
+        round's seed, FedProx's proximal_mu, a shadow model's epochs) replace any of them."""
+        base = {k: training[k] for k in _SPEC_KEYS}
+        return cls(**{**base, **overrides})
 
     def validate(self) -> None:
         if self.local_epochs < 1:
