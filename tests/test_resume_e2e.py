@@ -300,11 +300,7 @@ def test_sigterm_stops_cleanly_and_the_session_continues(fed: Cluster) -> None:
     asyncio.run(until(fed, online(3), timeout=120))
     admin(fed, "session.start", session_id=sid)
 
-    async def in_round_3(client: AdminClient) -> bool:
-        st = await client.call("session.status", session_id=sid)
-        return (st.get("current_round") or {}).get("round", 0) >= 3
-
-    asyncio.run(until(fed, in_round_3, timeout=120))
+    wait_for_round(fed, sid, 3)
     code = restart_coordinator(fed, 0, signal.SIGTERM)
     assert code == 0  # a clean stop
     (stopped,) = events(fed, sid, "coordinator_stopped")
@@ -341,6 +337,16 @@ def test_a_paused_session_stays_paused_after_a_crash(fed: Cluster) -> None:
     check_ledger(fed, sid, 4)
 
 
+def wait_for_round(c: Cluster, sid: str, number: int) -> None:
+    """Until the session's round in flight is ``number`` or later."""
+
+    async def reached(client: AdminClient) -> bool:
+        st = await client.call("session.status", session_id=sid)
+        return (st.get("current_round") or {}).get("round", 0) >= number
+
+    asyncio.run(until(c, reached, timeout=120))
+
+
 def run_until_ended(c: Cluster, sid: str) -> dict[str, Any]:
     async def ended(client: AdminClient) -> bool:
         st = await client.call("session.status", session_id=sid)
@@ -373,11 +379,7 @@ def test_fedadams_moments_survive_a_kill_minus_9(fed: Cluster) -> None:
     asyncio.run(until(fed, online(3), timeout=120))
     admin(fed, "session.start", session_id=sid)
 
-    async def in_round_3(client: AdminClient) -> bool:
-        st = await client.call("session.status", session_id=sid)
-        return (st.get("current_round") or {}).get("round", 0) >= 3
-
-    asyncio.run(until(fed, in_round_3, timeout=120))
+    wait_for_round(fed, sid, 3)
     restart_coordinator(fed, 0)  # SIGKILL
     final = run_until_ended(fed, sid)
     assert final["status"] == "completed" and final["rounds_completed"] == 6, final
