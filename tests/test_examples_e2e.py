@@ -122,6 +122,7 @@ def example_session(tmp_path: Path, name: str, ids: list[str], rounds: int) -> P
     return spec_file(tmp_path, name, **{k: v for k, v in fields.items() if k != "name"})
 
 
+@pytest.mark.slow  # 17 s; csv: test_schema_e2e, regression: test_round_metrics_e2e
 async def test_a_csv_table_an_image_folder_and_a_regression_on_one_coordinator(
     tmp_path: Path,
 ) -> None:
