@@ -23,7 +23,7 @@ from websockets.exceptions import ConnectionClosed
 from fedctl.client import AdminClient, Target
 from fednode.transport import ws_options
 from protocol import tokens
-from protocol.envelope import Envelope, decode, encode, open_frame, seal
+from protocol.envelope import BULK_MAGIC, Envelope, decode, encode, open_frame, seal
 from protocol.errors import FednodeError
 from protocol.handshake import ClientHandshake, HandshakeResult
 from protocol.identity import Identity
@@ -293,6 +293,10 @@ async def test_per_type_size_cap_and_frame_cap(node: Cluster) -> None:
     raw = Raw(node, Identity.load(node.operator_key))
     await (await raw.open()).handshake()
     await raw.send("heartbeat", {"status": "x" * 100_000, "ts": time.time()})
+    await raw.expect_error("TOO_LARGE", closed=False)
+    # the same in a bulk frame (raw bytes after a signed header): the cap counts every byte
+    bulk = await raw.send("heartbeat", {"status": "idle", "ts": time.time(), "x": b"x" * 100_000})
+    assert bulk.startswith(BULK_MAGIC)
     await raw.expect_error("TOO_LARGE", closed=False)
     await raw.ws.send(b"\x00" * (64 * 1024 * 1024 + 1))  # over the websocket frame cap
     with pytest.raises(ConnectionClosed) as exc:
