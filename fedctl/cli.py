@@ -133,6 +133,16 @@ def demo(
             "label_skew or group"
         ),
     ] = "",
+    codec: Annotated[
+        str,
+        typer.Option(
+            help="the spec's compression.codec: identity, fp16, bf16, quantize, topk, "
+            "topk+quantize or randk (docs/compression.md)"
+        ),
+    ] = "",
+    downlink: Annotated[
+        str, typer.Option(help="the spec's compression.downlink: full, delta or delta_fp16")
+    ] = "",
     workdir: Annotated[
         Path | None,
         typer.Option(
@@ -154,6 +164,8 @@ def demo(
         attack=attack,
         strategy=strategy,
         partition=partition,
+        codec=codec,
+        downlink=downlink,
         workdir=workdir,
         key=G.target.key,
         as_json=_json(as_json),

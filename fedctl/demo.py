@@ -53,6 +53,8 @@ class DemoOptions:
     attack: str = ""
     strategy: str = ""  # aggregation.strategy, over the defaults or --spec ("" = as is)
     partition: str = ""  # data.partition, likewise
+    codec: str = ""  # compression.codec, likewise
+    downlink: str = ""  # compression.downlink, likewise
     workdir: Path | None = None
     key: Path | None = None
     as_json: bool = False
@@ -208,6 +210,9 @@ def build_spec(opts: DemoOptions) -> dict[str, Any]:
         _assume_attackers(raw, opts)
     if opts.partition:
         raw["data"]["partition"] = opts.partition
+    for key in ("codec", "downlink"):
+        if getattr(opts, key):
+            raw.setdefault("compression", {})[key] = getattr(opts, key)
     return specmod.validate(raw)
 
 

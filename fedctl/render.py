@@ -95,7 +95,9 @@ def summary_lines(s: dict[str, Any]) -> list[Text | Table]:
         )
     ]
     names = metric_names(s.get("final_metrics"), *(h.get("metrics") for h in s["history"]))
-    t = Table("round", *(METRIC_LABELS[n] for n in names), "loss", "participants", "seconds")
+    t = Table(
+        "round", *(METRIC_LABELS[n] for n in names), "loss", "participants", "seconds", "up ×"
+    )
     for h in s["history"]:
         t.add_row(
             plain(h["round"]),
@@ -103,6 +105,7 @@ def summary_lines(s: dict[str, Any]) -> list[Text | Table]:
             plain(_fmt(h["loss"])),
             plain(h["participants"]),
             plain(_fmt(h["duration_s"], "{:.2f}")),
+            plain(ratio_text(h.get("up_ratio"))),
         )
     if s["history"]:
         out.append(t)
@@ -116,6 +119,7 @@ def summary_lines(s: dict[str, Any]) -> list[Text | Table]:
             f"down {s['bytes_down']:,} B",
         )
     )
+    out += compression_lines(s)
     out.append(line("model  ", s["model_cid"] or "–"))
     out.append(line("ledger ", str(s["ledger"])))
     if s.get("attackers"):  # fedctl demo --attackers: who attacked, to check what was found
@@ -130,6 +134,44 @@ def summary_lines(s: dict[str, Any]) -> list[Text | Table]:
                 + (f", and {len(wrong)} honest participants" if wrong else ""),
             )
         )
+    return out
+
+
+def ratio_text(r: Any) -> str:
+    """'48.2x' fewer bytes than float32; '–' when nothing was measured."""
+    return f"{r:.1f}x" if isinstance(r, int | float) and not isinstance(r, bool) else "–"
+
+
+def compression_lines(s: dict[str, Any]) -> list[Text | Table]:
+    """The codec and the bytes each participant's updates weighed, raw and on the wire
+    (summed per participant; each update's in ``--json``'s ``traffic``)."""
+    comp = s.get("compression") or {}
+    if not comp:
+        return []
+    out: list[Text | Table] = [
+        line(
+            "compression ",
+            (str(comp.get("codec")), "bold"),
+            f"  uplink {comp.get('up_bytes', 0):,} B of {comp.get('up_raw', 0):,} B raw "
+            f"({ratio_text(comp.get('up_ratio'))} fewer)  downlink ({comp.get('downlink')}) "
+            f"{comp.get('down_bytes', 0):,} B of {comp.get('down_raw', 0):,} B "
+            f"({ratio_text(comp.get('down_ratio'))} fewer)",
+        )
+    ]
+    per = s.get("traffic_by_participant") or []
+    if per:
+        t = Table("participant", "updates", "up B", "up raw B", "up ×", "down B", "down ×")
+        for p in per:
+            t.add_row(
+                plain(p["participant"]),
+                plain(p["updates"]),
+                plain(f"{p['up_bytes']:,}"),
+                plain(f"{p['up_raw']:,}"),
+                plain(ratio_text(p["up_ratio"])),
+                plain(f"{p['down_bytes']:,}"),
+                plain(ratio_text(p["down_ratio"])),
+            )
+        out.append(t)
     return out
 
 

@@ -163,6 +163,10 @@ def _dict(v: Any) -> dict[str, Any]:
 # --- the view both renderers draw -------------------------------------------------------
 
 
+# the report's traffic table: per participant, its updates' and downloads' bytes
+TRAFFIC_HEADERS = ("participant", "updates", "up", "up raw", "up ×", "down", "down ×")
+
+
 class _View:
     """The report dict normalised once: what both renderers need, missing keys filled."""
 
@@ -186,6 +190,7 @@ class _View:
         self.sla = _dict(report.get("sla"))
         self.audit = _dict(report.get("privacy_audit"))  # {}: no audit was run
         self.final_metrics = _dict(self.s.get("final_metrics"))
+        self.traffic = _dicts(self.s.get("traffic_by_participant"))
         # the task's metrics the rounds carry (EVAL_METRICS order; a name a peer made up is
         # not one); a report from before metrics by name has accuracy alone
         have = {m for h in self.history for m in _dict(h.get("metrics"))} | set(self.final_metrics)
@@ -207,7 +212,43 @@ class _View:
     @property
     def round_headers(self) -> list[str]:
         names = [METRIC_LABELS[m] for m in self.metric_names]
-        return ["round", *names, "loss", "seconds", "participants", "health"]
+        return ["round", *names, "loss", "seconds", "participants", "health", "up ×"]
+
+    def traffic_cells(self) -> list[list[str]]:
+        """Per participant: updates, bytes up on the wire and raw, ×, bytes down, ×."""
+        return [
+            [
+                _s(t.get("participant")),
+                _fmt(t.get("updates"), "{:.0f}"),
+                _bytes(t.get("up_bytes")),
+                _bytes(t.get("up_raw")),
+                _fmt(t.get("up_ratio"), "{:.1f}x"),
+                _bytes(t.get("down_bytes")),
+                _fmt(t.get("down_ratio"), "{:.1f}x"),
+            ]
+            for t in self.traffic
+        ]
+
+    @property
+    def traffic_rows(self) -> list[tuple[str, str]]:
+        """The codec, and the session's bytes up and down, on the wire against raw."""
+        comp = _dict(self.s.get("compression"))
+        if not comp:
+            return []
+
+        def one(wire: str, raw: str, ratio: str) -> str:
+            r = _num(comp.get(ratio))
+            fewer = f" ({r:.1f}x fewer)" if r is not None else ""
+            return f"{_bytes(comp.get(wire))} of {_bytes(comp.get(raw))} raw{fewer}"
+
+        return [
+            ("codec", _s(comp.get("codec")) or DASH),
+            ("uplink", one("up_bytes", "up_raw", "up_ratio")),
+            (
+                f"downlink ({_s(comp.get('downlink')) or DASH})",
+                one("down_bytes", "down_raw", "down_ratio"),
+            ),
+        ]
 
     @property
     def final_rows(self) -> list[tuple[str, str]]:
@@ -232,8 +273,8 @@ class _View:
         return [(_int(q["round"]) or 0, _num(q.get("health_score"))) for q in self.quality]
 
     def round_rows(self) -> list[list[str]]:
-        """round, the task's metrics, loss, seconds, participants, health (— when not
-        computed)."""
+        """round, the task's metrics, loss, seconds, participants, health, how many times
+        fewer bytes its uplink carried than float32 (— when not computed)."""
         return [
             [
                 str(_int(h["round"])),
@@ -242,6 +283,7 @@ class _View:
                 _fmt(h.get("duration_s"), "{:.2f}"),
                 _fmt(h.get("participants"), "{:.0f}"),
                 _fmt(self.health_by_round.get(_int(h["round"])), "{:.1f}"),
+                _fmt(h.get("up_ratio"), "{:.1f}x"),
             ]
             for h in self.history
         ]
@@ -324,6 +366,7 @@ def render_text(report: dict[str, Any]) -> str:
         ("duration", _duration(s.get("duration_s"))),
         ("bytes up", _bytes(s.get("bytes_up"))),
         ("bytes down", _bytes(s.get("bytes_down"))),
+        *v.traffic_rows,
         ("model CID", _s(s.get("model_cid")) or DASH),
         ("ledger", _s(s.get("ledger")) or DASH),
     ]
@@ -345,6 +388,10 @@ def render_text(report: dict[str, Any]) -> str:
         ]
         out += ["", f"Health parts (round {_int(latest['round'])})"]
         out += textwrap.wrap(", ".join(parts), 96, initial_indent="  ", subsequent_indent="  ")
+
+    if v.traffic:
+        out += ["", "Traffic (bytes of each participant's updates and downloads)"]
+        out += _table(TRAFFIC_HEADERS, v.traffic_cells(), "l" + "r" * 6)
 
     out += ["", f"Participants ({len(v.participants)})"]
     if v.participants:
@@ -783,6 +830,7 @@ def render_html(report: dict[str, Any]) -> str:
         ("ledger", _s(s.get("ledger")) or DASH),
         ("bytes up", _bytes(s.get("bytes_up"))),
         ("bytes down", _bytes(s.get("bytes_down"))),
+        *v.traffic_rows,
     ]
     ids_html = "".join(f'<dt>{_e(k)}</dt><dd class="mono">{_e(val)}</dd>' for k, val in ids)
 
@@ -878,6 +926,14 @@ def render_html(report: dict[str, Any]) -> str:
         ("trend", "l"),
     ]
     participants_table = _html_table(p_headers, p_rows, NO_DATA)
+    traffic_html = ""
+    if v.traffic:
+        t_rows = [
+            ("", [(_e(c), "l mono" if i == 0 else "") for i, c in enumerate(row)])
+            for row in v.traffic_cells()
+        ]
+        t_headers = [(h, "l" if i == 0 else "") for i, h in enumerate(TRAFFIC_HEADERS)]
+        traffic_html = f"<h2>Traffic</h2>\n{_html_table(t_headers, t_rows, NO_DATA)}\n"
 
     a_rows = []
     for a in v.alerts:
@@ -953,7 +1009,7 @@ def render_html(report: dict[str, Any]) -> str:
 <h2>Rounds</h2>
 {rounds_table}
 {health_html}
-<h2>Participants ({len(v.participants)})</h2>
+{traffic_html}<h2>Participants ({len(v.participants)})</h2>
 {participants_table}
 <h2>Active alerts ({len(v.alerts)})</h2>
 {alerts_table}

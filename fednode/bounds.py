@@ -120,6 +120,12 @@ def clip_update(w: Weights, base: Weights, max_norm: float) -> tuple[Weights, fl
     return out, norm, scale
 
 
+def clip_vector(x: np.ndarray, max_norm: float) -> np.ndarray:
+    """``x`` scaled down to L2 norm ``max_norm`` if it is longer (0 = off)."""
+    norm = float(np.linalg.norm(x))
+    return x if max_norm <= 0 or norm <= max_norm else x * (max_norm / norm)
+
+
 def loss_jumped(candidate: float, current: float, factor: float) -> bool:
     """Whether a candidate model's validation loss is unacceptable: not finite, or more than
     ``factor`` times the current model's (factor 0 checks finiteness only)."""

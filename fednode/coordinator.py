@@ -14,6 +14,7 @@ import functools
 import logging
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from ssl import SSLContext
@@ -43,6 +44,8 @@ from fednode.transport import (
 from protocol import messages, tokens
 from protocol import spec as spec_mod
 from protocol.alerts import ALERT_SEVERITY
+from protocol.blockstream import DagWalk
+from protocol.cid import build_dag, normalize_cid
 from protocol.errors import (
     FednodeError,
     NotAuthorized,
@@ -120,6 +123,9 @@ class Coordinator:
         self.started_at = time.time()
         self.stopping = False  # set by shutdown(): live sessions are not ending
         self._to_resume: dict[str, ResumePoint | None] = {}
+        # session -> (CID, its DAG's blocks by CID) of the session's current model, which
+        # SessionRun.model_bytes serves from memory: built once, streamed to every participant
+        self._model_dags: dict[str, tuple[str, dict[str, bytes]]] = {}
         self._recover()
         # What the quality figures of this run are judged against, for reports made later.
         self.ledger.append_event(
@@ -566,6 +572,45 @@ class Coordinator:
                 self.record("participant", None, {"peer_id": pid, "online": False}, entity_id=pid)
                 self.wake_sessions(pid, "disconnected during the round")
 
+    async def _send_blocks(self, conn: Connection, session_id: str, cid: str) -> int:
+        """Send model ``cid`` as its DAG's blocks, one ``block`` message each, in the order
+        the participant checks them (protocol.blockstream.DagWalk: the root, then depth
+        first); returns the bytes sent. Each send is awaited, so no more than one block is
+        in hand, and a participant that leaves ends the stream (ConnectionClosed)."""
+        get_block = await self._block_source(session_id, cid)
+        walk = DagWalk(cid)
+        sent = 0
+        while (block_cid := walk.expected()) is not None:
+            data = await get_block(block_cid)
+            walk.visit(data)
+            sent += await conn.send(messages.Block(cid=block_cid, data=data), session_id)
+        return sent
+
+    async def _block_source(self, session_id: str, cid: str) -> Callable[[str], Awaitable[bytes]]:
+        """Where the blocks of ``cid`` come from: the session's current model from memory
+        (its DAG built once), anything else from the store, block by block, each re-hashed
+        there (in a thread: with --ipfs-api every block is a daemon request)."""
+        run = self.sessions.get(session_id)
+        blob = run.model_bytes(cid) if run is not None else None
+        key = normalize_cid(cid)
+        cached = self._model_dags.get(session_id)
+        if blob is not None and (cached is None or cached[0] != key):
+            root, blocks = await asyncio.to_thread(build_dag, blob)
+            self._model_dags = {s: v for s, v in self._model_dags.items() if s in self.sessions}
+            self._model_dags[session_id] = cached = (root, {b.cid: b.data for b in blocks})
+        if blob is not None and cached is not None and cached[0] == key:
+            in_memory = cached[1]
+
+            async def from_memory(block_cid: str) -> bytes:
+                return in_memory[normalize_cid(block_cid)]
+
+            return from_memory
+
+        async def from_store(block_cid: str) -> bytes:
+            return await asyncio.to_thread(self.store.get_block, block_cid)
+
+        return from_store
+
     async def _on_participant_message(
         self, conn: Connection, session_id: str, size: int, msg: messages.Message
     ) -> None:
@@ -575,12 +620,22 @@ class Coordinator:
             self.monitor.on_heartbeat(conn.peer_id, now, msg.cpu_efficiency, msg.memory_efficiency)
         elif isinstance(msg, messages.Fetch):
             run = self.sessions.get(session_id)
-            data = run.model_bytes(msg.cid) if run is not None else None
-            if data is None:  # in a thread: with --ipfs-api every block is a daemon request
-                data = await asyncio.to_thread(self.store.get, msg.cid)
-            sent = await conn.send(messages.Block(cid=msg.cid, data=data), session_id)
-            if session_id in self.sessions:
-                self.sessions[session_id].on_bytes_down(sent)
+            delta = await run.model_delta(msg.cid, msg.have) if run and msg.have else None
+            if delta is not None:  # smaller than the model (docs/compression.md)
+                sent = await conn.send(
+                    messages.ModelDelta(
+                        cid=msg.cid,
+                        base=msg.have,
+                        result=delta.result_cid,
+                        encoding=delta.encoding,
+                        data=delta.data,
+                    ),
+                    session_id,
+                )
+            else:
+                sent = await self._send_blocks(conn, session_id, msg.cid)
+            if run is not None:
+                run.on_bytes_down(sent, conn.peer_id)
         elif isinstance(msg, messages.Update):
             self.session(session_id).on_update(conn.peer_id, msg, size)
         elif isinstance(msg, messages.SECAGG_FROM_PARTICIPANT):

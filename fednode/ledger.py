@@ -723,6 +723,27 @@ def _m011_central_dp(db: Database) -> None:
     db.execute("CREATE INDEX idx_central_dp_session ON central_dp_rounds(session_id)")
 
 
+def _m012_compression(db: Database) -> None:
+    """Update compression (fednode.codecs). On the coordinator, each update's sizes:
+    ``bytes_raw`` (the update as float32, what the identity codec would send), ``down_bytes``
+    (what this coordinator sent that participant for the round's model: blocks or a delta)
+    and ``down_raw`` (the model file's size); ``bytes`` stays the update's frame on the wire.
+    NULL = a row from before. On a participant, ``residuals``: per session, the error
+    feedback a lossy codec left unsent (safetensors of the model's shapes, float32), kept
+    across restarts so that nothing the codec held back is lost."""
+    for name in ("bytes_raw", "down_bytes", "down_raw"):
+        db.execute(f"ALTER TABLE client_updates ADD COLUMN {name} INTEGER")
+    db.execute(
+        """CREATE TABLE residuals (
+            session_id TEXT PRIMARY KEY,
+            round INTEGER NOT NULL,
+            codec TEXT NOT NULL,
+            data BLOB NOT NULL,
+            updated_at REAL NOT NULL
+        )"""
+    )
+
+
 MIGRATIONS: list[Callable[[Database], None]] = [
     _m001_initial,
     _m002_admission,
@@ -735,6 +756,7 @@ MIGRATIONS: list[Callable[[Database], None]] = [
     _m009_update_scores,
     _m010_privacy,
     _m011_central_dp,
+    _m012_compression,
 ]
 """Ordered; migration ``i`` (0-based) brings the schema to version ``i + 1``."""
 
@@ -814,6 +836,27 @@ def _event_row(row: dict[str, Any]) -> dict[str, Any]:
     row = dict(row)
     row["data"] = json.loads(row["data"])
     return row
+
+
+def _ratio(raw: int, wire: int) -> float | None:
+    """How many times fewer bytes crossed the wire than the raw figure (None: no bytes)."""
+    return raw / wire if wire > 0 and raw > 0 else None
+
+
+def _traffic_totals(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Sums of traffic rows: bytes up on the wire and raw, down likewise, and the ratios."""
+    up = sum(r["bytes"] or 0 for r in rows)
+    up_raw = sum(r["bytes_raw"] or 0 for r in rows)
+    down = sum(r["down_bytes"] or 0 for r in rows)
+    down_raw = sum(r["down_raw"] or 0 for r in rows if r["down_bytes"])
+    return {
+        "up_bytes": up,
+        "up_raw": up_raw,
+        "up_ratio": _ratio(up_raw, up),
+        "down_bytes": down,
+        "down_raw": down_raw,
+        "down_ratio": _ratio(down_raw, down),
+    }
 
 
 class Ledger:
@@ -1322,12 +1365,16 @@ class Ledger:
         eval_loss: float | None = None,
         eval_metrics: Mapping[str, float] | None = None,
         dp: Mapping[str, Any] | None = None,
+        bytes_raw: int | None = None,
+        down_bytes: int | None = None,
+        down_raw: int | None = None,
     ) -> dict[str, Any]:
         """Record one received update and, if the peer is known, bump its counters.
 
         ``eval_*``: the participant's evaluation of the round's model on its held-out split,
         when it sent one (None = no report). ``dp``: its DP figures by DP_COLUMNS name
-        (None or missing = not reported).
+        (None or missing = not reported). ``bytes_raw``, ``down_bytes``, ``down_raw``: the
+        compression figures of _m012_compression (None = not known).
 
         The peer's ``rounds_completed`` (accepted) or ``updates_rejected`` (rejected) move in
         the same transaction, so callers must not also increment them by hand.
@@ -1359,6 +1406,9 @@ class Ledger:
                         {k: _real(k, v, optional=False) for k, v in eval_metrics.items()}
                     ),
                     **_dp_columns(dp or {}),
+                    "bytes_raw": _int("bytes_raw", bytes_raw, minimum=0),
+                    "down_bytes": _int("down_bytes", down_bytes, minimum=0),
+                    "down_raw": _int("down_raw", down_raw, minimum=0),
                 }
             )
             update_id = table.last_pk
@@ -2453,6 +2503,33 @@ class Ledger:
         with self.transaction():
             return self._row("privacy_spending", self._insert("privacy_spending", row))
 
+    # --- error feedback (participant side; fednode.codecs.feedback) ---------------------
+
+    def save_residual(self, session_id: str, round: int, codec: str, data: bytes) -> None:
+        """What a lossy codec left unsent after ``round`` (safetensors bytes), replacing the
+        session's previous residual in one statement: a crash leaves the old or the new."""
+        with self.transaction():
+            self.db.execute(
+                "INSERT INTO residuals (session_id, round, codec, data, updated_at) "
+                "VALUES (?, ?, ?, ?, ?) ON CONFLICT(session_id) DO UPDATE SET round = "
+                "excluded.round, codec = excluded.codec, data = excluded.data, "
+                "updated_at = excluded.updated_at",
+                (
+                    _text("session_id", session_id),
+                    _int("round", round, optional=False, minimum=0),
+                    _text("codec", codec),
+                    bytes(data),
+                    time.time(),
+                ),
+            )
+
+    def residual(self, session_id: str) -> dict[str, Any] | None:
+        """The session's saved residual (round, codec, data), or None."""
+        return self._one(
+            "SELECT round, codec, data FROM residuals WHERE session_id = ?",
+            (_text("session_id", session_id),),
+        )
+
     def privacy_spending(self, dataset: str) -> list[dict[str, Any]]:
         """Every round this participant trained privately on ``dataset``, oldest first."""
         rows = self.db.query(
@@ -2511,6 +2588,14 @@ class Ledger:
             for r in self.rounds(session_id)
             if r["status"] == "completed"
         ]
+        traffic = self.traffic(session_id)
+        by_round: dict[int, list[dict[str, Any]]] = {}
+        by_peer: dict[str, list[dict[str, Any]]] = {}
+        for t in traffic:
+            by_round.setdefault(t["round"], []).append(t)
+            by_peer.setdefault(t["participant"], []).append(t)
+        for h in history:  # what that round's accepted updates weighed, raw and on the wire
+            h.update(_traffic_totals(by_round.get(h["round"], [])))
         final_metrics = session.get("final_metrics")
         return {
             "session_id": session_id,
@@ -2531,6 +2616,31 @@ class Ledger:
             "duration_s": duration,
             "bytes_up": int(totals[1]),
             "bytes_down": int(totals[2]),
+            # compression (docs/compression.md): the codec, and the accepted updates' bytes
+            # raw (float32) and on the wire, up and down, with their ratios
+            "compression": {
+                "codec": (session["spec"].get("compression") or {}).get("codec", "identity"),
+                "downlink": (session["spec"].get("compression") or {}).get("downlink", "full"),
+                **_traffic_totals(traffic),
+            },
+            "traffic": traffic,  # per accepted update: round, participant and its bytes
+            "traffic_by_participant": [
+                {"participant": p, "updates": len(ts), **_traffic_totals(ts)}
+                for p, ts in sorted(by_peer.items())
+            ],
             "ledger": str(self.path),
             "history": history,
         }
+
+    def traffic(self, session_id: str) -> list[dict[str, Any]]:
+        """Each accepted update's sizes (_m012_compression), by round then participant;
+        rows from before that migration are left out."""
+        return [
+            dict(r)
+            for r in self.db.query(
+                "SELECT round, participant, bytes, bytes_raw, down_bytes, down_raw "
+                "FROM client_updates WHERE session_id = ? AND status = 'accepted' AND "
+                "bytes_raw IS NOT NULL ORDER BY round, participant, id",
+                (session_id,),
+            )
+        ]

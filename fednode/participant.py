@@ -26,6 +26,7 @@ import math
 import random
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -37,6 +38,7 @@ from fednode import (
     __version__,
     bounds,
     central_dp,
+    downlink,
     dpsgd,
     factories,
     quality,
@@ -46,6 +48,7 @@ from fednode import (
     weights,
 )
 from fednode.attacks import Attack, Probe
+from fednode.codecs import CodecParams, Shapes, randk, round_seed
 from fednode.data import Dataset, DatasetRef, load_partition, load_split
 from fednode.ledger import Ledger
 from fednode.noisy_reports import ReportPrivacy, noisy_report
@@ -53,11 +56,13 @@ from fednode.privacy import TrainFn
 from fednode.schema import PROBE, Schema
 from fednode.session import model_spec
 from fednode.store import BlockStore
-from fednode.transport import Connection, dial
+from fednode.transport import MAX_FRAME_BYTES, Connection, dial
+from fednode.uplink import Uplink
 from protocol import messages, modelspec, plugins, secagg, spec
+from protocol.blockstream import BlockStream
 from protocol.cid import file_cid
 from protocol.errors import (
-    CIDError,
+    BlockStreamError,
     DataError,
     FednodeError,
     ModelCodeError,
@@ -271,6 +276,7 @@ class Participant:
         self.num_examples = 0  # set by run(), from the data as loaded
         self.identity = identity
         self.ledger = ledger
+        self.uplink = Uplink(ledger)  # the codec step, with error feedback in the ledger
         self.store = store
         self.url = url
         self.coordinator_id = coordinator_id
@@ -278,7 +284,12 @@ class Participant:
         self.join_token = join_token
         self.train_delay_s = train_delay_s  # a test option: a deliberately slow participant
         self.poison_round = poison_round  # a test option: this round's update diverges
-        self._fetches: dict[str, asyncio.Future[bytes]] = {}
+        # model CID -> the download's outcome: the file, or a model_delta to rebuild it from
+        self._fetches: dict[str, asyncio.Future[bytes | messages.ModelDelta]] = {}
+        # session -> the CID of the last model of it this node holds (compression.downlink)
+        self._held: dict[str, str] = {}
+        # root CID -> the block stream of its download from the coordinator, while it runs
+        self._streams: dict[str, BlockStream] = {}
         self._task: asyncio.Task[None] | None = None
         self._data_cache: dict[tuple[Any, ...], Any] = {}
         self._secagg_inbox: asyncio.Queue[messages.Message] = asyncio.Queue()
@@ -436,11 +447,12 @@ class Participant:
                 elif isinstance(msg, messages.SECAGG_TO_PARTICIPANT):
                     self._secagg_inbox.put_nowait(msg)
                 elif isinstance(msg, messages.Block):
-                    fut = self._fetches.pop(msg.cid, None)
-                    if fut is not None and not fut.done():
-                        fut.set_result(msg.data)
+                    self._on_block(msg)
+                elif isinstance(msg, messages.ModelDelta):
+                    self._on_delta(msg)
                 elif isinstance(msg, messages.Error):
                     log.warning("coordinator says %s: %s", msg.code, msg.message)
+                    self._streams.clear()
                     for fut in self._fetches.values():
                         if not fut.done():
                             fut.set_exception(FednodeError(msg.message, code=msg.code))
@@ -494,11 +506,24 @@ class Participant:
             return None
 
     async def _fetch(
-        self, conn: Connection, session: str, cid: str, via: str = "coordinator"
+        self,
+        conn: Connection,
+        session: str,
+        cid: str,
+        via: str = "coordinator",
+        max_bytes: int = MAX_FRAME_BYTES,
+        delta_from: tuple[str, Shapes] | None = None,
     ) -> bytes:
         """The model by CID, every block verified: from the local store if present, from
         this node's IPFS daemon when the spec says ``model.fetch = "ipfs"``, else (or when the
-        daemon cannot give it) from the coordinator."""
+        daemon cannot give it) from the coordinator, block by block, never more than
+        ``max_bytes`` (the spec's model: fednode.weights.max_file_bytes).
+
+        ``delta_from`` (compression.downlink, and the model's shapes): the coordinator is told
+        the last model of the session this node holds, and may answer with a difference
+        from it (fednode.downlink), rebuilt here and checked against the CID it names; with
+        delta_fp16 that is the coordinator's rebuild, not ``cid`` itself, and the model
+        returned is that rebuild."""
         from fednode.ipfs import IpfsStore
 
         on_ipfs = isinstance(self.store, IpfsStore)
@@ -523,25 +548,126 @@ class Participant:
                 self._fetched[cid] = (len(data), time.perf_counter() - started)
                 return data
         elif await asyncio.to_thread(self.store.has, cid):
+            if delta_from is not None:
+                self._held[session] = cid
             return await asyncio.to_thread(self.store.get, cid)  # verified block by block
-        fut: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
-        self._fetches[cid] = fut
+        held = self._held.get(session, "") if delta_from is not None else ""
+        fut, stream = self._expect_blocks(cid, max_bytes)
         started = time.perf_counter()
-        await conn.send(messages.Fetch(cid=cid), session)
+        await conn.send(messages.Fetch(cid=cid, have=held), session)
+        got, down = await self._receive_blocks(cid, fut, stream)
+        if isinstance(got, messages.ModelDelta):
+            data, down = await self._rebuild(got, held, delta_from), len(got.data)
+        else:
+            data = got
+        took = time.perf_counter() - started
+        self._fetched[cid] = (down, took)  # reported with the update: bandwidth
+        # a cache: the coordinator has the model, so no fsync on the round's critical path
+        await asyncio.to_thread(self.store.put, data, pin=False, durable=False)
+        if delta_from is not None:  # what to name as held next round
+            self._held[session] = got.result if isinstance(got, messages.ModelDelta) else cid
+        return data
+
+    async def _rebuild(
+        self, msg: messages.ModelDelta, held: str, asked: tuple[str, Shapes] | None
+    ) -> bytes:
+        """The model a ``model_delta`` makes of the held one, checked against the CID it
+        names, which a lossless delta must name as the model asked for; ``asked``: the
+        session's downlink mode and model shapes (None: no delta was asked for)."""
+        if asked is None or not held or msg.base != held:
+            raise BlockStreamError(
+                f"the coordinator sent a difference from {msg.base}; this node "
+                + (f"holds {held} of the session" if asked and held else "asked for none")
+            )
+        mode, shapes = asked
+        if msg.encoding != downlink.MODES[mode] or (mode == "delta" and msg.result != msg.cid):
+            raise BlockStreamError(
+                f"the coordinator sent a {msg.encoding} difference giving {msg.result}; the "
+                f"session's downlink is {mode} of {msg.cid}"
+            )
+        base = await asyncio.to_thread(self.store.get, held)  # verified block by block
+        return await asyncio.to_thread(
+            downlink.rebuild, msg.encoding, base, msg.data, msg.result, shapes
+        )
+
+    def _expect_blocks(
+        self, cid: str, max_bytes: int
+    ) -> tuple[asyncio.Future[bytes | messages.ModelDelta], BlockStream]:
+        """Get ready for the blocks of model ``cid`` (before asking, so that none is missed):
+        the future gets the file once every block came and was checked."""
+        fut: asyncio.Future[bytes | messages.ModelDelta] = (
+            asyncio.get_running_loop().create_future()
+        )
+        stream = BlockStream(cid, max_bytes)
+        self._fetches[cid], self._streams[cid] = fut, stream
+        return fut, stream
+
+    async def _receive_blocks(
+        self, cid: str, fut: asyncio.Future[bytes | messages.ModelDelta], stream: BlockStream
+    ) -> tuple[bytes | messages.ModelDelta, int]:
+        """The file of a download ``_expect_blocks`` started, and the bytes of its blocks
+        (what came over the wire); or the ``model_delta`` the coordinator sent instead.
+        FETCH_TIMEOUT if the stream does not finish in time; BAD_BLOCK_STREAM or
+        CID_MISMATCH as soon as a block is not the one expected."""
         try:
             data = await asyncio.wait_for(fut, FETCH_TIMEOUT_S)
         except TimeoutError:
             raise FednodeError(
-                f"the coordinator sent no block {cid} within {FETCH_TIMEOUT_S:.0f} s",
+                f"the coordinator sent {stream.blocks} blocks of model {cid} in "
+                f"{FETCH_TIMEOUT_S:.0f} s, not all of them",
                 code="FETCH_TIMEOUT",
             ) from None
-        took = time.perf_counter() - started
-        if file_cid(data) != cid:
-            raise CIDError(f"model bytes from the coordinator do not hash to {cid}")
-        self._fetched[cid] = (len(data), took)  # reported with the update: bandwidth
-        # a cache: the coordinator has the model, so no fsync on the round's critical path
-        await asyncio.to_thread(self.store.put, data, pin=False, durable=False)
-        return data
+        finally:
+            if self._streams.get(cid) is stream:
+                del self._streams[cid]
+            if self._fetches.get(cid) is fut:
+                del self._fetches[cid]
+        return data, stream.block_bytes
+
+    def _on_block(self, msg: messages.Block) -> None:
+        """A block from the coordinator: to the download that expects it next, checked there
+        (protocol.blockstream). A block no download expects fails the one in flight (the
+        coordinator is not sending the model it named); with none in flight it is dropped."""
+        root = next((r for r, st in self._streams.items() if st.expected() == msg.cid), None)
+        if root is None and len(self._streams) == 1:
+            root = next(iter(self._streams))  # its stream names what it expected instead
+        if root is None:
+            if not self._streams:
+                log.warning("the coordinator sent block %s, which no download asked for", msg.cid)
+                return
+            err: FednodeError = BlockStreamError(
+                f"block {msg.cid} is not the next block of any model being downloaded"
+            )
+            for r in list(self._streams):
+                self._fail_download(r, err)
+            return
+        stream = self._streams[root]
+        try:
+            stream.feed(msg.cid, msg.data)
+            if stream.done:
+                data = stream.result()
+                del self._streams[root]
+                fut = self._fetches.get(root)
+                if fut is not None and not fut.done():
+                    fut.set_result(data)
+        except FednodeError as err:
+            self._fail_download(root, err)
+
+    def _on_delta(self, msg: messages.ModelDelta) -> None:
+        """A model_delta: the answer to the download of ``msg.cid`` instead of its blocks
+        (rebuilt and checked by the download itself)."""
+        fut = self._fetches.get(msg.cid)
+        if fut is None or fut.done():
+            log.warning("the coordinator sent a delta of %s, which no download asked for", msg.cid)
+            return
+        self._streams.pop(msg.cid, None)
+        fut.set_result(msg)
+
+    def _fail_download(self, root: str, err: FednodeError) -> None:
+        self._streams.pop(root, None)
+        fut = self._fetches.get(root)
+        if fut is not None and not fut.done():
+            fut.set_exception(err)
 
     async def _train(
         self,
@@ -551,8 +677,9 @@ class Participant:
         s: dict[str, Any],
         round_end: float,
         dp: dpsgd.DPRound | None = None,
-    ) -> training.TrainResult:
-        """Fetch the round's model by CID, train on the local data, return the result.
+    ) -> tuple[training.TrainResult, weights.Weights]:
+        """Fetch the round's model by CID, train on the local data, return the result and
+        the model it trained from (a delta codec and a secure round encode against it).
         With ``dp`` (local DP-SGD), the round's spending goes to this node's ledger as soon
         as training ends: an update could leave from then on.
 
@@ -561,10 +688,19 @@ class Participant:
         this coroutine is cancelled the worker thread is told to stop too: a thread cannot
         be killed, but it checks its stop flag before every batch.
         """
-        blob = await self._fetch(conn, session, task.model_cid, s["model"]["fetch"])
         mspec = model_spec(s)
-        # The header is checked against the spec's shapes before anything is allocated.
+        # The download is bounded by the spec's model, and the header is checked against the
+        # spec's shapes before anything is allocated for the tensors.
         shapes = training.expected_shapes(mspec)
+        mode = s["compression"]["downlink"]
+        blob = await self._fetch(
+            conn,
+            session,
+            task.model_cid,
+            s["model"]["fetch"],
+            weights.max_file_bytes(shapes),
+            delta_from=None if mode == "full" else (mode, shapes),
+        )
         global_w = await asyncio.to_thread(weights.from_bytes, blob, expect=shapes)
         del blob
         data, test = await asyncio.to_thread(self._local_data, s)
@@ -626,7 +762,7 @@ class Participant:
             self._record_dp(session, task.round, dp)
         if self.attack is not None:
             result = await self._attacked(session, task.round, result, global_w)
-        return dataclasses.replace(result, duration_s=wall)
+        return dataclasses.replace(result, duration_s=wall), global_w
 
     def _plan_dp(
         self, session: str, s: dict[str, Any], rows: list[dict[str, Any]]
@@ -817,7 +953,7 @@ class Participant:
                 )
                 own = await asyncio.to_thread(weights.to_bytes, result.weights)
             else:
-                result = await self._train(conn, session, task, s, round_end, dp)
+                result, base = await self._train(conn, session, task, s, round_end, dp)
                 if task.round == self.poison_round:  # the test option: a diverging update
                     poisoned = {k: v * POISON_FACTOR for k, v in result.weights.items()}
                     result = dataclasses.replace(result, weights=poisoned)
@@ -829,7 +965,20 @@ class Participant:
                     )
                 if not math.isfinite(result.loss):  # train() refuses these; never send one
                     raise training.NonFiniteUpdate(f"the training loss is {result.loss}")
-                own = out = await asyncio.to_thread(plan.codec.encode, result.weights)
+                enc = await asyncio.to_thread(
+                    self.uplink.encode,
+                    session,
+                    task.round,
+                    plan.codec,
+                    CodecParams.of_spec(
+                        s["compression"], round_seed(session, task.round, task.model_cid)
+                    ),
+                    s["compression"],
+                    result.weights,
+                    base,
+                    self.uplink.residual(session, plan.codec.name, weights.shapes(base)),
+                )
+                own = out = enc.data
                 sent = await conn.send(
                     messages.Update(
                         round=task.round,
@@ -848,6 +997,7 @@ class Participant:
                     ),
                     session,
                 )
+                enc.commit()  # the update has left: what it did not carry is the residual
             # The participant keeps its own update: its data, its audit trail.
             own_cid = self.store.put(own, pin=False, durable=False)  # an audit copy
             self.ledger.append_event(
@@ -975,16 +1125,13 @@ class Participant:
             shares = client.share_keys(roster.roster)
             sent += await conn.send(messages.SecaggShares(round=n, shares=shares), session)
             relay = await self._next_unless_failed(messages.SecaggRelay, n, end, training_task)
-            result = await training_task
+            result, base = await training_task
             shapes = training.expected_shapes(model_spec(s))
             # The update is masked, not the model: w - g against the model trained from, which
-            # _train fetched and verified by CID (now in the local store); the coordinator adds
-            # g back. The weight is the one the coordinator assigned (it checks their sum after
-            # unmasking), and the update is clipped to its L2 bound here, since nobody else
-            # sees it: the coordinator can only check the sum's norm.
-            base = await asyncio.to_thread(
-                weights.from_bytes, await self._fetch(conn, session, task.model_cid), expect=shapes
-            )
+            # _train fetched and verified by CID; the coordinator adds g back. The weight is
+            # the one the coordinator assigned (it checks their sum after unmasking), and the
+            # update is clipped to its L2 bound here, since nobody else sees it: the
+            # coordinator can only check the sum's norm.
             if self.probe.on:  # the test option: its own weight, no norm clip, scaled
                 weight = min(self.probe.claim, p.max_weight) if self.probe.claim else weight
                 max_norm = 0.0
@@ -995,10 +1142,23 @@ class Participant:
                 )
                 max_norm = min(max_norm, share.clip_norm) if max_norm > 0 else share.clip_norm
             bounded, norm, scale = bounds.clip_update(result.weights, base, max_norm)
-            flat = weights.flatten(bounded, shapes)
+            flat, g = weights.flatten(bounded, shapes), weights.flatten(base, shapes)
+            commit: Callable[[], None] | None = None
+            if task.codec == plugins.RANDK:  # the round's shared coordinates, plus error feedback
+                coords = randk.coordinates(
+                    flat.size,
+                    s["compression"]["fraction"],
+                    round_seed(session, n, task.model_cid),
+                )
+                picked, commit = self.uplink.secure_select(
+                    session, n, plugins.RANDK, s["compression"], flat - g, coords, shapes
+                )
+                # what is sent keeps the L2 bound (the residual may have added to it)
+                picked = bounds.clip_vector(picked, max_norm)
+                flat, g = g[coords] + picked, g[coords]
             if share is not None:  # this node's share of the noise, before masking
                 flat = central_dp.add_share(flat, share.std, np.random.default_rng())
-            x, clipped = secagg.encode_update(flat, weights.flatten(base, shapes), weight, p)
+            x, clipped = secagg.encode_update(flat, g, weight, p)
             if clipped:
                 log.warning(
                     "round %d: the update exceeded clip %g in %d of %d coordinates (clipped)",
@@ -1043,6 +1203,8 @@ class Participant:
                 ),
                 session,
             )
+            if commit is not None:  # the masked input has left: the rest is the residual
+                commit()
             req = await self._next(messages.SecaggUnmaskRequest, n, end)
             out = client.unmask(req.survivors, req.dropped)
             sent += await conn.send(messages.SecaggUnmask(round=n, b=out["b"], s=out["s"]), session)

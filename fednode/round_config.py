@@ -16,7 +16,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from fednode.codec import Codec, get_codec
+from fednode.codecs import Codec, get_codec
 from fednode.privacy import Mechanism, get_mechanism
 from protocol import messages
 from protocol import spec as specmod

@@ -53,6 +53,7 @@ class RoundRun:
     failed: dict[str, str] = field(default_factory=dict)  # peer -> reason (left, error)
     bytes_up: int = 0
     bytes_down: int = 0
+    down: dict[str, int] = field(default_factory=dict)  # peer -> bytes of the model sent it
     anomalous_pct: float | None = None  # plain rounds: share of updates that were outliers
     # plain rounds: peers whose update outlier detection left out (fednode.robustness)
     excluded: list[str] = field(default_factory=list)

@@ -28,7 +28,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from fednode import central_dp, weights
-from protocol import messages
+from fednode.codecs import randk, round_seed
+from protocol import messages, plugins
 from protocol.errors import AggregateRejected, FednodeError, StateError, ValidationError
 from protocol.secagg import (
     Server,
@@ -65,11 +66,21 @@ class SecureRound:
         self.params = params_from_spec(
             run.spec["aggregation"], len(rnd.selected), tag, os.urandom(32)
         )
-        self.dim = sum(int(np.prod(s)) for s in run.shapes.values()) + 1
         # The round's model, the one rnd.model_cid names: participants encode w - g against it
         if run.global_weights is None or run.global_cid != rnd.model_cid:
             raise StateError(f"round {rnd.number}: the global model is not {rnd.model_cid}")
         self.base = weights.flatten(run.global_weights, run.shapes)
+        # compression.codec = "randk": every input holds the same coordinates of w - g, drawn
+        # from the round's shared seed, so the masked sum is the sum of those coordinates
+        comp = run.spec.get("compression") or {}
+        self.coords: np.ndarray | None = None
+        if comp.get("codec") == plugins.RANDK:
+            self.coords = randk.coordinates(
+                self.base.size,
+                comp["fraction"],
+                round_seed(run.session_id, rnd.number, rnd.model_cid),
+            )
+        self.dim = (self.base.size if self.coords is None else self.coords.size) + 1
         # The weight each participant must use: the coordinator checks their sum after the
         # unmasking, and bounds what the whole sum may do, since it never sees one input.
         self.assigned = run.assigned_weights(list(rnd.selected), self.params.max_weight)
@@ -195,7 +206,12 @@ class SecureRound:
                 self._roster, self.params.neighbours, self.params.threshold
             )
         # g + the weighted mean of the updates (SecAggError if the sum holds no weight)
-        weight_sum, average = decode_average(total, self.base, self.params)
+        if self.coords is None:
+            weight_sum, average = decode_average(total, self.base, self.params)
+        else:  # randk: the mean at the round's coordinates; the model elsewhere as it was
+            weight_sum, picked = decode_average(total, self.base[self.coords], self.params)
+            average = self.base.copy()
+            average[self.coords] = picked
         assert set(self.in_sum) <= u3
         self._check_sum(weight_sum, average)
         # the strategy's step from the mean (a server optimizer's; FedAvg's is the mean): its

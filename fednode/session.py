@@ -32,8 +32,17 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from fednode import central_dp, quality, robustness, rounds, training, versions, weights
-from fednode.codec import get_codec
+from fednode import (
+    central_dp,
+    downlink,
+    quality,
+    robustness,
+    rounds,
+    training,
+    versions,
+    weights,
+)
+from fednode.codecs import BAD_UPDATE, CodecParams, get_codec, round_seed
 from fednode.data import Dataset, load_eval
 from fednode.dpsgd import BUDGET_WARNING_SHARE
 from fednode.resume import ResumePoint
@@ -75,6 +84,12 @@ def model_spec(spec: dict[str, Any]) -> dict[str, Any]:
     return {k: m[k] for k in modelspec.MODEL_KEYS if k in m}
 
 
+# Refusals of an update's bytes that its sender must have made on purpose: a payload its
+# codec cannot read (fednode.codecs: BAD_UPDATE) or bytes that are not what it named
+# (fednode.rounds.check_content). Recorded as ``security`` events, besides the rejection.
+CONTENT_REFUSALS = frozenset({BAD_UPDATE, "CID_MISMATCH"})
+
+
 class SessionRun:
     def __init__(
         self,
@@ -101,7 +116,13 @@ class SessionRun:
         self.strategy_state: State = {}
         # how plain updates are encoded; a spec stored before codecs existed and no longer valid
         # (kept for a finished session) is read as it was: identity
-        self.codec = get_codec(spec["aggregation"].get("codec", plugins.IDENTITY_CODEC))
+        comp = spec.get("compression") or {}
+        self.codec = get_codec(
+            comp.get("codec", spec["aggregation"].get("codec", plugins.IDENTITY_CODEC))
+        )
+        self.compression: dict[str, Any] = dict(comp)
+        # (model, held model, downlink mode) -> the model_delta for it (None: send blocks)
+        self._deltas: dict[tuple[str, str, str], downlink.Delta | None] = {}
         self._wake = asyncio.Event()
         self.secure: SecureRound | None = None
         self._task: asyncio.Task[None] | None = None
@@ -309,6 +330,35 @@ class SessionRun:
         cid = await self.coord.guard.run(self.coord.store.put, blob)
         self.global_cid, self.global_weights, self._global_blob = cid, w, blob
         return cid, len(blob)
+
+    async def model_delta(self, cid: str, have: str) -> downlink.Delta | None:
+        """The current model ``cid`` as a difference from model ``have``, which a
+        participant holds (compression.downlink), when that is smaller; None otherwise (or
+        when ``have`` is not a model of this session's shapes in the store). One delta per
+        held model and round: every participant holding the same model gets the same one."""
+        mode = self.compression.get("downlink", "full")
+        if mode not in downlink.MODES or cid != self.global_cid or not self._global_blob:
+            return None
+        key = (cid, have, mode)
+        if key not in self._deltas:
+            self._deltas = {k: v for k, v in self._deltas.items() if k[0] == cid}
+            self._deltas[key] = await asyncio.to_thread(self._make_delta, mode, have)
+        return self._deltas[key]
+
+    def _make_delta(self, mode: str, have: str) -> downlink.Delta | None:
+        store = self.coord.store
+        try:
+            if have == self.global_cid or not store.has(have):
+                return None
+            held = store.get(have)  # every block re-hashed
+        except FednodeError:  # a malformed CID, a block that went missing
+            return None
+        delta = downlink.make(downlink.MODES[mode], held, self._global_blob, self.shapes)
+        if delta is not None and delta.result_cid != self.global_cid:
+            # delta_fp16: what the participant rebuilds is kept under its CID, which it
+            # names as the model it holds next round
+            store.put(delta.result, pin=False, durable=False)
+        return delta
 
     def model_bytes(self, cid: str) -> bytes | None:
         """The bytes of the session's current model if ``cid`` names it (None: ask the
@@ -770,6 +820,7 @@ class SessionRun:
         if own is not None:
             self.base_loss = own[1]
         self.coord.monitor.on_round_figures(self.session_id, figures or {}, loss)
+        raw_up = self.raw_update_bytes * (len(rnd.received) or len(contributors))
         self.coord.record(
             "round_completed",
             self.session_id,
@@ -785,6 +836,11 @@ class SessionRun:
                 "excluded": rnd.excluded,  # outliers left out (docs/robustness.md)
                 "bytes_up": rnd.bytes_up,
                 "bytes_down": rnd.bytes_down,
+                # compression (docs/compression.md): the contributors' updates as float32
+                # against what the round's uplink carried
+                "codec": self.codec.name,
+                "bytes_up_raw": raw_up,
+                "up_ratio": raw_up / rnd.bytes_up if rnd.bytes_up else None,
                 "evaluation": on,
                 "participant_eval": {}
                 if reported is None
@@ -988,12 +1044,19 @@ class SessionRun:
         assert rnd is not None
         rnd.bytes_up += frame_bytes
         try:
-            w = rounds.check_content(rnd, msg, lambda data: self.codec.decode(data, self.shapes))
+            w = rounds.check_content(rnd, msg, lambda data: self._decode(rnd, data))
         except ValidationError as err:
             rnd.failed[peer] = f"rejected: {err.message}"
             self._record_update(
                 peer, msg, frame_bytes, now, "rejected", f"{err.code}: {err.message}"
             )
+            if err.code in CONTENT_REFUSALS:  # bytes it chose and signed: not an accident
+                self.coord.record(
+                    "security",
+                    self.session_id,
+                    {"code": err.code, "message": err.message},
+                    entity_id=peer,
+                )
             self.wake()
             raise
         # the audit copy (store.put says why it need not be fsynced)
@@ -1023,6 +1086,18 @@ class SessionRun:
         )
         self.wake()
 
+    def _decode(self, rnd: RoundRun, data: bytes) -> weights.Weights:
+        """An update's weights from its bytes: a delta codec's difference is added to the
+        round's model (the codec's decode checked every index, length and scale)."""
+        params = CodecParams.of_spec(
+            self.compression, round_seed(self.session_id, rnd.number, rnd.model_cid)
+        )
+        out = self.codec.decode(data, self.shapes, params)
+        if not self.codec.on_delta:
+            return out
+        assert self.global_weights is not None and self.global_cid == rnd.model_cid
+        return {k: self.global_weights[k] + v for k, v in out.items()}
+
     def _record_update(
         self,
         peer: str,
@@ -1049,7 +1124,23 @@ class SessionRun:
             received_at=now,
             **self._report_columns(msg),
             dp=self._dp_columns(msg),
+            **self._size_columns(peer),
         )
+
+    @property
+    def raw_update_bytes(self) -> int:
+        """An update as float32 values: what compression ratios are measured against."""
+        return 4 * sum(int(np.prod(s)) for s in self.shapes.values())
+
+    def _size_columns(self, peer: str) -> dict[str, int | None]:
+        """The ledger's compression figures of a peer's update in the current round: its
+        size as float32 values, and what this coordinator sent it of the round's model."""
+        assert self.round is not None
+        return {
+            "bytes_raw": self.raw_update_bytes,
+            "down_bytes": self.round.down.get(peer),
+            "down_raw": len(self._global_blob) if self._global_blob else None,
+        }
 
     @staticmethod
     def _dp_columns(msg: messages.Update | messages.SecaggMasked) -> dict[str, Any] | None:
@@ -1123,6 +1214,7 @@ class SessionRun:
             received_at=now,
             **self._report_columns(msg),
             dp=self._dp_columns(msg),
+            **self._size_columns(peer),
         )
         self._check_budget(peer, msg)
         self._take_report(self.round, peer, msg)
@@ -1172,6 +1264,8 @@ class SessionRun:
             rnd.failed[peer] = reason
         self.wake()
 
-    def on_bytes_down(self, n: int) -> None:
+    def on_bytes_down(self, n: int, peer: str = "") -> None:
         if self.round is not None and self.round.phase == RoundPhase.TRAINING:
             self.round.bytes_down += n
+            if peer:
+                self.round.down[peer] = self.round.down.get(peer, 0) + n

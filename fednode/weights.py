@@ -233,6 +233,14 @@ def num_params(w: Mapping[str, np.ndarray]) -> int:
     return int(sum(v.size for v in w.values()))
 
 
+def max_file_bytes(expect: Mapping[str, tuple[int, ...]]) -> int:
+    """The most bytes a model with these shapes can take as a file `from_bytes` accepts:
+    its float32 tensors and the largest header read_header allows. A download is bounded
+    by this before any of it is kept (protocol.blockstream)."""
+    params = sum(math.prod(shape) for shape in expect.values())
+    return 8 + MAX_HEADER_BYTES + params * DTYPE_SIZES["F32"]
+
+
 def nbytes(w: Mapping[str, np.ndarray]) -> int:
     return int(sum(v.nbytes for v in w.values()))
 

@@ -111,6 +111,17 @@ class CIDError(FednodeError):
     hint = "the block was corrupted or tampered with; fetch it again from a trusted source"
 
 
+class BlockStreamError(CIDError):
+    """A model download whose blocks are not the DAG of the CID asked for: out of order,
+    after the end, or more than the spec's model can be (protocol.blockstream)."""
+
+    code = "BAD_BLOCK_STREAM"
+    hint = (
+        "the coordinator sent blocks that are not the model it named; the task was refused, "
+        "tell the coordinator's operator"
+    )
+
+
 class NotFound(FednodeError):
     """A session, model, block or peer that does not exist."""
 

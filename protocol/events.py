@@ -106,6 +106,11 @@ class RoundCompleted(Payload):
     excluded: list[str] = field(default_factory=list)
     bytes_up: int | None = None
     bytes_down: int | None = None
+    # compression (compression.codec): the uplink codec, the contributors' updates as float32
+    # bytes, and bytes_up_raw / bytes_up (None: nothing crossed the uplink)
+    codec: str = ""
+    bytes_up_raw: int | None = None
+    up_ratio: float | None = None
     # who measured accuracy and loss (spec evaluation.on); with "participants" they are the
     # participants' figures of the model the round started from (model_cid_in)
     evaluation: str = "coordinator"

@@ -19,6 +19,7 @@ DEFAULT_MAX_BYTES = 64 * KIB
 MAX_BYTES: dict[str, int] = {
     "update": 64 * MIB,
     "block": 64 * MIB,
+    "model_delta": 64 * MIB,
     "admin_reply": 64 * MIB,  # model.get returns a model
     "admin": 1 * MIB,
     "round_start": 1 * MIB,

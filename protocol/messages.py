@@ -368,10 +368,15 @@ class Heartbeat(Message):
 class Fetch(Message):
     TYPE: ClassVar[str] = "fetch"
     cid: str
+    # the CID of the last model of this session the participant holds ("" = none): the
+    # coordinator may answer with a model_delta from it (compression.downlink)
+    have: str = ""
 
     def validate(self) -> None:
         if not 0 < len(self.cid) <= MAX_ID:
             raise ValidationError("field 'cid' of 'fetch' must be a CID")
+        if len(self.have) > MAX_ID:
+            raise ValidationError("field 'have' of 'fetch' must be a CID or empty")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -451,6 +456,30 @@ class Block(Message):
 
 
 @dataclasses.dataclass(frozen=True)
+class ModelDelta(Message):
+    """The answer to a ``fetch`` naming a held model, when a difference from it is smaller
+    than the model (fednode.downlink): the participant rebuilds ``result`` from ``base`` and
+    ``data`` and checks it hashes to ``result`` (== ``cid`` when lossless)."""
+
+    TYPE: ClassVar[str] = "model_delta"
+    cid: str  # the model asked for
+    base: str  # the held model the difference is from
+    result: str  # the CID of what the rebuild gives
+    encoding: str  # fednode.downlink.ENCODINGS
+    data: bytes
+
+    def validate(self) -> None:
+        for name in ("cid", "base", "result"):
+            if not 0 < len(getattr(self, name)) <= MAX_ID:
+                raise ValidationError(f"field {name!r} of 'model_delta' must be a CID")
+        if self.encoding not in ("xor_zlib", "fp16"):
+            raise ValidationError(
+                f"field 'encoding' of 'model_delta' is {text.shown(self.encoding)}: expected "
+                "xor_zlib or fp16"
+            )
+
+
+@dataclasses.dataclass(frozen=True)
 class RoundStart(Message):
     TYPE: ClassVar[str] = "round_start"
     round: int
@@ -462,7 +491,7 @@ class RoundStart(Message):
     # the strategy's settings for this round (fednode.strategies: round_config), e.g. FedProx's
     # {"mu": 0.01}; the participant applies each or declines the task (fednode.round_config)
     strategy: dict[str, Any] = dataclasses.field(default_factory=dict)
-    # how the participant encodes its update (fednode.codec) and what wraps its local
+    # how the participant encodes its update (fednode.codecs) and what wraps its local
     # training (fednode.privacy): names it must have registered
     codec: str = plugins.IDENTITY_CODEC
     privacy: str = plugins.NO_PRIVACY
@@ -631,6 +660,7 @@ MESSAGES: dict[str, type[Message]] = {
         Welcome,
         Admitted,
         Block,
+        ModelDelta,
         RoundStart,
         RoundEnd,
         SessionEnd,

@@ -10,7 +10,7 @@ This module is pure (no I/O, no torch): ``protocol/`` validates specs and messag
 node, so what a spec and the wire must know of a plug-in is declared here (a strategy's name
 and whether secure aggregation can compute it; the names of codecs and privacy mechanisms);
 ``fednode/`` registers the code that does the work under the same names (fednode.strategies,
-fednode.codec, fednode.privacy). tests/test_plugins.py checks that the two sides agree.
+fednode.codecs, fednode.privacy). tests/test_plugins.py checks that the two sides agree.
 """
 
 from __future__ import annotations
@@ -95,12 +95,34 @@ for _name in ("fedavgm", "fedadam", "fedyogi", "fedadagrad"):
 for _name in ("median", "trimmed_mean", "krum", "multikrum", "bulyan"):
     STRATEGIES.register(_name, StrategyInfo(supports_secure=False))
 
-# How an update's weights become the bytes of an ``update`` frame and back (fednode.codec).
+# How an update's weights become the bytes of an ``update`` frame and back (fednode.codecs).
 IDENTITY_CODEC = "identity"
-CODECS: Registry[None] = Registry(
-    "update codec", "set aggregation.codec to a codec both coordinator and participants have"
+TOPK_QUANTIZE = "topk_quantize"  # the spec also accepts it spelled "topk+quantize"
+RANDK = "randk"  # the one compressing codec secure aggregation can sum (shared coordinates)
+
+
+@dataclass(frozen=True)
+class CodecInfo:
+    # whether masked vectors of it still sum (secure aggregation): only codecs whose every
+    # participant sends the same coordinates (randk's shared seed), and identity
+    secure: bool
+    # what compression.* settings it reads (the spec refuses the others being set)
+    settings: tuple[str, ...] = ()
+
+
+CODECS: Registry[CodecInfo] = Registry(
+    "update codec", "set compression.codec to a codec both coordinator and participants have"
 )
-CODECS.register(IDENTITY_CODEC, None)
+CODECS.register(IDENTITY_CODEC, CodecInfo(secure=True))
+CODECS.register("fp16", CodecInfo(secure=False, settings=("error_feedback",)))
+CODECS.register("bf16", CodecInfo(secure=False, settings=("error_feedback",)))
+CODECS.register("quantize", CodecInfo(secure=False, settings=("bits", "chunk", "error_feedback")))
+CODECS.register("topk", CodecInfo(secure=False, settings=("fraction", "error_feedback")))
+CODECS.register(
+    TOPK_QUANTIZE,
+    CodecInfo(secure=False, settings=("fraction", "bits", "chunk", "error_feedback")),
+)
+CODECS.register(RANDK, CodecInfo(secure=True, settings=("fraction", "error_feedback")))
 
 # What wraps local training on a participant to make its update private (fednode.privacy).
 NO_PRIVACY = "none"

@@ -335,13 +335,6 @@ SCHEMA: dict[str, dict[str, Field]] = {
             0,
             10_000,
         ),
-        "codec": Field(
-            "choice",
-            plugins.IDENTITY_CODEC,
-            "how a participant's trained weights are encoded for the wire (identity = "
-            "safetensors as is)",
-            registry=plugins.CODECS,
-        ),
         "secure": Field(
             "bool", False, "secure aggregation: the coordinator learns only the sum (SecAgg)"
         ),
@@ -415,6 +408,50 @@ SCHEMA: dict[str, dict[str, Field]] = {
             "clamped); smaller leaves more fixed-point bits, so a smaller bits and fewer bytes",
             1,
             2**30,
+        ),
+    },
+    "compression": {
+        "codec": Field(
+            "choice",
+            plugins.IDENTITY_CODEC,
+            "how a participant's update crosses the wire (docs/compression.md): identity "
+            "(the trained weights as float32 safetensors); fp16, bf16 (the update in 16 bits); "
+            "quantize (bits, chunk; stochastic rounding); topk (fraction: the largest "
+            'coordinates); topk_quantize, also spelt "topk+quantize" (top-k, then its values '
+            "quantised); randk (fraction: coordinates drawn from the round's shared seed, the "
+            "only compressing codec secure = true can sum). Every codec but identity sends the "
+            "update's difference from the round's model",
+            registry=plugins.CODECS,
+        ),
+        "fraction": Field(
+            "float",
+            0.01,
+            "topk, topk_quantize, randk: the share of the model's coordinates sent each round",
+            1e-6,
+            1.0,
+        ),
+        "bits": Field("int", 8, "quantize, topk_quantize: bits per value, 8, 4 or 2", 2, 8),
+        "chunk": Field(
+            "int",
+            0,
+            "quantize, topk_quantize: values sharing one scale (0 = one scale per tensor)",
+            0,
+            2**24,
+        ),
+        "error_feedback": Field(
+            "bool",
+            True,
+            "lossy codecs: what a round did not send is kept by the participant (in its data "
+            "folder, surviving a restart) and added to its next update",
+        ),
+        "downlink": Field(
+            "choice",
+            "delta",
+            "how a participant downloads the round's model: full (every block); delta (the "
+            "difference from the model it holds, when smaller; lossless, checked against the "
+            "model's CID); delta_fp16 (that difference in 16 bits: half the bytes, and the "
+            "model it rebuilds is checked against the CID the coordinator names for it)",
+            choices=("full", "delta", "delta_fp16"),
         ),
     },
     "privacy": {
@@ -738,6 +775,7 @@ def validate(raw: Any) -> dict[str, Any]:
         raise SpecError("a session spec must be a table (TOML) or an object (JSON)")
     out = defaults()
     sections = {s for s in SCHEMA if s}
+    raw = _legacy(raw)
     for key, value in raw.items():
         if key in sections:
             if not isinstance(value, dict):
@@ -761,9 +799,58 @@ def validate(raw: Any) -> dict[str, Any]:
                 + ", ".join(sorted(sections)),
             )
     _check_model(out["model"], raw.get("model") or {})
+    _check_compression(out, raw.get("compression") or {})
     _check_robustness(out)
     _cross_checks(out)
     return out
+
+
+def _legacy(raw: dict[str, Any]) -> dict[str, Any]:
+    """A spec as today's schema reads it: ``aggregation.codec`` (before [compression]
+    existed, always "identity" in stored specs) becomes ``compression.codec``, and
+    "topk+quantize" is the registered name topk_quantize (plug-in names have no "+")."""
+    agg, comp = raw.get("aggregation"), raw.get("compression")
+    if isinstance(agg, dict) and "codec" in agg:
+        if isinstance(comp, dict) and "codec" in comp:
+            raise SpecError(
+                "both aggregation.codec and compression.codec are set",
+                hint="keep compression.codec (aggregation.codec is its old place)",
+            )
+        agg = {k: v for k, v in agg.items() if k != "codec"}
+        comp = {**(comp if isinstance(comp, dict) else {}), "codec": raw["aggregation"]["codec"]}
+        raw = {**raw, "aggregation": agg, "compression": comp}
+    if isinstance(comp, dict) and comp.get("codec") == "topk+quantize":
+        raw = {**raw, "compression": {**comp, "codec": plugins.TOPK_QUANTIZE}}
+    return raw
+
+
+def _check_compression(spec: dict[str, Any], given: dict[str, Any]) -> None:
+    """A codec's settings make sense for it, and secure aggregation can sum what it sends."""
+    comp = spec["compression"]
+    info = plugins.CODECS.get(comp["codec"])
+    unread = set(given) - {"codec", "downlink"} - set(info.settings)
+    # set to another value than its default: a template lists every field at its default
+    for key in sorted(k for k in unread if comp[k] != SCHEMA["compression"][k].default):
+        raise SpecError(
+            f"compression.{key} is set, but codec {comp['codec']!r} does not read it",
+            hint=f"codec {comp['codec']!r} reads: "
+            + (", ".join(info.settings) or "no setting")
+            + f"; remove compression.{key} or choose a codec that uses it",
+        )
+    if comp["bits"] not in (2, 4, 8):
+        raise SpecError(
+            f"compression.bits = {comp['bits']} is not accepted: expected 8, 4 or 2",
+            hint="values are packed whole into bytes",
+        )
+    if spec["aggregation"]["secure"] and not info.secure:
+        able = [n for n in plugins.CODECS if plugins.CODECS.get(n).secure]
+        raise SpecError(
+            f'compression.codec = "{comp["codec"]}" with aggregation.secure = true: each '
+            "participant would send other coordinates or scales, and masked vectors only sum "
+            "coordinate by coordinate in one fixed-point scale",
+            hint=f"use {' or '.join(able)} (randk: every participant keeps the coordinates "
+            "drawn from the round's shared seed), or secure = false",
+        )
 
 
 def _check_model(model: dict[str, Any], given: dict[str, Any]) -> None:

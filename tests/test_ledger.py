@@ -149,6 +149,17 @@ def test_list_sessions_newest_first(led: Ledger) -> None:
     assert [s["session_id"] for s in led.list_sessions()] == ["new", "old"]
 
 
+# a round's traffic totals (Ledger.summary's history) when no update recorded its sizes
+_NO_TRAFFIC = {
+    "up_bytes": 0,
+    "up_raw": 0,
+    "up_ratio": None,
+    "down_bytes": 0,
+    "down_raw": 0,
+    "down_ratio": None,
+}
+
+
 def test_full_lifecycle_and_summary(led: Ledger) -> None:
     for peer in ("pA", "pB", "pC"):
         led.upsert_participant(peer, address="127.0.0.1", online=True)
@@ -232,6 +243,10 @@ def test_full_lifecycle_and_summary(led: Ledger) -> None:
         "duration_s": pytest.approx(10.0),
         "bytes_up": 2500,
         "bytes_down": 3700,
+        # a spec without [compression]; record_update was given no sizes: no traffic rows
+        "compression": {"codec": "identity", "downlink": "full", **_NO_TRAFFIC},
+        "traffic": [],
+        "traffic_by_participant": [],
         "ledger": str(led.path),
         "history": [
             {
@@ -243,6 +258,7 @@ def test_full_lifecycle_and_summary(led: Ledger) -> None:
                 "duration_s": 2.5,
                 "participants": 2,
                 "rolled_back": False,
+                **_NO_TRAFFIC,
             },
             {
                 "round": 2,
@@ -253,6 +269,7 @@ def test_full_lifecycle_and_summary(led: Ledger) -> None:
                 "duration_s": 1.0,
                 "participants": 2,
                 "rolled_back": False,
+                **_NO_TRAFFIC,
             },
         ],
     }

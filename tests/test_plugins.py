@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from fednode import codec, privacy, round_config, training, weights
+from fednode import codecs, privacy, round_config, training, weights
 from fednode.coordinator import Coordinator
 from fednode.data import SOURCES, Dataset, load_eval, parse_dataset_spec
 from fednode.ledger import Ledger
@@ -108,7 +108,7 @@ def test_strategy_registry_and_secure_support() -> None:
         get_strategy("fedsgd")
     # every strategy a spec may name has its code here, and the other way round
     assert STRATEGIES.names() == plugins.STRATEGIES.names()
-    assert codec.CODECS.names() == plugins.CODECS.names()
+    assert codecs.CODECS.names() == plugins.CODECS.names()
     assert privacy.MECHANISMS.names() == plugins.PRIVACY.names()
     assert training.MODELS.names() == modelspec.KINDS.names()
 
@@ -130,7 +130,11 @@ def test_spec_checks_secure_support_not_a_name(monkeypatch: pytest.MonkeyPatch) 
         ({"aggregation": {"strategy": "fedsgd"}}, "aggregation.strategy"),
         ({"aggregation": {"proximal_mu": -0.1}}, "aggregation.proximal_mu"),
         ({"aggregation": {"proximal_mu": 101}}, "aggregation.proximal_mu"),
-        ({"aggregation": {"codec": "zip"}}, "aggregation.codec"),
+        ({"compression": {"codec": "zip"}}, "compression.codec"),
+        ({"aggregation": {"codec": "zip"}}, "compression.codec"),  # its old place
+        ({"compression": {"codec": "topk", "bits": 4}}, "compression.bits"),  # not topk's
+        ({"compression": {"codec": "quantize", "bits": 3}}, "compression.bits"),
+        ({"compression": {"codec": "topk"}, "aggregation": {"secure": True}}, "compression.codec"),
         ({"privacy": {"mode": "dp"}}, "privacy.mode"),
         ({"privacy": {"epsilon": 1}}, "privacy.epsilon"),
         ({"model": {"kind": "cnn"}}, "model.kind"),
@@ -241,15 +245,16 @@ def test_rounds_store_state_and_rollback_restores_it(run: SessionRun) -> None:
 
 def test_identity_codec_is_byte_identical() -> None:
     w = _model(0.5)
-    ident = codec.get_codec("identity")
-    data = ident.encode(w)
+    ident = codecs.get_codec("identity")
+    p = codecs.CodecParams()
+    data = ident.encode(w, p)
     assert data == weights.to_bytes(w)  # the wire format of an update is unchanged
-    back = ident.decode(data, weights.shapes(w))
+    back = ident.decode(data, weights.shapes(w), p)
     assert list(back) == list(w) and all(np.array_equal(back[k], w[k]) for k in w)
     with pytest.raises(ValidationError, match="shape"):
-        ident.decode(data, {"0.weight": (3, 4), "0.bias": (2,)})
+        ident.decode(data, {"0.weight": (3, 4), "0.bias": (2,)}, p)
     with pytest.raises(Unsupported, match="unknown update codec 'zstd'; registered here: identity"):
-        codec.get_codec("zstd")
+        codecs.get_codec("zstd")
 
 
 def test_no_privacy_runs_training_as_is() -> None:
@@ -276,7 +281,7 @@ def test_participant_applies_mu_and_refuses_what_it_does_not_know() -> None:
     with pytest.raises(SpecError, match=r"strategy\.mu = 500 .*\[0, 100\]"):
         round_config.plan(_task(strategy={"mu": 500}))
     with pytest.raises(Unsupported, match="update codec"):
-        round_config.plan(_task(codec="topk"))
+        round_config.plan(_task(codec="zstd"))
     with pytest.raises(Unsupported, match="privacy mechanism"):
         round_config.plan(_task(privacy="dpsgd"))
 

@@ -212,7 +212,8 @@ def test_report_shows_a_regressions_mae_and_r2() -> None:
     text = render_text(report)
     lines = text.splitlines()
     header = next(ln for ln in lines if ln.startswith("round "))
-    assert header.split() == ["round", "MAE", "R²", "loss", "seconds", "participants", "health"]
+    words = ["round", "MAE", "R²", "loss", "seconds", "participants", "health", "up", "×"]
+    assert header.split() == words
     third = next(ln for ln in lines if ln.split()[:1] == ["3"])
     assert third.split()[1:3] == ["0.5000", "0.9000"]
     assert any(ln.split() == ["final", "R²", "0.9000"] for ln in lines)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from fednode import rounds
-from fednode.codec import get_codec
+from fednode.codecs import CodecParams, get_codec
 from fednode.resume import resume_point
 from fednode.strategies import get_strategy
 from fednode.strategies.base import ClientUpdate
@@ -43,7 +43,7 @@ def update(w: np.ndarray, *, round_no: int = 3, base: str = "bafyround") -> mess
 
 
 def decode(data: bytes) -> dict[str, np.ndarray]:
-    return get_codec("identity").decode(data, {"w": (4,)})
+    return get_codec("identity").decode(data, {"w": (4,)}, CodecParams())
 
 
 # --- selection -----------------------------------------------------------------------------
@@ -115,6 +115,28 @@ def test_content_refusals() -> None:
     with pytest.raises(ValidationError) as err:
         rounds.check_content(rnd, update(np.full(4, np.nan, np.float32)), decode)
     assert "finite" in err.value.message
+
+
+def test_a_compressed_update_a_codec_refuses_is_left_out() -> None:
+    """The session decodes an update through the round's codec after checking its CID; a
+    payload the codec refuses (bytes a hostile participant wrote and then named by their
+    CID) fails the update with BAD_UPDATE."""
+    p = CodecParams(fraction=0.5)
+    topk = get_codec("topk")
+    good = topk.encode({"w": np.array([0.0, 3.0, 0.0, -4.0], np.float32)}, p)
+    assert np.array_equal(topk.decode(good, {"w": (4,)}, p)["w"], [0, 3.0, 0, -4.0])
+    # byte 10 is the index bitmap (d = 4: bitmap beats varints): 0x0a = indices 1 and 3
+    assert good[10] == 0x0A
+    out_of_range, three = good[:10] + b"\x1a" + good[11:], good[:10] + b"\x0b" + good[11:]
+    nan = good[:-4] + np.array([np.nan], "<f4").tobytes()
+    rnd = collecting(["a"])
+    for bad in (good[:-1], good + b"\0", out_of_range, three, nan):
+        msg = dataclasses.replace(
+            update(np.ones(4, np.float32)), data=bad, update_cid=file_cid(bad)
+        )
+        with pytest.raises(ValidationError) as err:
+            rounds.check_content(rnd, msg, lambda d: topk.decode(d, {"w": (4,)}, p))
+        assert err.value.code == "BAD_UPDATE", err.value.message
 
 
 def test_the_round_closes_when_all_answered_or_at_the_deadline() -> None:

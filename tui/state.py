@@ -159,6 +159,11 @@ class SessionDetail:
     deadline_s: float | None = None  # the spec's round_timeout_s, learned from a round
     health_score: float | None = None
     contributors: set[str] = field(default_factory=set)
+    # compression (docs/compression.md): the uplink codec and how many times fewer bytes
+    # crossed the wire than float32 (session totals; the latest round's from its event)
+    codec: str = ""
+    up_ratio: float | None = None
+    down_ratio: float | None = None
 
     def points(self) -> list[RoundPoint]:
         return [self.history[k] for k in sorted(self.history)]
@@ -312,11 +317,14 @@ def _describe(kind: str, data: dict[str, Any], rounds: int) -> tuple[str, str]:
         acc = metrics.get(name) if metrics else _float(data.get("accuracy"))
         loss = _float(data.get("loss"))
         dropped = len(data.get("dropped") or [])
+        ratio = _float(data.get("up_ratio"))
+        codec = _words(str(data.get("codec") or ""))
         return (
             f"round {data.get('round')}{of} done: {METRIC_LABELS[name]} {_num(acc)} "
             f"loss {_num(loss)}, "
             f"{len(data.get('participants') or [])} trained"
-            + (f", {dropped} dropped" if dropped else ""),
+            + (f", {dropped} dropped" if dropped else "")
+            + (f", uplink {ratio:.1f}x fewer bytes ({codec})" if ratio and codec else ""),
             "good",
         )
     if kind == "round_failed":
@@ -437,6 +445,11 @@ class DashboardState:
             model_cid=_str(summary.get("model_cid") or ""),
             health_score=old.health_score if old else None,
         )
+        comp = summary.get("compression")
+        if isinstance(comp, dict):
+            det.codec = _str(comp.get("codec") or "")
+            det.up_ratio = _float(comp.get("up_ratio"))
+            det.down_ratio = _float(comp.get("down_ratio"))
         for h in summary.get("history") or []:
             p = RoundPoint(
                 _int(h.get("round")),
@@ -622,6 +635,9 @@ class DashboardState:
             metrics,
         )
         det.model_cid = _str(data.get("model_cid") or det.model_cid)
+        det.codec = _str(data.get("codec") or det.codec)
+        ratio = _float(data.get("up_ratio"))
+        det.up_ratio = ratio if ratio is not None else det.up_ratio
         if det.current and det.current.round == rnd:
             det.current.phase = "done"
             for p in data.get("dropped") or []:

@@ -64,6 +64,10 @@ class SessionTitle(Static):
             out.append(f" · health {num(detail.health_score, '{:.0f}')}")
         if detail is not None and detail.strategy:
             out.append(f" · {detail.strategy}" + (" + secagg" if detail.secure_aggregation else ""))
+        if detail is not None and detail.codec and detail.codec != "identity":
+            up = f" ↑{detail.up_ratio:.0f}x" if detail.up_ratio else ""
+            down = f" ↓{detail.down_ratio:.1f}x" if detail.down_ratio else ""
+            out.append(f" · {detail.codec}{up}{down}")
         if info.error:
             out.append(f" · {info.error}", style="red")
         self.update(out, layout=False)  # one line, always: no layout pass
