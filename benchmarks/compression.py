@@ -119,6 +119,8 @@ CASES: dict[str, Case] = {
     "topk_quantize0.02/4": Case("topk_quantize", (("fraction", 0.02), ("bits", 4))),
     "topk_quantize0.03/8": Case("topk_quantize", (("fraction", 0.03), ("bits", 8))),
     "topk_quantize0.04/4": Case("topk_quantize", (("fraction", 0.04), ("bits", 4))),
+    "topk_quantize0.05/4": Case("topk_quantize", (("fraction", 0.05), ("bits", 4))),
+    "topk_quantize0.06/2": Case("topk_quantize", (("fraction", 0.06), ("bits", 2))),
     "randk0.1": Case("randk", (("fraction", 0.1),)),
     "randk0.05": Case("randk", (("fraction", 0.05),)),
     "randk0.1+secagg": Case("randk", (("fraction", 0.1),), secure=True),
