@@ -54,3 +54,13 @@ class Codec(Protocol):
         ``data`` comes from a peer: decoding must never run code or allocate more than the
         shapes need."""
         ...
+
+
+class LossyDelta:
+    """What the compressing codecs share: each encodes the update's difference from the
+    round's model, lossily (error feedback applies), and, but for randk, cannot be summed
+    under secure aggregation."""
+
+    on_delta = True
+    lossy = True
+    secure = False

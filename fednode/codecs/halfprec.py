@@ -20,7 +20,7 @@ from __future__ import annotations
 import numpy as np
 
 from fednode import weights
-from fednode.codecs.base import CodecParams, Shapes
+from fednode.codecs.base import CodecParams, LossyDelta, Shapes
 from fednode.codecs.wire import Reader, finite, flat32, header, model_size, refuse, unflat32
 
 F16 = np.dtype("<f2")
@@ -29,11 +29,8 @@ FP16_MAX = float(np.finfo(np.float16).max)  # 65504
 BF16_MAX = float(np.array([0x7F7F0000], np.uint32).view(np.float32)[0])  # 3.3895e38
 
 
-class FP16:
+class FP16(LossyDelta):
     name = "fp16"
-    on_delta = True
-    lossy = True
-    secure = False
 
     def encode(
         self, x: weights.Weights, p: CodecParams, rng: np.random.Generator | None = None
@@ -64,11 +61,8 @@ def from_bf16(half: np.ndarray) -> np.ndarray:
     return (half.astype(np.uint32) << np.uint32(16)).view(np.float32)
 
 
-class BF16:
+class BF16(LossyDelta):
     name = "bf16"
-    on_delta = True
-    lossy = True
-    secure = False
 
     def encode(
         self, x: weights.Weights, p: CodecParams, rng: np.random.Generator | None = None

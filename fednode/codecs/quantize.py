@@ -34,7 +34,7 @@ import struct
 import numpy as np
 
 from fednode import weights
-from fednode.codecs.base import CodecParams, Shapes
+from fednode.codecs.base import CodecParams, LossyDelta, Shapes
 from fednode.codecs.wire import F32, Reader, flat32, header, model_size, refuse, unflat32
 
 BITS = (8, 4, 2)
@@ -139,11 +139,8 @@ def read_values(r: Reader, lengths: np.ndarray, bits: int) -> np.ndarray:
     return out
 
 
-class Quantize:
+class Quantize(LossyDelta):
     name = "quantize"
-    on_delta = True
-    lossy = True
-    secure = False
 
     def encode(
         self, x: weights.Weights, p: CodecParams, rng: np.random.Generator | None = None

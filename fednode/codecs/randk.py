@@ -19,7 +19,7 @@ import hashlib
 import numpy as np
 
 from fednode import weights
-from fednode.codecs.base import CodecParams, Shapes
+from fednode.codecs.base import CodecParams, LossyDelta, Shapes
 from fednode.codecs.wire import (
     F32,
     Reader,
@@ -64,10 +64,8 @@ def seed_tag(seed: bytes) -> bytes:
     return hashlib.sha256(b"fednode/randk/" + seed).digest()[:4]
 
 
-class RandK:
+class RandK(LossyDelta):
     name = "randk"
-    on_delta = True
-    lossy = True
     secure = True  # the coordinates are the round's, not the participant's
 
     def encode(

@@ -22,7 +22,7 @@ import numpy as np
 
 from fednode import weights
 from fednode.codecs import sparse
-from fednode.codecs.base import CodecParams, Shapes
+from fednode.codecs.base import CodecParams, LossyDelta, Shapes
 from fednode.codecs.quantize import quantize_values, read_values, segment_lengths
 from fednode.codecs.wire import (
     F32,
@@ -66,11 +66,8 @@ def _kept_lengths(idx: np.ndarray, sizes: list[int], chunk: int) -> np.ndarray:
     return np.diff(np.searchsorted(idx, bounds)).astype(np.int64)
 
 
-class TopK:
+class TopK(LossyDelta):
     name = "topk"
-    on_delta = True
-    lossy = True
-    secure = False
 
     def encode(
         self, x: weights.Weights, p: CodecParams, rng: np.random.Generator | None = None
@@ -98,11 +95,8 @@ class TopK:
         return unflat32(vec, expect)
 
 
-class TopKQuantize:
+class TopKQuantize(LossyDelta):
     name = "topk_quantize"
-    on_delta = True
-    lossy = True
-    secure = False
 
     def encode(
         self, x: weights.Weights, p: CodecParams, rng: np.random.Generator | None = None
