@@ -16,6 +16,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.table import Table
+from rich.text import Text
 
 from fedctl.client import AdminClient, Target, call, operator_identity
 from fedctl.output import emit_json, fail, line, plain, run, stderr, stdout
@@ -371,13 +372,48 @@ def session_watch(session_id: str, as_json: Json = False) -> None:
 
 
 @participants_app.command("list")
-def participants_list(as_json: Json = False) -> None:
-    """Peers seen: online or not, quality score, latency, last seen."""
+def participants_list(
+    sort: Annotated[
+        str, typer.Option(help="peer_id, score, last_seen, rounds, latency or uptime")
+    ] = "peer_id",
+    desc: Annotated[bool, typer.Option("--desc", help="largest first")] = False,
+    limit: Annotated[int, typer.Option(min=1, help="rows on this page")] = 100,
+    offset: Annotated[int, typer.Option(min=0, help="rows to skip (the next page)")] = 0,
+    online: Annotated[bool, typer.Option("--online", help="only the peers connected now")] = False,
+    status: Annotated[
+        str | None, typer.Option(help="only this status: active, alerted or excluded")
+    ] = None,
+    as_json: Json = False,
+) -> None:
+    """Peers seen: online or not, quality score, latency, last seen; a page at a time, with
+    a summary of all of them."""
+    args: dict[str, Any] = {"sort": sort, "desc": desc, "limit": limit, "offset": offset}
+    if online:
+        args["online"] = True
+    if status is not None:
+        args["status"] = status
 
     def human(r: dict[str, Any]) -> None:
         stdout.print(participants_table(r["participants"]))
+        stdout.print(participants_summary(r))
 
-    run(_json(as_json), lambda: call(G.target, Op.PARTICIPANTS_LIST), human)
+    run(_json(as_json), lambda: call(G.target, Op.PARTICIPANTS_LIST, **args), human)
+
+
+def participants_summary(r: dict[str, Any]) -> Text:
+    """'rows 1-100 of 1,000 · seen 1,000, online 998 · active 990, alerted 8, excluded 2 ·
+    score min 41.0, median 82.1, max 97.3'."""
+    n, first, s = len(r["participants"]), r.get("offset", 0) + 1, r.get("summary") or {}
+    parts = [f"rows {first}-{first + n - 1} of {r.get('total', n):,}" if n else "no rows"]
+    if s:
+        parts.append(f"seen {s['seen']:,}, online {s['online']:,}")
+        parts.append(", ".join(f"{k} {v:,}" for k, v in sorted(s["status"].items())))
+        if s.get("score"):
+            sc = s["score"]
+            parts.append(
+                f"score min {sc['min']:.1f}, median {sc['median']:.1f}, max {sc['max']:.1f}"
+            )
+    return plain(" · ".join(p for p in parts if p), "dim")
 
 
 def participants_table(rows: list[dict[str, Any]]) -> Table:

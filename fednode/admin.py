@@ -31,7 +31,7 @@ from protocol.errors import (
     ValidationError,
 )
 from protocol.lifecycle import TERMINAL, Action, SessionState
-from protocol.operations import READ_OPS, Op
+from protocol.operations import PARTICIPANT_SORTS, PARTICIPANTS_PAGE_MAX, READ_OPS, Op
 
 if TYPE_CHECKING:
     from fednode.services import AdminHost, SessionControl
@@ -47,6 +47,67 @@ def _arg(args: dict[str, Any], name: str, kind: type = str) -> Any:
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
         raise ValidationError(f"admin argument {name!r} must be a {kind.__name__}")
     return value
+
+
+_SORT_KEYS: dict[str, str] = {
+    "peer_id": "peer_id",
+    "score": "quality_score",
+    "last_seen": "last_seen",
+    "rounds": "rounds_completed",
+    "latency": "latency_ms",
+    "uptime": "uptime",
+}
+
+
+def page_participants(rows: list[dict[str, Any]], args: dict[str, Any]) -> dict[str, Any]:
+    """One page of participants.list (filtered, sorted, cut), its total and a summary of
+    every peer seen: what an operator of a thousand peers reads instead of a thousand rows.
+    Rows without the sort's figure go last, either way."""
+    sort = args.get("sort", "peer_id")
+    if sort not in _SORT_KEYS:
+        raise ValidationError(
+            f"sort {sort!r} is not one of {', '.join(PARTICIPANT_SORTS)}", code="USAGE"
+        )
+    offset = args.get("offset", 0)
+    limit = args.get("limit", PARTICIPANTS_PAGE_MAX)
+    for name, value, lo in (("offset", offset, 0), ("limit", limit, 1)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < lo:
+            raise ValidationError(f"{name} must be an integer >= {lo}", code="USAGE")
+    limit = min(limit, PARTICIPANTS_PAGE_MAX)
+    status = args.get("status")
+    if status is not None and status not in ("active", "alerted", "excluded"):
+        raise ValidationError(f"status {status!r}: use active, alerted or excluded", code="USAGE")
+    key = _SORT_KEYS[sort]
+    chosen = [
+        r
+        for r in rows
+        if (not args.get("online") or r["online"]) and (status is None or r["status"] == status)
+    ]
+    known = sorted((r for r in chosen if r.get(key) is not None), key=lambda r: r[key])
+    if args.get("desc"):
+        known.reverse()
+    ordered = known + [r for r in chosen if r.get(key) is None]
+    scores = sorted(r["quality_score"] for r in rows if r.get("quality_score") is not None)
+    by_status: dict[str, int] = {}
+    for r in rows:
+        by_status[r["status"]] = by_status.get(r["status"], 0) + 1
+    return {
+        "participants": ordered[offset : offset + limit],
+        "total": len(ordered),
+        "offset": offset,
+        "summary": {
+            "seen": len(rows),
+            "online": sum(1 for r in rows if r["online"]),
+            "status": by_status,
+            "score": {
+                "min": scores[0],
+                "median": scores[len(scores) // 2],
+                "max": scores[-1],
+            }
+            if scores
+            else None,
+        },
+    }
 
 
 class AdminAPI:
@@ -275,7 +336,7 @@ class AdminAPI:
                     },
                 )
             out.append(entry)
-        return {"participants": out}
+        return page_participants(out, args)
 
     # --- quality -------------------------------------------------------------------
 

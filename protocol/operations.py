@@ -112,6 +112,20 @@ class InviteArgs(TypedDict):
     uses: NotRequired[int]  # [1, 100000]; default 1
 
 
+# participants.list: the columns it sorts by, and the most rows one page holds
+PARTICIPANT_SORTS = ("peer_id", "score", "last_seen", "rounds", "latency", "uptime")
+PARTICIPANTS_PAGE_MAX = 10_000
+
+
+class ParticipantListArgs(TypedDict, total=False):
+    sort: str  # PARTICIPANT_SORTS; default peer_id
+    desc: bool  # largest first; default false (peer_id: A to Z)
+    offset: int  # >= 0; default 0
+    limit: int  # [1, PARTICIPANTS_PAGE_MAX]; default: every row
+    online: bool  # only the peers connected now
+    status: str  # only this status: active, alerted or excluded
+
+
 class AlertsListArgs(TypedDict, total=False):
     status: str  # protocol.alerts.ALERT_FILTERS; default "active"
     severity: list[str]  # protocol.alerts.Severity; none = all
@@ -195,7 +209,12 @@ class SessionStatus(TypedDict):
 
 
 class ParticipantList(TypedDict):
-    participants: list[dict[str, Any]]
+    participants: list[dict[str, Any]]  # the page
+    total: NotRequired[int]  # rows that pass the filters, across pages
+    offset: NotRequired[int]
+    # every peer seen, whatever the filters: {seen, online, status: {name: count},
+    # score: {min, median, max} of the scored ones (None when none is scored)}
+    summary: NotRequired[dict[str, Any]]
 
 
 class ParticipantChanged(TypedDict):
@@ -299,7 +318,7 @@ OPERATIONS: dict[Op, Operation] = {
         Operation(Op.SESSION_ROLLBACK, RollbackArgs, dict),
         Operation(Op.SESSION_STATUS, SessionArgs, SessionStatus),
         Operation(Op.SESSION_LIST, NoArgs, SessionList),
-        Operation(Op.PARTICIPANTS_LIST, NoArgs, ParticipantList),
+        Operation(Op.PARTICIPANTS_LIST, ParticipantListArgs, ParticipantList),
         Operation(Op.PARTICIPANTS_EXCLUDE, ExclusionArgs, ParticipantChanged),
         Operation(Op.PARTICIPANTS_READMIT, ExclusionArgs, ParticipantChanged),
         Operation(Op.MODEL_LIST, SessionArgs, ModelList),

@@ -1,0 +1,76 @@
+"""participants.list for a thousand peers: a page, sorted and filtered, a total and a
+summary of every peer (fednode.admin.page_participants; `fedctl participants list`)."""
+
+from __future__ import annotations
+
+import statistics
+from typing import Any
+
+import pytest
+from rich.console import Console
+
+from fedctl.cli import participants_summary
+from fednode.admin import page_participants
+from protocol.errors import ValidationError
+
+
+def _rows(n: int) -> list[dict[str, Any]]:
+    return [
+        {
+            "peer_id": f"p{k:04d}",
+            "online": k % 10 != 0,  # every tenth is offline
+            "status": "excluded" if k == 7 else ("alerted" if k % 100 == 1 else "active"),
+            "quality_score": None if k % 50 == 0 else float(k % 97),
+            "last_seen": 1000.0 + k,
+            "rounds_completed": k % 13,
+            "latency_ms": None,
+            "uptime": 99.0,
+        }
+        for k in range(n)
+    ]
+
+
+def test_a_page_of_a_thousand_sorted_with_the_unscored_last() -> None:
+    rows = _rows(1000)
+    got = page_participants(rows, {"sort": "score", "desc": True, "limit": 25, "offset": 0})
+    assert got["total"] == 1000 and got["offset"] == 0 and len(got["participants"]) == 25
+    scores = [p["quality_score"] for p in got["participants"]]
+    assert scores == sorted(scores, reverse=True) and scores[0] == 96.0
+    last = page_participants(rows, {"sort": "score", "offset": 990, "limit": 25})
+    assert len(last["participants"]) == 10  # the end of the list
+    assert all(p["quality_score"] is None for p in last["participants"])  # 20 unscored, last
+    s = got["summary"]
+    assert s["seen"] == 1000 and s["online"] == 900
+    assert s["status"] == {"active": 989, "alerted": 10, "excluded": 1}
+    scored = [r["quality_score"] for r in rows if r["quality_score"] is not None]
+    assert s["score"] == {"min": 0.0, "median": statistics.median_high(scored), "max": 96.0}
+    assert s["score"]["median"] == 47.0
+
+
+def test_filters_and_the_default_page_of_every_row() -> None:
+    rows = _rows(300)
+    assert len(page_participants(rows, {})["participants"]) == 300  # the API's default
+    online = page_participants(rows, {"online": True, "status": "alerted"})
+    assert [p["peer_id"] for p in online["participants"]] == ["p0001", "p0101", "p0201"]
+    assert online["total"] == 3 and online["summary"]["seen"] == 300
+    by_id = page_participants(rows, {"sort": "peer_id", "desc": True, "limit": 2})
+    assert [p["peer_id"] for p in by_id["participants"]] == ["p0299", "p0298"]
+
+
+@pytest.mark.parametrize(
+    "args",
+    [{"sort": "name"}, {"limit": 0}, {"offset": -1}, {"limit": True}, {"status": "gone"}],
+)
+def test_bad_arguments_are_named(args: dict[str, Any]) -> None:
+    with pytest.raises(ValidationError) as err:
+        page_participants(_rows(3), args)
+    assert err.value.code == "USAGE" and next(iter(args)) in err.value.message
+
+
+def test_the_summary_line_reads_the_page_and_the_whole() -> None:
+    got = page_participants(_rows(1000), {"sort": "score", "limit": 100, "offset": 100})
+    console = Console(width=300, record=True)
+    console.print(participants_summary(got))
+    text = console.export_text()
+    assert "rows 101-200 of 1,000" in text and "seen 1,000, online 900" in text
+    assert "active 989, alerted 10, excluded 1" in text and "median 47.0" in text
