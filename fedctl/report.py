@@ -167,6 +167,9 @@ def _dict(v: Any) -> dict[str, Any]:
 TRAFFIC_HEADERS = ("participant", "updates", "up", "up raw", "up ×", "down", "down ×")
 
 
+REPORT_PEERS = 40  # participant rows a report shows before it keeps to the weakest
+
+
 class _View:
     """The report dict normalised once: what both renderers need, missing keys filled."""
 
@@ -185,6 +188,22 @@ class _View:
         self.quality = sorted(quality, key=lambda q: _int(q["round"]) or 0)
         self.health_by_round = {_int(q["round"]): _num(q.get("health_score")) for q in self.quality}
         self.participants = _dicts(report.get("participants"))
+        # a federation of hundreds: the weakest REPORT_PEERS by overall score (unscored
+        # last), the ones an operator acts on; `fedctl participants list` pages the rest
+        self.shown = self.participants
+        if len(self.participants) > REPORT_PEERS:
+            ranked = sorted(
+                self.participants,
+                key=lambda p: (_num(p.get("overall_score")) is None, _num(p.get("overall_score"))),
+            )
+            self.shown = ranked[:REPORT_PEERS]
+        n = len(self.participants)
+        self.peers_title = (
+            f"Participants ({n})"
+            if self.shown is self.participants
+            else f"Participants (the {len(self.shown)} lowest scores of {n:,}; "
+            "`fedctl participants list --sort score` lists every one)"
+        )
         alerts = [a for a in _dicts(report.get("alerts")) if a.get("status") != "resolved"]
         self.alerts = sorted(alerts, key=lambda a: _SEVERITY_RANK.get(_s(a.get("severity")), 99))
         self.sla = _dict(report.get("sla"))
@@ -393,8 +412,8 @@ def render_text(report: dict[str, Any]) -> str:
         out += ["", "Traffic (bytes of each participant's updates and downloads)"]
         out += _table(TRAFFIC_HEADERS, v.traffic_cells(), "l" + "r" * 6)
 
-    out += ["", f"Participants ({len(v.participants)})"]
-    if v.participants:
+    out += ["", v.peers_title]
+    if v.shown:
         headers = [
             "peer",
             "overall",
@@ -407,7 +426,7 @@ def render_text(report: dict[str, Any]) -> str:
             "completion",
             "trend",
         ]
-        cells = (_participant_cells(p) for p in v.participants)
+        cells = (_participant_cells(p) for p in v.shown)
         out += _table(headers, cells, "l" + "r" * 8 + "l")
     else:
         out.append(f"  {NO_DATA}")
@@ -859,7 +878,7 @@ def render_html(report: dict[str, Any]) -> str:
         color="#2e7d32",
         domain=(0.0, 100.0),
     )
-    scores = _scores_chart(v.participants)
+    scores = _scores_chart(v.shown)
 
     round_rows = [("", [(_e(c), "") for c in row]) for row in v.round_rows()]
     rounds_table = _html_table(
@@ -884,7 +903,7 @@ def render_html(report: dict[str, Any]) -> str:
         )
 
     p_rows = []
-    for p in v.participants:
+    for p in v.shown:
         trend = _s(p.get("trend")) or DASH
         online = p.get("online")
         state = (
@@ -1009,7 +1028,7 @@ def render_html(report: dict[str, Any]) -> str:
 <h2>Rounds</h2>
 {rounds_table}
 {health_html}
-{traffic_html}<h2>Participants ({len(v.participants)})</h2>
+{traffic_html}<h2>{_e(v.peers_title)}</h2>
 {participants_table}
 <h2>Active alerts ({len(v.alerts)})</h2>
 {alerts_table}

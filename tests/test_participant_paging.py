@@ -74,3 +74,21 @@ def test_the_summary_line_reads_the_page_and_the_whole() -> None:
     text = console.export_text()
     assert "rows 101-200 of 1,000" in text and "seen 1,000, online 900" in text
     assert "active 989, alerted 10, excluded 1" in text and "median 47.0" in text
+
+
+def test_a_report_of_a_thousand_keeps_to_the_weakest() -> None:
+    from fedctl.report import REPORT_PEERS, render_html, render_text
+
+    peers = [
+        {"peer_id": f"p{k:04d}", "overall_score": float(k % 97), "online": True}
+        for k in range(1000)
+    ]
+    report = {"name": "big", "rounds": 1, "session": {"session_id": "s1"}, "participants": peers}
+    text = render_text(report)
+    title = f"Participants (the {REPORT_PEERS} lowest scores of 1,000;"
+    assert title in text
+    rows = [ln for ln in text.splitlines() if ln.startswith("p0")]
+    # scores k % 97 of 1,000 peers: eleven each of 0, 1, 2, then 3: the 40 lowest are <= 3
+    assert len(rows) == REPORT_PEERS and all(float(r.split()[1]) <= 3.0 for r in rows)
+    html = render_html(report)
+    assert title in html and html.count('<tr><td class="l mono">p0') <= REPORT_PEERS
