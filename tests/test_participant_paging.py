@@ -92,3 +92,22 @@ def test_a_report_of_a_thousand_keeps_to_the_weakest() -> None:
     assert len(rows) == REPORT_PEERS and all(float(r.split()[1]) <= 3.0 for r in rows)
     html = render_html(report)
     assert title in html and html.count('<tr><td class="l mono">p0') <= REPORT_PEERS
+
+
+def test_the_dashboards_participants_title_sums_up_a_thousand() -> None:
+    from tui.state import Participant
+    from tui.widgets.participants import participants_line
+
+    peers = [
+        Participant(
+            f"p{k}",
+            online=k % 10 != 0,
+            status="alerted" if k % 100 == 1 else "active",
+            quality_score=float(k % 2) * 100,  # half 0, half 100: the median is 50
+            excluded=k == 7,
+        )
+        for k in range(1000)
+    ]
+    assert (
+        participants_line(peers) == "900/1,000 online · 10 alerted · 1 excluded · median score 50.0"
+    )

@@ -34,7 +34,7 @@ from tui.widgets import (
     SessionTitle,
     StatusBar,
 )
-from tui.widgets.participants import participant_cells
+from tui.widgets.participants import participant_cells, participants_line
 
 
 class ConnView(Protocol):
@@ -378,8 +378,7 @@ class SessionScreen(DashScreen):
                 p = m.participants.get(pid)
                 if p is not None:
                     table.put(pid, participant_cells(p, m.round_state(sid, pid), now))
-        online = sum(p.online for p in m.participants.values())
-        set_title(table, f"participants · {online}/{len(m.participants)} online")
+        set_title(table, f"participants · {participants_line(m.participants.values())}")
 
     def _alerts(self) -> None:
         alerts = self.dash.model.alerts_sorted(self.session_id)

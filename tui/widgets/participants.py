@@ -3,6 +3,9 @@ contribution. Rows are updated in place, one per event."""
 
 from __future__ import annotations
 
+import statistics
+from collections.abc import Iterable
+
 from tui.fmt import ago, num
 from tui.state import Participant, short
 from tui.widgets.table import Cell, KeyedTable
@@ -31,6 +34,22 @@ def participant_cells(p: Participant, round_state: str, now: float) -> tuple[Cel
         (round_state or "–", ROUND_STYLE.get(round_state, "")),
         (last, "" if p.last_round else "dim"),
     )
+
+
+def participants_line(peers: Iterable[Participant]) -> str:
+    """The panel's title: '998/1,000 online · 8 alerted · 2 excluded · median score 82.1',
+    the whole federation at a glance when its rows do not fit the screen."""
+    peers = list(peers)
+    online = sum(p.online for p in peers)
+    parts = [f"{online:,}/{len(peers):,} online"]
+    for status in ("alerted", "excluded"):
+        n = sum(("excluded" if p.excluded else p.status) == status for p in peers)
+        if n:
+            parts.append(f"{n:,} {status}")
+    scores = [p.quality_score for p in peers if p.quality_score is not None]
+    if scores:
+        parts.append(f"median score {statistics.median(scores):.1f}")
+    return " · ".join(parts)
 
 
 class ParticipantsTable(KeyedTable):
