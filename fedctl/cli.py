@@ -101,7 +101,14 @@ def whoami(as_json: Json = False) -> None:
 
 @app.command()
 def demo(
-    participants: Annotated[int, typer.Option(min=1, max=32)] = 3,
+    participants: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            max=1000,
+            help="how many participants: up to 32 processes, or up to 1000 with --swarm",
+        ),
+    ] = 3,
     rounds: Annotated[int, typer.Option(min=1, max=1000)] = 10,
     spec: Annotated[
         Path | None, typer.Option(help="a session spec to run instead of the defaults")
@@ -150,6 +157,14 @@ def demo(
             help="where the nodes keep their data (default $FEDNODE_HOME/demo, wiped first)"
         ),
     ] = None,
+    swarm: Annotated[
+        bool,
+        typer.Option(
+            "--swarm",
+            help="run the participants as one `fednode swarm` process (virtual participants, "
+            "each with its own key, connection and ledger) instead of one process each",
+        ),
+    ] = False,
     as_json: Json = False,
 ) -> None:
     """Run a coordinator and N participants as local processes, one session, the summary."""
@@ -168,6 +183,7 @@ def demo(
         codec=codec,
         downlink=downlink,
         workdir=workdir,
+        swarm=swarm,
         key=G.target.key,
         as_json=_json(as_json),
     )

@@ -23,7 +23,7 @@ from typing import Any
 
 from websockets.exceptions import ConnectionClosed
 
-from fednode.api import Connection, dial, private_dir
+from fednode.api import EVENT_STREAM_RATE, Connection, dial, private_dir
 from protocol import messages, text
 from protocol.errors import FednodeError
 from protocol.identity import Identity, public_key_from_peer_id
@@ -88,7 +88,12 @@ class AdminClient:
 
     async def __aenter__(self) -> AdminClient:
         try:
-            self.conn = await dial(self.target.url, self.identity, self.target.coordinator_id)
+            self.conn = await dial(
+                self.target.url,
+                self.identity,
+                self.target.coordinator_id,
+                rate=EVENT_STREAM_RATE,  # a watch of a thousand participants' events
+            )
         except FednodeError as err:  # a refusal in the handshake quotes the coordinator
             err.message = text.clean(err.message)
             err.hint = text.clean(err.hint)

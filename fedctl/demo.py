@@ -40,6 +40,8 @@ _MARKER = ".fednode-demo"
 # Participants that --drop will kill are slowed by this much, so the kill lands while the
 # round they were selected for is still waiting on them.
 DROP_DELAY_S = 2.0
+MAX_PROCESSES = 32  # participants as processes of their own (each imports torch)
+SWARM_WORKERS = 2  # --swarm: trainings at once in the swarm process
 
 
 @dataclass
@@ -56,6 +58,7 @@ class DemoOptions:
     codec: str = ""  # compression.codec, likewise
     downlink: str = ""  # compression.downlink, likewise
     workdir: Path | None = None
+    swarm: bool = False  # the participants as one `fednode swarm` process
     key: Path | None = None
     as_json: bool = False
 
@@ -137,6 +140,29 @@ class Processes:
                 *extra,
             ],
         )
+
+    def start_swarm(
+        self, root: Path, ready: dict[str, Any], participants: int, *extra: str, name: str = "swarm"
+    ) -> dict[str, Any]:
+        """`fednode swarm`: ``participants`` virtual participants in one process, their
+        homes under ``root``; returns its ready line (peer_ids, peers_file)."""
+        proc = self.start(
+            name,
+            [
+                "swarm",
+                "--participants",
+                str(participants),
+                "--coordinator",
+                ready["url"],
+                "--coordinator-id",
+                ready["peer_id"],
+                "--data-dir",
+                str(root),
+                *extra,
+            ],
+            pipe_stdout=True,
+        )
+        return read_ready_line(proc, "the swarm", self.log_dir / f"{name}.log")
 
     def kill(self, name: str) -> None:
         self.killed.add(name)
@@ -255,7 +281,24 @@ def check_attack(opts: DemoOptions) -> None:
         parse_attack(opts.attack)  # a bad KIND fails here, before any process starts
 
 
+def check_swarm(opts: DemoOptions) -> None:
+    """Past MAX_PROCESSES participants only as a swarm; a swarm's participants share one
+    process, so none of them can be killed (--drop) or started to attack (--attackers)."""
+    if not opts.swarm and opts.participants > MAX_PROCESSES:
+        raise UsageError(
+            f"--participants {opts.participants}: at most {MAX_PROCESSES} as processes",
+            hint="add --swarm to run them as virtual participants of one process (up to 1000)",
+        )
+    if opts.swarm and (opts.drop or opts.attackers):
+        raise UsageError(
+            "--swarm runs every participant in one process: --drop and --attackers need "
+            "processes of their own",
+            hint="leave out --swarm, or --drop and --attackers",
+        )
+
+
 def run_demo(opts: DemoOptions) -> dict[str, Any]:
+    check_swarm(opts)
     if opts.drop >= opts.participants:
         raise FednodeError(
             f"--drop {opts.drop} leaves no participant of {opts.participants}",
@@ -279,7 +322,17 @@ def run_demo(opts: DemoOptions) -> dict[str, Any]:
         )["token"]
         names = []
         attackers = []  # peer IDs: the coordinator is not told; the summary says who they were
-        for k in range(opts.participants):
+        if opts.swarm:
+            procs.start_swarm(
+                root / "swarm",
+                ready,
+                opts.participants,
+                "--join-token",
+                token,
+                "--workers",
+                str(SWARM_WORKERS),
+            )
+        for k in range(0 if opts.swarm else opts.participants):
             home = NodeHome(root / f"participant-{k}")
             ident, _ = home.init()
             name = f"participant-{k}"
@@ -295,7 +348,8 @@ def run_demo(opts: DemoOptions) -> dict[str, Any]:
         out.print(
             line(
                 f"coordinator {coord_id.peer_id} at {ready['url']}; "
-                f"{opts.participants} participants; nodes in {root}"
+                f"{opts.participants} participants{' in one swarm' if opts.swarm else ''}; "
+                f"nodes in {root}"
             )
         )
         if attackers:

@@ -43,7 +43,7 @@ from fednode.ledger import Ledger
 from fednode.output import USAGE_ERRORS, emit_json, fail, line, plain, run, stderr, stdout
 from fednode.reporting import audit_inputs, build_report
 from fednode.store import BlockStore
-from fednode.transport import Connection, dial
+from fednode.transport import EVENT_STREAM_RATE, Connection, dial
 
 
 def privacy_audit(inputs: dict[str, Any], model: bytes, **options: Any) -> dict[str, Any]:
@@ -61,6 +61,7 @@ def record_audit_offline(ledger: Ledger, session_id: str, record: dict[str, Any]
 
 
 __all__ = [
+    "EVENT_STREAM_RATE",
     "PRIVATE_UMASK",
     "USAGE_ERRORS",
     "BlockStore",

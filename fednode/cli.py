@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import re
@@ -659,6 +660,212 @@ async def _run_participant(
             }
         )
         await node.run(stop)
+
+
+@app.command("swarm")
+def swarm(
+    participants: Annotated[
+        int, typer.Option("--participants", help="how many virtual participants (1 to 10,000)")
+    ],
+    coordinator: Annotated[str, typer.Option(help="ws://HOST:PORT or wss://HOST:PORT")],
+    coordinator_id: Annotated[str, typer.Option(help="the coordinator's peer ID")],
+    data_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--data-dir",
+            help="the swarm's directory: virtual-K/ (key, ledger) per participant, store/, "
+            "peers.txt (default $FEDNODE_HOME/swarm or ~/.fednode/swarm)",
+        ),
+    ] = None,
+    dataset: Annotated[
+        str, typer.Option(help="digits: virtual participant K holds shard digits:K/N")
+    ] = "digits",
+    partition: Annotated[
+        str,
+        typer.Option(
+            help="the partition this swarm's shards are for (iid, dirichlet, ...): a session "
+            "whose data.partition differs is declined; default: whatever the session says",
+        ),
+    ] = "",
+    workers: Annotated[
+        int, typer.Option(min=1, help="trainings at once in this process (one torch thread each)")
+    ] = 1,
+    join_token: Annotated[str, typer.Option(help="an invite token, used by every one")] = "",
+    store: Annotated[
+        str,
+        typer.Option(
+            help="shared: one content store for the swarm (a round's model is fetched once "
+            "and read from disk by the others); own: one per participant (each fetches)",
+        ),
+    ] = "shared",
+    max_dialing: Annotated[
+        int,
+        typer.Option(
+            min=1, help="handshakes in flight at once (keep below the coordinator's --max-pending)"
+        ),
+    ] = 32,
+    ray_address: Annotated[
+        str,
+        typer.Option(
+            "--ray",
+            help="spread the participants over Ray actors: local (a Ray instance on this "
+            "machine), auto (the running cluster) or the head's ADDRESS; needs the ray "
+            "extra (pip install 'fednode[ray]')",
+        ),
+    ] = "",
+    actors: Annotated[
+        int,
+        typer.Option(
+            min=0,
+            help="with --ray: how many actors, each hosting an equal group (default 0: one "
+            "per CPU of the Ray cluster, at most --participants)",
+        ),
+    ] = 0,
+    log_level: Annotated[str, typer.Option(help="debug, info, warning")] = "warning",
+) -> None:
+    """Run N participant identities in one process, each with its own key, connection,
+    ledger and shard; they share one torch and train --workers at a time.
+
+    On start it prints one JSON line on stdout ({"event": "started", "peer_ids": [...],
+    "peers_file": ...}); on SIGINT/SIGTERM it stops them all and prints {"event":
+    "stopped", ...}. Logs go to stderr. With --ray the participants run in Ray actors, a
+    group each, and the driver prints the same lines (docs/scale.md, "Ray").
+    """
+    from fednode.home import default_home
+    from fednode.swarm import SwarmConfig
+
+    logging.basicConfig(
+        level=log_level.upper(),
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    root = Path(data_dir).expanduser() if data_dir else default_home() / "swarm"
+    config = SwarmConfig(
+        root=root,
+        participants=participants,
+        url=coordinator,
+        coordinator_id=coordinator_id,
+        dataset=dataset,
+        partition=partition,
+        workers=workers,
+        join_token=join_token,
+        store=store,
+        dial_slots=max_dialing,
+    )
+    lock = NodeHome(root)
+    try:
+        config.check()
+        public_key_from_peer_id(coordinator_id)
+        if ray_address or actors:
+            ray_swarm = _ray_swarm(participants, ray_address, actors)
+            lock.lock()
+            out = sys.stdout
+            # Ray prints its processes' lines (raylet warnings, actors' output) on the
+            # driver's stdout; they go to stderr, and stdout keeps its JSON lines only.
+            with contextlib.redirect_stdout(sys.stderr):
+                result = asyncio.run(
+                    _run_ray_swarm(ray_swarm, config, ray_address, actors, log_level, out)
+                )
+            emit_json(result, out)
+            if result["actors_failed"]:  # the others ran on; the exit status still says so
+                raise typer.Exit(1)
+            return
+        from fednode.swarm import raise_fd_limit
+
+        raise_fd_limit(participants)  # before torch and the ledgers take their files
+        lock.lock()
+        import torch
+
+        torch.set_num_threads(1)  # --workers trainings share the cores, one thread each
+        emit_json(asyncio.run(_run_swarm(config)))
+    except FednodeError as err:
+        fail(err, as_json=False)
+    finally:
+        lock.unlock()
+
+
+def _ray_swarm(participants: int, address: str, actors: int) -> Any:
+    """fednode.ray_swarm, once ``--ray`` and ``--actors`` are checked; it imports ray, an
+    optional extra, so nothing else of fednode imports it."""
+    from fednode.swarm import split_groups
+    from protocol.errors import UsageError
+
+    if not address:
+        raise UsageError(
+            f"--actors {actors}: only with --ray", hint="add --ray local, auto or ADDRESS"
+        )
+    if actors:
+        split_groups(participants, actors)  # refused before Ray starts, not after
+    try:
+        from fednode import ray_swarm
+    except ImportError as err:
+        raise UsageError(
+            f"--ray {address}: ray is not installed ({err})",
+            hint="install the extra: pip install 'fednode[ray]'",
+        ) from err
+    return ray_swarm
+
+
+async def _run_ray_swarm(
+    ray_swarm: Any, config: Any, address: str, actors: int, log_level: str, out: Any
+) -> dict[str, Any]:
+    from fednode import swarm
+
+    stop = _stop_event()
+
+    def ready(peer_ids: list[str], placed: dict[str, Any]) -> None:
+        peers = swarm.write_peers(config.root, peer_ids)
+        for g in placed["groups"]:  # for whoever reads the log; the JSON line has it too
+            print(
+                f"ray: actor {g['actor']} hosts virtual-{g['first']}.."
+                f"virtual-{g['first'] + g['count'] - 1} on {g['node']} (pid {g['pid']}, "
+                f"{g['rss_mib']:.0f} MiB)",
+                file=sys.stderr,
+                flush=True,
+            )
+        emit_json(
+            {
+                "event": "started",
+                "participants": len(peer_ids),
+                "coordinator": config.url,
+                "peer_ids": peer_ids,
+                "peers_file": str(peers),
+                "workers": config.workers,
+                "store": config.store,
+                "build_s": placed["startup_s"],
+                "ray": placed,
+            },
+            out,
+        )
+
+    return await ray_swarm.run(config, address, actors, log_level, stop, ready)
+
+
+async def _run_swarm(config: Any) -> dict[str, Any]:
+    import time
+
+    from fednode import swarm, virtual
+
+    stop = _stop_event()
+    t0 = time.perf_counter()
+    built = virtual.build(config)  # in the loop's thread: SQLite connections stay in theirs
+    try:
+        peers = swarm.write_peers(config.root, built.peer_ids)
+        emit_json(
+            {
+                "event": "started",
+                "participants": len(built.nodes),
+                "coordinator": config.url,
+                "peer_ids": built.peer_ids,
+                "peers_file": str(peers),
+                "workers": config.workers,
+                "store": config.store,
+                "build_s": round(time.perf_counter() - t0, 3),
+            }
+        )
+        return await built.run(stop)
+    finally:
+        built.close()
 
 
 def main() -> None:

@@ -534,27 +534,45 @@ def probe(ref: DatasetRef) -> Dataset:
     return load_partition(ref, features="none", partition="iid", seed=0, schema=PROBE)
 
 
-def _digits_local(ref: DatasetRef, cut: Cut, schema: Schema) -> tuple[Dataset, Dataset]:
+@dataclass(frozen=True)
+class _DigitsCut:
+    """The digits splits as a cut transforms them, and every shard's indices: the same for
+    all N shards, so computed once per process (fednode swarm hosts N participants in one)."""
+
+    train: Dataset
+    test: Dataset
+    parts: list[np.ndarray]
+    test_parts: list[np.ndarray]
+
+
+@functools.lru_cache(maxsize=8)
+def _digits_cut(cut: Cut, num_shards: int) -> _DigitsCut:
     x_train, y_train, x_test, y_test = digits_split(cut.seed)
     x_train, x_test_f = apply_features(x_train, x_test, cut.features)
     assert x_test_f is not None
-    schema.check_features(x_train, str(ref))
-    if not schema.probe:  # the embedded labels are indices 0..9; the schema must agree
-        schema.targets(y_train, str(ref))
     parts = partition_indices(
         cut.partition,
         y_train,
-        ref.num_shards,
+        num_shards,
         seed=cut.seed,
         alpha=cut.alpha,
         labels_per_part=cut.labels_per_part,
     )
     # The local test part: shard K of the test split, cut iid so every shard has some.
-    test_parts = partition_iid(len(y_test), min(ref.num_shards, len(y_test)), cut.seed)
-    test_idx = test_parts[ref.shard] if ref.shard < len(test_parts) else np.zeros(0, np.int64)
-    return _take(Dataset(x_train, y_train), parts[ref.shard]), _take(
-        Dataset(x_test_f, y_test), test_idx
-    )
+    test_parts = partition_iid(len(y_test), min(num_shards, len(y_test)), cut.seed)
+    for a in (x_train, y_train, x_test_f, y_test, *parts, *test_parts):
+        a.flags.writeable = False  # shared by every shard of this process: read only
+    return _DigitsCut(Dataset(x_train, y_train), Dataset(x_test_f, y_test), parts, test_parts)
+
+
+def _digits_local(ref: DatasetRef, cut: Cut, schema: Schema) -> tuple[Dataset, Dataset]:
+    whole = _digits_cut(cut, ref.num_shards)
+    schema.check_features(whole.train.x, str(ref))
+    if not schema.probe:  # the embedded labels are indices 0..9; the schema must agree
+        schema.targets(whole.train.y, str(ref))
+    k = ref.shard
+    test_idx = whole.test_parts[k] if k < len(whole.test_parts) else np.zeros(0, np.int64)
+    return _take(whole.train, whole.parts[k]), _take(whole.test, test_idx)
 
 
 def load_eval(

@@ -1577,11 +1577,16 @@ class Ledger:
         ``completed``: it has an accepted update (or masked input) in the round;
         ``declined``: it sent a ``task_error`` whose code is ``LIMIT_*`` (the spec exceeds the
         limits its own operator set: the operator's choice, not unreliability); ``failed``:
-        anything else (a training deadline, a crash, a rejected update, it left)."""
+        anything else (a training deadline, a crash, a rejected update, it left). A round
+        that asked it as a spare and closed without it (``not_needed`` in the round's
+        ``round_completed`` event: [selection] over_selection) is no selection of it."""
         rows = list(
             self.db.query(
                 "SELECT r.session_id, r.round FROM training_rounds r, json_each(r.selected) j "
                 "WHERE j.value = ? AND r.status NOT IN ('running', 'aborted') "
+                "AND NOT EXISTS (SELECT 1 FROM events e, json_each(e.data, '$.not_needed') n "
+                "WHERE e.session_id = r.session_id AND e.kind = 'round_completed' "
+                "AND json_extract(e.data, '$.round') = r.round AND n.value = j.value) "
                 "ORDER BY r.started_at DESC LIMIT ?",
                 (peer_id, _int("limit", limit, optional=False, minimum=0)),
             )

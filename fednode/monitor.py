@@ -487,7 +487,9 @@ class QualityMonitor:
     def _after_round(
         self, run: SessionControl, rnd: RoundView, anomalous_pct: float | None
     ) -> list[Action]:
-        self._tasks_ended(run.session_id, rnd.number, list(rnd.selected))
+        # a spare an over-selection did not wait for had no task to fail ([selection])
+        asked = [p for p in rnd.selected if p not in set(rnd.not_needed)]
+        self._tasks_ended(run.session_id, rnd.number, asked)
         scores, actions = self.evaluate_peers(list(rnd.selected), run.session_id, write=True)
         obs = self.session_observation(run, scores, anomalous_pct)
         s = quality.session_scores(obs, self.sla)

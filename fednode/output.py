@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Callable
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TextIO
 
 import typer
 from rich.console import Console
@@ -49,9 +49,10 @@ def line(*parts: str | Text | tuple[str, str]) -> Text:
     return out
 
 
-def emit_json(obj: dict[str, Any]) -> None:
-    sys.stdout.write(json.dumps(obj, default=str) + "\n")
-    sys.stdout.flush()
+def emit_json(obj: dict[str, Any], file: TextIO | None = None) -> None:
+    out = file or sys.stdout  # ``file``: a stdout kept aside while sys.stdout is redirected
+    out.write(json.dumps(obj, default=str) + "\n")
+    out.flush()
 
 
 def fail(err: FednodeError, as_json: bool) -> NoReturn:

@@ -291,6 +291,10 @@ class Participant:
         # root CID -> the block stream of its download from the coordinator, while it runs
         self._streams: dict[str, BlockStream] = {}
         self._task: asyncio.Task[None] | None = None
+        # (session, round) of a plain round's task until its update leaves: a round_end for
+        # it first means the round closed without it (over-selection), so it stops
+        self._task_round: tuple[str, int] | None = None
+        self._not_needed: tuple[str, int] | None = None  # the task stopped for that reason
         self._data_cache: dict[tuple[Any, ...], Any] = {}
         self._secagg_inbox: asyncio.Queue[messages.Message] = asyncio.Queue()
         self._proc = psutil.Process()
@@ -305,6 +309,10 @@ class Participant:
         # a python model spec (as canonical JSON) -> None once built and checked here, or
         # why not: the factory runs once per spec, not every round
         self._verified: dict[str, ModelCodeError | None] = {}
+        # fednode swarm (fednode.swarm): the participants of one process share these bounds,
+        # handshakes in flight and trainings at once; a node of its own has neither
+        self.dial_slots: asyncio.Semaphore | None = None
+        self.train_slots: asyncio.Semaphore | None = None
 
     async def run(self, stop: asyncio.Event) -> None:
         """Stay connected until ``stop`` is set; re-dial with backoff on failures."""
@@ -318,7 +326,10 @@ class Participant:
         backoff = 0.5
         while not stop.is_set():
             try:
-                conn = await dial(self.url, self.identity, self.coordinator_id, chain=self.chain)
+                async with self.dial_slots or contextlib.nullcontext():
+                    conn = await dial(
+                        self.url, self.identity, self.coordinator_id, chain=self.chain
+                    )
                 if conn.peer_id != self.coordinator_id:
                     log.warning(
                         "coordinator %s rotated its key; it is now %s (update --coordinator-id)",
@@ -441,6 +452,7 @@ class Participant:
                         continue
                     # The round's deadline counts from now, not from when training starts.
                     arrived = time.monotonic()
+                    self._task_round = None if msg.secagg else (env.session, msg.round)
                     self._task = asyncio.create_task(
                         self._do_round(conn, env.session, msg, arrived)
                     )
@@ -460,11 +472,25 @@ class Participant:
                     self.ledger.append_event(
                         msg.TYPE, session_id=env.session, data=messages.payload(msg)
                     )
+                    if isinstance(msg, messages.RoundEnd):
+                        await self._stop_unneeded(env.session, msg.round)
         finally:
             beat.cancel()
             if self._task is not None:
                 self._task.cancel()
         return None
+
+    async def _stop_unneeded(self, session: str, round_: int) -> None:
+        """The coordinator ended round ``round_`` while this node still trains for it: the
+        round closed on the updates it needed ([selection] over_selection), so this one
+        would be refused as stale. Stop it, and wait until it has stopped, so that the next
+        round_start finds this node free (not BUSY)."""
+        task = self._task
+        if task is None or task.done() or self._task_round != (session, round_):
+            return
+        self._not_needed = (session, round_)
+        task.cancel()
+        await asyncio.wait([task])
 
     async def _verify_model(self, s: dict[str, Any]) -> None:
         """For ``model.kind = "python"``: build the model from this node's allowed code and
@@ -730,6 +756,10 @@ class Participant:
             deadline = own_limit
             why = f"this participant's --max-train-seconds {self.limits.max_train_s:g}"
         stop = threading.Event()
+        if self.train_slots is not None:  # a swarm's turn: the wait is not training time
+            queued = time.perf_counter()
+            await self.train_slots.acquire()
+            wall0 += time.perf_counter() - queued
         try:
             result, thread_cpu = await asyncio.to_thread(
                 _timed_train,
@@ -747,6 +777,8 @@ class Participant:
             raise training.TrainingStopped(f"{err.message} ({why})") from None
         finally:
             stop.set()  # cancelled (connection lost, node stopping): the thread stops too
+            if self.train_slots is not None:
+                self.train_slots.release()
         wall, proc1 = time.perf_counter() - wall0, self._proc.cpu_times()
         threads = torch.get_num_threads()
         # One torch thread computes in the calling thread, whose CPU clock is precise; with a
@@ -979,6 +1011,7 @@ class Participant:
                     self.uplink.residual(session, plan.codec.name, weights.shapes(base)),
                 )
                 own = out = enc.data
+                self._task_round = None  # the update leaves: a round_end no longer stops it
                 sent = await conn.send(
                     messages.Update(
                         round=task.round,
@@ -1035,11 +1068,17 @@ class Participant:
             log.error("round %d failed here: %s: %s", task.round, err.code, err.message)
             await self._task_failed(conn, session, task, task_id, started, err)
         except (ConnectionClosed, asyncio.CancelledError) as exc:
+            unneeded = isinstance(exc, asyncio.CancelledError) and self._not_needed == (
+                session,
+                task.round,
+            )
             self._close_task(
                 task_id,
-                "failed",
+                "not_needed" if unneeded else "failed",
                 started,
-                "the connection to the coordinator closed during the task"
+                "the round closed on the updates it needed before this one (over-selection)"
+                if unneeded
+                else "the connection to the coordinator closed during the task"
                 if isinstance(exc, ConnectionClosed)
                 else "the task was cancelled (the connection closed or the node is stopping)",
             )

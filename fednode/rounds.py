@@ -4,9 +4,10 @@ The coordinator's async driver (fednode.session) does the I/O — it waits, send
 ledger, reads the clock — and asks this module every question whose answer must not depend
 on any of that:
 
-    who may take part, who is selected    eligible(), select(), regathered()
+    who may take part, who is selected    eligible(), select(), plan_selection(), sample(),
+                                          regathered()
     which update is accepted, and why     check_turn(), check_content(): ValidationError(code)
-    when the round stops waiting          RoundRun.closed(now, end)
+    when the round stops waiting          RoundRun.closed(now, end), RoundRun.enough
     what the aggregate is                 bound_updates() then Strategy.aggregate()
     whether it is published               verdict()
     who evaluates, the round's figures    coordinator_evaluates(), weighted_eval(),
@@ -27,10 +28,13 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 from fednode import bounds, versions
+from fednode.codecs.base import BAD_UPDATE
 from fednode.strategies.base import ClientUpdate, State
 from fednode.weights import Weights
-from protocol import messages
+from protocol import messages, selection
 from protocol.cid import file_cid
 from protocol.errors import ValidationError
 from protocol.lifecycle import RoundPhase
@@ -45,6 +49,11 @@ class RoundRun:
     selected: list[str]
     started_at: float  # wall clock, for the ledger; given by the driver
     phase: RoundPhase = RoundPhase.SELECTING
+    # over-selection: the accepted updates that close the round (0 = every selected peer's)
+    needed: int = 0
+    # asked but not waited for: enough updates had arrived first (cut()); neither dropped
+    # nor failed, in the ledger as in the quality scores
+    not_needed: list[str] = field(default_factory=list)
     # accepted updates: the message (its bytes dropped once decoded) and when it arrived
     received: dict[str, tuple[messages.Update, float]] = field(default_factory=dict)
     decoded: dict[str, Weights] = field(default_factory=dict)  # their weights
@@ -64,12 +73,24 @@ class RoundRun:
     @property
     def outstanding(self) -> set[str]:
         """Selected peers that have neither answered nor dropped out."""
-        return set(self.selected) - set(self.received) - set(self.failed)
+        return set(self.selected) - set(self.received) - set(self.failed) - set(self.not_needed)
+
+    @property
+    def enough(self) -> bool:
+        """Over-selection: the needed count of updates has been accepted."""
+        return bool(self.needed) and len(self.received) >= self.needed
 
     def closed(self, now: float, end: float) -> bool:
         """Whether the round stops waiting for updates: everyone answered or dropped out,
-        or the deadline ``end`` passed (``now`` and ``end`` on the same monotonic clock)."""
-        return not self.outstanding or now >= end
+        enough updates arrived (over-selection), or the deadline ``end`` passed (``now``
+        and ``end`` on the same monotonic clock)."""
+        return not self.outstanding or self.enough or now >= end
+
+    def cut(self) -> None:
+        """Enough updates arrived: whoever has not answered is not needed (not a failure:
+        it was asked as a spare)."""
+        if self.enough:
+            self.not_needed = sorted(self.outstanding)
 
     def time_out(self) -> None:
         """At the deadline: whoever has not answered failed the round."""
@@ -78,7 +99,8 @@ class RoundRun:
 
     @property
     def dropped(self) -> list[str]:
-        return sorted(set(self.selected) - set(self.received))
+        """Selected peers without an accepted update, the spares not needed left out."""
+        return sorted(set(self.selected) - set(self.received) - set(self.not_needed))
 
 
 # --- selection ------------------------------------------------------------------------------
@@ -101,6 +123,94 @@ def select(candidates: list[str], min_participants: int, max_participants: int) 
     if len(candidates) < min_participants:
         return None
     return candidates[:max_participants] if max_participants else list(candidates)
+
+
+@dataclass(frozen=True)
+class SelectionPlan:
+    """How many updates a round needs, and how many participants it asks for them."""
+
+    needed: int
+    asked: int  # needed, or more with over-selection (never more than are eligible)
+
+    @property
+    def spares(self) -> bool:
+        """Whether the round asks more than it needs, so closes at ``needed`` updates."""
+        return self.asked > self.needed
+
+
+def plan_selection(
+    eligible: int,
+    *,
+    min_participants: int,
+    max_participants: int,
+    fraction: float,
+    over_selection: float,
+) -> SelectionPlan | None:
+    """The round's counts from the spec's (top-level and [selection]) settings, or None while
+    fewer than ``min_participants`` are eligible (the driver waits, as with ``select``).
+
+    needed: ceil(fraction x eligible) with a fraction, else every eligible peer; at least
+    min_participants, at most max_participants (0: no bound) and the eligible count.
+    asked: ceil(needed x (1 + over_selection)), at most the eligible count."""
+    if eligible < min_participants:
+        return None
+    # round(): 0.1 x 30 is 3.0000000000000004 in floating point, whose ceiling would be 4
+    needed = (
+        max(math.ceil(round(fraction * eligible, 9)), min_participants) if fraction else eligible
+    )
+    if max_participants:
+        needed = min(needed, max_participants)
+    needed = min(needed, eligible)
+    asked = min(eligible, math.ceil(round(needed * (1.0 + over_selection), 9)))
+    return SelectionPlan(needed, asked)
+
+
+def round_rng(seed: int, number: int) -> np.random.Generator:
+    """The draw of round ``number`` of a session seeded ``seed``: the same for the same two
+    (a session's selections are reproducible), independent from one round to the next."""
+    return np.random.default_rng([seed, number])
+
+
+def sample(
+    candidates: list[str],
+    scores: Mapping[str, float | None],
+    k: int,
+    method: str,
+    rng: np.random.Generator,
+) -> list[str]:
+    """``k`` of ``candidates`` (spec selection.method):
+
+    first    the first k, in the candidates' order (the order peers came online);
+    random   a uniform sample without replacement;
+    quality  a sample without replacement weighted by ``scores`` (each peer's latest
+             overall quality score, 0-100; None or missing: not scored yet), each weight
+             at least QUALITY_FLOOR so that no peer is shut out for good.
+
+    random and quality draw over the candidates sorted by peer ID, so that the draw
+    depends on ``rng`` and the set of candidates only, not on who connected first; they
+    return the sample sorted too."""
+    if k >= len(candidates):
+        return list(candidates) if method == "first" else sorted(candidates)
+    if method == "first":
+        return candidates[:k]
+    pool = sorted(candidates)
+    if method == "random":
+        return sorted(pool[i] for i in rng.permutation(len(pool))[:k])
+    if method != "quality":
+        raise ValueError(f"unknown selection method {method!r}")
+    w = np.array([quality_weight(scores.get(p)) for p in pool])
+    # Efraimidis and Spirakis (2006): the k largest u^(1/w) are a weighted sample without
+    # replacement (each next pick proportional to weight among those left); in logs, as
+    # log(u) / w, so that small weights do not underflow.
+    keys = np.log(rng.random(len(pool))) / w
+    return sorted(pool[i] for i in np.argsort(-keys, kind="stable")[:k])
+
+
+def quality_weight(score: float | None) -> float:
+    """A peer's weight in a quality-weighted draw (protocol.selection says why)."""
+    if score is None or not math.isfinite(score):
+        return selection.QUALITY_UNSCORED
+    return max(float(score), selection.QUALITY_FLOOR)
 
 
 def regathered(candidates: list[str], expected: Iterable[str], now: float, until: float) -> bool:
@@ -151,6 +261,12 @@ def check_content(
     if file_cid(msg.data) != msg.update_cid:
         raise ValidationError("update bytes do not hash to their update_cid", code="CID_MISMATCH")
     return decode(msg.data)
+
+
+# Refusals of an update's bytes that its sender must have made on purpose: a payload its
+# codec cannot read (fednode.codecs: BAD_UPDATE) or bytes that are not what it named
+# (check_content). Recorded as ``security`` events, besides the rejection.
+CONTENT_REFUSALS = frozenset({BAD_UPDATE, "CID_MISMATCH"})
 
 
 # --- the aggregate --------------------------------------------------------------------------

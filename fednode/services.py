@@ -52,6 +52,7 @@ class RoundView(Protocol):
     started_at: float
     phase: RoundPhase
     failed: dict[str, str]
+    not_needed: list[str]  # over-selection's spares, not waited for: no task counted
     bytes_up: int
     next_state: State | None  # the strategy's state after this round's aggregate
 

@@ -42,7 +42,8 @@ from fednode import (
     versions,
     weights,
 )
-from fednode.codecs import BAD_UPDATE, CodecParams, get_codec, round_seed
+from fednode.async_round import AsyncRound
+from fednode.codecs import CodecParams, get_codec, round_seed
 from fednode.data import Dataset, load_eval
 from fednode.dpsgd import BUDGET_WARNING_SHARE
 from fednode.resume import ResumePoint
@@ -84,10 +85,8 @@ def model_spec(spec: dict[str, Any]) -> dict[str, Any]:
     return {k: m[k] for k in modelspec.MODEL_KEYS if k in m}
 
 
-# Refusals of an update's bytes that its sender must have made on purpose: a payload its
-# codec cannot read (fednode.codecs: BAD_UPDATE) or bytes that are not what it named
-# (fednode.rounds.check_content). Recorded as ``security`` events, besides the rejection.
-CONTENT_REFUSALS = frozenset({BAD_UPDATE, "CID_MISMATCH"})
+# Refusals recorded as ``security`` events (defined with check_content, fednode.rounds).
+CONTENT_REFUSALS = rounds.CONTENT_REFUSALS
 
 
 class SessionRun:
@@ -140,6 +139,14 @@ class SessionRun:
         self._dp_history: list[tuple[float, float]] = []
         self._dp_eligible = 0
         self._dp_rng = np.random.default_rng()
+        # aggregation.mode = "async" (FedBuff): its own driver (a spec stored before modes
+        # existed is synchronous)
+        self.fedbuff: AsyncRound | None = (
+            AsyncRound(self) if spec["aggregation"].get("mode") == "async" else None
+        )
+        # over-selection: the accepted updates that close the round being selected (0: every
+        # selected participant's; fednode.rounds.plan_selection)
+        self.needed = 0
 
     # --- operator actions -----------------------------------------------------------
 
@@ -191,6 +198,8 @@ class SessionRun:
                 await self._prepare()
             else:
                 await self._restore(resume_from)
+            if self.fedbuff is not None:  # async: until rounds versions are made
+                await self.fedbuff.run_session()
             while self.rounds_done < self.spec["rounds"]:
                 while self.state == SessionState.PAUSED:
                     self._idle = True
@@ -394,7 +403,39 @@ class SessionRun:
                     entity_id=p,
                 )
 
-    async def _select(self) -> list[str]:
+    def _sample(self, candidates: list[str], number: int) -> list[str] | None:
+        """Round ``number``'s participants among ``candidates`` (spec [selection]; None while
+        fewer than min_participants), and the updates that close it in ``self.needed`` (0:
+        every selected participant's)."""
+        spec, sel = self.spec, self.selection
+        plan = rounds.plan_selection(
+            len(candidates),
+            min_participants=spec["min_participants"],
+            max_participants=spec["max_participants"],
+            fraction=sel["fraction"],
+            over_selection=sel["over_selection"],
+        )
+        if plan is None:
+            return None
+        self.needed = plan.needed if plan.spares else 0
+        # central DP: the candidates come shuffled from the OS's entropy and "first" takes a
+        # uniform sample of them; a seeded draw would be one anybody holding the spec could
+        # predict, which the accountant's subsampling does not allow for
+        method = "first" if self.dp is not None else sel["method"]
+        scores: dict[str, float | None] = {}
+        if method == "quality":  # each peer's latest overall score (participants.quality_score)
+            scores = {p["peer_id"]: p["quality_score"] for p in self.coord.ledger.participants()}
+        return rounds.sample(
+            candidates, scores, plan.asked, method, rounds.round_rng(sel["seed"], number)
+        )
+
+    @property
+    def selection(self) -> dict[str, Any]:
+        """The spec's [selection] (a spec stored before it existed: the defaults, which
+        select as sessions did then)."""
+        return {**specmod.defaults()["selection"], **self.spec.get("selection", {})}
+
+    async def _select(self, number: int | None = None) -> list[str]:
         spec = self.spec
         deadline = time.monotonic() + spec["wait_participants_s"]
         while True:
@@ -407,7 +448,7 @@ class SessionRun:
                 self._regather = None
             if self.dp is not None:  # central DP: a uniformly random subset, q = k / eligible
                 candidates = central_dp.shuffled(candidates)
-            selected = rounds.select(candidates, spec["min_participants"], spec["max_participants"])
+            selected = self._sample(candidates, self.rounds_done + 1 if number is None else number)
             if selected is not None:
                 self._dp_eligible = len(candidates)
                 return selected
@@ -424,10 +465,11 @@ class SessionRun:
 
     async def _one_round(self, number: int) -> None:
         spec = self.spec
-        selected = await self._select()
+        selected = await self._select(number)
         self._apply_pending_rollback()  # an operator's rollback takes effect between rounds
         self._log_exclusions(number)
         rnd = self.round = RoundRun(number, self.global_cid, selected, time.time())
+        rnd.needed = self.needed
         # What each selected peer registered is the most its weight may count in this session
         # (it only ever goes down); then the round itself, before anyone is asked to train.
         await self.coord.guard.run(
@@ -450,6 +492,7 @@ class SessionRun:
                 "model_cid": self.global_cid,
                 "started_at": rnd.started_at,
                 "deadline_s": spec["round_timeout_s"],
+                "needed": rnd.needed or len(selected),  # over-selection: fewer than selected
             },
         )
         rnd.phase = RoundPhase.TRAINING
@@ -512,6 +555,7 @@ class SessionRun:
     async def _collect_plain(self, rnd: RoundRun, end: float) -> tuple[weights.Weights, list[str]]:
         while not rnd.closed(time.monotonic(), end):
             await self._wait(end - time.monotonic())
+        rnd.cut()  # over-selection: enough arrived; the others are not needed, not failed
         rnd.time_out()
         if not rnd.received:
             raise StateError("no update arrived")
@@ -766,8 +810,15 @@ class SessionRun:
                 entity_id=peer,
             )
 
-    async def _complete(self, rnd: RoundRun, new: weights.Weights, contributors: list[str]) -> bool:
-        """Evaluate the candidate; publish and commit it, or reject it. Whether published."""
+    async def _complete(
+        self,
+        rnd: RoundRun,
+        new: weights.Weights,
+        contributors: list[str],
+        extra: dict[str, Any] | None = None,
+    ) -> bool:
+        """Evaluate the candidate; publish and commit it, or reject it. Whether published.
+        ``extra``: more figures for its round_completed event (async: the staleness)."""
         rnd.phase = RoundPhase.EVALUATING
         on = self.evaluation_on
         own: tuple[float, float] | None = None
@@ -804,8 +855,9 @@ class SessionRun:
             loss=loss,
             size=size,
             participants=len(contributors),
-            # who did not return an update; outliers left out returned one (rnd.excluded)
-            dropped=len(set(rnd.selected) - set(contributors) - set(rnd.excluded)),
+            # who did not return an update; outliers left out returned one (rnd.excluded),
+            # spares of an over-selection were not waited for (rnd.not_needed)
+            dropped=len(self._dropped(rnd, contributors)),
             bytes_up=rnd.bytes_up,
             bytes_down=rnd.bytes_down,
             state_cid=state_cid,
@@ -832,8 +884,11 @@ class SessionRun:
                 "model_cid": cid,
                 "duration_s": now - rnd.started_at,
                 "participants": sorted(contributors),
-                "dropped": sorted(set(rnd.selected) - set(contributors) - set(rnd.excluded)),
+                "dropped": self._dropped(rnd, contributors),
                 "excluded": rnd.excluded,  # outliers left out (docs/robustness.md)
+                # asked as spares and not waited for ([selection] over_selection); the
+                # ledger's task history reads this (Ledger.recent_task_outcomes)
+                "not_needed": rnd.not_needed,
                 "bytes_up": rnd.bytes_up,
                 "bytes_down": rnd.bytes_down,
                 # compression (docs/compression.md): the contributors' updates as float32
@@ -851,6 +906,7 @@ class SessionRun:
                     "reports": reported.reports,
                     "model_cid": rnd.model_cid,
                 },
+                **(extra or {}),
             },
         )
         end = messages.RoundEnd(round=rnd.number, status="completed", model_cid=cid, accuracy=acc)
@@ -858,6 +914,12 @@ class SessionRun:
             await self.coord.send_to(peer, end, self.session_id)
         self.coord.apply(self.coord.monitor.after_round(self, rnd, rnd.anomalous_pct))
         return True
+
+    @staticmethod
+    def _dropped(rnd: RoundRun, contributors: list[str]) -> list[str]:
+        """Selected peers that did not return an update: not the outliers left out (they
+        returned one) nor the spares an over-selection did not wait for."""
+        return sorted(set(rnd.dropped) - set(contributors) - set(rnd.excluded))
 
     def _reject(self, rnd: RoundRun, why: str) -> None:
         """Not published: the round is recorded ``rejected`` with the reason, an alert is
@@ -1038,6 +1100,8 @@ class SessionRun:
 
     def on_update(self, peer: str, msg: messages.Update, frame_bytes: int) -> None:
         """Accept or reject one update; raises ValidationError with the reason."""
+        if self.fedbuff is not None:
+            return self.fedbuff.on_update(peer, msg, frame_bytes)
         rnd = self.round
         now = time.time()
         rounds.check_turn(rnd, self.session_id, peer, msg.round)
@@ -1224,6 +1288,8 @@ class SessionRun:
         """A selected participant could not produce its update (it declined the task, its
         training failed or diverged, its deadline passed): recorded, and the round stops
         waiting for it at once instead of at the timeout."""
+        if self.fedbuff is not None:
+            return self.fedbuff.on_task_error(peer, msg)
         rnd = self.round
         if rnd is None or msg.round != rnd.number or peer not in rnd.selected:
             current = rnd.number if rnd else 0
@@ -1244,6 +1310,8 @@ class SessionRun:
     def on_refused_update(self, peer: str, frame_type: str, err: FednodeError) -> None:
         """A selected participant's answer was refused before it could be parsed (invalid
         fields, too large): recorded like a task error, and the round stops waiting for it."""
+        if self.fedbuff is not None:
+            return self.fedbuff.on_refused_update(peer, frame_type, err)
         rnd = self.round
         if rnd is None or rnd.phase != RoundPhase.TRAINING or peer not in rnd.outstanding:
             return
@@ -1257,6 +1325,8 @@ class SessionRun:
         self.on_peer_lost(peer, f"{err.code}: {message}")
 
     def on_peer_lost(self, peer: str, reason: str) -> None:
+        if self.fedbuff is not None:
+            self.fedbuff.on_peer_lost(peer)
         if self.secure is not None:
             self.secure.on_peer_lost(peer)
         rnd = self.round

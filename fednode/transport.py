@@ -48,6 +48,10 @@ log = logging.getLogger("fednode.transport")
 MAX_FRAME_BYTES = 64 * 1024 * 1024  # a 16M-parameter float32 model fits; larger is refused
 HANDSHAKE_TIMEOUT_S = 10.0
 DEFAULT_RATE = 200.0  # messages/s per connection, bursts of twice that
+# What an operator's or viewer's client takes from the coordinator it dialled: the event
+# stream of a round of 1,000 participants is 1,000 update_received events within a second
+# or two. Each frame is still capped in size (protocol.limits); only the rate is higher.
+EVENT_STREAM_RATE = 10_000.0
 # Errors after which the peer's stream cannot be trusted any more: close the connection.
 _FATAL = (DecodeError, SignatureError, ReplayError, RateLimited)
 
@@ -237,8 +241,10 @@ async def dial(
     expected_peer_id: str,
     timeout: float = HANDSHAKE_TIMEOUT_S,
     chain: list[Rotation] | None = None,
+    rate: float = DEFAULT_RATE,
 ) -> Connection:
-    """Client side: connect and authenticate the server as ``expected_peer_id``.
+    """Client side: connect and authenticate the server as ``expected_peer_id``; ``rate``
+    bounds the messages a second it accepts from it.
 
     With a ``wss://`` URL the server's certificate must be bound to an Ed25519 identity
     (fednode.tls) and that identity must be the very key the fednode handshake then
@@ -267,7 +273,7 @@ async def dial(
             raise PeerMismatch(
                 f"the TLS certificate belongs to {tls_peer}, the handshake to {hs.result.peer_id}"
             )
-        conn = Connection(ws, identity, hs.result)
+        conn = Connection(ws, identity, hs.result, rate=rate)
         # The server speaks first after auth: a Welcome, or a refusal with its reason.
         first = await _recv_bytes(ws, timeout, "welcome")
         raise_if_refusal(first)

@@ -71,6 +71,8 @@ class RoundStarted(Payload):
     model_cid: str = ""
     started_at: float | None = None
     deadline_s: float | None = None
+    # the updates that close the round: fewer than selected with [selection] over_selection
+    needed: int | None = None
 
 
 @dataclass(frozen=True)
@@ -104,6 +106,9 @@ class RoundCompleted(Payload):
     dropped: list[str] = field(default_factory=list)
     # plain rounds: updates that arrived but outlier detection left out of the aggregate
     excluded: list[str] = field(default_factory=list)
+    # [selection] over_selection: asked as spares, not waited for once enough had arrived
+    # (neither dropped nor failed)
+    not_needed: list[str] = field(default_factory=list)
     bytes_up: int | None = None
     bytes_down: int | None = None
     # compression (compression.codec): the uplink codec, the contributors' updates as float32

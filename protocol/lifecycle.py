@@ -70,6 +70,8 @@ class TaskStatus(StrEnum):
     DONE = "done"
     FAILED = "failed"
     DECLINED = "declined"
+    # the round closed on the updates it needed before this one ([selection] over_selection)
+    NOT_NEEDED = "not_needed"
 
 
 TERMINAL: frozenset[SessionState] = frozenset(

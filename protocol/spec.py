@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from protocol import fingerprint, layers, limits, modelspec, plugins, secagg
+from protocol import fingerprint, layers, limits, modelspec, plugins, secagg, selection
 from protocol.errors import IdentityError, SpecError, ValidationError
 from protocol.identity import public_key_from_peer_id
 
@@ -75,7 +75,12 @@ SCHEMA: dict[str, dict[str, Field]] = {
             10_000,
         ),
         "max_participants": Field(
-            "int", 0, "at most this many per round; 0 = every online participant", 0, 10_000
+            "int",
+            0,
+            "at most this many updates per round (selection.over_selection asks more and "
+            "uses the first that arrive); 0 = every online participant",
+            0,
+            10_000,
         ),
         "participants": Field(
             "peer_list",
@@ -273,8 +278,9 @@ SCHEMA: dict[str, dict[str, Field]] = {
             "float",
             0.0,
             "fedavgm, fedadam, fedyogi, fedadagrad: the server's learning rate on the "
-            "round's pseudo-gradient; 0 = the strategy's default (fedavgm 1, fedadam 0.1, "
-            "fedyogi 0.01, fedadagrad 0.1)",
+            "round's pseudo-gradient; mode = async: FedBuff's step on the buffer's weighted "
+            "mean delta; 0 = the default (fedavgm 1, fedadam 0.1, fedyogi 0.01, fedadagrad "
+            "0.1, async 1 = the plain mean)",
             0.0,
             10.0,
         ),
@@ -408,6 +414,45 @@ SCHEMA: dict[str, dict[str, Field]] = {
             "clamped); smaller leaves more fixed-point bits, so a smaller bits and fewer bytes",
             1,
             2**30,
+        ),
+        # Asynchronous aggregation, FedBuff (fednode/fedbuff.py, docs/strategies.md)
+        "mode": Field(
+            "choice",
+            "sync",
+            "sync: each round waits for its selected participants; async: FedBuff, "
+            "participants train on the current version and answer when done, a new version "
+            "every buffer_size updates (rounds then counts versions); not with secure = "
+            "true, central_dp, or a strategy other than fedavg and fedprox",
+            choices=("sync", "async"),
+        ),
+        "buffer_size": Field(
+            "int", 3, "async: K, the updates each new model version aggregates", 1, 10_000
+        ),
+        "max_staleness": Field(
+            "int",
+            10,
+            "async: an update trained on a model more than this many versions old is refused "
+            "(TOO_STALE)",
+            0,
+            100_000,
+        ),
+        "staleness": Field(
+            "choice",
+            "polynomial",
+            "async: how an update's staleness s (versions since its model) weighs it: "
+            "polynomial = (1 + s)^-staleness_exponent (FedBuff), constant = 1",
+            choices=("polynomial", "constant"),
+        ),
+        "staleness_exponent": Field(
+            "float", 0.5, "async, staleness = polynomial: the exponent a of (1 + s)^-a", 0.0, 10.0
+        ),
+        "concurrency": Field(
+            "int",
+            0,
+            "async: how many participants train at once (the rest wait their turn); 0 = "
+            "every eligible participant",
+            0,
+            10_000,
         ),
     },
     "compression": {
@@ -602,6 +647,39 @@ SCHEMA: dict[str, dict[str, Field]] = {
             "participants (each on a held-out split of its own data, reported with its "
             'update; the coordinator needs no data: data.dataset = "none") or both',
             choices=EVALUATION_PLACES,
+        ),
+    },
+    # Who trains each round among the eligible participants (fednode.rounds.plan_selection,
+    # sample; docs/architecture.md, "Sampling participants").
+    "selection": {
+        "fraction": Field(
+            "float",
+            0.0,
+            "the share of the eligible participants each round needs: ceil(fraction x "
+            "eligible), at least min_participants, at most max_participants when set; "
+            "0 = not used (max_participants, else every eligible participant)",
+            0.0,
+            1.0,
+        ),
+        "method": Field(
+            "choice",
+            "first",
+            "how they are picked: first (in the order they came online); random (uniform, "
+            "drawn from seed and the round number: a session's draws are reproducible); "
+            "quality (without replacement, weighted by each peer's latest overall quality "
+            f"score, at least {selection.QUALITY_FLOOR:g} so that every peer may be picked, "
+            f"{selection.QUALITY_UNSCORED:g} for a peer not scored yet; not with central_dp)",
+            choices=selection.METHODS,
+        ),
+        "seed": Field("int", 0, "method = random or quality: the seed of the draws", 0, 2**31 - 1),
+        "over_selection": Field(
+            "float",
+            0.0,
+            "stragglers: ask ceil(needed x (1 + over_selection)) participants and close the "
+            "round as soon as the needed count of updates has arrived; the others are told "
+            "the round ended and recorded as not needed (not dropped, not failed). 0 = off",
+            0.0,
+            10.0,
         ),
     },
 }
@@ -931,7 +1009,8 @@ def detection_mode(spec: dict[str, Any]) -> str:
     privacy.mode = "central_dp", where leaving an update out would depend on the others)."""
     mode = str(spec["robustness"]["detection"])
     if mode == "auto":
-        if spec["aggregation"]["secure"]:
+        # async: a buffer's updates were trained on different versions; no median to judge by
+        if spec["aggregation"]["secure"] or spec["aggregation"].get("mode") == "async":
             return "off"
         central = spec.get("privacy", {}).get("mode") == plugins.CENTRAL_DP
         return "alert" if central else "exclude"
@@ -1003,6 +1082,84 @@ def _cross_checks(spec: dict[str, Any]) -> None:
     _check_data_schema(spec)
     _check_local_dp_layers(spec)
     _check_central_dp(spec)
+    _check_async(spec)
+    _check_selection(spec)
+
+
+def _check_selection(spec: dict[str, Any]) -> None:
+    """[selection] against the privacy and aggregation it serves."""
+    sel = spec["selection"]
+    if sel["method"] == "quality" and spec["privacy"]["mode"] == plugins.CENTRAL_DP:
+        raise SpecError(
+            'selection.method = "quality" with privacy.mode = "central_dp": the DP-FedAvg '
+            "accountant assumes each round is a uniform sample of the eligible participants "
+            "(sample rate q = selected / eligible); weighting by quality scores breaks that, "
+            "and the ε it reports would not hold",
+            hint='use selection.method = "random" or "first" (both uniform under central_dp), '
+            "or another privacy.mode",
+        )
+    if sel["over_selection"] > 0 and spec["aggregation"]["secure"]:
+        raise SpecError(
+            f"selection.over_selection = {sel['over_selection']:g} with aggregation.secure = "
+            "true: secure aggregation fixes its roster when the keys are exchanged and waits "
+            "for every member at each stage; cutting the round at the needed count would "
+            "make every extra participant a dropout whose masks must be unmasked from the "
+            "others' shares, which costs more than the straggler it saves",
+            hint="set selection.over_selection = 0 with secure = true (a straggler is then a "
+            "dropout at round_timeout_s), or secure = false",
+        )
+
+
+# What asynchronous aggregation (FedBuff) cannot run with, each with its reason.
+ASYNC_STRATEGIES = ("fedavg", "fedprox")
+
+
+def _check_async(spec: dict[str, Any]) -> None:
+    """aggregation.mode = "async" (FedBuff, fednode/fedbuff.py): the coordinator applies
+    updates as they arrive, trained on different model versions, so whatever needs one
+    synchronized cohort trained on one model is refused, with its reason."""
+    agg = spec["aggregation"]
+    if agg["mode"] != "async":
+        return
+    why: tuple[str, str] | None = None
+    if agg["secure"]:
+        why = (
+            "aggregation.secure = true: secure aggregation masks the inputs of one "
+            "synchronized cohort (every selected participant's pairwise masks cancel only in "
+            "their sum), while async aggregates whichever K updates arrive",
+            'set mode = "sync" to keep secure = true, or secure = false',
+        )
+    elif agg["strategy"] not in ASYNC_STRATEGIES:
+        why = (
+            f'aggregation.strategy = "{agg["strategy"]}": FedBuff\'s own server step '
+            "(server_lr on the buffer's staleness-weighted mean delta) takes the strategy's "
+            "place, and the robust strategies compare updates trained on the same model",
+            f'use strategy {" or ".join(ASYNC_STRATEGIES)}, or mode = "sync"',
+        )
+    elif spec["privacy"]["mode"] == plugins.CENTRAL_DP:
+        why = (
+            'privacy.mode = "central_dp": its accountant assumes each noisy aggregate is one '
+            "uniformly sampled cohort's clipped mean, which a buffer of updates of different "
+            "staleness is not",
+            'use privacy.mode = "local_dp" (each participant\'s own DP-SGD works in async), '
+            'or mode = "sync"',
+        )
+    elif spec["robustness"]["detection"] in ("exclude", "alert"):
+        why = (
+            f'robustness.detection = "{spec["robustness"]["detection"]}": outlier detection '
+            "compares each update with the round's median update, and a buffer's updates were "
+            "trained on different model versions",
+            'set robustness.detection = "auto" or "off" (the norm bound max_update_norm and '
+            "the share cap still apply to every update)",
+        )
+    elif spec["evaluation"]["on"] != "coordinator":
+        why = (
+            f'evaluation.on = "{spec["evaluation"]["on"]}": a participant reports on the model '
+            "it trained from, which in async mode is a different version for each update",
+            'set evaluation.on = "coordinator"',
+        )
+    if why is not None:
+        raise SpecError(f'aggregation.mode = "async" with {why[0]}', hint=why[1])
 
 
 # Layers whose output for one example depends on the others in its batch: per-example

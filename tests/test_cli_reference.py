@@ -81,12 +81,17 @@ def _documented_names(cmd: Any) -> list[str]:
 
 def _source_codes() -> set[str]:
     codes: set[str] = set()
+    constants: dict[str, set[str]] = {}  # NAME = "CODE" anywhere in the sources
+    used: set[str] = set()  # code=NAME (a constant, maybe defined in another module)
     for package in SOURCES:
         for path in (ROOT / package).rglob("*.py"):
             src = path.read_text(encoding="utf-8")
             codes.update(CODE_LITERAL.findall(src))
-            for name in set(CODE_CONSTANT.findall(src)):  # code=_BAD_CAR, defined in the file
-                codes.update(re.findall(rf"^{name}\s*=\s*\"([A-Z][A-Z0-9_]*)\"", src, re.M))
+            used.update(CODE_CONSTANT.findall(src))
+            for name, code in re.findall(r"^(\w+)\s*=\s*\"([A-Z][A-Z0-9_]*)\"", src, re.M):
+                constants.setdefault(name, set()).add(code)
+    for name in used:
+        codes.update(constants.get(name, set()))
     return codes
 
 

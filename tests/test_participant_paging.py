@@ -111,3 +111,23 @@ def test_the_dashboards_participants_title_sums_up_a_thousand() -> None:
     assert (
         participants_line(peers) == "900/1,000 online · 10 alerted · 1 excluded · median score 50.0"
     )
+
+
+def test_an_operator_client_takes_a_thousand_participants_events_at_once() -> None:
+    """A round of 1,000 participants sends `session watch` 1,000 update_received events
+    within a second: the rate a node accepts from a peer would cut the operator off
+    (measured: `session watch` closed RATE_LIMITED at 1,000), the client's does not."""
+    from fednode.transport import DEFAULT_RATE, EVENT_STREAM_RATE
+    from protocol.limits import RateLimited, TokenBucket
+
+    def burst(rate: float) -> int:
+        bucket, taken = TokenBucket(rate=rate, burst=2 * rate), 0
+        try:
+            for k in range(1200):
+                bucket.take(100.0 + k / 1200)  # 1,200 events in one second
+                taken += 1
+        except RateLimited:
+            pass
+        return taken
+
+    assert burst(DEFAULT_RATE) < 1000 and burst(EVENT_STREAM_RATE) == 1200
