@@ -299,6 +299,24 @@ class AsyncRound:
 
     # --- input from participants (SessionRun forwards these in async mode) --------------
 
+    def check_upload(self, peer: str, round_: int) -> None:
+        """An ``upload_ready`` is checked as its update will be: a task in flight, its round."""
+        task = self.tasks.get(peer)
+        if (
+            task is None
+            or task.round != round_
+            or self.run.state
+            not in (
+                SessionState.RUNNING,
+                SessionState.PAUSED,
+            )
+        ):
+            raise ValidationError(
+                f"upload of round {round_}, but {peer} has no task of that round in flight in "
+                f"session {self.run.session_id}",
+                code="STALE_UPDATE",
+            )
+
     def on_update(self, peer: str, msg: messages.Update, frame_bytes: int) -> None:
         run = self.run
         task = self.tasks.get(peer)

@@ -16,14 +16,18 @@ import typer
 
 from fednode.files import PRIVATE_UMASK
 from fednode.home import NodeHome
-from fednode.output import emit_json, fail, run, stdout
+from fednode.output import emit_json, fail, plain, run, stderr, stdout
+from fednode.uploads import MAX_UPLOAD_MIB, MAX_UPLOADS, UploadSlots
 from protocol.errors import FednodeError
 from protocol.identity import public_key_from_peer_id
 from protocol.modelspec import default_max_params, format_size
 
 if TYPE_CHECKING:
+    from collections.abc import Coroutine
+
     from fednode.attacks import Attack, Probe
     from fednode.data import DatasetRef
+    from fednode.health import Health
     from fednode.noisy_reports import ReportPrivacy
     from fednode.participant import Limits
     from fednode.schema import Schema
@@ -84,6 +88,94 @@ def rotate_key(data_dir: DataDir = None, as_json: Json = False) -> None:
         }
 
     run(as_json, go, lambda r: stdout.print(f"{r['previous_peer_id']} -> {r['peer_id']}"))
+
+
+@app.command()
+def backup(
+    output: Annotated[
+        Path,
+        typer.Option("-o", "--output", help="the file to write (gzip; a name ending .tar: not)"),
+    ],
+    data_dir: DataDir = None,
+    with_keys: Annotated[
+        bool,
+        typer.Option(
+            "--with-keys", help="include the node's private key: the file then holds a secret"
+        ),
+    ] = False,
+    force: Annotated[bool, typer.Option("--force", help="overwrite an existing file")] = False,
+    as_json: Json = False,
+) -> None:
+    """Back up the node: its ledger (SQLite's online backup: the node may be running), its
+    content store's blocks (each verified) and, with --with-keys, its identity key."""
+    from fednode.backup import create_backup
+
+    def human(r: dict[str, Any]) -> None:
+        stdout.print(
+            plain(
+                f"wrote {r['path']} ({r['size']:,} bytes): ledger (schema "
+                f"{r['schema_version']}), {r['blocks']:,} blocks, {r['pins']:,} pins, "
+                f"{'with' if r['with_keys'] else 'without'} the identity key"
+            )
+        )
+        for d in r["damaged"]:
+            stderr.print(plain(f"left out: block {d['block']}: {d['error']}", "yellow"))
+        if r["with_keys"]:
+            stderr.print(
+                plain(
+                    f"{r['path']} holds the node's private key: keep it as secret as the "
+                    "key itself (mode 0600, encrypted at rest, never beside the node)",
+                    "bold yellow",
+                )
+            )
+
+    run(
+        as_json,
+        lambda: create_backup(NodeHome(data_dir).root, output, with_keys=with_keys, force=force),
+        human,
+    )
+
+
+@app.command()
+def restore(
+    file: Annotated[Path, typer.Argument(help="the backup file (`fednode backup`)")],
+    data_dir: DataDir = None,
+    force: Annotated[
+        bool,
+        typer.Option(
+            "--force", help="replace a non-empty --data-dir (its contents are moved aside)"
+        ),
+    ] = False,
+    as_json: Json = False,
+) -> None:
+    """Restore a backup into a node directory: every member checked first (names, types,
+    sizes, hashes, CIDs, the ledger), then all of it or nothing."""
+    from fednode.backup import restore_backup
+
+    def human(r: dict[str, Any]) -> None:
+        stdout.print(
+            plain(
+                f"restored {r['data_dir']}: ledger (schema {r['schema_version']}, "
+                f"{r['events']:,} events), {r['blocks']:,} blocks, {r['pins']:,} pins"
+            )
+        )
+        if r["replaced"]:
+            stderr.print(plain(f"the previous contents are in {r['replaced']}"))
+        if not r["with_keys"]:
+            stderr.print(
+                plain(
+                    f"no identity key in the backup: copy the node's identity.key (mode 0600) "
+                    f"into {r['data_dir']}, or `fednode init --data-dir {r['data_dir']}` for "
+                    "a new identity (a new peer ID)",
+                    "yellow",
+                )
+            )
+
+    run(
+        as_json,
+        lambda: restore_backup(file, NodeHome(data_dir).root, force=force),
+        human,
+    )
 
 
 @app.command()
@@ -346,6 +438,22 @@ def run_node(
     max_pending: Annotated[
         int, typer.Option(help="coordinator: connections allowed to be authenticating at once")
     ] = 64,
+    max_uploads: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            help="coordinator: updates on their way at once; a participant whose update is "
+            "ready waits for a grant (docs/scale.md)",
+        ),
+    ] = MAX_UPLOADS,
+    max_upload_mib: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            help="coordinator: the most MiB of updates on their way at once (one larger "
+            "update still goes, alone)",
+        ),
+    ] = MAX_UPLOAD_MIB,
     tls: Annotated[
         bool,
         typer.Option(
@@ -370,7 +478,16 @@ def run_node(
     metrics: Annotated[
         str,
         typer.Option(
-            help="coordinator: serve Prometheus metrics on HOST:PORT (e.g. 127.0.0.1:9100)"
+            help="coordinator: serve Prometheus metrics on HOST:PORT (e.g. 127.0.0.1:9100; "
+            "docs/monitoring.md lists them)"
+        ),
+    ] = "",
+    health: Annotated[
+        str,
+        typer.Option(
+            help="serve liveness and readiness probes on HOST:PORT: GET /livez and /readyz, "
+            "503 with the failing checks when not ready (docs/monitoring.md; port 0 picks a "
+            "free one, printed in the JSON line as health)"
         ),
     ] = "",
     max_params: Annotated[
@@ -446,6 +563,7 @@ def run_node(
         if role not in ("coordinator", "participant"):
             raise FednodeError(f"--role {role!r}: use coordinator or participant", code="USAGE")
         red_team = _red_team(attack, role)
+        health_at = _hostport(health, "--health") if health else None
         ident = home.identity()
         home.lock()
         for pid in (operator or []) + (viewer or []):
@@ -490,10 +608,12 @@ def run_node(
                         "rate_limit": rate_limit,
                         "sla": sla_obj,
                         "heartbeat_s": heartbeat,
+                        "uploads": UploadSlots(max_uploads, max_upload_mib * 1024 * 1024),
                     },
                     tls,
                     metrics_at,
                     ipfs_api=ipfs_api,
+                    health_at=health_at,
                 )
             )
         else:
@@ -520,6 +640,7 @@ def run_node(
                     attack=red_team,
                     max_epsilon=max_epsilon,
                     report_privacy=report_privacy,
+                    health_at=health_at,
                 )
             )
     except FednodeError as err:
@@ -548,12 +669,15 @@ async def _run_coordinator(
     tls: bool,
     metrics_at: tuple[str, int] | None = None,
     ipfs_api: str = "",
+    health_at: tuple[str, int] | None = None,
 ) -> None:
     from fednode.coordinator import Coordinator
     from fednode.ledger import Ledger
     from fednode.store import open_store
 
     stop = _stop_event()
+    # Probes answer from the start (not ready) to the end (stopping), around everything else.
+    health = await _start_health(health_at, home.ledger_path, {"accepting": False})
     store = open_store(home.store_root, ipfs_api)
     # A short lock wait: the event loop must never stall on another process's lock;
     # fednode.storage_guard pauses sessions through a longer one.
@@ -564,14 +688,23 @@ async def _run_coordinator(
             from fednode.tls import server_context
 
             ssl = server_context(ident, home.root)  # a fresh certificate on every start
-        server = await coord.serve(host, port, ssl)
-        bound = server.sockets[0].getsockname()
         metrics_url = ""
-        if metrics_at is not None:
+        if metrics_at is not None:  # before serving: a resumed session's first events count
             from fednode.metrics import Exporter
 
-            coord.monitor.metrics = Exporter(*metrics_at)
-            metrics_url = coord.monitor.metrics.url
+            exporter = Exporter(*metrics_at)
+            exporter.load(ledger)
+            exporter.watch(lambda: len(coord.peers), lambda: coord.guard.healthy)
+            coord.events.tap(exporter.on_event)
+            coord.monitor.metrics = exporter
+            metrics_url = exporter.url
+        server = await coord.serve(host, port, ssl)
+        bound = server.sockets[0].getsockname()
+        if health is not None:
+            health.checks = lambda: {
+                "accepting": server.is_serving() and not coord.stopping,
+                "storage": coord.guard.healthy,
+            }
         emit_json(
             {
                 "event": "listening",
@@ -579,6 +712,7 @@ async def _run_coordinator(
                 "peer_id": ident.peer_id,
                 "ledger": str(home.ledger_path),
                 "metrics": metrics_url,
+                "health": health.url if health is not None else "",
             }
         )
         if not options["operators"]:
@@ -586,6 +720,8 @@ async def _run_coordinator(
                 "no --operator given: nobody can create or start sessions"
             )
         await stop.wait()
+        if health is not None:  # readiness says so first, then the node winds down
+            health.stopping = True
         # Rounds in flight recorded aborted, sessions left live: the next start resumes them.
         await coord.shutdown()
         await coord.monitor.stop()
@@ -594,6 +730,29 @@ async def _run_coordinator(
         await server.wait_closed()
         if coord.monitor.metrics is not None:
             coord.monitor.metrics.close()
+    if health is not None:
+        await health.close()
+
+
+async def _start_health(
+    at: tuple[str, int] | None, ledger: Path, checks: dict[str, bool]
+) -> Health | None:
+    """The probe server of ``--health`` (fednode.health), not ready (``checks``) until the
+    node replaces its checks; None without ``--health``."""
+    if at is None:
+        return None
+    from fednode.health import Health
+
+    health = Health(ledger, lambda: dict(checks))
+    try:
+        await health.start(*at)
+    except OSError as exc:  # the port is taken, or the address is not this machine's
+        raise FednodeError(
+            f"--health {at[0]}:{at[1]}: cannot listen: {exc.strerror or exc}",
+            code="USAGE",
+            hint="give a free port on one of this machine's addresses (port 0 picks one)",
+        ) from None
+    return health
 
 
 async def _run_participant(
@@ -612,12 +771,14 @@ async def _run_participant(
     attack: Attack | None = None,
     max_epsilon: float | None = None,
     report_privacy: ReportPrivacy | None = None,
+    health_at: tuple[str, int] | None = None,
 ) -> None:
     from fednode.ledger import Ledger
     from fednode.participant import Participant
     from fednode.store import open_store
 
     stop = _stop_event()
+    health = await _start_health(health_at, home.ledger_path, {"joined": False})
     store = open_store(home.store_root, ipfs_api)
     with Ledger(home.ledger_path) as ledger:
         node = Participant(
@@ -650,6 +811,7 @@ async def _run_participant(
                 "event": "started",
                 "peer_id": ident.peer_id,
                 "coordinator": url,
+                "health": health.url if health is not None else "",
                 "limits": {
                     "max_params": lim.max_params,
                     "max_memory": lim.max_memory,
@@ -659,7 +821,70 @@ async def _run_participant(
                 **({"attack": str(attack)} if attack is not None else {}),
             }
         )
-        await node.run(stop)
+        if health is not None:
+            health.checks = lambda: {"joined": node.joined}
+        await _until_stopped(node.run(stop), stop, health)
+
+
+async def _until_stopped(
+    work: Coroutine[Any, Any, Any], stop: asyncio.Event, health: Health | None
+) -> Any:
+    """Run ``work`` (it ends once ``stop`` is set); readiness turns 503 as soon as ``stop``
+    is set, while ``work`` winds down, and the probe server closes last."""
+
+    async def flag() -> None:
+        await stop.wait()
+        if health is not None:
+            health.stopping = True
+
+    flagger = asyncio.create_task(flag())
+    try:
+        return await work
+    finally:
+        flagger.cancel()
+        if health is not None:
+            health.stopping = True
+            await health.close()
+
+
+@app.command("prometheus-config")
+def prometheus_config(
+    targets: Annotated[
+        list[str], typer.Argument(help="HOST:PORT of each coordinator's --metrics address")
+    ],
+    interval: Annotated[int, typer.Option(min=1, max=3600, help="seconds between scrapes")] = 15,
+    job: Annotated[str, typer.Option(help="the job label of the scraped series")] = "fednode",
+    rules: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--rules",
+            help="a rule file for Prometheus to load, as its path there (repeatable), e.g. "
+            "the alert rules of deploy/prometheus/alerts.yml",
+        ),
+    ] = None,
+) -> None:
+    """Print a prometheus.yml that scrapes these coordinators' --metrics endpoints
+    (docs/monitoring.md). It is JSON, which Prometheus reads as YAML."""
+    from fednode.metrics import scrape_config
+
+    try:
+        for target in targets:
+            host, _, port = target.rpartition(":")
+            if not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise FednodeError(
+                    f"TARGET {target!r} is not HOST:PORT",
+                    code="USAGE",
+                    hint="the address a coordinator serves --metrics on, e.g. 10.0.0.5:9100",
+                )
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_.-]{0,63}", job):
+            raise FednodeError(
+                f"--job {job!r} is not a job name",
+                code="USAGE",
+                hint="letters, digits, _ . - (at most 64), starting with a letter or _",
+            )
+    except FednodeError as err:
+        fail(err, as_json=False)
+    sys.stdout.write(scrape_config(targets, interval_s=interval, job=job, rules=rules or []))
 
 
 @app.command("swarm")
@@ -722,6 +947,14 @@ def swarm(
         ),
     ] = 0,
     log_level: Annotated[str, typer.Option(help="debug, info, warning")] = "warning",
+    health: Annotated[
+        str,
+        typer.Option(
+            help="serve liveness and readiness probes on HOST:PORT (GET /livez, /readyz): "
+            "ready once every virtual participant is admitted (docs/monitoring.md); not "
+            "with --ray",
+        ),
+    ] = "",
 ) -> None:
     """Run N participant identities in one process, each with its own key, connection,
     ledger and shard; they share one torch and train --workers at a time.
@@ -756,6 +989,13 @@ def swarm(
     try:
         config.check()
         public_key_from_peer_id(coordinator_id)
+        health_at = _hostport(health, "--health") if health else None
+        if health_at is not None and (ray_address or actors):
+            raise FednodeError(
+                "--health is not served by a swarm on Ray: its participants run in the actors",
+                code="USAGE",
+                hint="probe the Ray cluster itself, or run the swarm without --ray",
+            )
         if ray_address or actors:
             ray_swarm = _ray_swarm(participants, ray_address, actors)
             lock.lock()
@@ -777,7 +1017,7 @@ def swarm(
         import torch
 
         torch.set_num_threads(1)  # --workers trainings share the cores, one thread each
-        emit_json(asyncio.run(_run_swarm(config)))
+        emit_json(asyncio.run(_run_swarm(config, health_at)))
     except FednodeError as err:
         fail(err, as_json=False)
     finally:
@@ -841,7 +1081,7 @@ async def _run_ray_swarm(
     return await ray_swarm.run(config, address, actors, log_level, stop, ready)
 
 
-async def _run_swarm(config: Any) -> dict[str, Any]:
+async def _run_swarm(config: Any, health_at: tuple[str, int] | None = None) -> dict[str, Any]:
     import time
 
     from fednode import swarm, virtual
@@ -850,6 +1090,10 @@ async def _run_swarm(config: Any) -> dict[str, Any]:
     t0 = time.perf_counter()
     built = virtual.build(config)  # in the loop's thread: SQLite connections stay in theirs
     try:
+        # The ledger check probes virtual-0's ledger: every one is on the swarm's disk.
+        health = await _start_health(health_at, built.nodes[0].ledger.path, {"joined": False})
+        if health is not None:
+            health.checks = lambda: {"joined": all(node.joined for node in built.nodes)}
         peers = swarm.write_peers(config.root, built.peer_ids)
         emit_json(
             {
@@ -861,9 +1105,10 @@ async def _run_swarm(config: Any) -> dict[str, Any]:
                 "workers": config.workers,
                 "store": config.store,
                 "build_s": round(time.perf_counter() - t0, 3),
+                "health": health.url if health is not None else "",
             }
         )
-        return await built.run(stop)
+        return await _until_stopped(built.run(stop), stop, health)
     finally:
         built.close()
 

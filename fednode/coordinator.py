@@ -41,6 +41,7 @@ from fednode.transport import (
     is_untrustworthy,
     ws_options,
 )
+from fednode.uploads import Ask, UploadSlots
 from protocol import messages, tokens
 from protocol import spec as spec_mod
 from protocol.alerts import ALERT_SEVERITY
@@ -90,8 +91,12 @@ class Coordinator:
         rate_limit: float = DEFAULT_RATE,
         sla: SLA | None = None,
         heartbeat_s: float = HEARTBEAT_S,
+        uploads: UploadSlots | None = None,
     ):
         self.heartbeat_s = heartbeat_s
+        # updates on their way at once, by count and announced bytes (fednode.uploads)
+        self.uploads = uploads or UploadSlots()
+        self._grant_sends: set[asyncio.Task[bool]] = set()
         self.sla = sla or SLA()
         self.chain = chain or []
         self.rate_limit = rate_limit
@@ -333,6 +338,33 @@ class Coordinator:
             return False
         return True
 
+    def _grant(self, grants: list[tuple[str, Ask]]) -> None:
+        """Send each ``upload_grant`` (fednode.uploads), and take back, after its time to
+        live, a grant whose update never came."""
+        loop = asyncio.get_running_loop()
+        for peer, ask in grants:
+            grant = messages.UploadGrant(round=ask.round)
+            task = loop.create_task(self.send_to(peer, grant, ask.session))
+            self._grant_sends.add(task)  # kept until sent (the loop holds tasks weakly)
+            task.add_done_callback(self._grant_sends.discard)
+            loop.call_later(self.uploads.grant_ttl_s, self._expire_grants)
+
+    def _expire_grants(self) -> None:
+        self._grant(self.uploads.expire(time.time()))
+
+    def uploads_closed(self, session_id: str, status: str) -> None:
+        """A session's round stopped taking updates: its grants and asks lapse, and a
+        participant whose update waited is told the round ended (``round_end`` with the
+        round's status), so it stops waiting and is free for the next round."""
+        grants, dropped = self.uploads.drop_session(session_id, time.time())
+        self._grant(grants)
+        loop = asyncio.get_running_loop()
+        for peer, ask in dropped:
+            end = messages.RoundEnd(round=ask.round, status=status, model_cid="")
+            task = loop.create_task(self.send_to(peer, end, session_id))
+            self._grant_sends.add(task)
+            task.add_done_callback(self._grant_sends.discard)
+
     async def broadcast_session_end(self, run: SessionRun) -> None:
         end = messages.SessionEnd(status=run.state.value)
         for peer in list(self.peers):
@@ -565,6 +597,7 @@ class Coordinator:
         finally:
             if self.peers.get(pid) is not None and self.peers[pid].conn is conn:
                 del self.peers[pid]
+                self._grant(self.uploads.release(pid, time.time()))
                 self.monitor.on_disconnect(pid, time.time())
                 self.guard.write(
                     self.ledger.upsert_participant, pid, online=0, last_seen=time.time()
@@ -636,8 +669,27 @@ class Coordinator:
                 sent = await self._send_blocks(conn, session_id, msg.cid)
             if run is not None:
                 run.on_bytes_down(sent, conn.peer_id)
+        elif isinstance(msg, messages.UploadReady):
+            run = self.session(session_id)
+            run.check_upload(conn.peer_id, msg.round)
+            ask = Ask(session_id, msg.round, msg.bytes)
+            grants = self.uploads.ask(conn.peer_id, ask, time.time())
+            run.note_upload(conn.peer_id not in dict(grants), len(self.uploads.granted))
+            self._grant(grants)
         elif isinstance(msg, messages.Update):
-            self.session(session_id).on_update(conn.peer_id, msg, size)
+            run = self.session(session_id)
+            try:
+                if not self.uploads.holds(conn.peer_id, session_id, msg.round):
+                    err = ValidationError(
+                        f"an update of round {msg.round} sent without an upload_grant",
+                        code="NOT_GRANTED",
+                        hint="a participant sends upload_ready and waits for upload_grant",
+                    )
+                    run.on_refused_update(conn.peer_id, msg.TYPE, err)
+                    raise err
+                run.on_update(conn.peer_id, msg, size)
+            finally:  # accepted or refused, the slot is free for the next in line
+                self._grant(self.uploads.release(conn.peer_id, time.time()))
         elif isinstance(msg, messages.SECAGG_FROM_PARTICIPANT):
             self.session(session_id).on_secagg(conn.peer_id, msg, size)
         elif isinstance(msg, messages.TaskError):

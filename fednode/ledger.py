@@ -35,7 +35,8 @@ import numbers
 import os
 import sqlite3
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from types import TracebackType
@@ -44,7 +45,7 @@ from typing import Any, Literal
 from sqlite_utils import Database
 
 from protocol import alerts, lifecycle
-from protocol.errors import NotFound, StateError
+from protocol.errors import NotFound, StateError, StorageUnavailable
 from protocol.lifecycle import RoundStatus, SessionState, TaskStatus, UpdateStatus
 from protocol.messages import EVAL_METRICS
 
@@ -776,6 +777,99 @@ def probe_writable(path: Path | str, lock_timeout_s: float) -> None:
         con.close()
 
 
+# --- backup and restore (fednode/backup.py) ------------------------------------------------
+
+
+def backup_database(source: Path | str, dest: Path | str) -> int:
+    """Copy the ledger at ``source`` into the new file ``dest`` with SQLite's online backup
+    API and return the copy's schema version.
+
+    Safe while a node writes the ledger: the source is opened read-only, and in WAL mode a
+    reader neither blocks the writer nor sees half a transaction, so the copy is one
+    consistent snapshot. Nothing is migrated (a backup taken before an upgrade holds the old
+    schema), and the copy is switched to a rollback journal, so it is one self-contained
+    file; ``Ledger`` turns WAL on again when it opens it."""
+    src_path = Path(source).resolve()
+    if not src_path.is_file():
+        raise NotFound(f"no ledger at {src_path}")
+    try:
+        src = sqlite3.connect(f"{src_path.as_uri()}?mode=ro", uri=True, timeout=5.0)
+        try:
+            dst = sqlite3.connect(str(dest))
+            try:
+                src.backup(dst)
+                dst.execute("PRAGMA journal_mode=DELETE")
+                return _schema_version_of(dst)
+            finally:
+                dst.close()
+        finally:
+            src.close()
+    except sqlite3.Error as exc:
+        raise StorageUnavailable(f"cannot copy the ledger {src_path}: {exc}") from None
+
+
+def check_database(path: Path | str) -> dict[str, Any]:
+    """Check a ledger file that came from outside (a backup being restored) without
+    trusting it: opened read-only, schema code not run (``trusted_schema=OFF``), SQLite's
+    ``quick_check``, a fednode schema no newer than this code's, and an intact event hash
+    chain. Returns ``{"schema_version", "events"}``; raises ValueError saying what is wrong."""
+    uri = f"{Path(path).resolve().as_uri()}?mode=ro"
+    try:
+        con = sqlite3.connect(uri, uri=True)
+    except sqlite3.Error as exc:
+        raise ValueError(f"not a readable SQLite database ({exc})") from None
+    try:
+        con.row_factory = sqlite3.Row
+        con.execute("PRAGMA trusted_schema=OFF")
+        con.execute("PRAGMA cell_size_check=ON")
+        problems = [r[0] for r in con.execute("PRAGMA quick_check(5)")]
+        if problems != ["ok"]:
+            raise ValueError(f"SQLite's quick_check fails: {'; '.join(map(str, problems))}")
+        tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        if not {"schema_migrations", "events", "sessions"} <= tables:
+            raise ValueError("not a fednode ledger (its tables are missing)")
+        version = _schema_version_of(con)
+        if version > len(MIGRATIONS):
+            raise ValueError(
+                f"written by a newer fednode (schema {version} > {len(MIGRATIONS)}): "
+                "upgrade fednode on this machine first"
+            )
+        ok, bad = _chain_intact(con.execute("SELECT * FROM events ORDER BY id"))
+        if not ok:
+            raise ValueError(f"its event hash chain breaks at event {bad}")
+        events = int(con.execute("SELECT count(*) FROM events").fetchone()[0])
+        return {"schema_version": version, "events": events}
+    except sqlite3.Error as exc:
+        raise ValueError(f"not a sound SQLite database ({exc})") from None
+    finally:
+        con.close()
+
+
+def _schema_version_of(con: sqlite3.Connection) -> int:
+    try:
+        row = con.execute("SELECT MAX(version) FROM schema_migrations").fetchone()
+    except sqlite3.OperationalError:  # no such table: a ledger never opened by fednode
+        return 0
+    return int(row[0] or 0)
+
+
+def _chain_intact(rows: Iterable[Mapping[str, Any]]) -> tuple[bool, int | None]:
+    """Recompute every event's hash and link, oldest first (``Ledger.verify_chain``)."""
+    prev = GENESIS_HASH
+    for row in rows:
+        try:
+            data = json.loads(row["data"])
+        except (TypeError, ValueError):
+            return False, row["id"]
+        expected = event_hash(
+            prev, row["id"], row["ts"], row["kind"], row["session_id"], row["entity_id"], data
+        )
+        if row["prev_hash"] != prev or row["hash"] != expected:
+            return False, row["id"]
+        prev = row["hash"]
+    return True, None
+
+
 def _json_column(row: dict[str, Any], *names: str) -> dict[str, Any]:
     """Decode the JSON text columns ``names`` in place (NULL stays None)."""
     for name in names:
@@ -1346,8 +1440,16 @@ class Ledger:
 
     # --- client updates -----------------------------------------------------------------
 
-    def record_update(
-        self,
+    def record_update(self, session_id: str, round: int, **fields: Any) -> dict[str, Any]:
+        """Record one received update (``update_values`` names the fields) and bump its
+        peer's counters; the stored row. The coordinator batches instead (``record_updates``)."""
+        self.record_updates([self.update_values(session_id, round, **fields)])
+        row = self._one("SELECT * FROM client_updates ORDER BY id DESC LIMIT 1")
+        assert row is not None
+        return _update_row(row)
+
+    @staticmethod
+    def update_values(
         session_id: str,
         round: int,
         *,
@@ -1369,55 +1471,73 @@ class Ledger:
         down_bytes: int | None = None,
         down_raw: int | None = None,
     ) -> dict[str, Any]:
-        """Record one received update and, if the peer is known, bump its counters.
+        """One received update's ``client_updates`` row, checked now (a bad figure raises
+        here, where it entered, not later inside a batch of other peers' rows).
 
         ``eval_*``: the participant's evaluation of the round's model on its held-out split,
         when it sent one (None = no report). ``dp``: its DP figures by DP_COLUMNS name
         (None or missing = not reported). ``bytes_raw``, ``down_bytes``, ``down_raw``: the
         compression figures of _m012_compression (None = not known).
-
-        The peer's ``rounds_completed`` (accepted) or ``updates_rejected`` (rejected) move in
-        the same transaction, so callers must not also increment them by hand.
         """
         if status not in UPDATE_STATUSES:
             raise ValueError(f"update status {status!r} not in {sorted(UPDATE_STATUSES)}")
+        return {
+            "session_id": session_id,
+            "round": int(round),
+            "participant": participant,
+            "samples": int(samples),
+            "loss": loss,
+            "bytes": int(bytes),
+            "duration_s": duration_s,
+            "arrival_s": arrival_s,
+            "update_cid": update_cid,
+            "status": status,
+            "reason": reason,
+            "received_at": float(received_at),
+            "eval_examples": _int("eval_examples", eval_examples, minimum=0),
+            "eval_loss": _real("eval_loss", eval_loss),
+            "eval_metrics": None
+            if eval_metrics is None
+            else canonical_json({k: _real(k, v, optional=False) for k, v in eval_metrics.items()}),
+            # every DP column, None where not reported: a batch's rows share their columns
+            **dict.fromkeys(DP_COLUMNS),
+            **_dp_columns(dp or {}),
+            "bytes_raw": _int("bytes_raw", bytes_raw, minimum=0),
+            "down_bytes": _int("down_bytes", down_bytes, minimum=0),
+            "down_raw": _int("down_raw", down_raw, minimum=0),
+        }
+
+    def record_updates(self, rows: Sequence[Mapping[str, Any]]) -> int:
+        """Many ``update_values`` rows in ONE transaction with prepared statements (the
+        coordinator writes a round's updates in batches: docs/scale.md). Each peer's
+        ``rounds_completed`` (accepted) or ``updates_rejected`` (rejected) moves in the same
+        transaction, so callers must not also increment them by hand. Returns the count."""
+        if not rows:
+            return 0
+        cols = list(rows[0])
+        if any(list(r) != cols for r in rows) or set(cols) != UPDATE_COLUMNS:
+            raise ValueError("record_updates takes rows made by Ledger.update_values")
+        counts: Counter[tuple[str, str]] = Counter(
+            (
+                "rounds_completed" if r["status"] == "accepted" else "updates_rejected",
+                r["participant"],
+            )
+            for r in rows
+        )
         with self.transaction():
-            self._require_session(session_id)
-            table = self.db["client_updates"]
-            table.insert(
-                {
-                    "session_id": session_id,
-                    "round": int(round),
-                    "participant": participant,
-                    "samples": int(samples),
-                    "loss": loss,
-                    "bytes": int(bytes),
-                    "duration_s": duration_s,
-                    "arrival_s": arrival_s,
-                    "update_cid": update_cid,
-                    "status": status,
-                    "reason": reason,
-                    "received_at": float(received_at),
-                    "eval_examples": _int("eval_examples", eval_examples, minimum=0),
-                    "eval_loss": _real("eval_loss", eval_loss),
-                    "eval_metrics": None
-                    if eval_metrics is None
-                    else canonical_json(
-                        {k: _real(k, v, optional=False) for k, v in eval_metrics.items()}
-                    ),
-                    **_dp_columns(dp or {}),
-                    "bytes_raw": _int("bytes_raw", bytes_raw, minimum=0),
-                    "down_bytes": _int("down_bytes", down_bytes, minimum=0),
-                    "down_raw": _int("down_raw", down_raw, minimum=0),
-                }
+            for session_id in {r["session_id"] for r in rows}:
+                self._require_session(session_id)
+            self.db.conn.executemany(
+                f"INSERT INTO client_updates ({', '.join(cols)}) "
+                f"VALUES ({', '.join('?' * len(cols))})",
+                [tuple(r.values()) for r in rows],
             )
-            update_id = table.last_pk
-            counter = "rounds_completed" if status == "accepted" else "updates_rejected"
-            self.db.execute(
-                f"UPDATE participants SET {counter} = {counter} + 1 WHERE peer_id = ?",
-                (participant,),
-            )
-        return _update_row(self.db["client_updates"].get(update_id))
+            for counter in ("rounds_completed", "updates_rejected"):
+                self.db.conn.executemany(
+                    f"UPDATE participants SET {counter} = {counter} + ? WHERE peer_id = ?",
+                    [(n, peer) for (c, peer), n in counts.items() if c == counter],
+                )
+        return len(rows)
 
     def record_scores(
         self, session_id: str, round: int, scores: Mapping[str, Mapping[str, Any]]
@@ -1707,6 +1827,15 @@ class Ledger:
                     (sid, peer_id, int(num_examples), float(now), float(now)),
                 )
 
+    def record_session_claims(
+        self, session_id: str, examples: Mapping[str, int], now: float
+    ) -> None:
+        """``record_claims`` of many peers for one session (a round's selection), in ONE
+        transaction: a round of a thousand peers is one commit, not a thousand."""
+        with self.transaction():
+            for peer_id, n in examples.items():
+                self.record_claims([session_id], peer_id, n, now)
+
     def claims(self, session_id: str) -> dict[str, int]:
         """peer ID -> the most examples it may claim in this session."""
         rows = self.db.query(
@@ -1957,25 +2086,7 @@ class Ledger:
         An edited row fails its own hash; a deleted or moved row breaks the next row's
         ``prev_hash`` link. Truncating the tail is not detectable from the chain alone.
         """
-        prev = GENESIS_HASH
-        for row in self.db.query("SELECT * FROM events ORDER BY id"):
-            try:
-                data = json.loads(row["data"])
-            except (TypeError, ValueError):
-                return False, row["id"]
-            expected = event_hash(
-                prev,
-                row["id"],
-                row["ts"],
-                row["kind"],
-                row["session_id"],
-                row["entity_id"],
-                data,
-            )
-            if row["prev_hash"] != prev or row["hash"] != expected:
-                return False, row["id"]
-            prev = row["hash"]
-        return True, None
+        return _chain_intact(self.db.query("SELECT * FROM events ORDER BY id"))
 
     # --- quality metrics (coordinator side) ---------------------------------------------
 
@@ -2025,6 +2136,18 @@ class Ledger:
                     (*peer_fields.values(), peer_id),
                 )
             return self._row("participant_quality_metrics", row_id)
+
+    def record_participant_quality_many(
+        self, rows: Iterable[tuple[str, str | None, float, dict[str, Any]]]
+    ) -> int:
+        """``record_participant_quality`` of many (peer, session, ts, metrics), in ONE
+        transaction (after a round: one row per selected peer). Returns the count."""
+        n = 0
+        with self.transaction():
+            for peer_id, session_id, ts, metrics in rows:
+                self.record_participant_quality(peer_id, session_id, ts, metrics)
+                n += 1
+        return n
 
     def participant_quality(
         self, peer_id: str | None = None, session_id: str | None = None, limit: int = 100
@@ -2649,3 +2772,99 @@ class Ledger:
                 (session_id,),
             )
         ]
+
+    # --- figures for the Prometheus endpoint (fednode.metrics) ----------------------------
+
+    def session_figures(self, session_id: str | None = None) -> dict[str, dict[str, Any]]:
+        """What fednode.metrics exports of each session (or of one), by session ID: its
+        ``status`` and planned ``rounds``, ``current_round`` (the highest round started, 0
+        = none), ``rounds_by_status``, the bytes of its rounds on the wire (``bytes_up``,
+        ``bytes_down``: what `session status` sums), its accepted updates' bytes on the wire
+        and raw (``update_bytes``: up/down, the compression figures of `session status`),
+        ``excluded_updates`` (left out of the aggregate by outlier detection) and the last
+        completed round's ``loss`` and ``metrics``. Sums in SQL, a few queries whatever the
+        size: the coordinator calls this once per round, never per scrape."""
+        where, params = ("WHERE session_id = ?", (session_id,)) if session_id else ("", ())
+        out: dict[str, dict[str, Any]] = {}
+        for r in self.db.execute(
+            f"SELECT session_id, status, rounds FROM sessions {where}", params
+        ):
+            out[r[0]] = {
+                "status": r[1],
+                "rounds": r[2],
+                "current_round": 0,
+                "rounds_by_status": {},
+                "bytes_up": 0,
+                "bytes_down": 0,
+                "update_bytes": {"up": (0, 0), "down": (0, 0)},  # (wire, raw)
+                "excluded_updates": 0,
+                "loss": None,
+                "metrics": {},
+            }
+        for sid, status, n, last, up, down in self.db.execute(
+            "SELECT session_id, status, COUNT(*), MAX(round), COALESCE(SUM(bytes_up), 0), "
+            f"COALESCE(SUM(bytes_down), 0) FROM training_rounds {where} "
+            "GROUP BY session_id, status",
+            params,
+        ):
+            if sid in out:
+                f = out[sid]
+                f["rounds_by_status"][status] = n
+                f["current_round"] = max(f["current_round"], last)
+                f["bytes_up"] += up
+                f["bytes_down"] += down
+        # the same rows as traffic() (accepted, sized), summed as _traffic_totals does
+        sized = "status = 'accepted' AND bytes_raw IS NOT NULL"
+        for sid, up, up_raw, down, down_raw, excluded in self.db.execute(
+            f"SELECT session_id, SUM(CASE WHEN {sized} THEN bytes ELSE 0 END), "
+            f"SUM(CASE WHEN {sized} THEN bytes_raw ELSE 0 END), "
+            f"SUM(CASE WHEN {sized} THEN COALESCE(down_bytes, 0) ELSE 0 END), "
+            f"SUM(CASE WHEN {sized} AND down_bytes > 0 THEN COALESCE(down_raw, 0) ELSE 0 END), "
+            f"SUM(CASE WHEN excluded = 1 THEN 1 ELSE 0 END) FROM client_updates {where} "
+            "GROUP BY session_id",
+            params,
+        ):
+            if sid in out:
+                out[sid]["update_bytes"] = {
+                    "up": (up or 0, up_raw or 0),
+                    "down": (down or 0, down_raw or 0),
+                }
+                out[sid]["excluded_updates"] = excluded or 0
+        for sid, loss, metrics in self.db.execute(
+            "SELECT t.session_id, t.loss, t.metrics FROM training_rounds t JOIN "
+            "(SELECT session_id, MAX(round) AS last FROM training_rounds "
+            f"WHERE status = 'completed'{' AND session_id = ?' if session_id else ''} "
+            "GROUP BY session_id) m ON t.session_id = m.session_id AND t.round = m.last",
+            params,
+        ):
+            if sid in out:
+                out[sid]["loss"] = loss
+                out[sid]["metrics"] = json.loads(metrics) if metrics else {}
+        return out
+
+    def active_alerts(self) -> list[dict[str, Any]]:
+        """Every open or acknowledged alert, briefly (id, type, severity, status, entity,
+        session), with no limit: fednode.metrics counts them by severity once at start and
+        once per round (``alerts`` returns pages of full rows)."""
+        rows = self.db.query(
+            "SELECT id, alert_type, severity, status, entity_id, session_id FROM "
+            "quality_alerts WHERE status IN ('open', 'acknowledged')"
+        )
+        return [dict(r) for r in rows]
+
+
+# The columns ``Ledger.update_values`` fills: ``record_updates`` takes no other names.
+UPDATE_COLUMNS = frozenset(
+    Ledger.update_values(
+        "",
+        0,
+        participant="",
+        samples=0,
+        loss=None,
+        bytes=0,
+        duration_s=None,
+        arrival_s=None,
+        update_cid=None,
+        received_at=0.0,
+    )
+)

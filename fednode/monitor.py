@@ -408,6 +408,7 @@ class QualityMonitor:
         ids = sorted(self.peers) if peer_ids is None else peer_ids
         conditions: list[dict[str, Any]] = []
         out: dict[str, quality.ParticipantScores] = {}
+        rows: list[tuple[str, str | None, float, dict[str, Any]]] = []
         for pid in ids:
             obs, scores = self.score_peer(pid, now)
             out[pid] = scores
@@ -416,15 +417,11 @@ class QualityMonitor:
             ]
             if write:
                 self.peers[pid].history.append(scores.overall)
-                self.write(
-                    self.ledger.record_participant_quality,
-                    pid,
-                    session_id,
-                    now,
-                    self.metrics_row(obs, scores),
-                )
+                rows.append((pid, session_id, now, self.metrics_row(obs, scores)))
             if self.metrics is not None:
                 self.metrics.participant(pid, obs, scores, self.peers[pid].online)
+        if rows:  # one transaction for the round's selection, not one per peer
+            self.write(self.ledger.record_participant_quality_many, rows)
         raised = self._sync(ids, conditions, now, always=write)
         actions = [
             Action("exclude_peer", a["message"], a["session_id"], a["entity_id"], a["id"])
@@ -503,7 +500,21 @@ class QualityMonitor:
         self.publish("quality", {"round": rnd.number, **row}, run.session_id)
         if self.metrics is not None:
             self.metrics.session(run.session_id, s)
+            self.export_totals(run.session_id)
         return actions
+
+    def export_totals(self, session_id: str) -> None:
+        """The ledger's sums for the Prometheus endpoint (fednode.metrics), once per round:
+        the session's rounds, bytes and exclusions, the active alerts, the peers left out of
+        selection. A read that storage refuses now is taken again after the next round."""
+        try:
+            self.metrics.refresh(self.ledger.session_figures(session_id))
+            self.metrics.reset_alerts(self.ledger.active_alerts())
+            self.metrics.peers_left_out(len(self.ledger.excluded_peers()), len(self.alerted()))
+        except Exception as exc:
+            if not is_storage_fault(exc):
+                raise
+            log.warning("metrics not refreshed after the round (%s)", exc)
 
     def flush(self) -> None:
         """Write the pings and transfers measured since the last write, in one transaction."""

@@ -295,6 +295,8 @@ class Participant:
         # it first means the round closed without it (over-selection), so it stops
         self._task_round: tuple[str, int] | None = None
         self._not_needed: tuple[str, int] | None = None  # the task stopped for that reason
+        # (session, round) -> the coordinator's upload_grant, awaited before an update is sent
+        self._grants: dict[tuple[str, int], asyncio.Future[None]] = {}
         self._data_cache: dict[tuple[Any, ...], Any] = {}
         self._secagg_inbox: asyncio.Queue[messages.Message] = asyncio.Queue()
         self._proc = psutil.Process()
@@ -313,6 +315,8 @@ class Participant:
         # handshakes in flight and trainings at once; a node of its own has neither
         self.dial_slots: asyncio.Semaphore | None = None
         self.train_slots: asyncio.Semaphore | None = None
+        # connected, handshaken and admitted by the coordinator now (fednode.health: ready)
+        self.joined = False
 
     async def run(self, stop: asyncio.Event) -> None:
         """Stay connected until ``stop`` is set; re-dial with backoff on failures."""
@@ -437,6 +441,7 @@ class Participant:
             entity_id=conn.peer_id,
             data={"url": self.url, "dataset": str(self.dataset), "sessions": first.sessions},
         )
+        self.joined = True
         try:
             async for env, msg in conn.messages():
                 if isinstance(msg, messages.RoundStart):
@@ -462,11 +467,15 @@ class Participant:
                     self._on_block(msg)
                 elif isinstance(msg, messages.ModelDelta):
                     self._on_delta(msg)
+                elif isinstance(msg, messages.UploadGrant):  # unasked for: nothing to do
+                    grant = self._grants.get((env.session, msg.round))
+                    if grant is not None and not grant.done():
+                        grant.set_result(None)
                 elif isinstance(msg, messages.Error):
                     log.warning("coordinator says %s: %s", msg.code, msg.message)
                     self._streams.clear()
-                    for fut in self._fetches.values():
-                        if not fut.done():
+                    for fut in (*self._fetches.values(), *self._grants.values()):
+                        if not fut.done():  # e.g. an upload_ready refused: STALE_UPDATE
                             fut.set_exception(FednodeError(msg.message, code=msg.code))
                 elif isinstance(msg, messages.RoundEnd | messages.SessionEnd):
                     self.ledger.append_event(
@@ -474,11 +483,36 @@ class Participant:
                     )
                     if isinstance(msg, messages.RoundEnd):
                         await self._stop_unneeded(env.session, msg.round)
+                    elif self._task_round is not None and self._task_round[0] == env.session:
+                        await self._stop_unneeded(*self._task_round)  # the session ended
         finally:
+            self.joined = False
             beat.cancel()
             if self._task is not None:
                 self._task.cancel()
         return None
+
+    async def _upload_slot(
+        self, conn: Connection, session: str, round_: int, size: int, until: float
+    ) -> None:
+        """Say the update is ready and wait for the coordinator's grant to send it
+        (fednode.uploads: it bounds the uploads in flight), at most until the round's
+        deadline (``until``, monotonic); NO_UPLOAD_SLOT after that."""
+        key = (session, round_)
+        grant: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._grants[key] = grant
+        try:
+            await conn.send(messages.UploadReady(round=round_, bytes=size), session)
+            await asyncio.wait_for(grant, max(0.0, until - time.monotonic()))
+        except TimeoutError:
+            raise FednodeError(
+                f"the coordinator granted no upload slot for round {round_} before its deadline",
+                code="NO_UPLOAD_SLOT",
+                hint="the coordinator had more uploads in flight than it takes at once "
+                "(fednode run --max-uploads, --max-upload-mib)",
+            ) from None
+        finally:
+            self._grants.pop(key, None)
 
     async def _stop_unneeded(self, session: str, round_: int) -> None:
         """The coordinator ended round ``round_`` while this node still trains for it: the
@@ -1011,6 +1045,9 @@ class Participant:
                     self.uplink.residual(session, plan.codec.name, weights.shapes(base)),
                 )
                 own = out = enc.data
+                await self._upload_slot(
+                    conn, session, task.round, len(out), arrived + task.deadline_s
+                )
                 self._task_round = None  # the update leaves: a round_end no longer stops it
                 sent = await conn.send(
                     messages.Update(

@@ -63,6 +63,9 @@ class RoundRun:
     bytes_up: int = 0
     bytes_down: int = 0
     down: dict[str, int] = field(default_factory=dict)  # peer -> bytes of the model sent it
+    # backpressure (fednode.uploads): the most updates granted at once, the asks that waited
+    uploads_peak: int = 0
+    uploads_waited: int = 0
     anomalous_pct: float | None = None  # plain rounds: share of updates that were outliers
     # plain rounds: peers whose update outlier detection left out (fednode.robustness)
     excluded: list[str] = field(default_factory=list)

@@ -165,6 +165,7 @@ class SessionHost(Recorder, Peers, Protocol):
     def allowed(self, run: SessionControl) -> set[str]: ...
     async def broadcast_session_end(self, run: SessionControl) -> None: ...
     def apply(self, actions: Any) -> None: ...  # what the monitor decided (fednode.monitor)
+    def uploads_closed(self, session_id: str, status: str) -> None: ...  # grants lapse
 
 
 class MonitorHost(Protocol):

@@ -77,6 +77,12 @@ NAN_ROUND = 0
 #: crash does not change who trains; bounded by the spec's wait_participants_s.
 REGATHER_S = 15.0
 
+#: A round's client_updates rows are written in batches (one transaction each: the ledger's
+#: per-call cost is most of its write time, docs/benchmarks.md): when this many wait, or the
+#: oldest has waited this long, and always before the round's rows are read or amended.
+UPDATE_BATCH_ROWS = 100
+UPDATE_BATCH_S = 0.5
+
 
 def model_spec(spec: dict[str, Any]) -> dict[str, Any]:
     """What builds and prices the model (protocol.modelspec.MODEL_KEYS); a spec stored before
@@ -147,6 +153,10 @@ class SessionRun:
         # over-selection: the accepted updates that close the round being selected (0: every
         # selected participant's; fednode.rounds.plan_selection)
         self.needed = 0
+        # the round's client_updates rows not yet written, and since when the oldest waits:
+        # written in batches (flush_updates), not one transaction per arriving update
+        self._update_rows: list[dict[str, Any]] = []
+        self._rows_since = 0.0
 
     # --- operator actions -----------------------------------------------------------
 
@@ -177,10 +187,31 @@ class SessionRun:
         self.coord.record("session", self.session_id, {"status": state.value, "error": error or ""})
 
     async def _wait(self, timeout: float | None) -> None:
-        """Sleep until something changes (update, peer, operator) or the timeout."""
+        """Sleep until something changes (update, peer, operator) or the timeout; update
+        rows waiting to be written wake it at most UPDATE_BATCH_S after the oldest came."""
         self._wake.clear()
+        if self._update_rows:
+            due = max(0.0, self._rows_since + UPDATE_BATCH_S - time.monotonic())
+            timeout = due if timeout is None else min(timeout, due)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._wake.wait(), timeout)
+        if self._update_rows and time.monotonic() - self._rows_since >= UPDATE_BATCH_S:
+            self.flush_updates()
+
+    def flush_updates(self) -> None:
+        """Write the waiting client_updates rows in one transaction. Called when
+        UPDATE_BATCH_ROWS wait or the oldest waited UPDATE_BATCH_S, and before anything
+        reads or amends the round's rows (judging, scores, the round's outcome)."""
+        if self._update_rows:
+            rows, self._update_rows = self._update_rows, []
+            self.coord.guard.write(self.coord.ledger.record_updates, rows)
+
+    def _queue_update_row(self, row: dict[str, Any]) -> None:
+        if not self._update_rows:
+            self._rows_since = time.monotonic()
+        self._update_rows.append(row)
+        if len(self._update_rows) >= UPDATE_BATCH_ROWS:
+            self.flush_updates()
 
     # --- the driver --------------------------------------------------------------------
 
@@ -214,6 +245,7 @@ class SessionRun:
             if self.round is not None and self.round.phase != RoundPhase.DONE:
                 if stopping:  # SIGTERM: the session stays live; the round runs again later
                     self.round.phase = RoundPhase.DONE
+                    self.flush_updates()
                     self.coord.guard.write(
                         self.coord.ledger.abort_round,
                         self.session_id,
@@ -232,6 +264,7 @@ class SessionRun:
             log.exception("session %s crashed", self.session_id)
             self._set_state(SessionState.FAILED, f"INTERNAL: {type(exc).__name__}: {exc}")
         finally:
+            self.flush_updates()  # e.g. a late update refused after the last round
             if not stopping:  # a stopping coordinator's sessions have not ended
                 await self.coord.broadcast_session_end(self)
 
@@ -555,6 +588,8 @@ class SessionRun:
     async def _collect_plain(self, rnd: RoundRun, end: float) -> tuple[weights.Weights, list[str]]:
         while not rnd.closed(time.monotonic(), end):
             await self._wait(end - time.monotonic())
+        self.flush_updates()  # judging and scoring amend the round's rows
+        self.coord.uploads_closed(self.session_id, "closed")  # grants of this round lapse
         rnd.cut()  # over-selection: enough arrived; the others are not needed, not failed
         rnd.time_out()
         if not rnd.received:
@@ -763,8 +798,7 @@ class SessionRun:
         )
 
     def _record_claims(self, examples: dict[str, int]) -> None:
-        for peer, n in examples.items():
-            self.coord.ledger.record_claims([self.session_id], peer, n, time.time())
+        self.coord.ledger.record_session_claims(self.session_id, examples, time.time())
 
     def assigned_weights(self, selected: list[str], max_weight: int) -> dict[str, int]:
         """Secure rounds: each selected participant's whole-number weight (rounds.py); 1
@@ -819,6 +853,7 @@ class SessionRun:
     ) -> bool:
         """Evaluate the candidate; publish and commit it, or reject it. Whether published.
         ``extra``: more figures for its round_completed event (async: the staleness)."""
+        self.flush_updates()  # the round's outcome reads and counts its updates
         rnd.phase = RoundPhase.EVALUATING
         on = self.evaluation_on
         own: tuple[float, float] | None = None
@@ -896,6 +931,8 @@ class SessionRun:
                 "codec": self.codec.name,
                 "bytes_up_raw": raw_up,
                 "up_ratio": raw_up / rnd.bytes_up if rnd.bytes_up else None,
+                "uploads_peak": rnd.uploads_peak,
+                "uploads_waited": rnd.uploads_waited,
                 "evaluation": on,
                 "participant_eval": {}
                 if reported is None
@@ -941,6 +978,8 @@ class SessionRun:
         rnd = self.round
         assert rnd is not None
         rnd.phase = RoundPhase.DONE
+        self.flush_updates()
+        self.coord.uploads_closed(self.session_id, status)
         self.coord.guard.write(
             self.coord.ledger.finish_round,
             self.session_id,
@@ -1098,6 +1137,21 @@ class SessionRun:
 
     # --- input from participants ---------------------------------------------------------
 
+    def check_upload(self, peer: str, round_: int) -> None:
+        """Whether ``peer`` may ask to upload its update of ``round_`` now (``upload_ready``):
+        what an update of that round would be checked for first; ValidationError if not."""
+        if self.fedbuff is not None:
+            return self.fedbuff.check_upload(peer, round_)
+        rounds.check_turn(self.round, self.session_id, peer, round_)
+
+    def note_upload(self, waited: bool, in_flight: int) -> None:
+        """An upload was asked for (fednode.uploads): whether it waited, and how many the
+        coordinator has granted now; the round's figures keep the most."""
+        rnd = self.round  # FedBuff's aggregation open now, too
+        if rnd is not None:
+            rnd.uploads_peak = max(rnd.uploads_peak, in_flight)
+            rnd.uploads_waited += int(waited)
+
     def on_update(self, peer: str, msg: messages.Update, frame_bytes: int) -> None:
         """Accept or reject one update; raises ValidationError with the reason."""
         if self.fedbuff is not None:
@@ -1172,8 +1226,7 @@ class SessionRun:
         reason: str | None,
     ) -> None:
         assert self.round is not None
-        self.coord.guard.write(
-            self.coord.ledger.record_update,
+        row = self.coord.ledger.update_values(
             self.session_id,
             msg.round,
             participant=peer,
@@ -1190,6 +1243,7 @@ class SessionRun:
             dp=self._dp_columns(msg),
             **self._size_columns(peer),
         )
+        self._queue_update_row(row)
 
     @property
     def raw_update_bytes(self) -> int:
@@ -1262,8 +1316,7 @@ class SessionRun:
         inside the mask too, so 0 here)."""
         assert self.round is not None
         now = time.time()
-        self.coord.guard.write(
-            self.coord.ledger.record_update,
+        row = self.coord.ledger.update_values(
             self.session_id,
             msg.round,
             participant=peer,
@@ -1280,6 +1333,7 @@ class SessionRun:
             dp=self._dp_columns(msg),
             **self._size_columns(peer),
         )
+        self._queue_update_row(row)
         self._check_budget(peer, msg)
         self._take_report(self.round, peer, msg)
         self.coord.monitor.on_update(peer, self.session_id, now, msg)

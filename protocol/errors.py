@@ -198,3 +198,14 @@ class AggregateRejected(FednodeError):
 
     code = "AGGREGATE_REJECTED"
     hint = "see the round's reason and the session's alerts; a participant may be poisoning"
+
+
+class BadBackup(FednodeError):
+    """A backup file that `fednode restore` refuses (fednode/backup.py): not a fednode backup,
+    or a member that breaks a rule; the message names the member and what is wrong."""
+
+    code = "BAD_BACKUP"
+    hint = (
+        "the file is damaged, not a fednode backup, or was altered; nothing was written. "
+        "Use another copy of the backup"
+    )

@@ -116,6 +116,10 @@ class RoundCompleted(Payload):
     codec: str = ""
     bytes_up_raw: int | None = None
     up_ratio: float | None = None
+    # backpressure (fednode.uploads): the most of this round's updates on their way at once,
+    # and how many waited for a slot
+    uploads_peak: int = 0
+    uploads_waited: int = 0
     # who measured accuracy and loss (spec evaluation.on); with "participants" they are the
     # participants' figures of the model the round started from (model_cid_in)
     evaluation: str = "coordinator"

@@ -23,7 +23,7 @@ import typing
 from collections.abc import Callable
 from typing import Any, ClassVar
 
-from protocol import plugins, text
+from protocol import limits, plugins, text
 from protocol.errors import ValidationError
 
 MAX_STR = text.MAX_TEXT
@@ -421,6 +421,24 @@ class Update(Message):
 
 
 @dataclasses.dataclass(frozen=True)
+class UploadReady(Message):
+    """participant → coordinator: my update of ``round`` is ready, ``bytes`` on the wire.
+    It is sent only once granted (``upload_grant``): the coordinator bounds the uploads in
+    flight, so a thousand participants finishing at once cannot all send at once."""
+
+    TYPE: ClassVar[str] = "upload_ready"
+    round: int
+    bytes: int
+
+    def validate(self) -> None:
+        _nonneg(self, "round")
+        if not 0 < self.bytes <= limits.MAX_BYTES["update"]:
+            raise ValidationError(
+                f"field 'bytes' of 'upload_ready' must be 1..{limits.MAX_BYTES['update']:,}"
+            )
+
+
+@dataclasses.dataclass(frozen=True)
 class TaskError(Message):
     TYPE: ClassVar[str] = "task_error"
     round: int
@@ -498,6 +516,14 @@ class RoundStart(Message):
 
     def validate(self) -> None:
         _nonneg(self, "round", "deadline_s")
+
+
+@dataclasses.dataclass(frozen=True)
+class UploadGrant(Message):
+    """The answer to ``upload_ready``: send the update of ``round`` now."""
+
+    TYPE: ClassVar[str] = "upload_grant"
+    round: int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -656,12 +682,14 @@ MESSAGES: dict[str, type[Message]] = {
         Heartbeat,
         Fetch,
         Update,
+        UploadReady,
         TaskError,
         Welcome,
         Admitted,
         Block,
         ModelDelta,
         RoundStart,
+        UploadGrant,
         RoundEnd,
         SessionEnd,
         Error,

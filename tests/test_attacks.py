@@ -404,7 +404,10 @@ async def test_update_for_another_session(node: Cluster) -> None:
     }
     await raw.send("update", update, session="s-not-mine")
     await raw.expect_error("NOT_FOUND", closed=False)
-    await raw.send("update", update, session=sid)  # its session, but no round is running
+    await raw.send("update", update, session=sid)  # its session, but not granted a slot
+    await raw.expect_error("NOT_GRANTED", closed=False)
+    # asking for a slot is checked as the update would be: no round is running
+    await raw.send("upload_ready", {"round": 1, "bytes": 10}, session=sid)
     await raw.expect_error("STALE_UPDATE", closed=False)
 
 

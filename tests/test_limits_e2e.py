@@ -76,11 +76,14 @@ class ScriptedCoordinator:
 
 
 async def next_of(conn: Connection, *types: type[messages.Message]) -> messages.Message:
-    """The next message of one of ``types`` (heartbeats and the like are skipped)."""
+    """The next message of one of ``types`` (heartbeats and the like are skipped; an
+    ``upload_ready`` is granted at once, as a coordinator with free upload slots does)."""
     while True:
-        _env, msg = await asyncio.wait_for(conn.recv(), 120)
+        env, msg = await asyncio.wait_for(conn.recv(), 120)
         if isinstance(msg, types):
             return msg
+        if isinstance(msg, messages.UploadReady):
+            await conn.send(messages.UploadGrant(round=msg.round), env.session)
 
 
 @pytest.fixture

@@ -245,7 +245,7 @@ def _node(tmp_path: Path, ident: Identity, attack: Attack | None) -> P.Participa
 
 async def _sent(node: P.Participant, s: dict[str, Any]) -> tuple[messages.Update, weights.Weights]:
     """The update ``node`` sends for round 1 of ``s``, and the round's global model."""
-    conn = FakeConn()
+    conn = FakeConn(node)
     task = round_start(node, s)
     await node._do_round(conn, SESSION, task)
     (msg,) = conn.sent

@@ -33,16 +33,25 @@ COORD = Identity.generate()
 
 
 class FakeConn:
-    """What _do_round needs of a Connection: the coordinator's peer ID and send()."""
+    """What _do_round needs of a Connection: the coordinator's peer ID and send(). Given
+    the node, it grants each ``upload_ready`` at once (kept in ``asked``, not ``sent``), as
+    a coordinator with a free upload slot does."""
 
     peer_id = COORD.peer_id
 
-    def __init__(self) -> None:
+    def __init__(self, node: P.Participant | None = None) -> None:
+        self.node = node
         self.sent: list[messages.Message] = []
+        self.asked: list[messages.UploadReady] = []
 
     async def send(self, msg: messages.Message, session: str = "") -> int:
         assert session == SESSION
-        self.sent.append(msg)
+        if isinstance(msg, messages.UploadReady):
+            assert self.node is not None, "no coordinator here to grant an upload"
+            self.asked.append(msg)
+            self.node._grants[(session, msg.round)].set_result(None)
+        else:
+            self.sent.append(msg)
         return 100
 
 
@@ -95,9 +104,12 @@ def task_row(node: P.Participant) -> dict[str, Any]:
 
 
 async def test_a_normal_round_still_sends_its_update(node: P.Participant) -> None:
-    conn = FakeConn()
+    conn = FakeConn(node)
     await node._do_round(conn, SESSION, round_start(node, make_spec()))
     assert [m.TYPE for m in conn.sent] == ["update"]
+    (update,), (asked,) = conn.sent, conn.asked  # it asked to send exactly what it sent
+    assert isinstance(update, messages.Update) and asked.bytes == len(update.data) > 0
+    assert asked.round == update.round == 1
     row = task_row(node)
     assert row["status"] == "done" and row["samples"] == 479 and row["error"] is None
 
