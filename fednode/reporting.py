@@ -142,6 +142,7 @@ def build_report(
         "session": ledger.summary(session_id),
         "name": session["name"],
         "rounds": session["rounds"],
+        "spec": session["spec"],  # as validated at creation (`fedctl export mlflow` logs it)
         "quality": ledger.session_quality(session_id),
         "participants": peers,
         "alerts": alerts,

@@ -30,6 +30,7 @@ import contextlib
 import os
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Protocol
 
@@ -89,6 +90,17 @@ class BlockStore:
     def has(self, cid: str) -> bool:
         """Whether the block named ``cid`` is on disk (the root only, not its children)."""
         return self._block_path(cid)[1].is_file()
+
+    def blocks(self) -> Iterator[str]:
+        """The name of every block file on disk, in order (`fednode backup` copies them).
+        Names are not checked here: ``get_block`` refuses one that is not a CID or whose
+        bytes do not hash to it. Temporary files of writes in flight are skipped."""
+        for shard in sorted(os.scandir(self._blocks), key=lambda e: e.name):
+            if not shard.is_dir(follow_symlinks=False):
+                continue
+            for entry in sorted(os.scandir(shard.path), key=lambda e: e.name):
+                if not entry.name.startswith(_TMP_PREFIX) and entry.is_file(follow_symlinks=False):
+                    yield entry.name
 
     def put_block(self, cid: str, data: bytes, *, durable: bool = True) -> None:
         """Store one block after checking that ``data`` hashes to ``cid``.
