@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed-stamp
 TORCH_SPEC     ?= torch==2.13.0
 PIP_TORCH_ARGS ?=
 
-.PHONY: demo test test-slow lint bench clean venv
+.PHONY: demo test test-slow lint bench clean venv image compose-up compose-down
 
 venv: $(STAMP)
 
@@ -37,6 +37,19 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/secagg.py
 	$(BIN)/python benchmarks/ledger.py
 	$(BIN)/python benchmarks/cid.py
+
+# Optional, with a Docker daemon (docs/deploy.md): the image, and the compose federation.
+IMAGE ?= fednode:0.1.0
+COMPOSE := docker compose -f deploy/compose/compose.yaml
+
+image:
+	docker build -t $(IMAGE) .
+
+compose-up:
+	FEDNODE_IMAGE=$(IMAGE) $(COMPOSE) up -d --build
+
+compose-down:
+	$(COMPOSE) down
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache
