@@ -48,6 +48,8 @@ app.add_typer(model_app, name="model")
 app.add_typer(ledger_app, name="ledger")
 audit_app = typer.Typer(no_args_is_help=True, help="Privacy audits of a session's model.")
 app.add_typer(audit_app, name="audit")
+export_app = typer.Typer(no_args_is_help=True, help="A session into other tools (MLflow).")
+app.add_typer(export_app, name="export")
 
 Json = Annotated[bool, typer.Option("--json", help="print one JSON object on stdout")]
 # report, privacy: read a stopped coordinator's ledger instead of asking a running one
@@ -890,6 +892,69 @@ def ledger_verify(
             line(("intact", "green"), f": {r['events']} events in {r['ledger']}")
         ),
     )
+
+
+@export_app.command("mlflow")
+def export_mlflow(
+    session_id: str,
+    tracking_uri: Annotated[
+        str,
+        typer.Option(
+            "--tracking-uri",
+            envvar="MLFLOW_TRACKING_URI",
+            help="the MLflow tracking store: http(s)://HOST:PORT, sqlite:///PATH, file:PATH",
+        ),
+    ],
+    experiment: Annotated[
+        str, typer.Option(help="the MLflow experiment (created if missing)")
+    ] = "fednode",
+    artifact_location: Annotated[
+        str,
+        typer.Option(help="where a new experiment keeps its artifacts (default: the store's own)"),
+    ] = "",
+    data_dir: OfflineLedger = None,
+    as_json: Json = False,
+) -> None:
+    """A session as one MLflow run: the spec as parameters, each round's metrics (step =
+    the round), the model as an artifact with its CID as a tag. Needs `fednode[mlflow]`."""
+    from fedctl.mlflow_export import check_session_id, export_run
+    from protocol.cid import file_cid
+    from protocol.errors import CIDError
+
+    def go() -> dict[str, Any]:
+        check_session_id(session_id)
+        rep = _report_data(session_id, data_dir)
+        cid = rep["session"].get("model_cid")
+        model = None
+        if cid:
+            if data_dir is not None:
+                model = _offline_store(data_dir).get(cid)
+            else:
+                model = bytes(call(G.target, Op.MODEL_GET, cid=cid)["data"])
+            if file_cid(model) != cid:
+                raise CIDError(f"the model's bytes do not hash to {cid}")
+        return export_run(
+            rep,
+            model,
+            tracking_uri=tracking_uri,
+            experiment=experiment,
+            artifact_location=artifact_location,
+            source="ledger" if data_dir is not None else "coordinator",
+            coordinator=G.target.coordinator_id if data_dir is None else "",
+        )
+
+    def human(r: dict[str, Any]) -> None:
+        stdout.print(
+            line(
+                f"run {r['run_id']} in experiment {r['experiment']} ({r['tracking_uri']}): "
+                f"{r['params']} params, {r['rounds']} rounds ({r['metrics']} metric points), "
+                f"{len(r['artifacts'])} artifacts"
+            )
+        )
+        for key in r["truncated"]:
+            stderr.print(line(f"param {key} was cut to MLflow's limit; fednode/spec.json has it"))
+
+    run(_json(as_json), go, human)
 
 
 @audit_app.command("privacy")
