@@ -487,12 +487,25 @@ class SessionRun:
                 return selected
             left = deadline - time.monotonic()
             if left <= 0:
+                allowed = self.coord.allowed(self)
+                held = [  # online and admitted, but left out: quarantined, alerted, excluded
+                    p
+                    for p in self.coord.online_participants()
+                    if p not in candidates and self.coord.names_of(p) & allowed
+                ]
                 raise StateError(
                     f"only {len(candidates)} of min_participants = "
-                    f"{spec['min_participants']} admitted participants online after "
-                    f"{spec['wait_participants_s']:.0f} s",
+                    f"{spec['min_participants']} admitted participants online and eligible "
+                    f"after {spec['wait_participants_s']:.0f} s"
+                    + (
+                        f" ({len(held)} more online but left out: quarantined, under an open "
+                        "critical alert or excluded by an operator)"
+                        if held
+                        else ""
+                    ),
                     hint="start more participants (listed in the spec or holding an invite "
-                    "from `fedctl invite`), or lower min_participants",
+                    "from `fedctl invite`), acknowledge or readmit the ones left out "
+                    "(fedctl alerts list, participants readmit), or lower min_participants",
                 )
             await self._wait(left)
 
