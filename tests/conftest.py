@@ -126,8 +126,9 @@ class Charts(HTMLParser):
 @pytest.fixture(scope="module")
 def cluster3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     """One coordinator and three participants, shared by a module's tests (starting four
-    torch processes costs seconds on two cores)."""
-    c = start_cluster(tmp_path_factory.mktemp("fed"), 3)
+    torch processes costs seconds on two cores). The coordinator takes one upload at a
+    time (``--max-uploads 1``), so every round of these tests goes through backpressure."""
+    c = start_cluster(tmp_path_factory.mktemp("fed"), 3, "--max-uploads", "1")
     try:
         yield c
     finally:

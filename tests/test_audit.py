@@ -234,6 +234,8 @@ def test_fedctl_audit_privacy_refuses_a_model_that_is_not_classification(
 
 
 @pytest.mark.timeout(120)
+@pytest.mark.slow  # 19 s; fast: the attacks (test_the_attacks_find_members_of_an_overfit_model)
+# and the command's output and record (test_fedctl_audit_privacy_prints_the_four_figures)
 def test_fedctl_audit_privacy_on_a_cluster(tmp_path: Path) -> None:
     c = start_cluster(tmp_path / "fed", 0)
     try:

@@ -35,6 +35,8 @@ def test_manual_walkthrough(cluster3: Cluster, tmp_path: Path) -> None:
     assert events[0]["kind"] == "snapshot"
     completed = [e for e in events if e["kind"] == "round_completed"]
     assert [e["data"]["round"] for e in completed] == [1, 2, 3]
+    # one upload in flight at a time (cluster3: --max-uploads 1), and every round completed
+    assert [e["data"]["uploads_peak"] for e in completed] == [1, 1, 1], completed
     assert events[-1]["kind"] == "session" and events[-1]["data"]["status"] == "completed"
 
     status = cli_json("session", "status", sid, target=cluster3)
@@ -148,19 +150,19 @@ def test_node_refuses_second_start_on_same_dir(cluster3: Cluster) -> None:
 
 
 def test_pause_and_resume(cluster3: Cluster, tmp_path: Path) -> None:
-    spec = _spec(tmp_path / "p.toml", cluster3, rounds=60)
+    spec = _spec(tmp_path / "p.toml", cluster3, rounds=20)  # paused long before its end
     sid = cli_json("session", "create", str(spec), target=cluster3)["session_id"]
     cli_json("session", "start", sid, target=cluster3)
     paused = cli_json("session", "pause", sid, target=cluster3)
     assert paused.get("status") == "paused", paused
     status = cli_json("session", "status", sid, target=cluster3)
-    assert status["status"] == "paused" and status["rounds_completed"] < 60
+    assert status["status"] == "paused" and status["rounds_completed"] < 20
     res = cli("session", "start", sid, "--json", target=cluster3)
     assert json.loads(res.stdout)["error"]["code"] == "BAD_STATE"
     assert cli_json("session", "resume", sid, target=cluster3)["status"] == "running"
     cli("session", "watch", sid, "--json", target=cluster3, check=True)
     done = cli_json("session", "status", sid, target=cluster3)
-    assert done["status"] == "completed" and done["rounds_completed"] == 60
+    assert done["status"] == "completed" and done["rounds_completed"] == 20
 
 
 def test_fednode_init_id_and_cid(tmp_path: Path) -> None:

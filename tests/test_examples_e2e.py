@@ -101,6 +101,9 @@ def cnn_on_idx(tmp_path: Path, rounds: int) -> dict[str, Any]:
         c.procs.stop_all()
 
 
+@pytest.mark.slow  # 22 s; fast: the example's spec and data (test_examples.py), a CNN over the
+# wire (test_layers_e2e), IDX files (test_data_sources), participants evaluating
+# (test_participant_eval_e2e)
 def test_the_mnist_example_cnn_learns_from_idx_files_evaluated_on_the_participants(
     tmp_path: Path,
 ) -> None:

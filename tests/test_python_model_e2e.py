@@ -30,6 +30,8 @@ MODEL = {
 }
 
 
+@pytest.mark.slow  # 17 s; fast: tests/test_factories.py (refused before any import, differing
+# code named tensor by tensor, a python model priced and trained)
 async def test_a_python_model_trains_where_allowed_and_differing_code_is_refused(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

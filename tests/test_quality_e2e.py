@@ -240,6 +240,8 @@ async def test_killed_participant_loses_uptime_and_is_left_out(tmp_path: Path) -
         c.procs.stop_all()
 
 
+@pytest.mark.slow  # 18 s; fast: the monitor's alert and pause actions (test_monitor.py), the
+# security events of hostile frames (test_attacks.py), pause and resume (test_e2e.py)
 async def test_security_violation_pauses_the_session(tmp_path: Path) -> None:
     c = start_cluster(tmp_path / "fed", 0, "--heartbeat", "0.5")
     try:

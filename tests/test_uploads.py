@@ -3,7 +3,8 @@
 The pure part (``fednode.uploads.UploadSlots``): a count and a byte budget, first come first
 served, one always allowed, grants taken back after their time to live, released when a peer
 leaves, and a session's asks dropped (and returned, so their peers are told) when its round
-ends. End to end (real processes on 127.0.0.1): with ``fednode run --max-uploads 1`` three
+ends. End to end (real processes on 127.0.0.1; slow here, and in the fast suite through
+conftest's ``cluster3``, whose coordinator runs with ``--max-uploads 1``): three
 participants still complete every round, never more than one upload in flight, and the
 round_completed events say how many waited.
 """
@@ -104,6 +105,7 @@ def test_limits_below_one_are_refused() -> None:
         UploadSlots(max_bytes=0)
 
 
+@pytest.mark.slow  # 14 s; fast: every test on conftest's cluster3 (--max-uploads 1)
 def test_one_upload_at_a_time_still_completes_every_round(tmp_path: Path) -> None:
     c = start_cluster(tmp_path / "fed", 0, "--max-uploads", "1")
     try:
