@@ -150,19 +150,21 @@ def test_node_refuses_second_start_on_same_dir(cluster3: Cluster) -> None:
 
 
 def test_pause_and_resume(cluster3: Cluster, tmp_path: Path) -> None:
-    spec = _spec(tmp_path / "p.toml", cluster3, rounds=20)  # paused long before its end
+    # 60 rounds: paused long before its end, even when the pause comes seconds after the
+    # start (a pause takes effect after the round in flight; in the last one it completes)
+    spec = _spec(tmp_path / "p.toml", cluster3, rounds=60)
     sid = cli_json("session", "create", str(spec), target=cluster3)["session_id"]
     cli_json("session", "start", sid, target=cluster3)
     paused = cli_json("session", "pause", sid, target=cluster3)
     assert paused.get("status") == "paused", paused
     status = cli_json("session", "status", sid, target=cluster3)
-    assert status["status"] == "paused" and status["rounds_completed"] < 20
+    assert status["status"] == "paused" and status["rounds_completed"] < 60
     res = cli("session", "start", sid, "--json", target=cluster3)
     assert json.loads(res.stdout)["error"]["code"] == "BAD_STATE"
     assert cli_json("session", "resume", sid, target=cluster3)["status"] == "running"
     cli("session", "watch", sid, "--json", target=cluster3, check=True)
     done = cli_json("session", "status", sid, target=cluster3)
-    assert done["status"] == "completed" and done["rounds_completed"] == 20
+    assert done["status"] == "completed" and done["rounds_completed"] == 60
 
 
 def test_fednode_init_id_and_cid(tmp_path: Path) -> None:
