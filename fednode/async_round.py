@@ -300,37 +300,30 @@ class AsyncRound:
     # --- input from participants (SessionRun forwards these in async mode) --------------
 
     def check_upload(self, peer: str, round_: int) -> None:
-        """An ``upload_ready`` is checked as its update will be: a task in flight, its round."""
-        task = self.tasks.get(peer)
-        if (
-            task is None
-            or task.round != round_
-            or self.run.state
-            not in (
-                SessionState.RUNNING,
-                SessionState.PAUSED,
-            )
-        ):
-            raise ValidationError(
-                f"upload of round {round_}, but {peer} has no task of that round in flight in "
-                f"session {self.run.session_id}",
-                code="STALE_UPDATE",
-            )
+        """An ``upload_ready`` is checked as its update will be (``_task_for``)."""
+        self._task_for(peer, round_)
 
-    def on_update(self, peer: str, msg: messages.Update, frame_bytes: int) -> None:
+    def _task_for(self, peer: str, round_: int) -> Task:
+        """The task ``peer`` answers with round ``round_``: in flight, of that round, while
+        the session runs; ValidationError STALE_UPDATE otherwise."""
         run = self.run
         task = self.tasks.get(peer)
         if run.state not in (SessionState.RUNNING, SessionState.PAUSED) or task is None:
             raise ValidationError(
-                f"update for round {msg.round}, but {peer} has no task in flight in session "
+                f"update for round {round_}, but {peer} has no task in flight in session "
                 f"{run.session_id}",
                 code="STALE_UPDATE",
             )
-        if msg.round != task.round:
+        if round_ != task.round:
             raise ValidationError(
-                f"update for round {msg.round}, but {peer}'s task is of round {task.round}",
+                f"update for round {round_}, but {peer}'s task is of round {task.round}",
                 code="STALE_UPDATE",
             )
+        return task
+
+    def on_update(self, peer: str, msg: messages.Update, frame_bytes: int) -> None:
+        run = self.run
+        task = self._task_for(peer, msg.round)
         del self.tasks[peer]
         now = time.time()
         rnd = run.round

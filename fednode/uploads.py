@@ -37,8 +37,6 @@ class UploadSlots:
     grant_ttl_s: float = GRANT_TTL_S
     granted: dict[str, tuple[Ask, float]] = field(default_factory=dict)  # peer -> (ask, until)
     waiting: OrderedDict[str, Ask] = field(default_factory=OrderedDict)  # oldest first
-    peak_count: int = 0  # the most granted at once, since the last ``take_peak``
-    queued: int = 0  # asks that had to wait, since the last ``take_peak``
 
     def __post_init__(self) -> None:
         if self.max_count < 1 or self.max_bytes < 1:
@@ -54,10 +52,7 @@ class UploadSlots:
         self.granted.pop(peer, None)
         self.waiting.pop(peer, None)
         self.waiting[peer] = ask
-        out = self._grant(now)
-        if peer in self.waiting:
-            self.queued += 1
-        return out
+        return self._grant(now)
 
     def holds(self, peer: str, session: str, round_: int) -> bool:
         got = self.granted.get(peer)
@@ -87,12 +82,6 @@ class UploadSlots:
             del self.granted[peer]
         return self._grant(now)
 
-    def take_peak(self) -> tuple[int, int]:
-        """(most in flight at once, asks that waited) since the last call; then reset."""
-        out = (self.peak_count, self.queued)
-        self.peak_count, self.queued = len(self.granted), 0
-        return out
-
     def _grant(self, now: float) -> list[tuple[str, Ask]]:
         out: list[tuple[str, Ask]] = []
         in_flight = self.bytes_in_flight
@@ -104,5 +93,4 @@ class UploadSlots:
             self.granted[peer] = (ask, now + self.grant_ttl_s)
             in_flight += ask.size
             out.append((peer, ask))
-        self.peak_count = max(self.peak_count, len(self.granted))
         return out
