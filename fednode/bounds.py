@@ -101,6 +101,12 @@ def update_norm(w: Weights, base: Weights) -> float:
     return math.sqrt(total)
 
 
+def clip_scale(norm: float, max_norm: float) -> float:
+    """The factor that brings an update of L2 norm ``norm`` within ``max_norm`` (0 = off):
+    1.0 when it already is."""
+    return 1.0 if max_norm <= 0 or norm <= max_norm else max_norm / norm
+
+
 def clip_update(w: Weights, base: Weights, max_norm: float) -> tuple[Weights, float, float]:
     """``base + (w - base) * scale`` with the update's norm at most ``max_norm`` (0 = off).
 
@@ -108,16 +114,20 @@ def clip_update(w: Weights, base: Weights, max_norm: float) -> tuple[Weights, fl
     (1.0 when it was within the bound).
     """
     norm = update_norm(w, base)
-    if max_norm <= 0 or norm <= max_norm:
-        return w, norm, 1.0
-    scale = max_norm / norm
-    out = {
+    scale = clip_scale(norm, max_norm)
+    return scaled_update(w, base, scale), norm, scale
+
+
+def scaled_update(w: Weights, base: Weights, scale: float) -> Weights:
+    """``base + (w - base) * scale`` (float64 inside, float32 out); ``w`` itself for 1.0."""
+    if scale == 1.0:
+        return w
+    return {
         k: (base[k].astype(np.float64) + (w[k].astype(np.float64) - base[k]) * scale).astype(
             np.float32
         )
         for k in base
     }
-    return out, norm, scale
 
 
 def clip_vector(x: np.ndarray, max_norm: float) -> np.ndarray:

@@ -137,12 +137,26 @@ def noisy_mean(
         norms.append(norm)
         for k in total:
             total[k] += clipped[k].astype(np.float64) - base[k]
+    return noisy_mean_of_sum(base, total, n, clip_norm, sigma, rng), norms
+
+
+def noisy_mean_of_sum(
+    base: Weights,
+    total: Mapping[str, np.ndarray],
+    n: int,
+    clip_norm: float,
+    sigma: float,
+    rng: np.random.Generator,
+) -> Weights:
+    """g + (``total`` + N(0, σ²C²)) / n, ``total`` being the sum of n clipped updates'
+    steps (float64, by tensor): the noise is drawn tensor by tensor in ``base``'s order."""
     std = sigma * clip_norm  # on the sum
     out: Weights = {}
-    for k, s in total.items():
+    for k in base:
+        s = total[k]
         noisy = s + rng.normal(0.0, std, size=s.shape) if std > 0 else s
         out[k] = (base[k].astype(np.float64) + noisy / n).astype(np.float32)
-    return out, norms
+    return out
 
 
 # --- secure rounds: each participant adds its share -----------------------------------------

@@ -17,7 +17,7 @@ import typer
 from fednode.files import PRIVATE_UMASK
 from fednode.home import NodeHome
 from fednode.output import emit_json, fail, plain, run, stderr, stdout
-from fednode.uploads import MAX_UPLOAD_MIB, MAX_UPLOADS, UploadSlots
+from fednode.uploads import MAX_UPLOAD_MIB, MAX_UPLOADS, ROUND_RAM_MIB, UploadSlots
 from protocol.errors import FednodeError
 from protocol.identity import public_key_from_peer_id
 from protocol.modelspec import default_max_params, format_size
@@ -454,6 +454,15 @@ def run_node(
             "update still goes, alone)",
         ),
     ] = MAX_UPLOAD_MIB,
+    round_ram_mib: Annotated[
+        int,
+        typer.Option(
+            min=0,
+            help="coordinator: a plain round keeps up to this many MiB of updates in memory, "
+            "the rest in an unlinked file of the node's folder (0: always on disk; "
+            "docs/scale.md)",
+        ),
+    ] = ROUND_RAM_MIB,
     tls: Annotated[
         bool,
         typer.Option(
@@ -609,6 +618,7 @@ def run_node(
                         "sla": sla_obj,
                         "heartbeat_s": heartbeat,
                         "uploads": UploadSlots(max_uploads, max_upload_mib * 1024 * 1024),
+                        "round_ram_mib": round_ram_mib,
                     },
                     tls,
                     metrics_at,

@@ -41,7 +41,7 @@ from fednode.transport import (
     is_untrustworthy,
     ws_options,
 )
-from fednode.uploads import Ask, UploadSlots
+from fednode.uploads import ROUND_RAM_MIB, Ask, UploadSlots
 from protocol import messages, tokens
 from protocol import spec as spec_mod
 from protocol.alerts import ALERT_SEVERITY
@@ -92,10 +92,15 @@ class Coordinator:
         sla: SLA | None = None,
         heartbeat_s: float = HEARTBEAT_S,
         uploads: UploadSlots | None = None,
+        round_ram_mib: int = ROUND_RAM_MIB,
     ):
         self.heartbeat_s = heartbeat_s
         # updates on their way at once, by count and announced bytes (fednode.uploads)
         self.uploads = uploads or UploadSlots()
+        # a plain round's updates are held in memory up to this, beyond it in a file of
+        # spill_dir's (fednode.round_updates)
+        self.round_ram_bytes = round_ram_mib * 2**20
+        self.spill_dir = ledger.path.parent / "rounds"
         self._grant_sends: set[asyncio.Task[bool]] = set()
         self.sla = sla or SLA()
         self.chain = chain or []

@@ -15,13 +15,15 @@ coordinate-wise median delta of the round, which up to half of the updates canno
 An update over any threshold (spec ``[robustness]``) is an outlier. Fewer than half of the
 round's updates are ever excluded, the most outlying first: a round in which most updates
 look alike to nobody keeps its majority (the median itself would then be the attackers'). The
-memory is that of the round's deltas as one float64 matrix (n × d) and the median (d).
+deltas are read a column block at a time (``DeltaRows``): every figure is a sum over columns
+or a median of one column, so the memory is a block of the rows (n × width, float64) and a
+few vectors of n, besides the rows themselves.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -89,12 +91,33 @@ def _round(v: float) -> float | None:
     return round(v, 6) if math.isfinite(v) else None
 
 
-def _flat(delta: Sequence[np.ndarray]) -> np.ndarray:
-    return np.concatenate([np.asarray(a, dtype=np.float64).ravel() for a in delta])
+@dataclass(frozen=True)
+class DeltaRows:
+    """A round's update deltas as detection reads them: ``blocks()`` yields, on each call
+    anew, the deltas' column blocks as new float64 arrays (len(peers) x block width) that
+    detection changes in place, rows in ``peers``' order; non-finite values allowed (such an
+    update is judged by that alone).
+    A block at a time, so that detection holds O(d + rows x block), not every update at
+    once in float64 (fednode.round_updates keeps a round's updates this way)."""
+
+    peers: list[str]
+    blocks: Callable[[], Iterable[np.ndarray]]
+
+
+def rows_of(deltas: Mapping[str, Sequence[np.ndarray]]) -> DeltaRows:
+    """Deltas given as tensors by peer, as one block of rows (sorted by peer)."""
+    peers = sorted(deltas)
+    vecs = np.stack(
+        [
+            np.concatenate([np.asarray(a, dtype=np.float64).ravel() for a in deltas[p]])
+            for p in peers
+        ]
+    )
+    return DeltaRows(peers, lambda: (vecs.copy(),))
 
 
 def score(
-    deltas: Mapping[str, Sequence[np.ndarray]],
+    deltas: Mapping[str, Sequence[np.ndarray]] | DeltaRows,
     limits: Thresholds,
     *,
     exclude: bool = True,
@@ -103,14 +126,13 @@ def score(
     """Every update's figures and verdict, or None when the round has fewer than
     ``limits.min_updates`` updates (too few for a median to stand for the honest ones).
     ``exclude`` False (detection = "alert"): outliers are named, none is excluded. At least
-    ``keep`` updates stay in (the strategy's minimum: Krum's 2f + 3)."""
-    if len(deltas) < limits.min_updates:
+    ``keep`` updates stay in (the strategy's minimum: Krum's 2f + 3). Each pass reads the
+    deltas once, a column block at a time."""
+    rows = deltas if isinstance(deltas, DeltaRows) else rows_of(deltas)
+    peers = rows.peers
+    if len(peers) < limits.min_updates:
         return None
-    peers = sorted(deltas)
-    vecs = np.stack([_flat(deltas[p]) for p in peers])
-    broken = ~np.isfinite(vecs).all(axis=1)
-    vecs[broken] = 0.0  # judged by the flag below; kept out of the median's arithmetic
-    norms = np.linalg.norm(vecs, axis=1)
+    broken, norms = _norms(rows)
     # fewer than half, and never below the strategy's minimum
     most = max(0, min((len(peers) - 1) // 2, len(peers) - keep))
     # Pass 1 judges against the median of all finite updates; each later pass against the
@@ -119,7 +141,7 @@ def score(
     # honest direction is clearer and a flipped update's cosine falls further below 0).
     reference = ~broken
     for _ in range(PASSES):
-        fig = _figures(vecs, norms, reference)
+        fig = _figures(rows, broken, norms, reference)
         reasons = {p: _reasons(limits, broken[i], fig, i) for i, p in enumerate(peers)}
         ranked = sorted(
             (i for i, p in enumerate(peers) if reasons[p]),
@@ -157,18 +179,41 @@ class _Figures:
     z: np.ndarray
 
 
-def _figures(vecs: np.ndarray, norms: np.ndarray, reference: np.ndarray) -> _Figures:
-    """Every update's figures against the median of the ``reference`` rows."""
-    n = len(vecs)
+def _norms(rows: DeltaRows) -> tuple[np.ndarray, np.ndarray]:
+    """Which rows hold a non-finite value, and every row's L2 norm (0 for those: they are
+    judged by the flag, and kept out of the median's arithmetic)."""
+    n = len(rows.peers)
+    broken, sq = np.zeros(n, dtype=bool), np.zeros(n)
+    for blk in rows.blocks():
+        bad = ~np.isfinite(blk).all(axis=1)
+        broken |= bad
+        blk[bad] = 0.0
+        sq += np.einsum("ij,ij->i", blk, blk)
+    return broken, np.where(broken, 0.0, np.sqrt(sq))
+
+
+def _figures(
+    rows: DeltaRows, broken: np.ndarray, norms: np.ndarray, reference: np.ndarray
+) -> _Figures:
+    """Every update's figures against the coordinate-wise median of the ``reference`` rows,
+    accumulated over the column blocks (the median of a column needs that column only)."""
+    n = len(rows.peers)
     if not reference.any():
         zero = np.zeros(n)
         return _Figures(np.ones(n), np.ones(n), zero, zero)
-    med = np.median(vecs[reference], axis=0)
-    med_len = float(np.linalg.norm(med))
-    dists = np.linalg.norm(vecs - med, axis=1)
+    med_sq, dots, dist_sq = 0.0, np.zeros(n), np.zeros(n)
+    for vecs in rows.blocks():  # each a new array: changed in place, no copies beside it
+        vecs[broken] = 0.0
+        med = np.median(vecs[reference], axis=0, overwrite_input=True)
+        med_sq += float(med @ med)
+        dots += vecs @ med
+        vecs -= med
+        dist_sq += np.einsum("ij,ij->i", vecs, vecs)
+    med_len = math.sqrt(med_sq)
+    dists = np.sqrt(dist_sq)
     typical_norm = float(np.median(norms[reference]))
     with np.errstate(divide="ignore", invalid="ignore"):
-        cos = vecs @ med / (norms * med_len) if med_len > 0 else np.ones(n)
+        cos = dots / (norms * med_len) if med_len > 0 else np.ones(n)
         ratio = norms / typical_norm if typical_norm > 0 else np.ones(n)
     cos = np.where(np.isfinite(cos), cos, 0.0)  # a zero update has no direction
     d_ref = dists[reference]

@@ -8,7 +8,8 @@ on any of that:
                                           regathered()
     which update is accepted, and why     check_turn(), check_content(): ValidationError(code)
     when the round stops waiting          RoundRun.closed(now, end), RoundRun.enough
-    what the aggregate is                 bound_updates() then Strategy.aggregate()
+    what the aggregate is                 bound_plan() / bound_updates() then the strategy's
+                                          from_mean() or aggregate()
     whether it is published               verdict()
     who evaluates, the round's figures    coordinator_evaluates(), weighted_eval(),
                                           round_figures()
@@ -56,7 +57,6 @@ class RoundRun:
     not_needed: list[str] = field(default_factory=list)
     # accepted updates: the message (its bytes dropped once decoded) and when it arrived
     received: dict[str, tuple[messages.Update, float]] = field(default_factory=dict)
-    decoded: dict[str, Weights] = field(default_factory=dict)  # their weights
     # what each contributor reported of the round's model on its held-out split
     reports: dict[str, EvalReport] = field(default_factory=dict)
     failed: dict[str, str] = field(default_factory=dict)  # peer -> reason (left, error)
@@ -275,38 +275,56 @@ CONTENT_REFUSALS = frozenset({BAD_UPDATE, "CID_MISMATCH"})
 # --- the aggregate --------------------------------------------------------------------------
 
 
+def bound_plan(
+    examples: Mapping[str, int],
+    norms: Mapping[str, float],
+    claims: Mapping[str, int],
+    agg: Mapping[str, Any],
+) -> dict[str, dict[str, Any]]:
+    """Each update's share of the aggregate and the scale of its step (fednode.bounds), from
+    the example count it claimed and the L2 norm of its step, with the figures of the
+    decision for the ledger: ``claimed``, ``registered``, ``weight`` (the claim bounded by
+    what the participant registered, ``claims``), ``share`` (no share above
+    ``max_weight_share``; the shares sum to 1), ``norm`` and ``scale`` (the step clipped to
+    ``max_update_norm``)."""
+    raw = {
+        p: bounds.bounded_weight(
+            n, claims.get(p), weighting=agg["weighting"], max_examples=agg["max_examples"]
+        )
+        for p, n in examples.items()
+    }
+    shares = bounds.capped_shares(raw, agg["max_weight_share"])
+    return {
+        p: {
+            "claimed": n,
+            "registered": claims.get(p),
+            "weight": raw[p],
+            "share": shares[p],
+            "norm": norms[p],
+            "scale": bounds.clip_scale(norms[p], agg["max_update_norm"]),
+        }
+        for p, n in examples.items()
+    }
+
+
 def bound_updates(
     updates: list[ClientUpdate],
     base: Weights,
     claims: Mapping[str, int],
     agg: Mapping[str, Any],
 ) -> tuple[list[ClientUpdate], dict[str, dict[str, Any]]]:
-    """Each update's weight and step bounded (fednode.bounds), with the figures of the
-    decision for the ledger. A claim counts at most what the participant registered
-    (``claims``); no share exceeds ``max_weight_share``; each step is clipped to
-    ``max_update_norm`` around ``base``, the round's model."""
-    raw = {
-        u.peer_id: bounds.bounded_weight(
-            u.num_examples,
-            claims.get(u.peer_id),
-            weighting=agg["weighting"],
-            max_examples=agg["max_examples"],
-        )
-        for u in updates
-    }
-    shares = bounds.capped_shares(raw, agg["max_weight_share"])
-    out, figures = [], {}
+    """The updates bounded as ``bound_plan`` decides (each weighted by its share, each step
+    clipped around ``base``, the round's model), with the figures of the decision."""
+    figures = bound_plan(
+        {u.peer_id: u.num_examples for u in updates},
+        {u.peer_id: bounds.update_norm(u.weights, base) for u in updates},
+        claims,
+        agg,
+    )
+    out = []
     for u in updates:
-        w, norm, scale = bounds.clip_update(u.weights, base, agg["max_update_norm"])
-        out.append(ClientUpdate(u.peer_id, w, u.num_examples, u.loss, shares[u.peer_id]))
-        figures[u.peer_id] = {
-            "claimed": u.num_examples,
-            "registered": claims.get(u.peer_id),
-            "weight": raw[u.peer_id],
-            "share": shares[u.peer_id],
-            "norm": norm,
-            "scale": scale,
-        }
+        w, _norm, _scale = bounds.clip_update(u.weights, base, agg["max_update_norm"])
+        out.append(ClientUpdate(u.peer_id, w, u.num_examples, u.loss, figures[u.peer_id]["share"]))
     return out, figures
 
 
@@ -327,11 +345,6 @@ def secure_weights(
     }
     shares = bounds.capped_shares(raw, agg["max_weight_share"])
     return bounds.integer_weights(shares, sum(raw.values()), max_weight)
-
-
-def update_distance(w: Weights, base: Weights) -> float:
-    """L2 distance of a model from the round's model (the anomaly figure)."""
-    return math.sqrt(sum(float(((w[k] - base[k]) ** 2).sum()) for k in base))
 
 
 # --- publish or reject, roll back or not ----------------------------------------------------

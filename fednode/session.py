@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from fednode import (
+    bounds,
     central_dp,
     downlink,
     quality,
@@ -47,6 +48,7 @@ from fednode.codecs import CodecParams, get_codec, round_seed
 from fednode.data import Dataset, load_eval
 from fednode.dpsgd import BUDGET_WARNING_SHARE
 from fednode.resume import ResumePoint
+from fednode.round_updates import RoundUpdates
 from fednode.rounds import RoundRun
 from fednode.schema import Schema
 from fednode.secure_round import SecureRound
@@ -130,6 +132,8 @@ class SessionRun:
         self._deltas: dict[tuple[str, str, str], downlink.Delta | None] = {}
         self._wake = asyncio.Event()
         self.secure: SecureRound | None = None
+        # a plain round's accepted updates, as rows read in column blocks (None between rounds)
+        self.rows: RoundUpdates | None = None
         self._task: asyncio.Task[None] | None = None
         self.pending_rollback: tuple[int, str, float] | None = None  # (round, by, asked at)
         self._idle = False  # the driver waits between rounds (paused): nothing is in flight
@@ -510,6 +514,14 @@ class SessionRun:
             await self._wait(left)
 
     async def _one_round(self, number: int) -> None:
+        try:
+            await self._round(number)
+        finally:  # the round's updates are let go of however it ended
+            if self.rows is not None:
+                self.rows.close()
+                self.rows = None
+
+    async def _round(self, number: int) -> None:
         spec = self.spec
         selected = await self._select(number)
         self._apply_pending_rollback()  # an operator's rollback takes effect between rounds
@@ -548,6 +560,14 @@ class SessionRun:
             self.secure = None
             self._finish_round_failed("aborted", f"secure aggregation cannot start: {err.message}")
             raise StateError(f"round {number} cannot run: {err.message}", hint=err.hint) from None
+        if self.secure is None:
+            assert self.global_weights is not None
+            self.rows = RoundUpdates(
+                self.global_weights,
+                len(selected),
+                ram_bytes=self.coord.round_ram_bytes,
+                spill_dir=self.coord.spill_dir,
+            )
         config = self.strategy.round_config(number, spec)  # the same for every participant
         for peer in selected:
             task = messages.RoundStart(
@@ -608,26 +628,49 @@ class SessionRun:
         if not rnd.received:
             raise StateError("no update arrived")
         rnd.phase = RoundPhase.AGGREGATING
-        updates = [
-            ClientUpdate(peer, rnd.decoded[peer], u.num_examples, u.loss)
-            for peer, (u, _) in sorted(rnd.received.items())
-        ]
-        assert self.global_weights is not None
-        judged = await asyncio.to_thread(self._judge_updates, updates)
+        rows = self.rows
+        assert rows is not None and self.global_weights is not None
+        judged = await asyncio.to_thread(self._judge_updates, rows, sorted(rnd.received))
         self._record_judgement(rnd, judged)
-        updates = await self._screen(rnd, updates)
+        kept = await self._screen(rnd, rows, sorted(rnd.received))
         if self.dp is not None:  # DP-FedAvg: clipped, uniform, noise on the sum
-            new, rnd.next_state = await self._central_dp_aggregate(rnd, updates)
-            return new, sorted(u.peer_id for u in updates)
-        claims = self.coord.ledger.claims(self.session_id)
-        bounded, figures = await asyncio.to_thread(
-            rounds.bound_updates, updates, self.global_weights, claims, self.spec["aggregation"]
+            new, rnd.next_state = await self._central_dp_aggregate(rnd, rows, kept)
+            return new, kept
+        examples = {p: rnd.received[p][0].num_examples for p in kept}
+        figures = rounds.bound_plan(
+            examples,
+            {p: rows.norm(p) for p in kept},
+            self.coord.ledger.claims(self.session_id),
+            self.spec["aggregation"],
         )
         self._record_bounds(rnd, figures)
-        new, rnd.next_state = await asyncio.to_thread(
-            self.strategy.aggregate, self.global_weights, bounded, self.strategy_state
-        )
-        return new, sorted(u.peer_id for u in updates)
+        new, rnd.next_state = await asyncio.to_thread(self._aggregate, rnd, rows, figures)
+        return new, kept
+
+    def _aggregate(
+        self, rnd: RoundRun, rows: RoundUpdates, figures: dict[str, dict[str, Any]]
+    ) -> tuple[weights.Weights, State]:
+        """The next model and strategy state from the kept updates (``figures``' peers),
+        bounded as ``figures`` say. The mean family (a strategy whose aggregate is its
+        from_mean of the weighted mean: supports_secure) reads the rows a column block at a
+        time, O(d); the others get every update as a model, clipped and weighted
+        (fednode.round_updates says why). Runs in a worker thread."""
+        base = self.global_weights
+        assert base is not None
+        if self.strategy.supports_secure:
+            step = rows.weighted_delta({p: f["share"] * f["scale"] for p, f in figures.items()})
+            return self.strategy.from_mean(base, rows.model(step), self.strategy_state)
+        updates = [
+            ClientUpdate(
+                p,
+                bounds.scaled_update(rows.weights_of(p), base, f["scale"]),
+                rnd.received[p][0].num_examples,
+                rnd.received[p][0].loss,
+                f["share"],
+            )
+            for p, f in sorted(figures.items())
+        ]
+        return self.strategy.aggregate(base, updates, self.strategy_state)
 
     # --- central DP (fednode.central_dp, docs/privacy.md) -----------------------------------
 
@@ -642,21 +685,26 @@ class SessionRun:
             self._dp_history = [(r["noise_multiplier"], r["sample_rate"]) for r in released]
 
     async def _central_dp_aggregate(
-        self, rnd: RoundRun, updates: list[ClientUpdate]
+        self, rnd: RoundRun, rows: RoundUpdates, kept: list[str]
     ) -> tuple[weights.Weights, State]:
         """A plain round's DP-FedAvg: each update clipped to clip_norm, uniform weights,
-        N(0, σ²C²) on the sum; the strategy steps from the noisy mean (post-processing)."""
+        N(0, σ²C²) on the sum; the strategy steps from the noisy mean (post-processing).
+        The clipped sum is read from the rows a column block at a time."""
         dp, base = self.dp, self.global_weights
         assert dp is not None and base is not None
-        mean, norms = await asyncio.to_thread(
-            central_dp.noisy_mean,
+        norms = {p: rows.norm(p) for p in kept}
+        clipped = {p: bounds.clip_scale(norms[p], dp.clip_norm) for p in kept}
+        total = await asyncio.to_thread(rows.weighted_delta, clipped)
+        mean = await asyncio.to_thread(
+            central_dp.noisy_mean_of_sum,
             base,
-            [u.weights for u in updates],
+            rows.split(total),
+            len(kept),
             dp.clip_norm,
             dp.noise_multiplier,
             self._dp_rng,
         )
-        n = len(updates)
+        n = len(kept)
         self._release_central_dp(
             central_dp.Release(
                 round=rnd.number,
@@ -671,7 +719,7 @@ class SessionRun:
                 secure=False,
                 share_count=None,
             ),
-            norms={u.peer_id: norm for u, norm in zip(updates, norms, strict=True)},
+            norms=norms,
         )
         return await asyncio.to_thread(self.strategy.from_mean, base, mean, self.strategy_state)
 
@@ -720,26 +768,24 @@ class SessionRun:
         )
         self.coord.record("central_dp", self.session_id, {**row, "norms": norms or {}})
 
-    async def _screen(self, rnd: RoundRun, updates: list[ClientUpdate]) -> list[ClientUpdate]:
+    async def _screen(self, rnd: RoundRun, rows: RoundUpdates, peers: list[str]) -> list[str]:
         """Outlier detection (fednode.robustness, spec [robustness]): score every update
         against the round's median update, record the figures and verdicts, leave the
-        excluded ones out, and quarantine a peer excluded too often. The updates to aggregate."""
+        excluded ones out, and quarantine a peer excluded too often. The peers whose updates
+        are aggregated."""
         rob = self.spec["robustness"]
         mode = specmod.detection_mode(self.spec)  # exclude | alert | off
         if mode == "off":
-            return updates
-        assert self.global_weights is not None
-        base = self.global_weights
-        deltas = {u.peer_id: [u.weights[k] - base[k] for k in base] for u in updates}
+            return peers
         scores = await asyncio.to_thread(
             robustness.score,
-            deltas,
+            rows.delta_rows(peers),
             robustness.Thresholds.of(rob),
             exclude=mode == "exclude",
             keep=self.strategy.min_updates,  # never fail a Krum round by excluding
         )
         if scores is None:  # too few updates to judge
-            return updates
+            return peers
         figures = {p: sc.as_dict() for p, sc in scores.items()}
         rnd.excluded = sorted(p for p, sc in scores.items() if sc.excluded)
         await self.coord.guard.run(
@@ -769,7 +815,7 @@ class SessionRun:
                 entity_id=peer,
             )
             await self._maybe_quarantine(rnd.number, peer, rob)
-        return [u for u in updates if u.peer_id not in set(rnd.excluded)]
+        return [p for p in peers if p not in set(rnd.excluded)]
 
     async def _maybe_quarantine(self, number: int, peer: str, rob: dict[str, Any]) -> None:
         history = await self.coord.guard.run(
@@ -821,20 +867,20 @@ class SessionRun:
         claims = self.coord.ledger.claims(self.session_id)
         return rounds.secure_weights(selected, claims, self.spec["aggregation"], max_weight)
 
-    def _judge_updates(self, updates: list[ClientUpdate]) -> dict[str, tuple[float | None, float]]:
+    def _judge_updates(
+        self, rows: RoundUpdates, peers: list[str]
+    ) -> dict[str, tuple[float | None, float]]:
         """Each plain update alone on the validation data (its loss; None when the coordinator
         has no evaluation data: evaluation.on = "participants") and its L2 distance from
         the round's model. Secure rounds cannot do this: the coordinator never holds one
-        update. Runs in a worker thread, so it only computes."""
-        assert self.global_weights is not None
-        base = self.global_weights
+        update. One update's model at a time; runs in a worker thread, so it only computes."""
         mspec = model_spec(self.spec)
         out: dict[str, tuple[float | None, float]] = {}
-        for u in updates:
+        for p in peers:
             loss: float | None = None
             if self.eval_data is not None:
-                _acc, loss = training.evaluate(mspec, u.weights, self.eval_data)
-            out[u.peer_id] = (loss, rounds.update_distance(u.weights, base))
+                _acc, loss = training.evaluate(mspec, rows.weights_of(p), self.eval_data)
+            out[p] = (loss, rows.norm(p))
         return out
 
     def _record_judgement(
@@ -946,6 +992,10 @@ class SessionRun:
                 "up_ratio": raw_up / rnd.bytes_up if rnd.bytes_up else None,
                 "uploads_peak": rnd.uploads_peak,
                 "uploads_waited": rnd.uploads_waited,
+                # plain rounds: what the accepted updates took as rows, and where
+                # (fednode.round_updates; fednode run --round-ram-mib)
+                "updates_held_bytes": self.rows.held_bytes if self.rows is not None else 0,
+                "updates_on_disk": self.rows is not None and self.rows.on_disk,
                 "evaluation": on,
                 "participant_eval": {}
                 if reported is None
@@ -1192,8 +1242,15 @@ class SessionRun:
             raise
         # the audit copy (store.put says why it need not be fsynced)
         self.coord.guard.write(self.coord.store.put, msg.data, pin=False, durable=False)
-        rnd.received[peer] = (dataclasses.replace(msg, data=b""), now)  # the weights suffice
-        rnd.decoded[peer] = w
+        assert self.rows is not None  # a plain round holds its updates as rows
+        try:
+            self.rows.add(peer, w)
+        except OSError as err:  # the coordinator's disk, not the peer's doing
+            log.error("round %d: cannot hold the update of %s: %s", rnd.number, peer, err)
+            rnd.failed[peer] = f"the coordinator could not hold its update ({err.strerror})"
+            self.wake()
+            return
+        rnd.received[peer] = (dataclasses.replace(msg, data=b""), now)  # the rows hold it
         self._take_report(rnd, peer, msg)
         self._record_update(peer, msg, frame_bytes, now, "accepted", None)
         self._check_budget(peer, msg)

@@ -19,6 +19,9 @@ from dataclasses import dataclass, field
 MAX_UPLOADS = 64  # updates in flight at once (``fednode run --max-uploads``)
 MAX_UPLOAD_MIB = 256  # their announced bytes (``fednode run --max-upload-mib``)
 GRANT_TTL_S = 60.0  # a grant not used within this is taken back
+# Once arrived, a plain round's updates are held in memory up to this many MiB, the rest on
+# disk (``fednode run --round-ram-mib``; fednode.round_updates)
+ROUND_RAM_MIB = 256
 
 
 @dataclass(frozen=True, slots=True)

@@ -127,8 +127,12 @@ class Charts(HTMLParser):
 def cluster3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     """One coordinator and three participants, shared by a module's tests (starting four
     torch processes costs seconds on two cores). The coordinator takes one upload at a
-    time (``--max-uploads 1``), so every round of these tests goes through backpressure."""
-    c = start_cluster(tmp_path_factory.mktemp("fed"), 3, "--max-uploads", "1")
+    time (``--max-uploads 1``), so every round of these tests goes through backpressure, and
+    holds its rounds' updates on disk (``--round-ram-mib 0``), so their judging and
+    aggregation read the spill file (the other clusters hold them in memory)."""
+    c = start_cluster(
+        tmp_path_factory.mktemp("fed"), 3, "--max-uploads", "1", "--round-ram-mib", "0"
+    )
     try:
         yield c
     finally:

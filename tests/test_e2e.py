@@ -37,6 +37,9 @@ def test_manual_walkthrough(cluster3: Cluster, tmp_path: Path) -> None:
     assert [e["data"]["round"] for e in completed] == [1, 2, 3]
     # one upload in flight at a time (cluster3: --max-uploads 1), and every round completed
     assert [e["data"]["uploads_peak"] for e in completed] == [1, 1, 1], completed
+    # and its rounds' updates were held on disk (cluster3: --round-ram-mib 0)
+    assert all(e["data"]["updates_on_disk"] for e in completed), completed
+    assert all(e["data"]["updates_held_bytes"] >= 3 * 4 * 650 for e in completed), completed
     assert events[-1]["kind"] == "session" and events[-1]["data"]["status"] == "completed"
 
     status = cli_json("session", "status", sid, target=cluster3)

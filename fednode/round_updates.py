@@ -1,0 +1,226 @@
+"""A plain round's accepted updates, each held once, read back in column blocks.
+
+Outlier detection judges every update against the round's coordinate-wise median, and the
+share cap weighs each update by all the others' claims: both need every update of the round
+before the aggregate can be formed, so a plain round cannot fold its updates into one running
+sum as they arrive (a secure round does: protocol.secagg adds each masked input to its sum).
+What the round can avoid is holding them as many Python objects and whole-model copies:
+
+- each accepted update is flattened once into a float32 row (the dtype on the wire) and its
+  tensors are dropped; the norm and finiteness of its delta (update - round's model) are taken
+  on arrival;
+- everything after reads *column blocks*: for columns [a, b) of the model, the rows of the
+  updates it asks for, as float64 deltas. Detection (fednode.robustness), the mean family's
+  weighted mean and central DP's clipped sum need only a block at a time plus O(d) results;
+  so besides the rows themselves the round holds O(d + rows x block) — the block sized so that
+  one float64 block is at most BLOCK_BYTES;
+- the rows live in memory up to ``ram_bytes`` (``fednode run --round-ram-mib``), and beyond
+  it in a file in the node's home that is unlinked as soon as it is opened (0600, nothing left
+  behind by a crash; the space is the kernel's to free when the round closes it). Read with
+  pread, its pages stay in the page cache rather than in the coordinator's RSS.
+
+The layout is block-major: block j of row i is at ((j * capacity) + i) * width values, so the
+rows 0..n-1 of a block are one contiguous read. ``capacity`` is the round's selected count:
+no round accepts more updates than it asked for.
+
+Robust strategies that are not functions of the weighted mean (median, trimmed mean, Krum,
+Bulyan) still get every update as a whole model (``weights_of``), one copy each: their
+arithmetic needs them all at once (docs/scale.md, "Memory of a round").
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import uuid
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from fednode.files import private_dir
+from fednode.robustness import DeltaRows
+from fednode.uploads import ROUND_RAM_MIB
+from fednode.weights import Weights
+
+# A float64 block of the rows is at most this (or MIN_WIDTH columns, if that is more).
+BLOCK_BYTES = 4 * 2**20
+MIN_WIDTH = 1024
+
+
+class RoundUpdates:
+    """The accepted updates of one plain round (see the module's docstring)."""
+
+    def __init__(
+        self,
+        base: Weights,
+        capacity: int,
+        *,
+        ram_bytes: int = ROUND_RAM_MIB * 2**20,
+        spill_dir: Path | None = None,
+    ) -> None:
+        self.order = list(base)
+        self.shapes = [tuple(np.shape(base[k])) for k in self.order]
+        sizes = [int(np.prod(s, dtype=np.int64)) for s in self.shapes]
+        self.offsets = [0, *np.cumsum(sizes).tolist()]
+        self.base = _flat(base, self.order)
+        self.d = int(self.base.size)
+        self.capacity = max(1, int(capacity))
+        self.width = max(1, min(self.d, max(MIN_WIDTH, BLOCK_BYTES // (8 * self.capacity))))
+        self.blocks_n = max(1, math.ceil(self.d / self.width))
+        self.peers: list[str] = []
+        self._row: dict[str, int] = {}
+        self._norms: list[float] = []
+        self._finite: list[bool] = []
+        self._fd: int | None = None
+        self._ram: np.ndarray | None = None
+        self.bytes = self.blocks_n * self.capacity * self.width * 4
+        if spill_dir is None or self.bytes <= ram_bytes:
+            # np.zeros takes pages from the OS as rows are written: an unfilled round costs
+            # what it received, not its capacity
+            self._ram = np.zeros((self.blocks_n, self.capacity, self.width), np.float32)
+        else:
+            path = private_dir(spill_dir) / f"round-{uuid.uuid4().hex}.f32"
+            self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+            os.unlink(path)  # the open descriptor keeps it; nothing outlives the process
+
+    @property
+    def on_disk(self) -> bool:
+        return self._fd is not None
+
+    @property
+    def held_bytes(self) -> int:
+        """What the updates held so far take (in memory or in the file)."""
+        return len(self.peers) * self.blocks_n * self.width * 4
+
+    def __len__(self) -> int:
+        return len(self.peers)
+
+    def __contains__(self, peer: object) -> bool:
+        return peer in self._row
+
+    def add(self, peer: str, w: Weights) -> None:
+        """Hold ``peer``'s update (its tensors in the round model's names and shapes, which
+        the codec's decode checked). OSError when the spill file cannot be written."""
+        if peer in self._row:
+            raise ValueError(f"{peer} already has an update in this round")
+        i = len(self.peers)
+        if i >= self.capacity:
+            raise ValueError(f"the round holds at most {self.capacity} updates")
+        row = _flat(w, self.order)
+        delta = row - self.base  # float32, as every figure of it is taken
+        finite = bool(np.isfinite(delta).all())
+        norm = math.inf
+        if finite:
+            d64 = delta.astype(np.float64)
+            norm = math.sqrt(float(np.dot(d64, d64)))
+        for j in range(self.blocks_n):
+            seg = row[j * self.width : (j + 1) * self.width]
+            if self._ram is not None:
+                self._ram[j, i, : seg.size] = seg
+            else:
+                assert self._fd is not None
+                _pwrite_all(self._fd, seg, self._at(j, i))
+        self.peers.append(peer)
+        self._row[peer] = i
+        self._norms.append(norm)
+        self._finite.append(finite)
+
+    def norm(self, peer: str) -> float:
+        """The L2 norm of ``peer``'s delta (inf when it has non-finite values)."""
+        return self._norms[self._row[peer]]
+
+    def finite(self, peer: str) -> bool:
+        return self._finite[self._row[peer]]
+
+    def weights_of(self, peer: str) -> Weights:
+        """``peer``'s update as named tensors (a new copy: O(d))."""
+        i = self._row[peer]
+        row = np.empty(self.d, np.float32)
+        for j in range(self.blocks_n):
+            a, b = j * self.width, min(self.d, (j + 1) * self.width)
+            if self._ram is not None:
+                row[a:b] = self._ram[j, i, : b - a]
+            else:
+                assert self._fd is not None
+                row[a:b] = _pread(self._fd, b - a, self._at(j, i))
+        return self.split(row)
+
+    def blocks(self, peers: Sequence[str]) -> Iterator[tuple[int, np.ndarray]]:
+        """Each column block of ``peers``' deltas: (first column, float64 array of
+        len(peers) x block width), rows in ``peers``' order; a new array each time, which
+        the caller may change."""
+        rows = np.array([self._row[p] for p in peers], dtype=np.intp)
+        n = len(self.peers)
+        for j in range(self.blocks_n):
+            a, b = j * self.width, min(self.d, (j + 1) * self.width)
+            if self._ram is not None:
+                held = self._ram[j, :n, : b - a]
+            else:
+                assert self._fd is not None
+                flat = _pread(self._fd, n * self.width, self._at(j, 0))
+                held = flat.reshape(n, self.width)[:, : b - a]
+            out = np.empty((len(rows), b - a), np.float64)
+            # the float32 subtraction the tensors' own would be, written out as float64
+            np.subtract(held[rows], self.base[a:b], out=out, dtype=np.float32)
+            yield a, out
+
+    def delta_rows(self, peers: Sequence[str]) -> DeltaRows:
+        """``peers``' deltas as outlier detection reads them (fednode.robustness)."""
+        ordered = list(peers)
+        return DeltaRows(ordered, lambda: (blk for _a, blk in self.blocks(ordered)))
+
+    def weighted_delta(self, coefs: Mapping[str, float]) -> np.ndarray:
+        """sum_p coefs[p] * delta_p over every column, float64 (length d): the mean family's
+        aggregate step and central DP's clipped sum, a block at a time."""
+        peers = sorted(coefs)
+        c = np.array([coefs[p] for p in peers], dtype=np.float64)
+        out = np.zeros(self.d, np.float64)
+        for a, blk in self.blocks(peers):
+            out[a : a + blk.shape[1]] = c @ blk
+        return out
+
+    def split(self, flat: np.ndarray) -> dict[str, np.ndarray]:
+        """A flat vector of length d as the round model's named tensors (views of it)."""
+        return {
+            k: flat[self.offsets[i] : self.offsets[i + 1]].reshape(self.shapes[i])
+            for i, k in enumerate(self.order)
+        }
+
+    def model(self, delta: np.ndarray) -> Weights:
+        """The round's model plus ``delta`` (float64, length d), as float32 tensors."""
+        return self.split((self.base.astype(np.float64) + delta).astype(np.float32))
+
+    def close(self) -> None:
+        """Let go of the rows (the spill file's space is freed with its descriptor)."""
+        self._ram = None
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def _at(self, block: int, row: int) -> int:
+        return (block * self.capacity + row) * self.width * 4
+
+
+def _flat(w: Mapping[str, np.ndarray], order: Sequence[str]) -> np.ndarray:
+    return np.concatenate([np.asarray(w[k], dtype=np.float32).ravel() for k in order])
+
+
+def _pwrite_all(fd: int, values: np.ndarray, offset: int) -> None:
+    view = memoryview(np.ascontiguousarray(values)).cast("B")
+    while view:
+        done = os.pwrite(fd, view, offset)
+        view, offset = view[done:], offset + done
+
+
+def _pread(fd: int, count: int, offset: int) -> np.ndarray:
+    """``count`` float32 values from ``offset``; a hole (a row not written) reads as 0."""
+    out = np.zeros(count, np.float32)
+    view = memoryview(out).cast("B")
+    got = 0
+    while got < len(view):
+        n = os.preadv(fd, [view[got:]], offset + got)
+        if n == 0:  # past the end of what was written: zeros, as the array already holds
+            break
+        got += n
+    return out
