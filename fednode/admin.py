@@ -268,6 +268,9 @@ class AdminAPI:
         summary["name"] = run.spec["name"]
         summary["storage"] = self.coord.guard.info()["state"]  # ok | retrying | down
         summary["paused_for_storage"] = run.paused_for_storage
+        # paused with nothing in flight: the pause has taken effect (the round that ran
+        # when it came has ended)
+        summary["idle"] = run.idle
         return summary
 
     def session_list(self, args: dict[str, Any]) -> dict[str, Any]:

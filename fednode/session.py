@@ -235,13 +235,13 @@ class SessionRun:
                 await self._restore(resume_from)
             if self.fedbuff is not None:  # async: until rounds versions are made
                 await self.fedbuff.run_session()
-            while self.rounds_done < self.spec["rounds"]:
-                while self.state == SessionState.PAUSED:
-                    self._idle = True
-                    try:
-                        await self._wait(None)
-                    finally:
-                        self._idle = False
+            while True:
+                # a pause takes effect between rounds, and after the last one too: a session
+                # paused while its last round ran stays paused (not completed) until resumed
+                if self.state == SessionState.PAUSED:
+                    await self._wait_paused()
+                if self.rounds_done >= self.spec["rounds"]:
+                    break
                 await self._one_round(self.rounds_done + 1)
             self._set_state(SessionState.COMPLETED)
         except asyncio.CancelledError:
@@ -271,6 +271,24 @@ class SessionRun:
             self.flush_updates()  # e.g. a late update refused after the last round
             if not stopping:  # a stopping coordinator's sessions have not ended
                 await self.coord.broadcast_session_end(self)
+
+    async def _wait_paused(self) -> None:
+        """Wait, with nothing in flight, until the session is no longer paused; say so once
+        (a ``session`` event with ``idle``: the pause has taken effect)."""
+        self._idle = True
+        self.coord.record(
+            "session", self.session_id, {"status": self.state.value, "error": "", "idle": True}
+        )
+        try:
+            while self.state == SessionState.PAUSED:
+                await self._wait(None)
+        finally:
+            self._idle = False
+
+    @property
+    def idle(self) -> bool:
+        """The driver waits, paused, with no round in flight."""
+        return self._idle
 
     @property
     def evaluation_on(self) -> str:

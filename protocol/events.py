@@ -61,6 +61,8 @@ class Session(Payload):
     status: str
     error: str = ""
     name: str = ""
+    # paused, and the round that ran when the pause came has ended: nothing in flight
+    idle: bool = False
 
 
 @dataclass(frozen=True)
@@ -120,6 +122,10 @@ class RoundCompleted(Payload):
     # and how many waited for a slot
     uploads_peak: int = 0
     uploads_waited: int = 0
+    # plain rounds: the bytes the accepted updates took as rows, and whether they were held
+    # on disk (fednode.round_updates; fednode run --round-ram-mib)
+    updates_held_bytes: int = 0
+    updates_on_disk: bool = False
     # who measured accuracy and loss (spec evaluation.on); with "participants" they are the
     # participants' figures of the model the round started from (model_cid_in)
     evaluation: str = "coordinator"

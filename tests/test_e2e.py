@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import sqlite3
 from pathlib import Path
+from typing import Any
 
+from fedctl.client import AdminClient, Target
 from protocol.cid import file_cid
 from tests.conftest import Cluster, cli, cli_json
+from tests.test_quality_e2e import until
+from tests.test_storage_e2e import wait_status
 
 
 def _spec(path: Path, cluster: Cluster, **top: object) -> Path:
@@ -153,21 +158,36 @@ def test_node_refuses_second_start_on_same_dir(cluster3: Cluster) -> None:
 
 
 def test_pause_and_resume(cluster3: Cluster, tmp_path: Path) -> None:
-    # 60 rounds: paused long before its end, even when the pause comes seconds after the
-    # start (a pause takes effect after the round in flight; in the last one it completes)
-    spec = _spec(tmp_path / "p.toml", cluster3, rounds=60)
+    """A pause takes effect after the round in flight, the last one too: a two-round session
+    paused as its last round starts stays paused (idle, not completed) until resumed."""
+    spec = _spec(tmp_path / "p.toml", cluster3, rounds=2)
     sid = cli_json("session", "create", str(spec), target=cluster3)["session_id"]
-    cli_json("session", "start", sid, target=cluster3)
-    paused = cli_json("session", "pause", sid, target=cluster3)
+
+    async def pause_in_last_round() -> dict[str, Any]:
+        async with AdminClient(
+            Target(cluster3.url, cluster3.peer_id, cluster3.operator_key)
+        ) as client:
+            await client.call("subscribe")
+            await client.call("session.start", session_id=sid)
+            async for ev in client.stream():
+                if ev.kind == "round_started" and ev.data["round"] == 2:
+                    return await client.call("session.pause", session_id=sid)
+        raise AssertionError("the connection closed before round 2 started")
+
+    paused = asyncio.run(pause_in_last_round())
     assert paused.get("status") == "paused", paused
-    status = cli_json("session", "status", sid, target=cluster3)
-    assert status["status"] == "paused" and status["rounds_completed"] < 60
+    # until the pause has taken effect (idle), or, were the last round to end the session
+    # regardless, until it completed
+    status = wait_status(cluster3, sid, lambda st: st["idle"] or st["status"] != "paused")
+    assert status["status"] == "paused" and status["idle"], status
+    assert status["rounds_completed"] == 2  # the last round ran to its end, then waited
     res = cli("session", "start", sid, "--json", target=cluster3)
     assert json.loads(res.stdout)["error"]["code"] == "BAD_STATE"
     assert cli_json("session", "resume", sid, target=cluster3)["status"] == "running"
     cli("session", "watch", sid, "--json", target=cluster3, check=True)
     done = cli_json("session", "status", sid, target=cluster3)
-    assert done["status"] == "completed" and done["rounds_completed"] == 60
+    assert done["status"] == "completed" and done["rounds_completed"] == 2
+    assert not done["idle"]
 
 
 def test_fednode_init_id_and_cid(tmp_path: Path) -> None:
@@ -218,14 +238,22 @@ def test_invite_flow(cluster3: Cluster, tmp_path: Path) -> None:
 def test_operator_excludes_and_readmits_a_participant(cluster3: Cluster, tmp_path: Path) -> None:
     """An excluded peer stays online but is not selected; readmitted, it is selected again."""
     out = cluster3.peer_ids[0]
-    got = cli_json("participants", "exclude", out, "--reason", "maintenance", target=cluster3)
-    assert got["participant"]["status"] == "excluded" and got["participant"]["excluded"]
     sid = cli_json(
         "session",
         "create",
         str(_spec(tmp_path / "a.toml", cluster3, rounds=1, min_participants=2)),
         target=cluster3,
     )["session_id"]
+
+    # A node admits only peers an open session lists: with this test alone, the session
+    # just created is the first, and the peer connects after it (its backoff)
+    async def seen(client: AdminClient) -> bool:
+        ps = (await client.call("participants.list"))["participants"]
+        return any(p["peer_id"] == out and p["online"] for p in ps)
+
+    asyncio.run(until(cluster3, seen))
+    got = cli_json("participants", "exclude", out, "--reason", "maintenance", target=cluster3)
+    assert got["participant"]["status"] == "excluded" and got["participant"]["excluded"]
     cli_json("session", "start", sid, target=cluster3)
     cli("session", "watch", sid, "--json", target=cluster3, check=True)
     db = sqlite3.connect(cluster3.coordinator_home.ledger_path)
