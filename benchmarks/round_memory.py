@@ -20,6 +20,11 @@ bytes each way holds for the round (the updates or rows, in the process); and th
 beside numpy's own float32 sum over the same (n, d) stack, measured in the same run. Adding
 the updates (``RoundUpdates.add``, when each arrives) is timed apart.
 
+Then the coordinate-wise median (a robust strategy, no detection or bounds) of the same
+updates: ``median, whole`` hands it every update as a model, as a robust round did;
+``median, cols`` hands it the model in column blocks of the rows on disk
+(``RoundUpdates.by_columns``), each update's block read as the arithmetic stacks it.
+
     .venv/bin/python benchmarks/round_memory.py
     .venv/bin/python benchmarks/round_memory.py --shape 1000x9610 100x1000000 --json
 """
@@ -101,6 +106,22 @@ def from_rows(base: dict, rows: RoundUpdates, examples: dict[str, int]) -> tuple
     return new, len(peers) - len(kept)
 
 
+def median_whole(base: dict, ups: dict[str, dict], examples: dict[str, int]) -> dict:
+    """The coordinate-wise median as a robust round handed it before: every update a model."""
+    updates = [ClientUpdate(p, ups[p], examples[p], 0.1) for p in sorted(ups)]
+    return get_strategy("median").aggregate(base, updates, {})[0]
+
+
+def median_columns(rows: RoundUpdates, examples: dict[str, int]) -> dict:
+    """The same from the rows, a column block of every update at a time (by_columns)."""
+    cols, blocks = rows.by_columns({p: 1.0 for p in rows.peers})
+    updates = [
+        ClientUpdate(p, blocks[p], examples[p], 0.1)  # type: ignore[arg-type]
+        for p in sorted(rows.peers)
+    ]
+    return rows.from_columns(get_strategy("median").aggregate(cols, updates, {})[0])
+
+
 def run(n: int, d: int, spill: Path) -> dict[str, Any]:
     base, ups, examples = make_round(n, d)
     stack = np.stack([ups[p]["w"] for p in sorted(ups)])
@@ -123,6 +144,16 @@ def run(n: int, d: int, spill: Path) -> dict[str, Any]:
         out[where] = {"s": took, "peak": peak, "held": held, "add_s": add_s, "excluded": excl}
         out[where]["max_abs_diff"] = diff
         rows.close()
+    med, took, peak = measured(lambda: median_whole(base, ups, examples))
+    out["median whole"] = {"s": took, "peak": peak, "held": n * d * 4, "excluded": 0}
+    rows = RoundUpdates(base, n, ram_bytes=0, spill_dir=spill)
+    for p in sorted(ups):
+        rows.add(p, ups[p])
+    got, took, peak = measured(lambda: median_columns(rows, examples))
+    diff = float(np.max(np.abs(got["w"] - med["w"])))
+    out["median columns"] = {"s": took, "peak": peak, "held": 0, "excluded": 0}
+    out["median columns"]["max_abs_diff"] = diff
+    rows.close()
     return out
 
 
@@ -149,6 +180,8 @@ def main() -> None:
             ("stacked", "stacked"),
             ("rows, memory", "memory"),
             ("rows, disk", "disk"),
+            ("median, whole", "median whole"),
+            ("median, cols", "median columns"),
         ):
             f = r[key]
             print(

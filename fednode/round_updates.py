@@ -23,9 +23,10 @@ The layout is block-major: block j of row i is at ((j * capacity) + i) * width v
 rows 0..n-1 of a block are one contiguous read. ``capacity`` is the round's selected count:
 no round accepts more updates than it asked for.
 
-Robust strategies that are not functions of the weighted mean (median, trimmed mean, Krum,
-Bulyan) still get every update as a whole model (``weights_of``), one copy each: their
-arithmetic needs them all at once (docs/scale.md, "Memory of a round").
+The robust strategies (median, trimmed mean, Krum, Bulyan: Strategy.by_columns) work
+coordinate by coordinate or sum over coordinates; they get the model cut into the same column
+blocks (``by_columns``), each update's block read when their arithmetic stacks it. A strategy
+of an operator's own gets every kept update as a whole model (``weights_of``).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ import os
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -180,6 +182,35 @@ class RoundUpdates:
             out[a : a + blk.shape[1]] = c @ blk
         return out
 
+    def read(self, peer: str, block: int) -> np.ndarray:
+        """Block ``block`` of ``peer``'s row: its float32 values (a new array)."""
+        i = self._row[peer]
+        a, b = block * self.width, min(self.d, (block + 1) * self.width)
+        if self._ram is not None:
+            return self._ram[block, i, : b - a].copy()
+        assert self._fd is not None
+        return _pread(self._fd, b - a, self._at(block, i))
+
+    def by_columns(
+        self, scales: Mapping[str, float]
+    ) -> tuple[Weights, dict[str, dict[str, ColumnBlock]]]:
+        """The round's model and each of ``scales``' peers' updates (each step scaled by its
+        scale: the clip) as named column blocks instead of tensors, for a strategy that
+        cuts the model anywhere (Strategy.by_columns): the model's blocks, and per peer its
+        blocks, read from the rows only when the arithmetic turns them into arrays."""
+        names = [f"columns {j * self.width}-" for j in range(self.blocks_n)]
+        base = {n: self.base[j * self.width : (j + 1) * self.width] for j, n in enumerate(names)}
+        return base, {
+            p: {n: ColumnBlock(self, p, j, s) for j, n in enumerate(names)}
+            for p, s in scales.items()
+        }
+
+    def from_columns(self, blocks: Mapping[str, np.ndarray]) -> Weights:
+        """A model given as ``by_columns``' named blocks, as the round model's tensors."""
+        names = [f"columns {j * self.width}-" for j in range(self.blocks_n)]
+        flat = np.concatenate([np.asarray(blocks[n], np.float32).ravel() for n in names])
+        return self.split(flat)
+
     def split(self, flat: np.ndarray) -> dict[str, np.ndarray]:
         """A flat vector of length d as the round model's named tensors (views of it)."""
         return {
@@ -200,6 +231,29 @@ class RoundUpdates:
 
     def _at(self, block: int, row: int) -> int:
         return (block * self.capacity + row) * self.width * 4
+
+
+class ColumnBlock:
+    """One block of one update's row, its step scaled by ``scale`` (the round's clip), that
+    becomes an array only when numpy asks (``np.asarray``, a stack's assignment): the robust
+    strategies' arithmetic stacks one block of every update at a time, so a round holds
+    n × a block, not n whole models."""
+
+    __slots__ = ("_block", "_peer", "_rows", "_scale", "dtype", "shape")
+
+    def __init__(self, rows: RoundUpdates, peer: str, block: int, scale: float) -> None:
+        self._rows, self._peer, self._block, self._scale = rows, peer, block, scale
+        a, b = block * rows.width, min(rows.d, (block + 1) * rows.width)
+        self.shape = (b - a,)
+        self.dtype = np.dtype(np.float32)
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        x = self._rows.read(self._peer, self._block)
+        if self._scale != 1.0:  # as fednode.bounds.scaled_update: float64 inside
+            a = self._block * self._rows.width
+            g = self._rows.base[a : a + x.size].astype(np.float64)
+            x = (g + (x.astype(np.float64) - g) * self._scale).astype(np.float32)
+        return x if dtype is None else x.astype(dtype, copy=False)
 
 
 def _flat(w: Mapping[str, np.ndarray], order: Sequence[str]) -> np.ndarray:

@@ -671,13 +671,28 @@ class SessionRun:
         """The next model and strategy state from the kept updates (``figures``' peers),
         bounded as ``figures`` say. The mean family (a strategy whose aggregate is its
         from_mean of the weighted mean: supports_secure) reads the rows a column block at a
-        time, O(d); the others get every update as a model, clipped and weighted
-        (fednode.round_updates says why). Runs in a worker thread."""
+        time, O(d); so do the robust strategies (by_columns), given the model in column
+        blocks; a strategy of the operator's own gets every update as a model, clipped and
+        weighted. Runs in a worker thread."""
         base = self.global_weights
         assert base is not None
         if self.strategy.supports_secure:
             step = rows.weighted_delta({p: f["share"] * f["scale"] for p, f in figures.items()})
             return self.strategy.from_mean(base, rows.model(step), self.strategy_state)
+        if self.strategy.by_columns:  # median, Krum, ...: a column block of each at a time
+            cols, blocks = rows.by_columns({p: f["scale"] for p, f in figures.items()})
+            updates = [
+                ClientUpdate(
+                    p,
+                    blocks[p],  # type: ignore[arg-type]  # arrays when numpy asks
+                    rnd.received[p][0].num_examples,
+                    rnd.received[p][0].loss,
+                    f["share"],
+                )
+                for p, f in sorted(figures.items())
+            ]
+            new, state = self.strategy.aggregate(cols, updates, self.strategy_state)
+            return rows.from_columns(new), state
         updates = [
             ClientUpdate(
                 p,

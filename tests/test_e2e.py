@@ -283,3 +283,19 @@ def test_operator_excludes_and_readmits_a_participant(cluster3: Cluster, tmp_pat
     unknown = cli("participants", "exclude", "12D3KooWnobody", "--json", target=cluster3)
     assert unknown.returncode == 1 and json.loads(unknown.stdout)["error"]["code"] == "NOT_FOUND"
     db.close()
+
+
+def test_median_session_reads_its_rows_by_columns(cluster3: Cluster, tmp_path: Path) -> None:
+    """A robust strategy through a real round: the coordinate-wise median of the three
+    participants' updates, held on disk (cluster3: --round-ram-mib 0) and handed to the
+    strategy in column blocks; the session completes and its models learn."""
+    spec = _spec(tmp_path / "m.toml", cluster3, rounds=2, min_participants=3)
+    spec.write_text(spec.read_text() + '[aggregation]\nstrategy = "median"\n')
+    sid = cli_json("session", "create", str(spec), target=cluster3)["session_id"]
+    cli_json("session", "start", sid, target=cluster3)
+    cli("session", "watch", sid, "--json", target=cluster3, check=True)
+    status = cli_json("session", "status", sid, target=cluster3)
+    assert status["status"] == "completed" and status["rounds_completed"] == 2, status
+    models = cli_json("model", "list", sid, target=cluster3)["models"]
+    assert [m["round"] for m in models] == [0, 1, 2]
+    assert models[-1]["accuracy"] > models[0]["accuracy"] + 0.2, models

@@ -71,6 +71,13 @@ class Strategy(ABC):
     # (tests/test_imports.py), and the spec module reaches the clock.
     defaults: ClassVar[dict[str, Any]] = {}
 
+    # Whether ``aggregate`` treats the model as one vector that may be cut anywhere: every
+    # figure coordinate-wise (median, trimmed mean) or summed over coordinates (Krum's
+    # distances), no tensor's name or shape used. The round then hands it the model in
+    # column blocks, read as the arithmetic asks for them, instead of every update as a
+    # whole model (fednode.round_updates); a strategy of its own keeps the default.
+    by_columns: ClassVar[bool] = False
+
     def __init__(self, params: Mapping[str, Any] | None = None) -> None:
         # the spec's [aggregation] section; keys it lacks (an older spec) take the defaults
         self.params: dict[str, Any] = {**Strategy.defaults, **(params or {})}

@@ -12,6 +12,7 @@ from fednode.strategies.base import ClientUpdate, State, Strategy, Weights, resu
 
 class Krum(Strategy):
     name = "krum"
+    by_columns = True  # coordinate-wise / over all coordinates (Strategy.by_columns)
 
     @property
     def min_updates(self) -> int:

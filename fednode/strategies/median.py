@@ -10,6 +10,7 @@ from fednode.strategies.base import ClientUpdate, State, Strategy, Weights, resu
 
 class Median(Strategy):
     name = "median"
+    by_columns = True  # coordinate-wise / over all coordinates (Strategy.by_columns)
 
     def aggregate(
         self, global_weights: Weights, updates: list[ClientUpdate], state: State

@@ -11,6 +11,7 @@ from fednode.strategies.base import ClientUpdate, State, Strategy, Weights, resu
 
 class TrimmedMean(Strategy):
     name = "trimmed_mean"
+    by_columns = True  # coordinate-wise / over all coordinates (Strategy.by_columns)
 
     def aggregate(
         self, global_weights: Weights, updates: list[ClientUpdate], state: State
