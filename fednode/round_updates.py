@@ -116,12 +116,14 @@ class RoundUpdates:
         if finite:
             d64 = delta.astype(np.float64)
             norm = math.sqrt(float(np.dot(d64, d64)))
-        for j in range(self.blocks_n):
-            seg = row[j * self.width : (j + 1) * self.width]
-            if self._ram is not None:
-                self._ram[j, i, : seg.size] = seg
-            else:
-                assert self._fd is not None
+        if self._ram is not None:  # one strided copy: the row's blocks side by side
+            padded = np.zeros(self.blocks_n * self.width, np.float32)
+            padded[: self.d] = row
+            self._ram[:, i, :] = padded.reshape(self.blocks_n, self.width)
+        else:
+            assert self._fd is not None
+            for j in range(self.blocks_n):
+                seg = row[j * self.width : (j + 1) * self.width]
                 _pwrite_all(self._fd, seg, self._at(j, i))
         self.peers.append(peer)
         self._row[peer] = i
@@ -138,14 +140,13 @@ class RoundUpdates:
     def weights_of(self, peer: str) -> Weights:
         """``peer``'s update as named tensors (a new copy: O(d))."""
         i = self._row[peer]
+        if self._ram is not None:
+            return self.split(self._ram[:, i, :].reshape(-1)[: self.d].copy())
         row = np.empty(self.d, np.float32)
         for j in range(self.blocks_n):
             a, b = j * self.width, min(self.d, (j + 1) * self.width)
-            if self._ram is not None:
-                row[a:b] = self._ram[j, i, : b - a]
-            else:
-                assert self._fd is not None
-                row[a:b] = _pread(self._fd, b - a, self._at(j, i))
+            assert self._fd is not None
+            row[a:b] = _pread(self._fd, b - a, self._at(j, i))
         return self.split(row)
 
     def blocks(self, peers: Sequence[str]) -> Iterator[tuple[int, np.ndarray]]:
