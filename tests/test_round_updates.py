@@ -144,6 +144,18 @@ def test_block_mean_equals_the_strategys_aggregate(name: str, where: str, tmp_pa
         np.testing.assert_allclose(got[k], want[k], rtol=1e-5, atol=1e-6)
 
 
+def _big_round(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, seed: int) -> RoundUpdates:
+    """200 updates of 20,000 values on disk, read in blocks of 1 MiB (as float64)."""
+    monkeypatch.setattr(round_updates, "BLOCK_BYTES", 2**20)
+    monkeypatch.setattr(round_updates, "MIN_WIDTH", 64)
+    rng = np.random.default_rng(seed)
+    base = {"w": rng.normal(size=20_000).astype(np.float32)}
+    rows = RoundUpdates(base, 200, ram_bytes=0, spill_dir=tmp_path / "r")
+    for i in range(200):
+        rows.add(f"p{i:03d}", {"w": base["w"] + rng.normal(size=20_000).astype(np.float32)})
+    return rows
+
+
 def test_judging_and_the_mean_hold_a_block_not_every_update(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -151,23 +163,16 @@ def test_judging_and_the_mean_hold_a_block_not_every_update(
     read in blocks of 1 MiB (float64): detection's passes and the weighted mean allocate
     less than 5 MiB at their peak, where stacking the updates in float64, as detection did,
     took 32 MB."""
-    monkeypatch.setattr(round_updates, "BLOCK_BYTES", 2**20)
-    monkeypatch.setattr(round_updates, "MIN_WIDTH", 64)
-    rng = np.random.default_rng(0)
-    n, d = 200, 20_000
-    base = {"w": rng.normal(size=d).astype(np.float32)}
-    rows = RoundUpdates(base, n, ram_bytes=0, spill_dir=tmp_path / "r")
-    for i in range(n):
-        rows.add(f"p{i:03d}", {"w": base["w"] + rng.normal(size=d).astype(np.float32)})
+    rows = _big_round(tmp_path, monkeypatch, seed=0)
     peers = sorted(rows.peers)
     tracemalloc.start()
     try:
         scores = robustness.score(rows.delta_rows(peers), robustness.Thresholds())
-        rows.weighted_delta({p: 1.0 / n for p in peers})
+        rows.weighted_delta({p: 1.0 / len(peers) for p in peers})
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
-    assert scores is not None and len(scores) == n
+    assert scores is not None and len(scores) == 200
     assert peak < 5 * 2**20, f"peak {peak / 2**20:.1f} MiB"
 
 
@@ -205,14 +210,7 @@ def test_median_by_columns_holds_a_block_of_each_update(
     """The coordinate-wise median of 200 updates of 20,000 values on disk allocates a block
     of each (1 MiB in float64) at a time: under 4 MiB at its peak, against the 16 MB of the
     updates as whole models."""
-    monkeypatch.setattr(round_updates, "BLOCK_BYTES", 2**20)
-    monkeypatch.setattr(round_updates, "MIN_WIDTH", 64)
-    rng = np.random.default_rng(1)
-    n, d = 200, 20_000
-    base = {"w": rng.normal(size=d).astype(np.float32)}
-    rows = RoundUpdates(base, n, ram_bytes=0, spill_dir=tmp_path / "r")
-    for i in range(n):
-        rows.add(f"p{i:03d}", {"w": base["w"] + rng.normal(size=d).astype(np.float32)})
+    rows = _big_round(tmp_path, monkeypatch, seed=1)
     cols, blocks = rows.by_columns({p: 1.0 for p in rows.peers})
     updates = [ClientUpdate(p, blocks[p], 1, 0.1) for p in rows.peers]  # type: ignore[arg-type]
     tracemalloc.start()
