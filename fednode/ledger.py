@@ -2775,6 +2775,91 @@ class Ledger:
 
     # --- figures for the Prometheus endpoint (fednode.metrics) ----------------------------
 
+    def observation_figures(self, session_id: str) -> dict[str, Any]:
+        """What the quality monitor judges a session by after each round, summed in SQL: a
+        few queries whose Python memory does not grow with the session's history (reading
+        every update row of the session each round did: benchmarks/ledger.py's soak figures,
+        docs/scale.md "Soak"). ``accuracies`` of the live lineage (one float a round),
+        ``rounds_run`` (finished), ``completed``, ``last_completed`` (round, or None),
+        ``first_selected``, ``bytes_moved`` (finished rounds' bytes up and down),
+        ``participants_completed`` (summed over completed rounds), ``updates_accepted``,
+        ``updates_rejected``, ``noisy_rounds`` (finished rounds with a central-DP release)
+        and ``security_violations`` (alerts of that type, any status)."""
+        one = self._one
+        accs = [
+            r[0]
+            for r in self.db.execute(
+                "SELECT accuracy FROM model_versions WHERE session_id = ? AND accuracy IS NOT "
+                "NULL AND rolled_back_at IS NULL ORDER BY round",
+                (session_id,),
+            )
+        ]
+        rounds = one(
+            "SELECT COALESCE(SUM(status != 'running'), 0) AS run, "
+            "COALESCE(SUM(status = 'completed'), 0) AS completed, "
+            "MAX(CASE WHEN status = 'completed' THEN round END) AS last, "
+            "COALESCE(SUM(CASE WHEN status != 'running' THEN bytes_up + bytes_down END), 0) "
+            "AS moved, COALESCE(SUM(CASE WHEN status = 'completed' THEN participants END), 0) "
+            "AS participants FROM training_rounds WHERE session_id = ?",
+            (session_id,),
+        )
+        first = one(
+            "SELECT selected FROM training_rounds WHERE session_id = ? ORDER BY round LIMIT 1",
+            (session_id,),
+        )
+        counts = dict(
+            self.db.execute(
+                "SELECT status, COUNT(*) FROM client_updates WHERE session_id = ? GROUP BY status",
+                (session_id,),
+            ).fetchall()
+        )
+        noisy = one(
+            "SELECT COUNT(*) AS n FROM training_rounds WHERE session_id = ? AND status != "
+            "'running' AND round IN (SELECT round FROM central_dp_rounds WHERE session_id = ?)",
+            (session_id, session_id),
+        )
+        violations = one(
+            "SELECT COUNT(*) AS n FROM quality_alerts WHERE session_id = ? AND "
+            "alert_type = 'security_violation'",
+            (session_id,),
+        )
+        assert rounds is not None and noisy is not None and violations is not None
+        return {
+            "accuracies": accs,
+            "rounds_run": rounds["run"],
+            "completed": rounds["completed"],
+            "last_completed": rounds["last"],
+            "first_selected": json.loads(first["selected"]) if first and first["selected"] else [],
+            "bytes_moved": rounds["moved"],
+            "participants_completed": rounds["participants"],
+            "updates_accepted": counts.get("accepted", 0),
+            "updates_rejected": counts.get("rejected", 0),
+            "noisy_rounds": noisy["n"],
+            "security_violations": violations["n"],
+        }
+
+    def completed_rounds_after(self, session_id: str, after: int) -> list[int]:
+        """The numbers of the session's completed rounds above ``after``, in order."""
+        return [
+            r[0]
+            for r in self.db.execute(
+                "SELECT round FROM training_rounds WHERE session_id = ? AND status = "
+                "'completed' AND round > ? ORDER BY round",
+                (session_id, after),
+            )
+        ]
+
+    def accepted_in_round(self, session_id: str, round: int) -> list[tuple[str, float | None]]:
+        """One round's accepted updates: (participant, its reported dp_epsilon), by arrival."""
+        return [
+            (r[0], r[1])
+            for r in self.db.execute(
+                "SELECT participant, dp_epsilon FROM client_updates WHERE session_id = ? AND "
+                "round = ? AND status = 'accepted' ORDER BY id",
+                (session_id, round),
+            )
+        ]
+
     def session_figures(self, session_id: str | None = None) -> dict[str, dict[str, Any]]:
         """What fednode.metrics exports of each session (or of one), by session ID: its
         ``status`` and planned ``rounds``, ``current_round`` (the highest round started, 0

@@ -148,6 +148,8 @@ class QualityMonitor:
         # an evaluation that finds the same ones has nothing to write.
         self._synced: dict[str, frozenset[str]] = {}
         self._network: deque[dict[str, Any]] = deque(maxlen=MAX_PENDING_NETWORK)
+        # local-DP sessions: each completed round's compliance, judged once (session -> round)
+        self._dp_ok: dict[str, dict[int, bool]] = {}
         self._flushed_at = time.monotonic()
 
     # --- raw observations -----------------------------------------------------------
@@ -532,75 +534,52 @@ class QualityMonitor:
     ) -> SessionObservation:
         ledger = self.ledger
         sid = run.session_id
-        models = ledger.models(sid)
-        rounds = ledger.rounds(sid)
-        finished = [r for r in rounds if r["status"] != "running"]
-        completed = [r for r in finished if r["status"] == "completed"]
-        last = completed[-1] if completed else None
-        contributors: list[str] = []
-        if last is not None:
-            contributors = sorted(
-                {
-                    u["participant"]
-                    for u in ledger.updates(sid, last["round"])
-                    if u["status"] == "accepted"
-                }
-            )
-        updates = ledger.updates(sid)
-        accepted = sum(1 for u in updates if u["status"] == "accepted")
-        # Only integrity failures reach the ledger as rejected (wrong base, CID, tensors);
-        # stale or duplicate frames are refused before an update row exists.
-        integrity = sum(1 for u in updates if u["status"] == "rejected")
+        # sums in SQL: nothing here may grow with the session's history (docs/scale.md, "Soak")
+        fig = ledger.observation_figures(sid)
+        last = fig["last_completed"]
+        contributors = (
+            sorted({p for p, _eps in ledger.accepted_in_round(sid, last)}) if last else []
+        )
         raw = 4 * sum(math.prod(s) for s in run.shapes.values())
-        moved = sum(r["bytes_up"] + r["bytes_down"] for r in finished)
-        ideal = sum(2 * raw * r["participants"] for r in completed)
         secure = bool(run.spec["aggregation"]["secure"])
-        ok_rounds = len(completed) if secure else len(finished)
+        ok_rounds = fig["completed"] if secure else fig["rounds_run"]
         privacy = run.spec.get("privacy", {})
         local_dp = privacy.get("mode") == plugins.LOCAL_DP
         if local_dp:  # from the ε each contributor reported (fednode.dpsgd)
-            ok_rounds = sum(
-                quality.local_dp_round_complies(
-                    [
-                        u.get("dp_epsilon")
-                        for u in ledger.updates(sid, r["round"])
-                        if u["status"] == "accepted"
-                    ],
-                    float(privacy["target_epsilon"]),
-                )
-                for r in completed
-            )
+            ok_rounds = self._local_dp_rounds_ok(sid, float(privacy["target_epsilon"]))
         central_dp = privacy.get("mode") == plugins.CENTRAL_DP
         if central_dp:  # a round complies when its aggregate was made noisy (central_dp.py)
-            noisy = {r["round"] for r in ledger.central_dp_rounds(sid)}
-            ok_rounds = sum(1 for r in finished if r["round"] in noisy)
-        violations = sum(
-            1
-            for a in ledger.alerts(status="all", session_id=sid)
-            if a["alert_type"] == "security_violation"
-        )
+            ok_rounds = fig["noisy_rounds"]
         pq = [scores[p].overall for p in scores if scores[p].has_input]  # 0.0 = unmeasured
         return SessionObservation(
             session_id=sid,
             # the live lineage: versions rolled back are not the session's history any more
-            accuracies=[
-                m["accuracy"]
-                for m in models
-                if m["accuracy"] is not None and m.get("rolled_back_at") is None
-            ],
-            rounds_run=len(finished),
-            first_selected=rounds[0]["selected"] if rounds else [],
+            accuracies=fig["accuracies"],
+            rounds_run=fig["rounds_run"],
+            first_selected=fig["first_selected"],
             last_contributors=contributors,
-            updates_accepted=accepted,
-            updates_rejected_integrity=integrity,
-            bytes_moved=moved,
-            bytes_ideal=ideal,
+            updates_accepted=fig["updates_accepted"],
+            # Only integrity failures reach the ledger as rejected (wrong base, CID, tensors);
+            # stale or duplicate frames are refused before an update row exists.
+            updates_rejected_integrity=fig["updates_rejected"],
+            bytes_moved=fig["bytes_moved"],
+            bytes_ideal=2 * raw * fig["participants_completed"],
             privacy_required=secure or local_dp or central_dp,
             rounds_privacy_ok=ok_rounds,
-            security_violations=violations,
+            security_violations=fig["security_violations"],
             participant_quality=statistics.fmean(pq) if pq else None,
             anomalous_last_round_pct=anomalous_pct,
         )
+
+    def _local_dp_rounds_ok(self, session_id: str, target: float) -> int:
+        """How many completed rounds of a local-DP session ran within its target ε
+        (quality.local_dp_round_complies); each round judged once, when first seen completed
+        (a completed round's updates do not change), so a round costs one round's rows."""
+        done = self._dp_ok.setdefault(session_id, {})
+        for r in self.ledger.completed_rounds_after(session_id, max(done, default=0)):
+            eps = [e for _p, e in self.ledger.accepted_in_round(session_id, r)]
+            done[r] = quality.local_dp_round_complies(eps, target)
+        return sum(done.values())
 
     # --- the periodic loop --------------------------------------------------------------
 
