@@ -75,6 +75,8 @@ class RoundUpdates:
         self._norms: list[float] = []
         self._finite: list[bool] = []
         self._fd: int | None = None
+        # on disk: the block ``read`` read last, every row of it (block number, rows)
+        self._cached: tuple[int, np.ndarray] = (-1, np.empty((0, 0), np.float32))
         self._ram: np.ndarray | None = None
         self.bytes = self.blocks_n * self.capacity * self.width * 4
         if spill_dir is None or self.bytes <= ram_bytes:
@@ -190,7 +192,11 @@ class RoundUpdates:
         if self._ram is not None:
             return self._ram[block, i, : b - a].copy()
         assert self._fd is not None
-        return _pread(self._fd, b - a, self._at(block, i))
+        if self._cached[0] != block:  # one read for every row of the block: the arithmetic
+            n = len(self.peers)  # stacks a block of each update in turn (ColumnBlock)
+            flat = _pread(self._fd, n * self.width, self._at(block, 0))
+            self._cached = (block, flat.reshape(n, self.width))
+        return self._cached[1][i, : b - a].copy()
 
     def by_columns(
         self, scales: Mapping[str, float]
@@ -226,6 +232,7 @@ class RoundUpdates:
     def close(self) -> None:
         """Let go of the rows (the spill file's space is freed with its descriptor)."""
         self._ram = None
+        self._cached = (-1, np.empty((0, 0), np.float32))
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
