@@ -251,7 +251,8 @@ def _session_line(e: ev.Payload, rounds: int) -> Text | None:
             )
         case ev.Session():
             err = f": {_words(e.error)}" if e.error else ""
-            return line("session ", (e.status, _STATUS_STYLE.get(e.status, "white")), err)
+            idle = " (the round in flight has ended)" if e.idle else ""
+            return line("session ", (e.status, _STATUS_STYLE.get(e.status, "white")), err, idle)
         case ev.Participant():
             if e.excluded is not None:
                 state = "excluded by an operator" if e.excluded else "readmitted"

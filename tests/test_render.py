@@ -40,3 +40,16 @@ def test_alert_action_and_quality_lines() -> None:
 def test_kinds_without_a_line() -> None:
     for kind in ("secagg", "invite", "anomaly", "sla"):
         assert session_line(kind, {}, 3) is None
+
+
+def test_a_pause_that_has_taken_effect_says_so() -> None:
+    """A ``session`` event with ``idle``: the pause waited for the round in flight (fedctl
+    session watch and the dashboard's event log say so)."""
+    from tui.state import _describe
+
+    asked = {"status": "paused", "error": ""}
+    assert session_line("session", asked, 3) == "session paused"
+    took = session_line("session", {**asked, "idle": True}, 3)
+    assert took == "session paused (the round in flight has ended)"
+    assert _describe("session", {**asked, "idle": True}, 3)[0] == took
+    assert _describe("session", asked, 3)[0] == "session paused"

@@ -306,8 +306,9 @@ def _describe(kind: str, data: dict[str, Any], rounds: int) -> tuple[str, str]:
     if kind == "session":
         status = data.get("status", "?")
         err = f": {_words(data['error'])}" if data.get("error") else ""
+        idle = " (the round in flight has ended)" if data.get("idle") is True else ""
         level = {"completed": "good", "failed": "bad", "paused": "warn", "stopped": "warn"}
-        return f"session {status}{err}", level.get(str(status), "")
+        return f"session {status}{err}{idle}", level.get(str(status), "")
     if kind == "round_started":
         n = len(data.get("selected") or [])
         return f"round {data.get('round')}{of} started, {n} selected", ""
