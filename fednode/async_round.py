@@ -189,7 +189,12 @@ class AsyncRound:
                 "updates": [{k: f[k] for k in STALENESS_FIGURES} for f in step.figures],
             },
         }
-        if await run._complete(rnd, new, contributors, extra=extra):
+        # A contributor given its next task while this aggregation was open holds a task of
+        # the same number: a round_end of it would stop that task as not needed (fednode.
+        # participant), and the peer would sit out until the task's deadline. Not told.
+        training = {p for p, t in self.tasks.items() if t.round == number}
+        told = [p for p in contributors if p not in training]
+        if await run._complete(rnd, new, contributors, extra=extra, notify=told):
             self.version += 1
             assert run.global_weights is not None
             self.bases[self.version] = (run.global_cid, run.global_weights)

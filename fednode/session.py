@@ -942,9 +942,11 @@ class SessionRun:
         new: weights.Weights,
         contributors: list[str],
         extra: dict[str, Any] | None = None,
+        notify: list[str] | None = None,
     ) -> bool:
         """Evaluate the candidate; publish and commit it, or reject it. Whether published.
-        ``extra``: more figures for its round_completed event (async: the staleness)."""
+        ``extra``: more figures for its round_completed event (async: the staleness);
+        ``notify``: the peers told by ``round_end`` (default: the round's selected)."""
         self.flush_updates()  # the round's outcome reads and counts its updates
         rnd.phase = RoundPhase.EVALUATING
         on = self.evaluation_on
@@ -1043,7 +1045,7 @@ class SessionRun:
             },
         )
         end = messages.RoundEnd(round=rnd.number, status="completed", model_cid=cid, accuracy=acc)
-        for peer in rnd.selected:
+        for peer in rnd.selected if notify is None else notify:
             await self.coord.send_to(peer, end, self.session_id)
         self.coord.apply(self.coord.monitor.after_round(self, rnd, rnd.anomalous_pct))
         return True
