@@ -2778,8 +2778,8 @@ class Ledger:
     def observation_figures(self, session_id: str) -> dict[str, Any]:
         """What the quality monitor judges a session by after each round, summed in SQL: a
         few queries whose Python memory does not grow with the session's history (reading
-        every update row of the session each round did: benchmarks/ledger.py's soak figures,
-        docs/scale.md "Soak"). ``accuracies`` of the live lineage (one float a round),
+        every update row of the session each round did: docs/scale.md, "Soak").
+        ``accuracies`` of the live lineage (one float a round),
         ``rounds_run`` (finished), ``completed``, ``last_completed`` (round, or None),
         ``first_selected``, ``bytes_moved`` (finished rounds' bytes up and down),
         ``participants_completed`` (summed over completed rounds), ``updates_accepted``,

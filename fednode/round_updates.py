@@ -72,14 +72,12 @@ class RoundUpdates:
         self.blocks_n = max(1, math.ceil(self.d / self.width))
         self.peers: list[str] = []
         self._row: dict[str, int] = {}
-        self._norms: list[float] = []
-        self._finite: list[bool] = []
+        self._norms: list[float] = []  # inf: the delta has a non-finite value
         self._fd: int | None = None
         # on disk: the block ``read`` read last, every row of it (block number, rows)
         self._cached: tuple[int, np.ndarray] = (-1, np.empty((0, 0), np.float32))
         self._ram: np.ndarray | None = None
-        self.bytes = self.blocks_n * self.capacity * self.width * 4
-        if spill_dir is None or self.bytes <= ram_bytes:
+        if spill_dir is None or self.blocks_n * self.capacity * self.width * 4 <= ram_bytes:
             # np.zeros takes pages from the OS as rows are written: an unfilled round costs
             # what it received, not its capacity
             self._ram = np.zeros((self.blocks_n, self.capacity, self.width), np.float32)
@@ -97,12 +95,6 @@ class RoundUpdates:
         """What the updates held so far take (in memory or in the file)."""
         return len(self.peers) * self.blocks_n * self.width * 4
 
-    def __len__(self) -> int:
-        return len(self.peers)
-
-    def __contains__(self, peer: object) -> bool:
-        return peer in self._row
-
     def add(self, peer: str, w: Weights) -> None:
         """Hold ``peer``'s update (its tensors in the round model's names and shapes, which
         the codec's decode checked). OSError when the spill file cannot be written."""
@@ -113,9 +105,8 @@ class RoundUpdates:
             raise ValueError(f"the round holds at most {self.capacity} updates")
         row = _flat(w, self.order)
         delta = row - self.base  # float32, as every figure of it is taken
-        finite = bool(np.isfinite(delta).all())
         norm = math.inf
-        if finite:
+        if np.isfinite(delta).all():
             d64 = delta.astype(np.float64)
             norm = math.sqrt(float(np.dot(d64, d64)))
         if self._ram is not None:  # one strided copy: the row's blocks side by side
@@ -130,14 +121,10 @@ class RoundUpdates:
         self.peers.append(peer)
         self._row[peer] = i
         self._norms.append(norm)
-        self._finite.append(finite)
 
     def norm(self, peer: str) -> float:
         """The L2 norm of ``peer``'s delta (inf when it has non-finite values)."""
         return self._norms[self._row[peer]]
-
-    def finite(self, peer: str) -> bool:
-        return self._finite[self._row[peer]]
 
     def weights_of(self, peer: str) -> Weights:
         """``peer``'s update as named tensors (a new copy: O(d))."""
@@ -156,19 +143,21 @@ class RoundUpdates:
         len(peers) x block width), rows in ``peers``' order; a new array each time, which
         the caller may change."""
         rows = np.array([self._row[p] for p in peers], dtype=np.intp)
-        n = len(self.peers)
         for j in range(self.blocks_n):
             a, b = j * self.width, min(self.d, (j + 1) * self.width)
-            if self._ram is not None:
-                held = self._ram[j, :n, : b - a]
-            else:
-                assert self._fd is not None
-                flat = _pread(self._fd, n * self.width, self._at(j, 0))
-                held = flat.reshape(n, self.width)[:, : b - a]
             out = np.empty((len(rows), b - a), np.float64)
             # the float32 subtraction the tensors' own would be, written out as float64
-            np.subtract(held[rows], self.base[a:b], out=out, dtype=np.float32)
+            np.subtract(self._block(j)[rows, : b - a], self.base[a:b], out=out, dtype=np.float32)
             yield a, out
+
+    def _block(self, j: int) -> np.ndarray:
+        """Every row held of block ``j`` (rows x width, float32): a view in memory, one read
+        from the file."""
+        n = len(self.peers)
+        if self._ram is not None:
+            return self._ram[j, :n]
+        assert self._fd is not None
+        return _pread(self._fd, n * self.width, self._at(j, 0)).reshape(n, self.width)
 
     def delta_rows(self, peers: Sequence[str]) -> DeltaRows:
         """``peers``' deltas as outlier detection reads them (fednode.robustness)."""
@@ -191,11 +180,8 @@ class RoundUpdates:
         a, b = block * self.width, min(self.d, (block + 1) * self.width)
         if self._ram is not None:
             return self._ram[block, i, : b - a].copy()
-        assert self._fd is not None
         if self._cached[0] != block:  # one read for every row of the block: the arithmetic
-            n = len(self.peers)  # stacks a block of each update in turn (ColumnBlock)
-            flat = _pread(self._fd, n * self.width, self._at(block, 0))
-            self._cached = (block, flat.reshape(n, self.width))
+            self._cached = (block, self._block(block))  # stacks a block of each in turn
         return self._cached[1][i, : b - a].copy()
 
     def by_columns(
@@ -205,7 +191,7 @@ class RoundUpdates:
         scale: the clip) as named column blocks instead of tensors, for a strategy that
         cuts the model anywhere (Strategy.by_columns): the model's blocks, and per peer its
         blocks, read from the rows only when the arithmetic turns them into arrays."""
-        names = [f"columns {j * self.width}-" for j in range(self.blocks_n)]
+        names = self._column_names()
         base = {n: self.base[j * self.width : (j + 1) * self.width] for j, n in enumerate(names)}
         return base, {
             p: {n: ColumnBlock(self, p, j, s) for j, n in enumerate(names)}
@@ -214,9 +200,12 @@ class RoundUpdates:
 
     def from_columns(self, blocks: Mapping[str, np.ndarray]) -> Weights:
         """A model given as ``by_columns``' named blocks, as the round model's tensors."""
-        names = [f"columns {j * self.width}-" for j in range(self.blocks_n)]
+        names = self._column_names()
         flat = np.concatenate([np.asarray(blocks[n], np.float32).ravel() for n in names])
         return self.split(flat)
+
+    def _column_names(self) -> list[str]:
+        return [f"columns {j * self.width}-" for j in range(self.blocks_n)]
 
     def split(self, flat: np.ndarray) -> dict[str, np.ndarray]:
         """A flat vector of length d as the round model's named tensors (views of it)."""

@@ -679,31 +679,25 @@ class SessionRun:
         if self.strategy.supports_secure:
             step = rows.weighted_delta({p: f["share"] * f["scale"] for p, f in figures.items()})
             return self.strategy.from_mean(base, rows.model(step), self.strategy_state)
-        if self.strategy.by_columns:  # median, Krum, ...: a column block of each at a time
-            cols, blocks = rows.by_columns({p: f["scale"] for p, f in figures.items()})
-            updates = [
-                ClientUpdate(
-                    p,
-                    blocks[p],  # type: ignore[arg-type]  # arrays when numpy asks
-                    rnd.received[p][0].num_examples,
-                    rnd.received[p][0].loss,
-                    f["share"],
-                )
-                for p, f in sorted(figures.items())
-            ]
-            new, state = self.strategy.aggregate(cols, updates, self.strategy_state)
-            return rows.from_columns(new), state
+        by_columns = self.strategy.by_columns  # median, Krum, ...: a block of each at a time
+        if by_columns:
+            model, blocks = rows.by_columns({p: f["scale"] for p, f in figures.items()})
         updates = [
             ClientUpdate(
                 p,
-                bounds.scaled_update(rows.weights_of(p), base, f["scale"]),
+                blocks[p]  # type: ignore[arg-type]  # arrays when numpy asks
+                if by_columns
+                else bounds.scaled_update(rows.weights_of(p), base, f["scale"]),
                 rnd.received[p][0].num_examples,
                 rnd.received[p][0].loss,
                 f["share"],
             )
             for p, f in sorted(figures.items())
         ]
-        return self.strategy.aggregate(base, updates, self.strategy_state)
+        new, state = self.strategy.aggregate(
+            model if by_columns else base, updates, self.strategy_state
+        )
+        return (rows.from_columns(new) if by_columns else new), state
 
     # --- central DP (fednode.central_dp, docs/privacy.md) -----------------------------------
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fednode import robustness, round_updates, rounds
+from fednode import bounds, central_dp, robustness, round_updates, rounds
 from fednode.round_updates import RoundUpdates
 from fednode.strategies import get_strategy
 from fednode.strategies.base import ClientUpdate
@@ -101,7 +101,7 @@ def test_non_finite_update_has_infinite_norm_and_is_judged_by_that(
     base, ups = _round(8)
     ups["p007"]["v"][3] = np.nan
     rows = _rows(base, ups, where, tmp_path)
-    assert rows.norm("p007") == math.inf and not rows.finite("p007")
+    assert rows.norm("p007") == math.inf
     scores = robustness.score(rows.delta_rows(sorted(ups)), robustness.Thresholds())
     assert scores is not None
     assert scores["p007"].reasons == ("non-finite values",) and scores["p007"].excluded
@@ -223,3 +223,24 @@ def test_median_by_columns_holds_a_block_of_each_update(
     stack = np.stack([rows.weights_of(p)["w"] for p in rows.peers])
     np.testing.assert_array_equal(got, np.median(stack, axis=0).astype(np.float32))
     assert peak < 4 * 2**20, f"peak {peak / 2**20:.1f} MiB"
+
+
+def test_central_dp_sum_from_rows_equals_the_whole_model_noisy_mean(
+    where: str, tmp_path: Path
+) -> None:
+    """The session's central-DP path (each delta clipped by its scale, summed from the rows a
+    block at a time, then noisy_mean_of_sum) is central_dp.noisy_mean of the whole models."""
+    base, ups = _round(9, seed=11)
+    rows = _rows(base, ups, where, tmp_path)
+    clip = 2.0
+    peers = sorted(ups)
+    total = rows.weighted_delta({p: bounds.clip_scale(rows.norm(p), clip) for p in peers})
+    got = central_dp.noisy_mean_of_sum(
+        base, rows.split(total), len(peers), clip, 0.0, np.random.default_rng(0)
+    )
+    want, norms = central_dp.noisy_mean(
+        base, [ups[p] for p in peers], clip, 0.0, np.random.default_rng(0)
+    )
+    assert norms == pytest.approx([rows.norm(p) for p in peers], rel=1e-6)
+    for k in base:
+        np.testing.assert_allclose(got[k], want[k], rtol=1e-5, atol=1e-6)
